@@ -1,0 +1,83 @@
+"""The department's Flower ClientApp: local DP-SGD training on its own data.
+
+The train handler only trains.  The privacy policy — budget guard and ledger —
+wraps it as :func:`~fedsilo.client.budget_guard.privacy_budget_mod`, which hands
+the handler the mechanism to run in the message's ``dp-plan`` record.
+"""
+
+from __future__ import annotations
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from fedsilo.shared.accounting import Mechanism
+from fedsilo.shared.config import RunSettings
+from fedsilo.shared.models import build_model, resolve_device
+
+from fedsilo.shared.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, STATUS_KEY, STATUS_TRAINED
+
+from .budget_guard import PLAN_KEY, privacy_budget_mod
+from .department import department_from_context
+from .trainer import train_dp, train_plain
+
+app = ClientApp()
+
+
+@app.train(mods=[privacy_budget_mod])
+def train(msg: Message, context: Context) -> Message:
+    """Train the received global model on this department's data."""
+    settings = RunSettings.from_run_config(context.run_config)
+    department = department_from_context(context.node_config, settings)
+    # Simulated departments share the machine's cores: one thread each avoids
+    # oversubscription (Ray gives every department one CPU by default).
+    torch.set_num_threads(1)
+    data = department.data
+    model = build_model(settings.model, data.input_shape, data.num_classes, data.kind)
+    model.load_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict())
+    device = resolve_device(settings.device)
+    if settings.dp:
+        if PLAN_KEY not in msg.content:
+            raise RuntimeError(
+                "no dp-plan in the message: DP training runs only under the budget guard mod"
+            )
+        plan = msg.content[PLAN_KEY]
+        mechanism = Mechanism(
+            float(plan["noise-multiplier"]), float(plan["sample-rate"]), int(plan["steps"])
+        )
+        result = train_dp(
+            model,
+            data,
+            mechanism,
+            max_grad_norm=float(plan["max-grad-norm"]),
+            learning_rate=settings.learning_rate,
+            grad_sample_mode=settings.grad_sample_mode,
+            device=device,
+        )
+        noise, rate = mechanism.noise_multiplier, mechanism.sample_rate
+    else:
+        result = train_plain(
+            model,
+            data,
+            epochs=settings.local_epochs,
+            batch_size=settings.batch_size,
+            learning_rate=settings.learning_rate,
+            device=device,
+            seed=settings.seed + int(msg.content[CONFIG_KEY].get("server-round", 0)),
+        )
+        noise, rate = 0.0, 0.0
+    metrics = MetricRecord(
+        {
+            "num-examples": result.num_examples,
+            "train-loss": result.train_loss,
+            # Replaced with the whole-history ε by the budget guard; inf without DP.
+            "epsilon": float("inf"),
+            "steps": result.steps,
+            "noise-multiplier": noise,
+            "sample-rate": rate,
+        }
+    )
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    status = ConfigRecord({"name": department.name, "status": STATUS_TRAINED, "reason": ""})
+    content = RecordDict({ARRAYS_KEY: ArrayRecord(state), METRICS_KEY: metrics, STATUS_KEY: status})
+    return Message(content, reply_to=msg)

@@ -1,0 +1,138 @@
+"""Local training: DP-SGD with Opacus, or plain SGD for a non-private baseline.
+
+This module only trains.  *Whether* a round may run and what it costs in ε is
+decided by the budget guard (``client/budget_guard.py``); the trainer executes
+exactly the mechanism it is handed, so the steps it reports are the steps the
+ledger charges.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+
+from fedsilo.shared.accounting import Mechanism
+
+# Opacus' hooks fire on inputs that need no gradient; harmless and very noisy.
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+from fedsilo.shared.data import Dataset
+from fedsilo.shared.models import resolve_device, to_tensor_dataset
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    steps: int
+    num_examples: int
+    train_loss: float
+
+
+def plan_mechanism(
+    num_examples: int, batch_size: int, epochs: int, noise_multiplier: float
+) -> Mechanism:
+    """The mechanism one round of local DP-SGD runs.
+
+    Poisson sampling at ``q = 1 / ceil(N / B)`` (an expected batch of about ``B``)
+    for ``epochs * ceil(N / B)`` steps — the same convention as Opacus'
+    ``make_private``, so the plan and the executed run agree step for step.
+    """
+    if num_examples < 1:
+        raise ValueError("a department needs at least one training example")
+    batches = math.ceil(num_examples / batch_size)
+    return Mechanism(noise_multiplier, 1.0 / batches, epochs * batches)
+
+
+def train_dp(
+    model: nn.Module,
+    data: Dataset,
+    mechanism: Mechanism,
+    *,
+    max_grad_norm: float,
+    learning_rate: float,
+    grad_sample_mode: str = "ghost",
+    device: torch.device | None = None,
+) -> TrainResult:
+    """Run ``mechanism.steps`` DP-SGD steps on ``model`` in place.
+
+    Every Poisson batch is taken, empty ones included: an empty batch is still a
+    step of the mechanism that the plan charged for.
+    """
+    from opacus import PrivacyEngine
+
+    device = device or resolve_device()
+    model.to(device).train()
+    batches = round(1.0 / mechanism.sample_rate)
+    loader = DataLoader(to_tensor_dataset(data), batch_size=math.ceil(len(data) / batches), shuffle=False)
+    if len(loader) != batches:
+        raise RuntimeError(f"loader has {len(loader)} batches, mechanism expects {batches}")
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=0.9)
+    criterion = nn.CrossEntropyLoss()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Opacus' note on secure RNG
+        engine = PrivacyEngine(accountant="prv")
+        kwargs = dict(
+            module=model,
+            optimizer=optimizer,
+            data_loader=loader,
+            noise_multiplier=mechanism.noise_multiplier,
+            max_grad_norm=max_grad_norm,
+            poisson_sampling=True,
+            grad_sample_mode=grad_sample_mode,
+        )
+        if grad_sample_mode == "ghost":
+            private, optimizer, criterion, dp_loader = engine.make_private(criterion=criterion, **kwargs)
+        else:
+            private, optimizer, dp_loader = engine.make_private(**kwargs)
+    steps, losses = 0, []
+    epochs = mechanism.steps // batches
+    for _ in range(epochs):
+        for xb, yb in dp_loader:
+            xb, yb = xb.to(device), yb.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            # An empty Poisson batch still goes through: Opacus adds noise to a
+            # zero gradient sum, which is exactly the mechanism's step.
+            loss = criterion(private(xb), yb)
+            loss.backward()
+            optimizer.step()
+            if len(yb):
+                losses.append(float(loss.detach()))
+            steps += 1
+    if steps != mechanism.steps:
+        raise RuntimeError(f"ran {steps} steps, the mechanism charged {mechanism.steps}")
+    private._close()  # remove Opacus' hooks and per-sample buffers: a plain module again
+    return TrainResult(steps, len(data), float(np.mean(losses)) if losses else float("nan"))
+
+
+def train_plain(
+    model: nn.Module,
+    data: Dataset,
+    *,
+    epochs: int,
+    batch_size: int,
+    learning_rate: float,
+    device: torch.device | None = None,
+    seed: int = 0,
+) -> TrainResult:
+    """Non-private SGD baseline with the same optimizer and batch size."""
+    device = device or resolve_device()
+    model.to(device).train()
+    generator = torch.Generator().manual_seed(seed)
+    loader = DataLoader(to_tensor_dataset(data), batch_size=batch_size, shuffle=True, generator=generator)
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=0.9)
+    criterion = nn.CrossEntropyLoss()
+    steps, losses = 0, []
+    for _ in range(epochs):
+        for xb, yb in loader:
+            xb, yb = xb.to(device), yb.to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(model(xb), yb)
+            loss.backward()
+            optimizer.step()
+            losses.append(float(loss.detach()))
+            steps += 1
+    return TrainResult(steps, len(data), float(np.mean(losses)))

@@ -1,0 +1,106 @@
+"""The coordinator's Flower ServerApp: weighted FedAvg, evaluation, summary, model.
+
+Each round: send the global model to the sampled departments, average the
+updates of those that trained, evaluate on the coordinator's held-out test set,
+and rewrite ``RUN_DIR/summary.json``.  The run ends early — cleanly — when every
+department that answered refused on budget grounds.
+"""
+
+from __future__ import annotations
+
+import time
+from logging import INFO, WARNING
+from pathlib import Path
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context
+from flwr.common import log
+from flwr.serverapp import Grid, ServerApp
+
+from fedsilo.shared.config import RunSettings
+from fedsilo.shared.data import federation_data_test, split_columns
+from fedsilo.shared.models import build_model, evaluate
+
+from .strategy import DepartmentFedAvg
+from .summary import RunSummary
+
+MODEL_FILE = "model.pt"
+# Lines the `fedsilo simulate` CLI shows from the streamed log start with this tag.
+PROGRESS_TAG = "fedsilo:"
+
+app = ServerApp()
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    settings = RunSettings.from_run_config(context.run_config)
+    out_dir = Path(settings.out).expanduser().resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run_federation(grid, settings, out_dir, run_id=str(context.run_id))
+
+
+def run_federation(grid: Grid, settings: RunSettings, out_dir: Path, run_id: str) -> RunSummary:
+    """The round loop; returns the finished summary (also written to ``out_dir``)."""
+    test = federation_data_test(
+        settings.dataset, settings.label_column, split_columns(settings.feature_columns)
+    )
+    model = build_model(settings.model, test.input_shape, test.num_classes, test.kind, seed=settings.seed)
+    arrays = ArrayRecord(model.state_dict())
+    strategy = DepartmentFedAvg(
+        fraction_train=settings.fraction_train,
+        min_train_nodes=settings.min_departments,
+        min_available_nodes=settings.min_departments,
+    )
+    summary = RunSummary(
+        out_dir,
+        run_id,
+        settings.to_run_config(),
+        {"name": test.name, "num_test": len(test), "num_classes": test.num_classes},
+    )
+    loss, accuracy = evaluate(model, test)
+    summary.set_initial(accuracy, loss)
+    log(INFO, "%s run %s -> %s (initial accuracy %.4f)", PROGRESS_TAG, run_id, out_dir, accuracy)
+
+    status, reason = "completed", ""
+    for rnd in range(1, settings.num_server_rounds + 1):
+        started = time.time()
+        messages = strategy.configure_train(rnd, arrays, ConfigRecord(), grid)
+        replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
+        new_arrays, _ = strategy.aggregate_train(rnd, replies)
+        report = strategy.last_report
+        if new_arrays is not None:
+            arrays = new_arrays
+            model.load_state_dict(arrays.to_torch_state_dict())
+            loss, accuracy = evaluate(model, test)
+        summary.add_round(rnd, accuracy, loss, report, time.time() - started)
+        eps = [e for e in report.epsilon.values() if e != float("inf")]
+        log(
+            INFO,
+            "%s round %d/%d accuracy=%.4f loss=%.4f trained=%d refused=%d failed=%d%s",
+            PROGRESS_TAG,
+            rnd,
+            settings.num_server_rounds,
+            accuracy,
+            loss,
+            len(report.trained),
+            len(report.refused),
+            len(report.failed) + len(report.rejected),
+            f" max-epsilon-spent={max(eps):.3f}" if eps else "",
+        )
+        if report.trained:
+            continue
+        if report.refused and not report.failed and not report.rejected:
+            status = "budget-exhausted"
+            reason = (
+                f"round {rnd}: every department that answered refused to train on budget "
+                "grounds; the run ends here"
+            )
+            log(WARNING, "%s %s", PROGRESS_TAG, reason)
+            break
+        summary.finish("failed", f"round {rnd}: no department trained: {report.failed or report.rejected}")
+        raise RuntimeError(f"round {rnd}: no department produced a usable update")
+
+    torch.save(model.state_dict(), out_dir / MODEL_FILE)
+    summary.finish(status, reason, MODEL_FILE)
+    log(INFO, "%s finished: %s, final accuracy %.4f", PROGRESS_TAG, status, accuracy)
+    return summary

@@ -1,0 +1,120 @@
+"""Weighted FedAvg that knows departments can refuse, fail, or send bad updates.
+
+Flower's FedAvg averages every non-error reply.  A fedsilo round has four kinds
+of reply, and only one of them may reach the average:
+
+* ``trained``  — a finite update of the right shape: averaged, weighted by
+  ``num-examples``;
+* ``refused``  — the department's budget guard said no: it carries its ε and
+  reason but no weights;
+* ``rejected`` — an update with NaN/inf values or the wrong keys/shapes: logged
+  with the department's name and left out;
+* ``failed``   — an error reply (the ClientApp raised, the node vanished).
+
+:attr:`DepartmentFedAvg.last_report` tells the ServerApp who did what.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import WARNING
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import FedAvg
+
+from fedsilo.shared.protocol import METRICS_KEY, STATUS_KEY, STATUS_REFUSED, STATUS_TRAINED
+
+
+@dataclass
+class RoundReport:
+    """Who did what in one round; ``epsilon`` is each reporting department's whole-history ε."""
+
+    trained: dict[str, int] = field(default_factory=dict)  # name -> num-examples
+    refused: dict[str, str] = field(default_factory=dict)  # name -> reason
+    rejected: dict[str, str] = field(default_factory=dict)  # name -> reason
+    failed: dict[str, str] = field(default_factory=dict)  # node/name -> reason
+    epsilon: dict[str, float] = field(default_factory=dict)
+    steps: dict[str, int] = field(default_factory=dict)
+    train_loss: dict[str, float] = field(default_factory=dict)
+
+
+class DepartmentFedAvg(FedAvg):
+    """FedAvg over the departments that trained, with per-department reporting.
+
+    Parameters are those of :class:`flwr.serverapp.strategy.FedAvg`.  Federated
+    (client-side) evaluation is off by default: the coordinator evaluates the
+    global model on its own held-out test set.
+    """
+
+    def __init__(self, **kwargs) -> None:
+        kwargs.setdefault("fraction_evaluate", 0.0)
+        super().__init__(**kwargs)
+        self.last_report = RoundReport()
+        self._reference: dict[str, tuple[int, ...]] = {}
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        # Remember the global model's layout to validate what comes back.
+        self._reference = {k: tuple(v.shape) for k, v in arrays.items()}
+        return super().configure_train(server_round, arrays, config, grid)
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        report = RoundReport()
+        accepted: list[Message] = []
+        for msg in replies:
+            if msg.has_error():
+                report.failed[f"node-{msg.metadata.src_node_id}"] = msg.error.reason
+                continue
+            name, status, reason = _status(msg)
+            metrics = msg.content.metric_records.get(METRICS_KEY)
+            if metrics is not None and "epsilon" in metrics:
+                report.epsilon[name] = float(metrics["epsilon"])
+            if status == STATUS_REFUSED:
+                report.refused[name] = reason
+                continue
+            problem = self._validate(msg)
+            if problem:
+                log(WARNING, "round %s: update from %s rejected: %s", server_round, name, problem)
+                report.rejected[name] = problem
+                continue
+            report.trained[name] = int(metrics["num-examples"])
+            report.steps[name] = int(metrics["steps"])
+            report.train_loss[name] = float(metrics["train-loss"])
+            accepted.append(msg)
+        self.last_report = report
+        if not accepted:
+            return None, None
+        return super().aggregate_train(server_round, accepted)
+
+    def _validate(self, msg: Message) -> str:
+        """Empty string when the update is usable, else what is wrong with it."""
+        records = msg.content.array_records
+        metrics = msg.content.metric_records.get(METRICS_KEY)
+        if len(records) != 1 or metrics is None:
+            return "expected one ArrayRecord and a 'metrics' MetricRecord"
+        if not int(metrics.get("num-examples", 0)) > 0:
+            return "num-examples must be positive"
+        arrays = next(iter(records.values()))
+        if set(arrays.keys()) != set(self._reference):
+            return f"layers {sorted(arrays.keys())} differ from the global model's"
+        for key, array in arrays.items():
+            values = array.numpy()
+            if tuple(values.shape) != self._reference[key]:
+                return f"layer '{key}' has shape {values.shape}, expected {self._reference[key]}"
+            if not np.all(np.isfinite(values)):
+                return f"layer '{key}' holds NaN or infinite values"
+        return ""
+
+
+def _status(msg: Message) -> tuple[str, str, str]:
+    record = msg.content.config_records.get(STATUS_KEY)
+    if record is None:
+        return f"node-{msg.metadata.src_node_id}", STATUS_TRAINED, ""
+    return str(record["name"]), str(record.get("status", STATUS_TRAINED)), str(record.get("reason", ""))

@@ -1,0 +1,101 @@
+"""The run summary: ``RUN_DIR/summary.json``, rewritten atomically after every round.
+
+A run that dies mid-way still leaves a valid summary of the rounds it finished.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from .strategy import RoundReport
+
+SUMMARY_FILE = "summary.json"
+
+
+def _finite(value: float) -> float | None:
+    """JSON has no infinity: ε without DP (∞) is written as null."""
+    return float(value) if math.isfinite(value) else None
+
+
+class RunSummary:
+    """Accumulates rounds and per-department totals; writes ``summary.json``."""
+
+    def __init__(self, out_dir: Path, run_id: str, settings: dict[str, Any], dataset: dict[str, Any]):
+        self.path = Path(out_dir) / SUMMARY_FILE
+        self.started = time.time()
+        self.data: dict[str, Any] = {
+            "run_id": run_id,
+            "status": "running",
+            "stop_reason": "",
+            "settings": settings,
+            "dataset": dataset,
+            "dp": bool(settings["dp"]),
+            "delta": settings["delta"] if settings["dp"] else None,
+            "accountant": settings["accountant"] if settings["dp"] else None,
+            "max_epsilon": settings["max-epsilon"] if settings["dp"] else None,
+            "initial": {},
+            "rounds": [],
+            "departments": {},
+            "final_accuracy": None,
+            "final_loss": None,
+            "model": None,
+            "ledgers": "ledgers",
+            "wall_time_s": 0.0,
+        }
+        self._epsilon: dict[str, float | None] = {}
+
+    def set_initial(self, accuracy: float, loss: float) -> None:
+        self.data["initial"] = {"accuracy": accuracy, "loss": loss}
+        self.write()
+
+    def add_round(self, rnd: int, accuracy: float, loss: float, report: RoundReport, seconds: float) -> None:
+        for name, eps in report.epsilon.items():
+            self._epsilon[name] = _finite(eps)
+        departments = self.data["departments"]
+        for name in {*report.trained, *report.refused, *report.rejected, *report.epsilon}:
+            departments.setdefault(
+                name, {"epsilon": None, "rounds_trained": 0, "rounds_refused": 0, "steps": 0}
+            )
+        for name in report.trained:
+            departments[name]["rounds_trained"] += 1
+            departments[name]["steps"] += report.steps.get(name, 0)
+            departments[name]["num_examples"] = report.trained[name]
+        for name in report.refused:
+            departments[name]["rounds_refused"] += 1
+        for name, eps in self._epsilon.items():
+            departments[name]["epsilon"] = eps
+        self.data["rounds"].append(
+            {
+                "round": rnd,
+                "accuracy": accuracy,
+                "loss": loss,
+                # Whole-history ε of every department known so far, at `delta`.
+                "epsilon": dict(sorted(self._epsilon.items())),
+                "trained": sorted(report.trained),
+                "refused": dict(sorted(report.refused.items())),
+                "rejected": dict(sorted(report.rejected.items())),
+                "failed": dict(sorted(report.failed.items())),
+                "seconds": round(seconds, 3),
+            }
+        )
+        self.data["final_accuracy"] = accuracy
+        self.data["final_loss"] = loss
+        self.write()
+
+    def finish(self, status: str, reason: str = "", model_file: str | None = None) -> None:
+        self.data["status"] = status
+        self.data["stop_reason"] = reason
+        self.data["model"] = model_file
+        self.write()
+
+    def write(self) -> None:
+        self.data["wall_time_s"] = round(time.time() - self.started, 3)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(self.data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        os.replace(tmp, self.path)

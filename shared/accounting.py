@@ -1,0 +1,90 @@
+"""ε from a mechanism history: the maths, apart from the ledger's bookkeeping.
+
+A department's whole privacy history is a list of Poisson-subsampled Gaussian
+mechanisms ``(noise_multiplier, sample_rate, steps)``.  Composition is
+order-independent, so the ε of a history is the ε of one accountant that has seen
+all of it; restoring an Opacus accountant's ``history`` from the ledger therefore
+composes exactly as one long run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import OrderedDict
+from dataclasses import dataclass
+from typing import Iterable
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+ACCOUNTANTS = ("prv", "rdp")
+
+
+@dataclass(frozen=True)
+class Mechanism:
+    """One round of DP-SGD: ``steps`` noisy steps at ``sample_rate``, σ = ``noise_multiplier``."""
+
+    noise_multiplier: float
+    sample_rate: float
+    steps: int
+
+    def __post_init__(self) -> None:
+        if not (self.noise_multiplier > 0 and math.isfinite(self.noise_multiplier)):
+            raise ValueError(f"noise_multiplier must be positive, got {self.noise_multiplier}")
+        if not 0 < self.sample_rate <= 1:
+            raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")
+        if self.steps < 0:
+            raise ValueError(f"steps must be >= 0, got {self.steps}")
+
+
+def merge_history(history: Iterable[Mechanism]) -> list[tuple[float, float, int]]:
+    """Group identical mechanisms (composition commutes) into Opacus history tuples."""
+    merged: "OrderedDict[tuple[float, float], int]" = OrderedDict()
+    for m in history:
+        if m.steps:
+            key = (float(m.noise_multiplier), float(m.sample_rate))
+            merged[key] = merged.get(key, 0) + int(m.steps)
+    return [(nm, q, steps) for (nm, q), steps in merged.items()]
+
+
+def epsilon(history: Iterable[Mechanism], delta: float, accountant: str = "prv") -> float:
+    """Whole-history ε at ``delta`` (0.0 for an empty history).
+
+    PRV returns its certified upper bound (Opacus' ``eps_upper``), never the
+    estimate; RDP returns the usual RDP-to-(ε, δ) conversion.
+    """
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+    tuples = merge_history(history)
+    if not tuples:
+        return 0.0
+    acc = make_accountant(accountant)
+    acc.history = tuples
+    return float(acc.get_epsilon(delta=delta))
+
+
+def make_accountant(name: str) -> PRVAccountant | RDPAccountant:
+    """An empty Opacus accountant by name (``prv`` or ``rdp``)."""
+    if name == "prv":
+        return PRVAccountant()
+    if name == "rdp":
+        return RDPAccountant()
+    raise ValueError(f"unknown accountant '{name}'; use one of {ACCOUNTANTS}")
+
+
+def noise_for_target(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv"
+) -> float:
+    """Smallest σ (to 0.01 in ε) whose ``steps`` steps at ``sample_rate`` stay ≤ target."""
+    from opacus.accountants.utils import get_noise_multiplier
+
+    if target_epsilon <= 0:
+        raise ValueError(f"target_epsilon must be positive, got {target_epsilon}")
+    return float(
+        get_noise_multiplier(
+            target_epsilon=target_epsilon,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+        )
+    )

@@ -1,0 +1,158 @@
+"""Run settings shared by the coordinator and the departments.
+
+A Flower run carries one flat ``run_config`` dictionary to both the ServerApp and
+every ClientApp.  :data:`RUN_CONFIG_DEFAULTS` is the single source of those keys and
+their defaults: ``pyproject.toml``'s ``[tool.flwr.app.config]`` mirrors it (a test
+keeps the two equal) and ``fedsilo simulate`` writes it into the app it launches.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+ACCOUNTANTS = ("prv", "rdp")
+GRAD_SAMPLE_MODES = ("ghost", "hooks", "functorch", "ew")
+DEVICES = ("auto", "cpu", "cuda")
+MODELS = ("auto", "mlp", "cnn")
+
+RUN_CONFIG_DEFAULTS: dict[str, Any] = {
+    "num-server-rounds": 3,
+    "dataset": "digits",
+    "label-column": "label",
+    "feature-columns": "",
+    "partition": "iid",
+    "seed": 42,
+    "model": "auto",
+    "dp": True,
+    "noise-multiplier": 1.0,
+    "target-epsilon": 0.0,
+    "max-grad-norm": 1.0,
+    "delta": 1e-5,
+    "max-epsilon": 10.0,
+    "accountant": "prv",
+    "local-epochs": 1,
+    "batch-size": 32,
+    "learning-rate": 0.5,
+    "grad-sample-mode": "ghost",
+    "device": "auto",
+    "fraction-train": 1.0,
+    "min-departments": 1,
+    "round-timeout": 600.0,
+    "out": "runs/latest",
+}
+
+
+class ConfigError(ValueError):
+    """A run setting is missing or out of range; the message says which and why."""
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Typed, validated view of a run's ``run_config``.
+
+    Parameters mirror :data:`RUN_CONFIG_DEFAULTS` with ``-`` replaced by ``_``.
+    ``target_epsilon`` of 0 means "use ``noise_multiplier`` as given"; a positive
+    value makes every department derive its own noise multiplier so that the
+    planned rounds spend exactly that whole-history ε.
+    """
+
+    num_server_rounds: int
+    dataset: str
+    label_column: str
+    feature_columns: str
+    partition: str
+    seed: int
+    model: str
+    dp: bool
+    noise_multiplier: float
+    target_epsilon: float
+    max_grad_norm: float
+    delta: float
+    max_epsilon: float
+    accountant: str
+    local_epochs: int
+    batch_size: int
+    learning_rate: float
+    grad_sample_mode: str
+    device: str
+    fraction_train: float
+    min_departments: int
+    round_timeout: float
+    out: str
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.num_server_rounds >= 1, "num-server-rounds must be at least 1"),
+            (self.local_epochs >= 1, "local-epochs must be at least 1"),
+            (self.batch_size >= 1, "batch-size must be at least 1"),
+            (self.learning_rate > 0, "learning-rate must be positive"),
+            (self.max_grad_norm > 0, "max-grad-norm must be positive"),
+            (0 < self.delta < 1, "delta must be in (0, 1); use e.g. 1e-5"),
+            (self.noise_multiplier >= 0, "noise-multiplier must be >= 0"),
+            (self.target_epsilon >= 0, "target-epsilon must be >= 0 (0 = off)"),
+            (self.max_epsilon > 0, "max-epsilon must be positive"),
+            (self.accountant in ACCOUNTANTS, f"accountant must be one of {ACCOUNTANTS}"),
+            (
+                self.grad_sample_mode in GRAD_SAMPLE_MODES,
+                f"grad-sample-mode must be one of {GRAD_SAMPLE_MODES}",
+            ),
+            (self.device in DEVICES, f"device must be one of {DEVICES}"),
+            (self.model in MODELS, f"model must be one of {MODELS}"),
+            (0 < self.fraction_train <= 1, "fraction-train must be in (0, 1]"),
+            (self.min_departments >= 1, "min-departments must be at least 1"),
+            (self.round_timeout > 0, "round-timeout must be positive (seconds)"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+        if self.dp and self.target_epsilon == 0 and self.noise_multiplier <= 0:
+            raise ConfigError(
+                "noise-multiplier must be positive with DP on; "
+                "use --no-dp to train without privacy"
+            )
+        if self.dp and self.target_epsilon > self.max_epsilon:
+            raise ConfigError(
+                f"target-epsilon ({self.target_epsilon}) is above max-epsilon "
+                f"({self.max_epsilon}): departments would refuse the last rounds; "
+                "raise max-epsilon or lower target-epsilon"
+            )
+
+    @classmethod
+    def from_run_config(cls, run_config: Mapping[str, Any]) -> "RunSettings":
+        """Build settings from a Flower run config, filling in defaults."""
+        merged = {**RUN_CONFIG_DEFAULTS, **dict(run_config)}
+        values: dict[str, Any] = {}
+        for field in fields(cls):
+            key = field.name.replace("_", "-")
+            default = RUN_CONFIG_DEFAULTS[key]
+            raw = merged[key]
+            try:
+                values[field.name] = _coerce(raw, type(default))
+            except (TypeError, ValueError) as err:
+                raise ConfigError(
+                    f"run config '{key}' = {raw!r} is not a {type(default).__name__}"
+                ) from err
+        for name in ("noise_multiplier", "max_epsilon", "delta", "learning_rate"):
+            if not math.isfinite(values[name]):
+                raise ConfigError(f"{name.replace('_', '-')} must be a finite number")
+        return cls(**values)
+
+    def to_run_config(self) -> dict[str, Any]:
+        """Inverse of :meth:`from_run_config` (kebab-case keys)."""
+        return {f.name.replace("_", "-"): getattr(self, f.name) for f in fields(self)}
+
+
+def _coerce(raw: Any, kind: type) -> Any:
+    if kind is bool:
+        if isinstance(raw, bool):
+            return raw
+        if isinstance(raw, str) and raw.lower() in ("true", "false"):
+            return raw.lower() == "true"
+        raise ValueError(raw)
+    if kind is int:
+        if isinstance(raw, float) and not raw.is_integer():
+            raise ValueError(raw)
+        return int(raw)
+    return kind(raw)
