@@ -1,0 +1,36 @@
+"""The ``fedsilo`` command line: a thin shell over the sides that do the work.
+
+Each subcommand lives with the side it belongs to (``simulations/`` for
+``simulate``); this module only puts them under one name.
+"""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+# Every Flower process fedsilo starts inherits these: no runtime `uv sync`
+# (it would try to download packages) and no telemetry.
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+from fedsilo.simulations.simulate import simulate  # noqa: E402
+
+app = typer.Typer(
+    name="fedsilo",
+    help="Privacy-preserving federated learning across the departments of one enterprise.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+app.command("simulate")(simulate)
+
+
+@app.callback()
+def _root() -> None:
+    """fedsilo: Flower + Opacus DP-SGD with honest, per-department privacy ledgers."""
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,186 @@
+"""``fedsilo simulate``: many departments on one machine, on Flower's Simulation Engine."""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from fedsilo.server.report import print_run_report
+from fedsilo.server.summary import SUMMARY_FILE
+from fedsilo.shared.config import ACCOUNTANTS, DEVICES, GRAD_SAMPLE_MODES, MODELS, ConfigError, RunSettings
+from fedsilo.shared.data import DataError, federation_data, split_columns
+from fedsilo.shared.models import build_model
+
+from .local_federation import FederationError, LocalFederation
+
+console = Console()
+err_console = Console(stderr=True)
+
+_PROGRESS = re.compile(r"fedsilo: (.*)$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _choice(value: str, allowed: tuple[str, ...], option: str) -> str:
+    if value not in allowed:
+        raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=option)
+    return value
+
+
+def simulate(
+    departments: Annotated[int, typer.Option(min=1, help="Number of simulated departments.")] = 10,
+    rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 20,
+    dataset: Annotated[str, typer.Option(help="digits | mnist5k | breast-cancer | PATH to .csv/.parquet.")] = "digits",
+    label_column: Annotated[str, typer.Option(help="Label column of a CSV/Parquet dataset.")] = "label",
+    feature_columns: Annotated[str, typer.Option(help="Comma-separated feature columns (default: all but the label).")] = "",
+    partition: Annotated[str, typer.Option(help="iid | dirichlet:ALPHA (label skew; smaller = more skewed).")] = "dirichlet:0.5",
+    seed: Annotated[int, typer.Option(help="Seed for partitioning and model initialization.")] = 42,
+    model: Annotated[str, typer.Option(help="auto | mlp | cnn.")] = "auto",
+    dp: Annotated[bool, typer.Option("--dp/--no-dp", help="DP-SGD at every department (on by default).")] = True,
+    noise_multiplier: Annotated[float, typer.Option(min=0.0, help="σ: Gaussian noise / clipping norm.")] = 1.0,
+    target_epsilon: Annotated[Optional[float], typer.Option(help="Derive σ so the planned rounds spend this whole-history ε (overrides --noise-multiplier).")] = None,
+    max_grad_norm: Annotated[float, typer.Option(help="Per-example gradient clipping norm C.")] = 1.0,
+    delta: Annotated[float, typer.Option(help="δ of the (ε, δ) guarantee.")] = 1e-5,
+    max_epsilon: Annotated[float, typer.Option(help="Each department's budget: it refuses rounds past this ε.")] = 10.0,
+    accountant: Annotated[str, typer.Option(help="prv (tightest) | rdp.")] = "prv",
+    local_epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 1,
+    batch_size: Annotated[int, typer.Option(min=1, help="Expected (Poisson) batch size.")] = 32,
+    learning_rate: Annotated[float, typer.Option(help="SGD learning rate (momentum 0.9).")] = 0.5,
+    grad_sample_mode: Annotated[str, typer.Option(help="Opacus per-sample gradient mode: ghost | hooks | functorch | ew.")] = "ghost",
+    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
+    fraction_train: Annotated[float, typer.Option(help="Fraction of departments sampled each round.")] = 1.0,
+    cpus_per_department: Annotated[int, typer.Option(min=1, help="CPU cores Ray reserves per department.")] = 1,
+    out: Annotated[Path, typer.Option(help="Run directory: summary.json, model.pt, ledgers/.")] = Path("runs/latest"),
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's full log.")] = False,
+) -> None:
+    """Simulate a federation of departments on embedded data, then print a privacy report."""
+    _choice(accountant, ACCOUNTANTS, "--accountant")
+    _choice(grad_sample_mode, GRAD_SAMPLE_MODES, "--grad-sample-mode")
+    _choice(device, DEVICES, "--device")
+    _choice(model, MODELS, "--model")
+    out = out.expanduser().resolve()
+    try:
+        settings = RunSettings(
+            num_server_rounds=rounds,
+            dataset=dataset,
+            label_column=label_column,
+            feature_columns=feature_columns,
+            partition=partition,
+            seed=seed,
+            model=model,
+            dp=dp,
+            noise_multiplier=noise_multiplier,
+            target_epsilon=target_epsilon or 0.0,
+            max_grad_norm=max_grad_norm,
+            delta=delta,
+            max_epsilon=max_epsilon,
+            accountant=accountant,
+            local_epochs=local_epochs,
+            batch_size=batch_size,
+            learning_rate=learning_rate,
+            grad_sample_mode=grad_sample_mode,
+            device=device,
+            fraction_train=fraction_train,
+            min_departments=1,
+            round_timeout=600.0,
+            out=str(out),
+        )
+        # Validate the data and model here, before any process starts.
+        parts, test = federation_data(
+            dataset, label_column, split_columns(feature_columns), departments, partition, seed
+        )
+        build_model(model, test.input_shape, test.num_classes, test.kind)
+    except (ConfigError, DataError, ValueError) as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+
+    _keep_previous_summary(out)
+    resumed = sorted((out / "ledgers").glob("*.jsonl")) if (out / "ledgers").exists() else []
+    sizes = [len(p) for p in parts]
+    console.print(
+        f"[bold]fedsilo[/bold]: {departments} departments × {rounds} rounds on '{test.name}' "
+        f"({sum(sizes)} training examples, {min(sizes)}–{max(sizes)} per department, "
+        f"{len(test)} held out), partition {partition}, "
+        + (
+            f"DP-SGD C={max_grad_norm:g}, "
+            + (f"target ε={target_epsilon:g}" if target_epsilon else f"σ={noise_multiplier:g}")
+            + f", δ={delta:g}, budget ε≤{max_epsilon:g}"
+            if dp
+            else "[yellow]no DP[/yellow]"
+        )
+    )
+    if resumed and dp:
+        console.print(
+            f"Resuming {len(resumed)} department ledger(s) in {out / 'ledgers'}: "
+            "their ε continues from the recorded history."
+        )
+
+    workdir = Path(tempfile.mkdtemp(prefix=".flower-", dir=out))
+    last = [""]
+
+    def show(line: str) -> None:
+        if verbose:
+            console.print(line, markup=False, highlight=False)
+            return
+        match = _PROGRESS.search(_ANSI.sub("", line))
+        if match and match.group(1) != last[0]:  # Flower prints each record twice
+            last[0] = match.group(1)
+            console.print(f"  {match.group(1)}", markup=False, highlight=False)
+
+    try:
+        with LocalFederation(workdir) as federation:
+            outcome = federation.run(
+                settings.to_run_config(),
+                num_supernodes=departments,
+                cpus_per_department=cpus_per_department,
+                on_line=show,
+                log_path=out / "flower.log",
+            )
+    except FederationError as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(1) from None
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+
+    summary_path = out / SUMMARY_FILE
+    if not outcome.ok or not summary_path.exists():
+        err_console.print(
+            f"[red]error:[/red] run {outcome.run_id} ended as '{outcome.status}'. "
+            f"Full log: {outcome.log_path}"
+        )
+        _print_tail(outcome.log_path)
+        raise typer.Exit(1)
+    summary = print_run_report(out, console)
+    if summary["status"] == "failed":
+        raise typer.Exit(1)
+    console.print(f"Summary: {summary_path}")
+
+
+def _keep_previous_summary(out: Path) -> None:
+    """Never overwrite an earlier run's summary in the same directory."""
+    previous = out / SUMMARY_FILE
+    if not previous.exists():
+        out.mkdir(parents=True, exist_ok=True)
+        return
+    try:
+        run_id = json.loads(previous.read_text(encoding="utf-8")).get("run_id", "unknown")
+    except ValueError:
+        run_id = "unreadable"
+    history = out / "history"
+    history.mkdir(exist_ok=True)
+    previous.replace(history / f"summary-{run_id}.json")
+
+
+def _print_tail(log_path: Path, lines: int = 25) -> None:
+    try:
+        tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
+    except OSError:
+        return
+    for line in tail:
+        err_console.print(_ANSI.sub("", line), markup=False, highlight=False)
