@@ -21,7 +21,7 @@ from fedsilo.shared.models import build_model
 from .local_federation import FederationError, LocalFederation
 
 console = Console()
-err_console = Console(stderr=True)
+err_console = Console(stderr=True, soft_wrap=True)
 
 _PROGRESS = re.compile(r"fedsilo: (.*)$")
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -126,12 +126,12 @@ def simulate(
 
     def show(line: str) -> None:
         if verbose:
-            console.print(line, markup=False, highlight=False)
+            console.print(line, markup=False, highlight=False, soft_wrap=True)
             return
         match = _PROGRESS.search(_ANSI.sub("", line))
         if match and match.group(1) != last[0]:  # Flower prints each record twice
             last[0] = match.group(1)
-            console.print(f"  {match.group(1)}", markup=False, highlight=False)
+            console.print(f"  {match.group(1)}", markup=False, highlight=False, soft_wrap=True)
 
     try:
         with LocalFederation(workdir) as federation:

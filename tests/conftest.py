@@ -1,0 +1,24 @@
+"""Shared fixtures: every Flower process a test starts runs offline, without telemetry."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+
+
+@pytest.fixture
+def digits_csv(tmp_path):
+    """The digits data as a CSV table with a 'label' column."""
+    import pandas as pd
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    frame = pd.DataFrame(bunch.data, columns=[f"px{i}" for i in range(bunch.data.shape[1])])
+    frame["label"] = bunch.target
+    path = tmp_path / "digits.csv"
+    frame.to_csv(path, index=False)
+    return path

@@ -1,0 +1,55 @@
+"""ε composition: restoring the history each round equals one long run."""
+
+import math
+
+import pytest
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from fedsilo.shared import accounting
+from fedsilo.shared.accounting import Mechanism
+
+
+@pytest.mark.parametrize("name,cls", [("prv", PRVAccountant), ("rdp", RDPAccountant)])
+def test_per_round_restore_equals_one_long_run(name, cls):
+    """A department restores its history every round; that must equal one accountant stepping throughout."""
+    rounds = [Mechanism(1.1, 0.05, 20), Mechanism(1.1, 0.05, 20), Mechanism(0.9, 0.1, 10)]
+    long_run = cls()
+    for m in rounds:
+        for _ in range(m.steps):
+            long_run.step(noise_multiplier=m.noise_multiplier, sample_rate=m.sample_rate)
+    expected = long_run.get_epsilon(delta=1e-5)
+
+    history: list[Mechanism] = []
+    per_round = []
+    for m in rounds:
+        history.append(m)
+        per_round.append(accounting.epsilon(history, 1e-5, name))
+    assert per_round[-1] == pytest.approx(expected, rel=1e-9)
+    assert per_round[0] < per_round[1] < per_round[2]
+
+
+def test_prv_is_tighter_than_rdp_and_both_grow():
+    history = [Mechanism(1.0, 0.1, 50)] * 5
+    prv = accounting.epsilon(history, 1e-5, "prv")
+    rdp = accounting.epsilon(history, 1e-5, "rdp")
+    assert 0 < prv < rdp
+
+
+def test_empty_history_is_zero_and_bad_inputs_raise():
+    assert accounting.epsilon([], 1e-5) == 0.0
+    with pytest.raises(ValueError, match="delta"):
+        accounting.epsilon([Mechanism(1.0, 0.1, 1)], 0.0)
+    with pytest.raises(ValueError, match="accountant"):
+        accounting.epsilon([Mechanism(1.0, 0.1, 1)], 1e-5, "moments")
+    with pytest.raises(ValueError, match="sample_rate"):
+        Mechanism(1.0, 1.5, 1)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        Mechanism(-1.0, 0.5, 1)
+
+
+def test_noise_for_target_stays_within_target():
+    sigma = accounting.noise_for_target(3.0, 1e-5, 0.1, 200)
+    spent = accounting.epsilon([Mechanism(sigma, 0.1, 200)], 1e-5)
+    assert spent <= 3.0
+    assert spent > 2.9  # and it does not waste budget
+    assert math.isfinite(sigma) and sigma > 0

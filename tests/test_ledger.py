@@ -1,0 +1,114 @@
+"""The privacy ledger on disk: append-only, atomic, resumed after a restart."""
+
+import json
+import multiprocessing
+
+import pytest
+
+from fedsilo.shared import accounting
+from fedsilo.shared.accounting import Mechanism
+from fedsilo.shared.ledger import LedgerError, PrivacyLedger, ledger_path, read_ledgers
+
+M = Mechanism(1.0, 0.1, 10)
+
+
+def _append(ledger: PrivacyLedger, rnd: int, run_id: str = "r1") -> None:
+    history = [*ledger.history, M]
+    ledger.append(
+        run_id=run_id,
+        round=rnd,
+        mechanism=M,
+        max_grad_norm=1.0,
+        delta=1e-5,
+        accountant="prv",
+        epsilon=accounting.epsilon(history, 1e-5),
+        num_examples=100,
+    )
+
+
+def test_restart_resumes_the_ledger_and_never_resets_epsilon(tmp_path):
+    path = ledger_path(tmp_path, "finance")
+    first = PrivacyLedger(path, "finance")
+    _append(first, 1)
+    _append(first, 2)
+    eps_before_restart = first.epsilon
+
+    restarted = PrivacyLedger(path, "finance")  # a new process, same file
+    assert restarted.epsilon == eps_before_restart
+    assert len(restarted.history) == 2
+    _append(restarted, 1, run_id="r2")  # a new run starts at round 1 again
+    assert restarted.epsilon > eps_before_restart
+    assert restarted.epsilon == pytest.approx(accounting.epsilon([M] * 3, 1e-5))
+    lines = path.read_text().splitlines()
+    assert [json.loads(line)["seq"] for line in lines] == [0, 1, 2]
+
+
+def test_entries_hold_the_whole_mechanism(tmp_path):
+    ledger = PrivacyLedger(tmp_path / "a.jsonl", "a")
+    _append(ledger, 1)
+    entry = json.loads((tmp_path / "a.jsonl").read_text())
+    for key in ("round", "noise_multiplier", "sample_rate", "steps", "max_grad_norm", "delta", "accountant", "epsilon"):
+        assert key in entry
+
+
+def test_torn_or_edited_ledger_is_refused_with_a_clear_error(tmp_path):
+    path = tmp_path / "a.jsonl"
+    ledger = PrivacyLedger(path, "a")
+    _append(ledger, 1)
+    _append(ledger, 2)
+    original = path.read_text()
+
+    path.write_text(original + '{"seq": 2, "depart')  # a torn last line
+    with pytest.raises(LedgerError, match="line 3"):
+        PrivacyLedger(path, "a")
+
+    lines = original.splitlines()
+    path.write_text(lines[1] + "\n")  # first entry deleted
+    with pytest.raises(LedgerError, match="seq"):
+        PrivacyLedger(path, "a")
+
+    path.write_text(original)
+    with pytest.raises(LedgerError, match="belongs to department 'a'"):
+        PrivacyLedger(path, "b")
+
+
+def test_a_failed_write_leaves_the_previous_ledger_intact(tmp_path, monkeypatch):
+    path = tmp_path / "a.jsonl"
+    ledger = PrivacyLedger(path, "a")
+    _append(ledger, 1)
+    before = path.read_bytes()
+
+    import fedsilo.shared.ledger as module
+
+    def crash(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(module.os, "replace", crash)
+    with pytest.raises(OSError):
+        _append(ledger, 2)
+    assert path.read_bytes() == before
+    assert len(PrivacyLedger(path, "a").history) == 1
+
+
+def _worker(path, n):
+    ledger = PrivacyLedger(path, "shared")
+    for i in range(n):
+        _append(ledger, i)
+
+
+def test_concurrent_appends_do_not_lose_entries(tmp_path):
+    path = tmp_path / "shared.jsonl"
+    ctx = multiprocessing.get_context("fork")
+    procs = [ctx.Process(target=_worker, args=(path, 3)) for _ in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    final = PrivacyLedger(path, "shared")
+    assert [e.seq for e in final.entries] == list(range(6))
+
+
+def test_read_ledgers_finds_every_department(tmp_path):
+    for name in ("hr", "sales"):
+        _append(PrivacyLedger(ledger_path(tmp_path, name), name), 1)
+    assert sorted(read_ledgers(tmp_path)) == ["hr", "sales"]

@@ -1,0 +1,193 @@
+"""End to end: the real `fedsilo simulate` CLI on Flower's Simulation Engine."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from fedsilo.shared.config import RUN_CONFIG_DEFAULTS
+
+REPO = Path(__file__).resolve().parents[1]
+FEDSILO = [sys.executable, "-m", "fedsilo"]
+
+
+def _simulate(*args, timeout=600):
+    return subprocess.run(
+        [*FEDSILO, "simulate", *args], capture_output=True, text=True, timeout=timeout
+    )
+
+
+def _ledgers(run_dir: Path) -> dict[str, list[dict]]:
+    return {
+        p.stem: [json.loads(line) for line in p.read_text().splitlines()]
+        for p in sorted((run_dir / "ledgers").glob("*.jsonl"))
+    }
+
+
+def _independent_epsilon(entries, accountant_cls, delta):
+    """Re-derive ε from the recorded mechanisms with a fresh Opacus accountant, step by step."""
+    acc = accountant_cls()
+    for e in entries:
+        for _ in range(e["steps"]):
+            acc.step(noise_multiplier=e["noise_multiplier"], sample_rate=e["sample_rate"])
+    return acc.get_epsilon(delta=delta)
+
+
+@pytest.fixture(scope="module")
+def demo_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("demo") / "R"
+    result = _simulate("--departments", "4", "--rounds", "3", "--dataset", "digits", "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    return out, result
+
+
+def test_simulation_writes_summary_with_growing_epsilon(demo_run):
+    out, result = demo_run
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "completed"
+    assert [r["round"] for r in summary["rounds"]] == [1, 2, 3]
+    assert summary["delta"] == 1e-5 and 0 < summary["final_accuracy"] <= 1
+    assert summary["final_accuracy"] > summary["initial"]["accuracy"] + 0.2
+    departments = sorted(summary["rounds"][0]["epsilon"])
+    assert len(departments) == 4
+    for name in departments:
+        eps = [r["epsilon"][name] for r in summary["rounds"]]
+        assert eps[0] < eps[1] < eps[2], (name, eps)
+    assert (out / "model.pt").exists()
+    assert "Privacy report" in result.stdout and "round 3/3" in result.stdout
+
+
+def test_recorded_epsilon_matches_independent_recomputation(demo_run):
+    out, _ = demo_run
+    ledgers = _ledgers(out)
+    assert len(ledgers) == 4
+    summary = json.loads((out / "summary.json").read_text())
+    for name, entries in ledgers.items():
+        assert len(entries) == 3
+        for i in range(1, len(entries) + 1):
+            recorded = entries[i - 1]["epsilon"]
+            prv = _independent_epsilon(entries[:i], PRVAccountant, 1e-5)
+            rdp = _independent_epsilon(entries[:i], RDPAccountant, 1e-5)
+            assert recorded >= prv - 1e-9, (name, i, recorded, prv)  # never below PRV
+            assert recorded == pytest.approx(prv, rel=1e-6)
+            assert prv <= rdp  # PRV is the tighter sound bound
+        assert summary["rounds"][-1]["epsilon"][name] == pytest.approx(entries[-1]["epsilon"])
+
+
+def test_rerun_in_same_directory_resumes_ledgers(demo_run):
+    out, _ = demo_run
+    before = {k: v[-1]["epsilon"] for k, v in _ledgers(out).items()}
+    result = _simulate("--departments", "4", "--rounds", "1", "--dataset", "digits", "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "Resuming 4 department ledger(s)" in result.stdout
+    after = _ledgers(out)
+    for name, entries in after.items():
+        assert len(entries) == 4 and [e["seq"] for e in entries] == [0, 1, 2, 3]
+        assert entries[-1]["epsilon"] > before[name]
+        assert entries[-1]["epsilon"] == pytest.approx(_independent_epsilon(entries, PRVAccountant, 1e-5))
+    assert len(list((out / "history").glob("summary-*.json"))) == 1  # the earlier summary is kept
+
+
+def test_budget_is_never_exceeded_and_the_run_ends_cleanly(tmp_path):
+    out = tmp_path / "budget"
+    result = _simulate(
+        "--departments", "4", "--rounds", "12", "--dataset", "digits",
+        "--noise-multiplier", "1.0", "--max-epsilon", "2", "--out", str(out),
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "budget-exhausted"
+    assert len(summary["rounds"]) < 12
+    assert any(r["refused"] for r in summary["rounds"])
+    for entries in _ledgers(out).values():
+        assert entries and all(e["epsilon"] <= 2.0 for e in entries)
+        assert _independent_epsilon(entries, PRVAccountant, 1e-5) <= 2.0 + 1e-9
+    last = summary["rounds"][-1]
+    assert not last["trained"] and all("past max-epsilon 2" in r for r in last["refused"].values())
+
+
+def test_bad_input_is_a_clear_error_without_traceback(tmp_path):
+    result = _simulate("--dataset", str(tmp_path / "nope.csv"), "--out", str(tmp_path / "x"))
+    assert result.returncode == 2
+    assert "does not exist" in result.stderr and "Traceback" not in result.stderr
+    bad_partition = _simulate("--partition", "dirichlet:zero", "--out", str(tmp_path / "y"))
+    assert bad_partition.returncode == 2 and "ALPHA" in bad_partition.stderr
+    too_many = _simulate("--departments", "2000", "--dataset", "breast-cancer", "--out", str(tmp_path / "z"))
+    assert too_many.returncode == 2 and "fewer departments" in too_many.stderr
+
+
+def test_pyproject_app_config_mirrors_the_defaults():
+    config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+    assert config == RUN_CONFIG_DEFAULTS
+
+
+def _superlink_pids(port: int) -> list[int]:
+    """PIDs of flower-superlink processes started with ``--port PORT`` (read from /proc)."""
+    pids = []
+    for proc in Path("/proc").iterdir():
+        try:
+            args = (proc / "cmdline").read_bytes().split(b"\0")
+        except (OSError, ValueError):
+            continue
+        if any(a.endswith(b"flower-superlink") for a in args) and b"--port" in args:
+            if args[args.index(b"--port") + 1] == str(port).encode():
+                pids.append(int(proc.name))
+    return pids
+
+
+def _stop(pid: int, timeout: float = 15.0) -> None:
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)  # the SuperLink runs in its own session
+        except ProcessLookupError:
+            return
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if not Path(f"/proc/{pid}").exists() or "Z" in _state(pid):
+                return
+            time.sleep(0.2)
+
+
+def _state(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "Z"
+
+
+def test_flwr_run_from_the_repo_root(tmp_path):
+    """The same federation through Flower's own tooling: `flwr run .`."""
+    from fedsilo.simulations.local_federation import free_port, offline_env
+
+    port, control = free_port(), free_port()
+    env = offline_env({
+        "FLWR_HOME": str(tmp_path / "flwr-home"),
+        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
+        "FLWR_LOCAL_CONTROL_API_PORT": str(control),
+    })
+    out = tmp_path / "flwr-run"
+    flwr = shutil.which("flwr", path=os.path.dirname(sys.executable)) or "flwr"
+    try:
+        result = subprocess.run(
+            [flwr, "run", ".", "--run-config", f"out='{out}' num-server-rounds=2",
+             "--federation-config", "num-supernodes=3 client-resources-num-cpus=1", "--stream"],
+            cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert "Successfully started run" in result.stdout, result.stdout + result.stderr
+        summary = json.loads((out / "summary.json").read_text())
+        assert summary["status"] == "completed" and len(summary["rounds"]) == 2
+        assert len(_ledgers(out)) == 3
+    finally:
+        # `flwr run` leaves its local SuperLink running: end it by PID.
+        pids = _superlink_pids(port)
+        for pid in pids:
+            _stop(pid)
+    assert pids, "expected `flwr run` to have left its local SuperLink for us to stop"
