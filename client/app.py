@@ -51,6 +51,7 @@ def train(msg: Message, context: Context) -> Message:
             mechanism,
             max_grad_norm=float(plan["max-grad-norm"]),
             learning_rate=settings.learning_rate,
+            momentum=settings.momentum,
             grad_sample_mode=settings.grad_sample_mode,
             device=device,
         )
@@ -62,6 +63,7 @@ def train(msg: Message, context: Context) -> Message:
             epochs=settings.local_epochs,
             batch_size=settings.batch_size,
             learning_rate=settings.learning_rate,
+            momentum=settings.momentum,
             device=device,
             seed=settings.seed + int(msg.content[CONFIG_KEY].get("server-round", 0)),
         )

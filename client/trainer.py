@@ -9,6 +9,7 @@ ledger charges.
 from __future__ import annotations
 
 import math
+import secrets
 import warnings
 from dataclasses import dataclass
 
@@ -54,6 +55,7 @@ def train_dp(
     *,
     max_grad_norm: float,
     learning_rate: float,
+    momentum: float = 0.5,
     grad_sample_mode: str = "ghost",
     device: torch.device | None = None,
 ) -> TrainResult:
@@ -70,8 +72,11 @@ def train_dp(
     loader = DataLoader(to_tensor_dataset(data), batch_size=math.ceil(len(data) / batches), shuffle=False)
     if len(loader) != batches:
         raise RuntimeError(f"loader has {len(loader)} batches, mechanism expects {batches}")
-    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
     criterion = nn.CrossEntropyLoss()
+    # DP noise must be unpredictable: draw it from a generator seeded with fresh OS
+    # entropy every round, never from a seeded global RNG.
+    noise = torch.Generator(device=device).manual_seed(secrets.randbits(63))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # Opacus' note on secure RNG
         engine = PrivacyEngine(accountant="prv")
@@ -83,6 +88,7 @@ def train_dp(
             max_grad_norm=max_grad_norm,
             poisson_sampling=True,
             grad_sample_mode=grad_sample_mode,
+            noise_generator=noise,
         )
         if grad_sample_mode == "ghost":
             private, optimizer, criterion, dp_loader = engine.make_private(criterion=criterion, **kwargs)
@@ -115,6 +121,7 @@ def train_plain(
     epochs: int,
     batch_size: int,
     learning_rate: float,
+    momentum: float = 0.5,
     device: torch.device | None = None,
     seed: int = 0,
 ) -> TrainResult:
@@ -123,7 +130,7 @@ def train_plain(
     model.to(device).train()
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(to_tensor_dataset(data), batch_size=batch_size, shuffle=True, generator=generator)
-    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=0.9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
     criterion = nn.CrossEntropyLoss()
     steps, losses = 0, []
     for _ in range(epochs):

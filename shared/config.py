@@ -33,8 +33,9 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "max-epsilon": 10.0,
     "accountant": "prv",
     "local-epochs": 1,
-    "batch-size": 32,
+    "batch-size": 64,
     "learning-rate": 0.5,
+    "momentum": 0.5,
     "grad-sample-mode": "ghost",
     "device": "auto",
     "fraction-train": 1.0,
@@ -75,6 +76,7 @@ class RunSettings:
     local_epochs: int
     batch_size: int
     learning_rate: float
+    momentum: float
     grad_sample_mode: str
     device: str
     fraction_train: float
@@ -88,6 +90,7 @@ class RunSettings:
             (self.local_epochs >= 1, "local-epochs must be at least 1"),
             (self.batch_size >= 1, "batch-size must be at least 1"),
             (self.learning_rate > 0, "learning-rate must be positive"),
+            (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
             (self.max_grad_norm > 0, "max-grad-norm must be positive"),
             (0 < self.delta < 1, "delta must be in (0, 1); use e.g. 1e-5"),
             (self.noise_multiplier >= 0, "noise-multiplier must be >= 0"),

@@ -78,17 +78,21 @@ def build_model(
 ) -> nn.Module:
     """Build the named model (``auto``, ``mlp`` or ``cnn``), seeded for reproducibility."""
     chosen = default_model_name(kind, input_shape) if name == "auto" else name
-    torch.manual_seed(seed)
-    if chosen == "mlp":
-        return MLP(math.prod(input_shape), num_classes)
-    if chosen == "cnn":
-        if len(input_shape) != 3:
-            raise ValueError(
-                f"model 'cnn' needs image data; this dataset has tabular shape {input_shape}; "
-                "use --model mlp"
-            )
+    if chosen not in ("mlp", "cnn"):
+        raise ValueError(f"unknown model '{name}'; use auto, mlp or cnn")
+    if chosen == "cnn" and len(input_shape) != 3:
+        raise ValueError(
+            f"model 'cnn' needs image data; this dataset has tabular shape {input_shape}; "
+            "use --model mlp"
+        )
+    # Seed a forked RNG only: reseeding the global one would make every later
+    # draw — DP noise and Poisson sampling included — predictable and identical
+    # across departments.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if chosen == "mlp":
+            return MLP(math.prod(input_shape), num_classes)
         return SmallCNN(input_shape, num_classes)  # type: ignore[arg-type]
-    raise ValueError(f"unknown model '{name}'; use auto, mlp or cnn")
 
 
 def resolve_device(name: str = "auto") -> torch.device:

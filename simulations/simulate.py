@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import signal
+import sys
 import tempfile
 from pathlib import Path
 from typing import Annotated, Optional
@@ -50,8 +52,9 @@ def simulate(
     max_epsilon: Annotated[float, typer.Option(help="Each department's budget: it refuses rounds past this ε.")] = 10.0,
     accountant: Annotated[str, typer.Option(help="prv (tightest) | rdp.")] = "prv",
     local_epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 1,
-    batch_size: Annotated[int, typer.Option(min=1, help="Expected (Poisson) batch size.")] = 32,
-    learning_rate: Annotated[float, typer.Option(help="SGD learning rate (momentum 0.9).")] = 0.5,
+    batch_size: Annotated[int, typer.Option(min=1, help="Expected (Poisson) batch size.")] = 64,
+    learning_rate: Annotated[float, typer.Option(help="SGD learning rate.")] = 0.5,
+    momentum: Annotated[float, typer.Option(help="SGD momentum (reset every round).")] = 0.5,
     grad_sample_mode: Annotated[str, typer.Option(help="Opacus per-sample gradient mode: ghost | hooks | functorch | ew.")] = "ghost",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     fraction_train: Annotated[float, typer.Option(help="Fraction of departments sampled each round.")] = 1.0,
@@ -84,6 +87,7 @@ def simulate(
             local_epochs=local_epochs,
             batch_size=batch_size,
             learning_rate=learning_rate,
+            momentum=momentum,
             grad_sample_mode=grad_sample_mode,
             device=device,
             fraction_train=fraction_train,
@@ -121,6 +125,8 @@ def simulate(
             "their ε continues from the recorded history."
         )
 
+    # On SIGTERM unwind normally, so the SuperLink and its children are stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = Path(tempfile.mkdtemp(prefix=".flower-", dir=out))
     last = [""]
 

@@ -36,7 +36,7 @@ def test_guard_validates_its_arguments():
 
 
 def test_target_epsilon_plans_noise_for_all_rounds():
-    settings = RunSettings.from_run_config({"target-epsilon": 3.0, "num-server-rounds": 5, "max-epsilon": 3.0})
+    settings = RunSettings.from_run_config({"target-epsilon": 3.0, "num-server-rounds": 5, "max-epsilon": 3.0, "batch-size": 32})
     m = plan_round(settings, num_examples=200)
     assert m.steps == 7 and m.sample_rate == pytest.approx(1 / 7)
     assert accounting.epsilon([m] * 5, 1e-5) <= 3.0

@@ -3,7 +3,6 @@
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -143,29 +142,9 @@ def _superlink_pids(port: int) -> list[int]:
     return pids
 
 
-def _stop(pid: int, timeout: float = 15.0) -> None:
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        try:
-            os.killpg(pid, sig)  # the SuperLink runs in its own session
-        except ProcessLookupError:
-            return
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if not Path(f"/proc/{pid}").exists() or "Z" in _state(pid):
-                return
-            time.sleep(0.2)
-
-
-def _state(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return "Z"
-
-
 def test_flwr_run_from_the_repo_root(tmp_path):
     """The same federation through Flower's own tooling: `flwr run .`."""
-    from fedsilo.simulations.local_federation import free_port, offline_env
+    from fedsilo.simulations.local_federation import descendants, free_port, offline_env, terminate
 
     port, control = free_port(), free_port()
     env = offline_env({
@@ -189,5 +168,42 @@ def test_flwr_run_from_the_repo_root(tmp_path):
         # `flwr run` leaves its local SuperLink running: end it by PID.
         pids = _superlink_pids(port)
         for pid in pids:
-            _stop(pid)
+            terminate([pid, *descendants(pid)])
     assert pids, "expected `flwr run` to have left its local SuperLink for us to stop"
+
+
+def _flower_processes() -> set[int]:
+    pids = set()
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes()
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state != "Z" and any(k in args for k in (b"flower-superlink", b"flower-superexec", b"flwr-simulation", b"ray::", b"/ray/")):
+            pids.add(int(proc.name))
+    return pids
+
+
+def test_interrupted_simulation_leaves_no_processes_behind(tmp_path):
+    before = _flower_processes()
+    proc = subprocess.Popen(
+        [*FEDSILO, "simulate", "--departments", "3", "--rounds", "200", "--out", str(tmp_path / "int")],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )
+    try:
+        for line in proc.stdout:
+            if "round 1/200" in line:
+                break
+        proc.terminate()
+        proc.wait(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode != 0
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline and _flower_processes() - before:
+        time.sleep(0.5)
+    assert not (_flower_processes() - before)
