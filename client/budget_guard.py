@@ -183,6 +183,7 @@ def privacy_budget_mod(msg: Message, context: Context, call_next: ClientAppCalla
         accountant=settings.accountant,
         epsilon=decision.epsilon_after,
         num_examples=len(department.data),
+        expected_seq=len(ledger.entries),  # ε above was computed from exactly these
     )
     metrics["epsilon"] = entry.epsilon
     log(INFO, "[%s] round %s: ε=%.3f (δ=%g)", department.name, server_round, entry.epsilon, entry.delta)

@@ -89,12 +89,12 @@ def run_federation(grid: Grid, settings: RunSettings, out_dir: Path, run_id: str
         )
         if report.trained:
             continue
-        if report.refused and not report.failed and not report.rejected:
+        if report.refused:
             status = "budget-exhausted"
-            reason = (
-                f"round {rnd}: every department that answered refused to train on budget "
-                "grounds; the run ends here"
-            )
+            reason = f"round {rnd}: no department can train: {len(report.refused)} refused on budget grounds"
+            if report.failed or report.rejected:
+                reason += f", {len(report.failed) + len(report.rejected)} failed or sent unusable updates"
+            reason += "; the run ends here"
             log(WARNING, "%s %s", PROGRESS_TAG, reason)
             break
         summary.finish("failed", f"round {rnd}: no department trained: {report.failed or report.rejected}")

@@ -162,10 +162,24 @@ class PrivacyLedger:
         accountant: str,
         epsilon: float,
         num_examples: int,
+        expected_seq: int | None = None,
     ) -> LedgerEntry:
-        """Append one round atomically and return the entry written."""
+        """Append one round atomically and return the entry written.
+
+        ``expected_seq`` is the number of entries the caller's ε was computed
+        from.  If the file holds a different number by the time the lock is
+        taken — another process appended, or the file was replaced — nothing is
+        written: an ε computed from another history would be wrong.
+        """
         with self._locked():
-            self._entries = self._read()  # another process may have appended
+            current = self._read()
+            if expected_seq is not None and len(current) != expected_seq:
+                raise LedgerError(
+                    f"ledger '{self.path}' changed while this round ran: it held "
+                    f"{expected_seq} entries, now {len(current)}; the round is not recorded "
+                    "and its update must not be released. Is another process using this ledger?"
+                )
+            self._entries = current
             entry = LedgerEntry(
                 seq=len(self._entries),
                 department=self.department,

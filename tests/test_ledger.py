@@ -90,6 +90,28 @@ def test_a_failed_write_leaves_the_previous_ledger_intact(tmp_path, monkeypatch)
     assert len(PrivacyLedger(path, "a").history) == 1
 
 
+def test_append_refuses_when_the_ledger_changed_underneath(tmp_path):
+    """ε is computed from the history read before training; if the file changed
+    meanwhile (another writer, a restore), recording that ε would be wrong."""
+    path = tmp_path / "a.jsonl"
+    mine = PrivacyLedger(path, "a")
+    _append(mine, 1)
+    seen = len(mine.entries)
+    _append(PrivacyLedger(path, "a"), 2)  # someone else appends meanwhile
+    with pytest.raises(LedgerError, match="changed while this round ran"):
+        mine.append(
+            run_id="r", round=2, mechanism=M, max_grad_norm=1.0, delta=1e-5,
+            accountant="prv", epsilon=1.0, num_examples=100, expected_seq=seen,
+        )
+    path.unlink()  # or the file is removed
+    with pytest.raises(LedgerError, match="now 0"):
+        mine.append(
+            run_id="r", round=2, mechanism=M, max_grad_norm=1.0, delta=1e-5,
+            accountant="prv", epsilon=1.0, num_examples=100, expected_seq=seen,
+        )
+    assert not path.exists()
+
+
 def _worker(path, n):
     ledger = PrivacyLedger(path, "shared")
     for i in range(n):

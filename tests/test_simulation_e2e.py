@@ -95,10 +95,11 @@ def test_rerun_in_same_directory_resumes_ledgers(demo_run):
     assert len(list((out / "history").glob("summary-*.json"))) == 1  # the earlier summary is kept
 
 
-def test_budget_is_never_exceeded_and_the_run_ends_cleanly(tmp_path):
+def test_budget_is_never_exceeded_and_the_run_ends_cleanly(tmp_path, digits_csv):
+    """Also the path for a user's own table: the data comes from a CSV file."""
     out = tmp_path / "budget"
     result = _simulate(
-        "--departments", "4", "--rounds", "12", "--dataset", "digits",
+        "--departments", "4", "--rounds", "12", "--dataset", str(digits_csv), "--label-column", "label",
         "--noise-multiplier", "1.0", "--max-epsilon", "2", "--out", str(out),
     )
     assert result.returncode == 0, result.stdout + result.stderr

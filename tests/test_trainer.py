@@ -80,3 +80,13 @@ def test_plain_baseline_and_models(digits):
     assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in cnn.modules())
     with pytest.raises(ValueError, match="use --model mlp"):
         build_model("cnn", (30,), 2, "tabular")
+
+
+def test_cnn_trains_with_dp_in_ghost_mode():
+    train, _ = train_test_split(load_dataset("mnist5k"))
+    small = train.subset(np.arange(256))
+    model = build_model("auto", small.input_shape, 10, small.kind)
+    assert isinstance(model, SmallCNN)
+    mechanism = plan_mechanism(len(small), 64, 1, 1.0)
+    result = train_dp(model, small, mechanism, max_grad_norm=1.0, learning_rate=0.5)
+    assert result.steps == mechanism.steps and np.isfinite(result.train_loss)
