@@ -21,6 +21,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -55,9 +56,21 @@ class RunOutcome:
         return self.status == "finished:completed"
 
 
+def flower_executable(name: str) -> str:
+    """A Flower console script from this interpreter's environment, else from PATH."""
+    local = Path(sys.executable).parent / name
+    return str(local) if local.exists() else (shutil.which(name) or name)
+
+
 def offline_env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """This process's environment with Flower's network-reaching features off."""
+    """This process's environment with Flower's network-reaching features off.
+
+    This interpreter's ``bin`` folder goes first on PATH: Flower starts its own
+    helpers (``flower-superexec``, ``flwr-simulation``) by name, and a venv that
+    was not activated must still be the one used.
+    """
     env = os.environ.copy()
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(OFFLINE_ENV)
     env.update(extra or {})
     return env
@@ -190,7 +203,7 @@ class LocalFederation:
         (home / "config.toml").write_text(tomli_w.dumps(config), encoding="utf-8")
         self.env = offline_env({"FLWR_HOME": str(home)})
         log_file = open(self.workdir / "superlink.log", "ab")
-        superlink = shutil.which("flower-superlink") or "flower-superlink"
+        superlink = flower_executable("flower-superlink")
         # --insecure: plain HTTP, but bound to loopback and only for this simulation.
         command = [superlink, "--insecure", "--simulation", "--host", "127.0.0.1", "--port", str(self.port)]
         self.process = subprocess.Popen(
@@ -250,7 +263,7 @@ class LocalFederation:
             f"init-args-num-cpus={os.cpu_count() or 1}"
         )
         command = [
-            shutil.which("flwr") or "flwr", "run", str(app_dir), CONNECTION,
+            flower_executable("flwr"), "run", str(app_dir), CONNECTION,
             "--run-config", overrides, "--federation-config", federation, "--stream",
         ]
         log_path = log_path or self.workdir / "flower.log"
@@ -277,7 +290,7 @@ class LocalFederation:
         status = "unknown"
         while time.monotonic() < deadline:
             result = subprocess.run(
-                [shutil.which("flwr") or "flwr", "ls", CONNECTION, "--run-id", run_id, "--format", "json"],
+                [flower_executable("flwr"), "ls", CONNECTION, "--run-id", run_id, "--format", "json"],
                 env=self.env, capture_output=True, text=True, timeout=60,
             )
             try:

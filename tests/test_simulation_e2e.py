@@ -2,7 +2,6 @@
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 import time
@@ -145,7 +144,9 @@ def _superlink_pids(port: int) -> list[int]:
 
 def test_flwr_run_from_the_repo_root(tmp_path):
     """The same federation through Flower's own tooling: `flwr run .`."""
-    from fedsilo.simulations.local_federation import descendants, free_port, offline_env, terminate
+    from fedsilo.simulations.local_federation import (
+        descendants, flower_executable, free_port, offline_env, terminate,
+    )
 
     port, control = free_port(), free_port()
     env = offline_env({
@@ -154,7 +155,7 @@ def test_flwr_run_from_the_repo_root(tmp_path):
         "FLWR_LOCAL_CONTROL_API_PORT": str(control),
     })
     out = tmp_path / "flwr-run"
-    flwr = shutil.which("flwr", path=os.path.dirname(sys.executable)) or "flwr"
+    flwr = flower_executable("flwr")
     try:
         result = subprocess.run(
             [flwr, "run", ".", "--run-config", f"out='{out}' num-server-rounds=2",
