@@ -15,6 +15,7 @@ import typer
 os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 
+from fedsilo.certs.cli import app as certs_app  # noqa: E402
 from fedsilo.simulations.simulate import simulate  # noqa: E402
 
 app = typer.Typer(
@@ -25,6 +26,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 app.command("simulate")(simulate)
+app.add_typer(certs_app, name="certs")
 
 
 @app.callback()

@@ -2,18 +2,21 @@
 
 In a simulation Flower gives each virtual SuperNode ``partition-id`` and
 ``num-partitions``: the department rebuilds its own partition of the embedded
-dataset.  A deployed SuperNode (next issue) is given ``department``,
-``data-path`` and ``ledger-dir`` in its node config instead.
+dataset.  A deployed SuperNode (``fedsilo department start``) is given
+``department``, ``data-path``, ``label-column``, ``ledger-dir`` and
+``max-epsilon`` in its node config: its data and its ledger stay on its host,
+and its budget is its own, whatever the run asks for.
 """
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Mapping
 
 from fedsilo.shared.config import RunSettings
-from fedsilo.shared.data import Dataset, federation_data, split_columns
+from fedsilo.shared.data import Dataset, TableSchema, federation_data, load_table, split_columns
 from fedsilo.shared.ledger import ledger_path
 
 
@@ -33,7 +36,9 @@ def simulated_department_name(partition_id: int, num_partitions: int) -> str:
 def department_from_context(
     node_config: Mapping[str, Any], settings: RunSettings
 ) -> Department:
-    """Resolve this node's department (simulation: from its partition id)."""
+    """Resolve this node's department: deployed (``data-path``) or simulated."""
+    if "data-path" in node_config:
+        return _deployed_department(node_config, settings)
     if "partition-id" not in node_config or "num-partitions" not in node_config:
         raise ValueError(
             "this SuperNode has no 'partition-id'/'num-partitions' in its node config; "
@@ -52,3 +57,29 @@ def department_from_context(
     ledger_dir = Path(settings.out).expanduser().resolve() / "ledgers"
     max_epsilon = float(node_config.get("max-epsilon", settings.max_epsilon))
     return Department(name, parts[pid], ledger_path(ledger_dir, name), max_epsilon)
+
+
+def _deployed_department(node_config: Mapping[str, Any], settings: RunSettings) -> Department:
+    for key in ("department", "ledger-dir"):
+        if key not in node_config:
+            raise ValueError(f"node config lacks '{key}'; start departments with `fedsilo department start`")
+    if not settings.data_schema:
+        raise ValueError(
+            "this run carries no data-schema; submit deployment runs with `fedsilo coordinator run`"
+        )
+    data = _load_own_table(
+        str(node_config["data-path"]),
+        str(node_config.get("label-column", "label")),
+        settings.data_schema,
+    )
+    name = str(node_config["department"])
+    max_epsilon = float(node_config.get("max-epsilon", settings.max_epsilon))
+    return Department(name, data, ledger_path(Path(str(node_config["ledger-dir"])), name), max_epsilon)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_own_table(path: str, label_column: str, schema_json: str) -> Dataset:
+    schema = TableSchema.from_json(schema_json)
+    # The department's own label column name may differ from the coordinator's.
+    local = TableSchema(label_column, schema.features, schema.classes, schema.mean, schema.scale)
+    return load_table(Path(path), label_column, schema=local)

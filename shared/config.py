@@ -41,7 +41,12 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "fraction-train": 1.0,
     "min-departments": 1,
     "round-timeout": 600.0,
+    "connect-timeout": 120.0,
     "out": "runs/latest",
+    # Deployment only: the coordinator's own test table, and the schema every
+    # department reads its table with (JSON of shared.data.TableSchema).
+    "test-data": "",
+    "data-schema": "",
 }
 
 
@@ -82,7 +87,10 @@ class RunSettings:
     fraction_train: float
     min_departments: int
     round_timeout: float
+    connect_timeout: float
     out: str
+    test_data: str
+    data_schema: str
 
     def __post_init__(self) -> None:
         checks = [
@@ -106,6 +114,7 @@ class RunSettings:
             (0 < self.fraction_train <= 1, "fraction-train must be in (0, 1]"),
             (self.min_departments >= 1, "min-departments must be at least 1"),
             (self.round_timeout > 0, "round-timeout must be positive (seconds)"),
+            (self.connect_timeout > 0, "connect-timeout must be positive (seconds)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -8,6 +8,7 @@ departments can build their own partition without any data being shipped.
 from __future__ import annotations
 
 import functools
+import json
 import math
 import warnings
 from dataclasses import dataclass
@@ -118,14 +119,47 @@ def _standardize(x: np.ndarray) -> np.ndarray:
     return ((x - x.mean(axis=0)) / std).astype(np.float32)
 
 
-def load_table(path: Path, label_column: str, feature_columns: tuple[str, ...] = ()) -> Dataset:
-    """Read a CSV or Parquet table with one label column and numeric features."""
+@dataclass(frozen=True)
+class TableSchema:
+    """What every party of a deployment must agree on to read its own table.
+
+    The coordinator derives it from its reference (test) table and sends it with
+    the run, so each department selects the same feature columns in the same
+    order, encodes labels with the same integer codes, and scales features the
+    same way — whatever subset of classes its own data happens to hold.
+    """
+
+    label_column: str
+    features: tuple[str, ...]
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]
+    scale: tuple[float, ...]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {"label_column": self.label_column, "features": self.features, "classes": self.classes,
+             "mean": self.mean, "scale": self.scale}
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> "TableSchema":
+        raw = json.loads(text)
+        return cls(
+            raw["label_column"], tuple(raw["features"]), tuple(raw["classes"]),
+            tuple(float(v) for v in raw["mean"]), tuple(float(v) for v in raw["scale"]),
+        )
+
+
+def _read_table(path: Path, label_column: str, feature_columns: tuple[str, ...]):
+    """Validated (features float64, labels as strings, feature names) of a table."""
     import pandas as pd
 
     if not path.exists():
         raise DataError(f"data file '{path}' does not exist; check the path")
     if not path.is_file():
         raise DataError(f"data path '{path}' is not a file")
+    if path.suffix.lower() not in TABLE_SUFFIXES:
+        raise DataError(f"data file '{path}' must be .csv or .parquet")
     try:
         if path.suffix.lower() == ".csv":
             frame = pd.read_csv(path)
@@ -149,7 +183,7 @@ def load_table(path: Path, label_column: str, feature_columns: tuple[str, ...] =
         if missing:
             raise DataError(
                 f"feature column(s) {', '.join(missing)} not found in '{path}'; "
-                "fix --feature-columns"
+                "fix --feature-columns (in a deployment: the coordinator's table decides them)"
             )
         features = frame[list(feature_columns)]
     else:
@@ -176,16 +210,57 @@ def load_table(path: Path, label_column: str, feature_columns: tuple[str, ...] =
     if labels.isna().any():
         row = int(np.nonzero(labels.isna().to_numpy())[0][0]) + 2
         raise DataError(f"label column '{label_column}' in '{path}' is empty at row {row}")
-    classes, codes = np.unique(labels.to_numpy(), return_inverse=True)
+    return values, labels.astype(str).to_numpy(), tuple(str(c) for c in features.columns)
+
+
+def table_schema(path: Path | str, label_column: str, feature_columns: tuple[str, ...] = ()) -> TableSchema:
+    """The schema of a reference table (the coordinator's)."""
+    path = Path(path).expanduser()
+    values, labels, names = _read_table(path, label_column, tuple(feature_columns))
+    classes = tuple(sorted(set(labels.tolist()), key=_natural))
     if len(classes) < 2:
         raise DataError(
             f"label column '{label_column}' in '{path}' has a single class "
             f"({classes[0]!r}); a classifier needs at least two"
         )
-    x = _standardize(values)
-    return Dataset(
-        path.stem, x, codes.astype(np.int64), (x.shape[1],), tuple(classes.tolist()), "tabular"
-    )
+    std = values.std(axis=0)
+    std[std == 0] = 1.0
+    return TableSchema(label_column, names, classes, tuple(values.mean(axis=0).tolist()), tuple(std.tolist()))
+
+
+def _natural(value: str):
+    """Numbers in numeric order, then text: label codes stable across tables."""
+    try:
+        return (0, float(value), value)
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def load_table(
+    path: Path,
+    label_column: str,
+    feature_columns: tuple[str, ...] = (),
+    schema: TableSchema | None = None,
+) -> Dataset:
+    """Read a CSV or Parquet table with one label column and numeric features.
+
+    Without ``schema`` the table describes itself (simulation on one file).  With
+    one, the table is read the federation's way: its features, label codes and
+    scaling; a label outside its classes is an error naming the value and row.
+    """
+    path = Path(path).expanduser()
+    own = schema or table_schema(path, label_column, feature_columns)
+    values, labels, _ = _read_table(path, own.label_column, own.features)
+    codes = {c: i for i, c in enumerate(own.classes)}
+    unknown = [i for i, v in enumerate(labels) if v not in codes]
+    if unknown:
+        raise DataError(
+            f"label '{labels[unknown[0]]}' in '{path}' row {unknown[0] + 2} is not one of the "
+            f"federation's classes ({', '.join(own.classes[:20])}); fix the data or ask the coordinator"
+        )
+    y = np.array([codes[v] for v in labels], dtype=np.int64)
+    x = ((values - np.array(own.mean)) / np.array(own.scale)).astype(np.float32)
+    return Dataset(path.stem, x, y, (x.shape[1],), own.classes, "tabular")
 
 
 # --------------------------------------------------------------------------- splits

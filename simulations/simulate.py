@@ -93,7 +93,10 @@ def simulate(
             fraction_train=fraction_train,
             min_departments=1,
             round_timeout=600.0,
+            connect_timeout=120.0,
             out=str(out),
+            test_data="",
+            data_schema="",
         )
         # Validate the data and model here, before any process starts.
         parts, test = federation_data(

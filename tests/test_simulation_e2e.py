@@ -1,7 +1,6 @@
 """End to end: the real `fedsilo simulate` CLI on Flower's Simulation Engine."""
 
 import json
-import os
 import subprocess
 import sys
 import time
