@@ -21,7 +21,7 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: $(STAMP)
 	$(VENV)/bin/fedsilo simulate --departments 10 --rounds 20 --dataset digits \
-	    --partition dirichlet:0.5 --noise-multiplier 1.0 --max-grad-norm 1.0 \
+	    --partition dirichlet:0.5 --target-epsilon 8 --max-grad-norm 1.0 \
 	    --delta 1e-5 --max-epsilon 8 --out runs/demo
 
 test: $(STAMP)

@@ -20,7 +20,9 @@ from fedsilo.shared.config import ACCOUNTANTS, DEVICES, GRAD_SAMPLE_MODES, MODEL
 from fedsilo.shared.data import DataError, federation_data, split_columns
 from fedsilo.shared.models import build_model
 
-from .local_federation import FederationError, LocalFederation
+from fedsilo.shared.flower_cli import FlowerError
+
+from .local_federation import LocalFederation
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
@@ -151,7 +153,7 @@ def simulate(
                 on_line=show,
                 log_path=out / "flower.log",
             )
-    except FederationError as err:
+    except FlowerError as err:
         err_console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(1) from None
     finally:

@@ -143,9 +143,7 @@ def _superlink_pids(port: int) -> list[int]:
 
 def test_flwr_run_from_the_repo_root(tmp_path):
     """The same federation through Flower's own tooling: `flwr run .`."""
-    from fedsilo.simulations.local_federation import (
-        descendants, flower_executable, free_port, offline_env, terminate,
-    )
+    from fedsilo.shared.flower_cli import descendants, flower_executable, free_port, offline_env, terminate
 
     port, control = free_port(), free_port()
     env = offline_env({
