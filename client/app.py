@@ -74,6 +74,7 @@ def train(msg: Message, context: Context) -> Message:
             "train-loss": result.train_loss,
             # Replaced with the whole-history ε by the budget guard; inf without DP.
             "epsilon": float("inf"),
+            "max-epsilon": float("inf"),
             "steps": result.steps,
             "noise-multiplier": noise,
             "sample-rate": rate,

@@ -186,6 +186,7 @@ def privacy_budget_mod(msg: Message, context: Context, call_next: ClientAppCalla
         expected_seq=len(ledger.entries),  # ε above was computed from exactly these
     )
     metrics["epsilon"] = entry.epsilon
+    metrics["max-epsilon"] = department.max_epsilon
     log(INFO, "[%s] round %s: ε=%.3f (δ=%g)", department.name, server_round, entry.epsilon, entry.delta)
     return reply
 
@@ -197,6 +198,7 @@ def refusal_reply(msg: Message, department: str, decision: BudgetDecision) -> Me
             "num-examples": 0,
             "train-loss": 0.0,
             "epsilon": decision.epsilon_before,
+            "max-epsilon": decision.max_epsilon,
             "steps": 0,
             "noise-multiplier": 0.0,
             "sample-rate": 0.0,

@@ -18,7 +18,7 @@ from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedsilo.shared.config import RunSettings
-from fedsilo.shared.data import federation_data_test, split_columns
+from fedsilo.shared.data import Dataset, TableSchema, federation_data_test, load_table, split_columns
 from fedsilo.shared.models import build_model, evaluate
 
 from .strategy import DepartmentFedAvg
@@ -41,9 +41,7 @@ def main(grid: Grid, context: Context) -> None:
 
 def run_federation(grid: Grid, settings: RunSettings, out_dir: Path, run_id: str) -> RunSummary:
     """The round loop; returns the finished summary (also written to ``out_dir``)."""
-    test = federation_data_test(
-        settings.dataset, settings.label_column, split_columns(settings.feature_columns)
-    )
+    test = coordinator_test_set(settings)
     model = build_model(settings.model, test.input_shape, test.num_classes, test.kind, seed=settings.seed)
     arrays = ArrayRecord(model.state_dict())
     strategy = DepartmentFedAvg(
@@ -64,6 +62,17 @@ def run_federation(grid: Grid, settings: RunSettings, out_dir: Path, run_id: str
     status, reason = "completed", ""
     for rnd in range(1, settings.num_server_rounds + 1):
         started = time.time()
+        connected = wait_for_departments(grid, settings.min_departments, settings.connect_timeout)
+        if connected < settings.min_departments:
+            reason = (
+                f"round {rnd}: only {connected} department(s) connected within "
+                f"{settings.connect_timeout:g} s, fewer than --min-departments "
+                f"{settings.min_departments}; stopping"
+            )
+            log(WARNING, "%s %s", PROGRESS_TAG, reason)
+            summary.finish("failed", reason)
+            raise RuntimeError(reason)
+        strategy.node_names = node_names(grid)
         messages = strategy.configure_train(rnd, arrays, ConfigRecord(), grid)
         replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
         new_arrays, _ = strategy.aggregate_train(rnd, replies)
@@ -104,3 +113,33 @@ def run_federation(grid: Grid, settings: RunSettings, out_dir: Path, run_id: str
     summary.finish(status, reason, MODEL_FILE)
     log(INFO, "%s finished: %s, final accuracy %.4f", PROGRESS_TAG, status, accuracy)
     return summary
+
+
+def coordinator_test_set(settings: RunSettings) -> Dataset:
+    """The held-out set the coordinator scores the global model on.
+
+    Deployed: the coordinator's own table (``test-data``), read with the run's
+    schema.  Simulated: the fixed held-out split of the simulated dataset.
+    """
+    if settings.test_data:
+        schema = TableSchema.from_json(settings.data_schema)
+        return load_table(Path(settings.test_data), schema.label_column, schema=schema)
+    return federation_data_test(settings.dataset, settings.label_column, split_columns(settings.feature_columns))
+
+
+def wait_for_departments(grid: Grid, minimum: int, timeout: float) -> int:
+    """Wait up to ``timeout`` seconds for ``minimum`` connected departments."""
+    deadline = time.monotonic() + timeout
+    while True:
+        connected = len(list(grid.get_node_ids()))
+        if connected >= minimum or time.monotonic() >= deadline:
+            return connected
+        time.sleep(1.0)
+
+
+def node_names(grid: Grid) -> dict[int, str]:
+    """Node id -> the name it was registered under (deployment); empty in simulation."""
+    try:
+        return {int(n.node_id): str(n.name) for n in grid.get_nodes() if getattr(n, "name", "")}
+    except Exception:  # the simulation grid has no registry of names
+        return {}

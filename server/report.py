@@ -40,30 +40,35 @@ def print_run_report(run_dir: Path, console: Console | None = None) -> dict:
 
     delta, budget = summary["delta"], summary["max_epsilon"]
     ledgers = read_ledgers(Path(run_dir) / "ledgers") if (Path(run_dir) / "ledgers").exists() else {}
-    table = Table(title=f"Privacy report — whole-history ε at δ={delta:g} ({summary['accountant'].upper()})")
-    for column in ("department", "rounds", "refused", "steps", "σ", "q", "ε", "budget", "left"):
+    source = "ledgers" if ledgers else "reported by the departments (their ledgers stay on their hosts)"
+    table = Table(title=f"Privacy report — whole-history ε at δ={delta:g} ({summary['accountant'].upper()}), {source}")
+    rounds_label = "rounds (ledger)" if ledgers else "rounds (this run)"
+    for column in ("department", rounds_label, "refused", "steps", "σ", "q", "ε", "budget", "left"):
         table.add_column(column, justify="left" if column == "department" else "right")
     departments = summary["departments"]
     for name in sorted(set(departments) | set(ledgers)):
-        ledger = ledgers.get(name)
         info = departments.get(name, {})
-        entries = ledger.entries if ledger else []
-        eps = entries[-1].epsilon if entries else 0.0
+        entries = ledgers[name].entries if name in ledgers else []
         last = entries[-1] if entries else None
+        if ledgers:
+            eps, rounds, steps = (last.epsilon if last else 0.0), len(entries), sum(e.steps for e in entries)
+        else:
+            eps, rounds, steps = info.get("epsilon") or 0.0, info.get("rounds_trained", 0), info.get("steps", 0)
+        own = info.get("max_epsilon") or budget
         table.add_row(
             name,
-            str(len(entries)),
+            str(rounds),
             str(info.get("rounds_refused", 0)),
-            str(sum(e.steps for e in entries)),
+            str(steps),
             f"{last.noise_multiplier:.3f}" if last else "-",
             f"{last.sample_rate:.4f}" if last else "-",
             f"{eps:.3f}",
-            f"{budget:g}",
-            f"{max(budget - eps, 0.0):.3f}" if math.isfinite(budget) else "∞",
+            f"{own:g}",
+            f"{max(own - eps, 0.0):.3f}" if math.isfinite(own) else "∞",
         )
     console.print(table)
     console.print(
-        "ε covers each department's entire ledger (all rounds, all runs) at the stated δ: "
+        "ε covers each department's entire history (all rounds, all runs) at the stated δ: "
         "record-level DP for the examples of that department."
     )
     return summary

@@ -38,6 +38,7 @@ class RoundReport:
     rejected: dict[str, str] = field(default_factory=dict)  # name -> reason
     failed: dict[str, str] = field(default_factory=dict)  # node/name -> reason
     epsilon: dict[str, float] = field(default_factory=dict)
+    budget: dict[str, float] = field(default_factory=dict)
     steps: dict[str, int] = field(default_factory=dict)
     train_loss: dict[str, float] = field(default_factory=dict)
 
@@ -55,27 +56,41 @@ class DepartmentFedAvg(FedAvg):
         super().__init__(**kwargs)
         self.last_report = RoundReport()
         self._reference: dict[str, tuple[int, ...]] = {}
+        # node id -> registered department name, to name departments that fail
+        self.node_names: dict[int, str] = {}
+        self._asked: list[int] = []
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
     ) -> Iterable[Message]:
-        # Remember the global model's layout to validate what comes back.
+        # Remember the global model's layout to validate what comes back, and who
+        # was asked, to name those who never answer.
         self._reference = {k: tuple(v.shape) for k, v in arrays.items()}
-        return super().configure_train(server_round, arrays, config, grid)
+        messages = list(super().configure_train(server_round, arrays, config, grid))
+        self._asked = [m.metadata.dst_node_id for m in messages]
+        return messages
 
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         report = RoundReport()
         accepted: list[Message] = []
+        replies = list(replies)
+        answered = {msg.metadata.src_node_id for msg in replies}
+        for node in self._asked:
+            if node not in answered:
+                report.failed[self.node_names.get(node, f"node-{node}")] = "no reply before the round deadline"
         for msg in replies:
             if msg.has_error():
-                report.failed[f"node-{msg.metadata.src_node_id}"] = msg.error.reason
+                node = msg.metadata.src_node_id
+                report.failed[self.node_names.get(node, f"node-{node}")] = msg.error.reason
                 continue
             name, status, reason = _status(msg)
             metrics = msg.content.metric_records.get(METRICS_KEY)
             if metrics is not None and "epsilon" in metrics:
                 report.epsilon[name] = float(metrics["epsilon"])
+            if metrics is not None and "max-epsilon" in metrics:
+                report.budget[name] = float(metrics["max-epsilon"])
             if status == STATUS_REFUSED:
                 report.refused[name] = reason
                 continue

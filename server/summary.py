@@ -69,6 +69,8 @@ class RunSummary:
             departments[name]["rounds_refused"] += 1
         for name, eps in self._epsilon.items():
             departments[name]["epsilon"] = eps
+        for name, budget in report.budget.items():
+            departments[name]["max_epsilon"] = _finite(budget)
         self.data["rounds"].append(
             {
                 "round": rnd,

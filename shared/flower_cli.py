@@ -191,7 +191,7 @@ def write_app(app_dir: Path) -> Path:
 
 
 def toml_value(value: Any) -> str:
-    """One ``--run-config`` / ``--node-config`` value in TOML syntax."""
+    """One ``--node-config`` value in TOML syntax."""
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):
@@ -254,7 +254,11 @@ class FlowerConnection:
     ) -> RunOutcome:
         """Submit the fedsilo app, stream its log to ``log_path``, return its final status."""
         app_dir = write_app(Path(tempfile.mkdtemp(prefix="app-", dir=self.home)))
-        command = [flower_executable("flwr"), "run", str(app_dir), CONNECTION, "--run-config", config_arg(run_config)]
+        # A TOML file, not KEY=VALUE pairs: Flower's pair parser cannot carry quotes
+        # (the data schema is JSON).  It sits outside the app folder, off the FAB.
+        overrides = self.home / f"{app_dir.name}-run-config.toml"
+        overrides.write_text(tomli_w.dumps(run_config), encoding="utf-8")
+        command = [flower_executable("flwr"), "run", str(app_dir), CONNECTION, "--run-config", str(overrides)]
         if federation_config:
             command += ["--federation-config", federation_config]
         command.append("--stream")
@@ -271,6 +275,7 @@ class FlowerConnection:
                     on_line(line.rstrip("\n"))
             proc.wait()
         shutil.rmtree(app_dir, ignore_errors=True)
+        overrides.unlink(missing_ok=True)
         if not run_id:
             raise FlowerError(f"`flwr run` did not start a run (exit {proc.returncode}); see {log_path}")
         return RunOutcome(run_id, self.status(run_id), log_path)

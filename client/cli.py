@@ -1,0 +1,75 @@
+"""``fedsilo department``: run this business unit's department client."""
+
+from __future__ import annotations
+
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+from fedsilo.shared.data import DataError, split_columns
+from fedsilo.shared.flower_cli import stop_tree
+from fedsilo.shared.ledger import LedgerError
+
+from .supernode import DepartmentNode, DepartmentStartError, explain_exit
+
+app = typer.Typer(help="Run a department client on this host, on this host's data.", no_args_is_help=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+
+
+@app.command("start")
+def start(
+    coordinator: Annotated[str, typer.Option(help="The coordinator's HOST:PORT.")],
+    ca: Annotated[Path, typer.Option(help="The federation's ca.crt.")],
+    key: Annotated[Path, typer.Option(help="This department's private key (from `certs add-department`).")],
+    data: Annotated[Path, typer.Option(help="This department's table (.csv or .parquet).")],
+    ledger: Annotated[Path, typer.Option(help="Folder for this department's privacy ledger (stays on this host).")],
+    label_column: Annotated[str, typer.Option(help="The label column of --data.")] = "label",
+    feature_columns: Annotated[str, typer.Option(help="Comma-separated feature columns to check (default: all but the label).")] = "",
+    name: Annotated[Optional[str], typer.Option(help="Department name (default: the key's file name).")] = None,
+    max_epsilon: Annotated[Optional[float], typer.Option(help="This department's own budget; overrides the run's.")] = None,
+    port: Annotated[Optional[int], typer.Option(help="Local port for the SuperNode's loopback API (default: a free one).")] = None,
+) -> None:
+    """Validate everything, then join the federation over TLS with this department's identity."""
+    node = DepartmentNode(
+        name=name or key.name,
+        coordinator=coordinator,
+        ca=ca,
+        key=key,
+        data=data,
+        label_column=label_column,
+        ledger=ledger,
+        max_epsilon=max_epsilon,
+        local_port=port,
+        feature_columns=split_columns(feature_columns),
+    )
+    if max_epsilon is not None and not max_epsilon > 0:
+        err_console.print("[red]error:[/red] --max-epsilon must be positive")
+        raise typer.Exit(2)
+    try:
+        rows = node.preflight()
+    except (DepartmentStartError, DataError, LedgerError) as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
+    console.print(
+        f"department [bold]{node.name}[/bold]: {rows} records in {data}, ledger {node.ledger}, "
+        f"coordinator {coordinator} (TLS verified)"
+    )
+    proc = node.launch()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    tail: list[str] = []
+    try:
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            tail = (tail + [line.rstrip()])[-40:]
+            console.print(line.rstrip(), markup=False, highlight=False)
+        proc.wait()
+    finally:
+        stop_tree(proc)
+    if proc.returncode not in (0, None):
+        err_console.print(f"[red]error:[/red] {explain_exit(chr(10).join(tail), node.name)}")
+        raise typer.Exit(1)

@@ -1,0 +1,129 @@
+"""A department in a deployment: ``flower-supernode`` over TLS with its own identity.
+
+Everything that can be checked is checked before anything is sent: the CA file,
+the department's private key (EC P-384, OpenSSH, mode 0600), its data table, its
+ledger, and a TLS handshake proving the coordinator's certificate chains to the
+CA this department trusts.  The ledger and the budget stay on this host.
+"""
+
+from __future__ import annotations
+
+import socket
+import ssl
+import subprocess
+from dataclasses import dataclass
+from pathlib import Path
+
+from fedsilo.certs.authority import CertError, load_certificate, load_department_key
+from fedsilo.shared.data import load_table
+from fedsilo.shared.flower_cli import config_arg, flower_executable, free_port, offline_env
+from fedsilo.shared.ledger import PrivacyLedger, ledger_path
+
+
+class DepartmentStartError(RuntimeError):
+    """The department cannot start; the message says what to fix."""
+
+
+@dataclass(frozen=True)
+class DepartmentNode:
+    name: str
+    coordinator: str  # host:port
+    ca: Path
+    key: Path
+    data: Path
+    label_column: str
+    ledger: Path
+    max_epsilon: float | None = None
+    local_port: int | None = None
+    feature_columns: tuple[str, ...] = ()
+
+    @property
+    def home(self) -> Path:
+        """Flower's working folder for this department (installed app bundles)."""
+        return self.ledger / ".flower"
+
+    def preflight(self, timeout: float = 10.0) -> int:
+        """Validate everything locally and the coordinator's certificate; returns rows of data."""
+        try:
+            load_certificate(self.ca)
+            load_department_key(self.key)
+        except CertError as err:
+            raise DepartmentStartError(str(err)) from None
+        rows = len(load_table(self.data, self.label_column, self.feature_columns))  # DataError names file/column
+        self.ledger.mkdir(parents=True, exist_ok=True)
+        PrivacyLedger(ledger_path(self.ledger, self.name), self.name)  # LedgerError if unreadable
+        check_coordinator_certificate(self.coordinator, self.ca, timeout)
+        return rows
+
+    def command(self) -> list[str]:
+        node_config = {
+            "department": self.name,
+            "data-path": str(self.data.resolve()),
+            "label-column": self.label_column,
+            "ledger-dir": str(self.ledger.resolve()),
+        }
+        if self.max_epsilon is not None:
+            node_config["max-epsilon"] = float(self.max_epsilon)
+        return [
+            flower_executable("flower-supernode"),
+            "--superlink", self.coordinator,
+            "--root-certificates", str(self.ca.resolve()),
+            "--auth-supernode-private-key", str(self.key.resolve()),
+            "--node-config", config_arg(node_config),
+            # Each SuperNode on a host needs its own local port (loopback only).
+            "--host", "127.0.0.1",
+            "--port", str(self.local_port or free_port()),
+        ]
+
+    def launch(self) -> subprocess.Popen:
+        self.home.mkdir(parents=True, exist_ok=True)
+        return subprocess.Popen(
+            self.command(),
+            env=offline_env({"FLWR_HOME": str(self.home.resolve())}),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+
+
+def check_coordinator_certificate(address: str, ca: Path, timeout: float = 10.0) -> None:
+    """TLS handshake with the coordinator, trusting only ``ca``."""
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise DepartmentStartError(f"coordinator address '{address}' must be HOST:PORT")
+    context = ssl.create_default_context(cafile=str(ca))
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout) as sock:
+            with context.wrap_socket(sock, server_hostname=host.strip("[]")):
+                return
+    except ssl.SSLCertVerificationError as err:
+        raise DepartmentStartError(
+            f"the coordinator at {address} presented a certificate that '{ca}' does not "
+            f"vouch for ({err.verify_message}); get the federation's ca.crt from the "
+            "platform team, and check that the address is the coordinator's"
+        ) from None
+    except ssl.SSLError as err:
+        raise DepartmentStartError(
+            f"TLS with the coordinator at {address} failed ({err.reason}); is it a fedsilo coordinator?"
+        ) from None
+    except OSError as err:
+        raise DepartmentStartError(
+            f"the coordinator at {address} is unreachable ({err.strerror or err}); "
+            "check the address and that the coordinator is running"
+        ) from None
+
+
+def explain_exit(output: str, name: str) -> str:
+    """Turn flower-supernode's last words into what the department should do."""
+    if "No SuperNode found with the given public key" in output or "Failed to activate SuperNode" in output:
+        return (
+            f"the coordinator refused department '{name}': its public key is not registered. "
+            f"Ask the platform team to run `fedsilo coordinator register {name}` with {name}.pub"
+        )
+    if "CERTIFICATE_VERIFY_FAILED" in output:
+        return "the coordinator's certificate is not signed by this --ca; use the federation's ca.crt"
+    if "Unable to parse the private key" in output:
+        return "the private key could not be read by Flower; create it with `fedsilo certs add-department`"
+    lines = [line for line in output.splitlines() if line.strip()]
+    return "flower-supernode stopped: " + (" | ".join(lines[-3:]) if lines else "no output")

@@ -1,0 +1,174 @@
+"""``fedsilo coordinator``: start the coordinator, admit departments, run training."""
+
+from __future__ import annotations
+
+import re
+import signal
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from fedsilo.certs.authority import CertError, CertPaths
+from fedsilo.shared.config import ConfigError, RunSettings
+from fedsilo.shared.data import DataError, table_schema, split_columns
+from fedsilo.shared.flower_cli import FlowerError, stop_tree
+
+from . import coordinator as coord
+from .report import print_run_report
+from .summary import SUMMARY_FILE
+
+app = typer.Typer(help="The enterprise coordinator: TLS, registered departments, training runs.", no_args_is_help=True)
+console = Console(soft_wrap=True)
+err_console = Console(stderr=True, soft_wrap=True)
+_PROGRESS = re.compile(r"fedsilo: (.*)$")
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _fail(err: object, code: int = 2) -> None:
+    err_console.print(f"[red]error:[/red] {err}")
+    raise typer.Exit(code)
+
+
+@app.command("start")
+def start(
+    certs: Annotated[Path, typer.Option(help="Certificate folder from `fedsilo certs init`.")],
+    address: Annotated[str, typer.Option(help="HOST:PORT to listen on (the one port departments reach).")] = "0.0.0.0:9443",
+    state: Annotated[Path, typer.Option(help="Folder for the coordinator's database and log (keeps registrations).")] = Path("state"),
+) -> None:
+    """Run the coordinator (a TLS SuperLink requiring registered department identities)."""
+    node = coord.Coordinator(certs, address, state)
+    try:
+        coord.split_address(address)
+        proc = node.launch()
+    except (CertError, ValueError) as err:
+        _fail(err)
+    console.print(
+        f"coordinator on https://{address} — TLS with {CertPaths(certs).coordinator_cert}, "
+        f"only registered departments admitted; state in {state}"
+    )
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        proc.wait()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        stop_tree(proc)
+    if proc.returncode not in (0, -signal.SIGTERM, None):
+        _fail(f"the SuperLink stopped with exit code {proc.returncode}", 1)
+
+
+@app.command("register")
+def register(
+    names: Annotated[Optional[list[str]], typer.Argument(help="Departments to admit (default with --all: every key in certs/departments).")] = None,
+    certs: Annotated[Path, typer.Option(help="Certificate folder (ca.crt, departments/NAME.pub).")] = Path("certs/out"),
+    address: Annotated[str, typer.Option(help="The coordinator's HOST:PORT.")] = "127.0.0.1:9443",
+    all_: Annotated[bool, typer.Option("--all", help="Register every department key in the folder.")] = False,
+) -> None:
+    """Admit departments by registering their public keys under their names."""
+    paths = CertPaths(certs)
+    chosen = list(names or [])
+    if all_:
+        chosen += [p.name[: -len(".pub")] for p in sorted(paths.departments.glob("*.pub"))]
+    if not chosen:
+        _fail("name at least one department, or pass --all")
+    try:
+        connection = coord.connect(certs, address)
+        for name in dict.fromkeys(chosen):
+            console.print(f"{name}: {coord.register(connection, name, paths.department_public(name))}")
+    except (FileNotFoundError, FlowerError, ValueError) as err:
+        _fail(err, 1)
+
+
+@app.command("departments")
+def departments(
+    certs: Annotated[Path, typer.Option(help="Certificate folder (for ca.crt).")] = Path("certs/out"),
+    address: Annotated[str, typer.Option(help="The coordinator's HOST:PORT.")] = "127.0.0.1:9443",
+) -> None:
+    """List registered departments and whether they are online."""
+    try:
+        nodes = coord.registered(coord.connect(certs, address))
+    except (FileNotFoundError, FlowerError, ValueError) as err:
+        _fail(err, 1)
+    table = Table(title=f"departments registered at {address}")
+    for column in ("node id", "status", "online since"):
+        table.add_column(column)
+    for node in nodes:
+        table.add_row(str(node["node_id"]), node["status"], str(node["online_at"] or "-"))
+    console.print(table)
+
+
+@app.command("run")
+def run(
+    test_data: Annotated[Path, typer.Option(help="The coordinator's own held-out table: evaluation and the data schema.")],
+    certs: Annotated[Path, typer.Option(help="Certificate folder (for ca.crt).")] = Path("certs/out"),
+    address: Annotated[str, typer.Option(help="The coordinator's HOST:PORT.")] = "127.0.0.1:9443",
+    rounds: Annotated[int, typer.Option(min=1)] = 20,
+    min_departments: Annotated[int, typer.Option(min=1, help="Stop if fewer departments are connected.")] = 2,
+    label_column: Annotated[str, typer.Option(help="Label column of --test-data.")] = "label",
+    feature_columns: Annotated[str, typer.Option(help="Comma-separated features (default: all but the label).")] = "",
+    dp: Annotated[bool, typer.Option("--dp/--no-dp")] = True,
+    noise_multiplier: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    target_epsilon: Annotated[Optional[float], typer.Option(help="Each department derives σ to spend this over the rounds.")] = None,
+    max_grad_norm: Annotated[float, typer.Option()] = 1.0,
+    delta: Annotated[float, typer.Option()] = 1e-5,
+    max_epsilon: Annotated[float, typer.Option(help="Budget for departments that set none themselves.")] = 10.0,
+    local_epochs: Annotated[int, typer.Option(min=1)] = 1,
+    batch_size: Annotated[int, typer.Option(min=1)] = 64,
+    learning_rate: Annotated[float, typer.Option()] = 0.5,
+    momentum: Annotated[float, typer.Option()] = 0.5,
+    round_timeout: Annotated[float, typer.Option(help="Seconds a round waits for replies; late departments are left out.")] = 300.0,
+    connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for --min-departments to be connected.")] = 120.0,
+    seed: Annotated[int, typer.Option()] = 42,
+    out: Annotated[Path, typer.Option(help="Run directory for summary.json and model.pt.")] = Path("runs/latest"),
+    verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's full log.")] = False,
+) -> None:
+    """Train across the connected departments; write RUN_DIR/summary.json."""
+    out = out.expanduser().resolve()
+    try:
+        schema = table_schema(test_data, label_column, split_columns(feature_columns))
+        settings = RunSettings.from_run_config(
+            {
+                "num-server-rounds": rounds, "dataset": str(test_data.resolve()), "label-column": label_column,
+                "feature-columns": ",".join(schema.features), "seed": seed, "dp": dp,
+                "noise-multiplier": noise_multiplier, "target-epsilon": target_epsilon or 0.0,
+                "max-grad-norm": max_grad_norm, "delta": delta, "max-epsilon": max_epsilon,
+                "local-epochs": local_epochs, "batch-size": batch_size, "learning-rate": learning_rate,
+                "momentum": momentum, "min-departments": min_departments, "round-timeout": round_timeout,
+                "connect-timeout": connect_timeout, "out": str(out), "test-data": str(test_data.resolve()),
+                "data-schema": schema.to_json(), "model": "mlp",
+            }
+        )
+        connection = coord.connect(certs, address)
+    except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
+        _fail(err)
+    out.mkdir(parents=True, exist_ok=True)
+    console.print(
+        f"[bold]fedsilo[/bold]: {rounds} rounds at {address}, at least {min_departments} departments, "
+        f"{len(schema.features)} features, {len(schema.classes)} classes, evaluated on {test_data}"
+    )
+    last = [""]
+
+    def show(line: str) -> None:
+        if verbose:
+            console.print(line, markup=False, highlight=False)
+            return
+        match = _PROGRESS.search(_ANSI.sub("", line))
+        if match and match.group(1) != last[0]:
+            last[0] = match.group(1)
+            console.print(f"  {match.group(1)}", markup=False, highlight=False)
+
+    try:
+        outcome = coord.submit(connection, settings.to_run_config(), out / "flower.log", show)
+    except FlowerError as err:
+        _fail(err, 1)
+    summary_path = out / SUMMARY_FILE
+    if summary_path.exists():
+        summary = print_run_report(out, console)
+    else:
+        summary = {"status": "failed"}
+    if not outcome.ok or summary["status"] == "failed":
+        _fail(f"run {outcome.run_id} ended as '{outcome.status}'; full log: {outcome.log_path}", 1)
