@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -11,7 +12,7 @@ import typer
 from rich.console import Console
 
 from fedsilo.shared.data import DataError, split_columns
-from fedsilo.shared.flower_cli import stop_tree
+from fedsilo.shared.flower_cli import stop_group, stop_tree
 from fedsilo.shared.ledger import LedgerError
 
 from .supernode import DepartmentNode, DepartmentStartError, explain_exit
@@ -62,14 +63,24 @@ def start(
     proc = node.launch()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tail: list[str] = []
-    try:
+
+    def relay() -> None:
         assert proc.stdout is not None
         for line in proc.stdout:
-            tail = (tail + [line.rstrip()])[-40:]
+            tail.append(line.rstrip())
+            del tail[:-40]
             console.print(line.rstrip(), markup=False, highlight=False)
+
+    # Read in a thread and wait on the SuperNode itself: its helper processes
+    # inherit the pipe, so end-of-output may never come while they live.
+    reader = threading.Thread(target=relay, daemon=True)
+    reader.start()
+    try:
         proc.wait()
     finally:
         stop_tree(proc)
+        stop_group(proc.pid)
+        reader.join(timeout=5)
     if proc.returncode not in (0, None):
         err_console.print(f"[red]error:[/red] {explain_exit(chr(10).join(tail), node.name)}")
         raise typer.Exit(1)

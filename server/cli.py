@@ -15,7 +15,7 @@ from rich.table import Table
 from fedsilo.certs.authority import CertError, CertPaths
 from fedsilo.shared.config import ConfigError, RunSettings
 from fedsilo.shared.data import DataError, table_schema, split_columns
-from fedsilo.shared.flower_cli import FlowerError, stop_tree
+from fedsilo.shared.flower_cli import FlowerError, stop_group, stop_tree
 
 from . import coordinator as coord
 from .report import print_run_report
@@ -57,6 +57,7 @@ def start(
         pass
     finally:
         stop_tree(proc)
+        stop_group(proc.pid)
     if proc.returncode not in (0, -signal.SIGTERM, None):
         _fail(f"the SuperLink stopped with exit code {proc.returncode}", 1)
 

@@ -142,6 +142,22 @@ def stop_tree(proc: subprocess.Popen | None, grace: float = 10.0) -> None:
         pass
 
 
+def stop_group(pgid: int, grace: float = 10.0) -> None:
+    """End what is left of a process group whose leader may already be gone."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            if int(fields[2]) == pgid:
+                members.append(int(entry.name))
+    members += [child for pid in members for child in descendants(pid)]
+    if members:
+        terminate(sorted(set(members)), grace)
+
+
 def wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout: float, log: Path) -> None:
     """Wait until ``proc`` accepts TCP connections on ``host:port``."""
     deadline = time.monotonic() + timeout
