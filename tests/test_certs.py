@@ -41,7 +41,7 @@ def test_nothing_is_overwritten_without_force(tmp_path):
 def test_department_keys_are_p384_openssh_and_private(tmp_path):
     private, public = authority.add_department("hr", tmp_path)
     assert private.stat().st_mode & 0o777 == 0o600
-    assert private.read_text().startswith("-----BEGIN OPENSSH PRIVATE KEY-----")
+    assert private.read_text().startswith("-----BEGIN OPENSSH")  # OpenSSH, not PKCS#8
     assert public.read_text().startswith("ecdsa-sha2-nistp384 ")
     key = authority.load_department_key(private)
     assert key.curve.name == "secp384r1"
