@@ -7,7 +7,10 @@ Each subcommand lives with the side it belongs to — ``simulate`` in
 
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
+from typing import Annotated, Optional
 
 import typer
 
@@ -32,6 +35,29 @@ app.command("simulate")(simulate)
 app.add_typer(certs_app, name="certs")
 app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(department_app, name="department")
+
+
+@app.command("audit")
+def audit(
+    path: Annotated[Path, typer.Argument(help="A run directory, a ledger directory, or one .jsonl ledger.")],
+    json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
+    keys: Annotated[Optional[Path], typer.Option(help="Folder of department public keys NAME.pub (default: beside the ledgers).")] = None,
+) -> None:
+    """Verify ledgers (chain, signatures, coordinator record) and re-derive every ε; exit 1 on any failure."""
+    from fedsilo.server.report import print_audit
+    from fedsilo.shared.audit import audit_path
+
+    try:
+        result = audit_path(path, keys)
+    except FileNotFoundError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    if json_out:
+        typer.echo(json.dumps(result.to_json(), indent=2))
+    else:
+        print_audit(result)
+    if not result.ok:
+        raise typer.Exit(1)
 
 
 @app.callback()

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import datetime as dt
 import ipaddress
-import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from fedsilo.shared.signing import generate_identity, write_file
 
 DEFAULT_DAYS = 365
 ALWAYS_SANS = ("127.0.0.1", "localhost")  # the SuperLink connects to itself
@@ -72,14 +73,9 @@ class CertPaths:
 
 def _write(path: Path, data: bytes, *, private: bool, force: bool) -> None:
     """Create ``path``; private files get 0600 from the moment they exist."""
-    path.parent.mkdir(parents=True, exist_ok=True)
     if path.exists() and not force:
         raise CertError(f"'{path}' already exists; pass --force to replace it")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_TRUNC
-    fd = os.open(path, flags, 0o600 if private else 0o644)
-    with os.fdopen(fd, "wb") as fh:
-        fh.write(data)
-    os.chmod(path, 0o600 if private else 0o644)
+    write_file(path, data, private)
 
 
 def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -173,15 +169,7 @@ def add_department(name: str, directory: Path | str, force: bool = False) -> tup
     for path in (private, public):
         if path.exists() and not force:
             raise CertError(f"'{path}' already exists; pass --force to replace department '{name}'")
-    key = ec.generate_private_key(ec.SECP384R1())
-    private_bytes = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH, serialization.NoEncryption()
-    )
-    public_bytes = key.public_key().public_bytes(
-        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
-    )
-    _write(private, private_bytes, private=True, force=force)
-    _write(public, public_bytes + f" fedsilo-{name}\n".encode(), private=False, force=force)
+    generate_identity(private, public, f"fedsilo-{name}", force=True)
     return private, public
 
 

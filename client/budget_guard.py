@@ -141,7 +141,7 @@ def privacy_budget_mod(msg: Message, context: Context, call_next: ClientAppCalla
     if not settings.dp:
         return call_next(msg, context)
 
-    ledger = PrivacyLedger(department.ledger_path, department.name)
+    ledger = PrivacyLedger(department.ledger_path, department.name, department.signer)
     mechanism = plan_round(settings, len(department.data))
     guard = BudgetGuard(department.max_epsilon, settings.delta, settings.accountant)
     last = ledger.entries[-1] if ledger.entries else None

@@ -18,6 +18,7 @@ from typing import Any, Mapping
 from fedsilo.shared.config import RunSettings
 from fedsilo.shared.data import Dataset, TableSchema, federation_data, load_table, split_columns
 from fedsilo.shared.ledger import ledger_path
+from fedsilo.shared.signing import Signer, simulated_identity
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,16 @@ class Department:
     data: Dataset
     ledger_path: Path
     max_epsilon: float
+    signing_key: Path  # the key that signs its ledger entries
+
+    @property
+    def signer(self) -> Signer:
+        return _signer(str(self.signing_key))
+
+
+@functools.lru_cache(maxsize=64)
+def _signer(path: str) -> Signer:
+    return Signer.from_file(path)
 
 
 def simulated_department_name(partition_id: int, num_partitions: int) -> str:
@@ -56,11 +67,13 @@ def department_from_context(
     name = simulated_department_name(pid, total)
     ledger_dir = Path(settings.out).expanduser().resolve() / "ledgers"
     max_epsilon = float(node_config.get("max-epsilon", settings.max_epsilon))
-    return Department(name, parts[pid], ledger_path(ledger_dir, name), max_epsilon)
+    if settings.dp:
+        simulated_identity(ledger_dir, name)  # a key of its own, kept beside its ledger
+    return Department(name, parts[pid], ledger_path(ledger_dir, name), max_epsilon, ledger_dir / f"{name}.key")
 
 
 def _deployed_department(node_config: Mapping[str, Any], settings: RunSettings) -> Department:
-    for key in ("department", "ledger-dir"):
+    for key in ("department", "ledger-dir", "identity-key"):
         if key not in node_config:
             raise ValueError(f"node config lacks '{key}'; start departments with `fedsilo department start`")
     if not settings.data_schema:
@@ -74,7 +87,9 @@ def _deployed_department(node_config: Mapping[str, Any], settings: RunSettings) 
     )
     name = str(node_config["department"])
     max_epsilon = float(node_config.get("max-epsilon", settings.max_epsilon))
-    return Department(name, data, ledger_path(Path(str(node_config["ledger-dir"])), name), max_epsilon)
+    ledger = ledger_path(Path(str(node_config["ledger-dir"])), name)
+    # The department signs its ledger with the key that is its identity.
+    return Department(name, data, ledger, max_epsilon, Path(str(node_config["identity-key"])))
 
 
 @functools.lru_cache(maxsize=4)

@@ -18,6 +18,7 @@ from fedsilo.certs.authority import CertError, load_certificate, load_department
 from fedsilo.shared.data import load_table
 from fedsilo.shared.flower_cli import config_arg, flower_executable, free_port, offline_env
 from fedsilo.shared.ledger import PrivacyLedger, ledger_path
+from fedsilo.shared.signing import Signer
 
 
 class DepartmentStartError(RuntimeError):
@@ -51,7 +52,8 @@ class DepartmentNode:
             raise DepartmentStartError(str(err)) from None
         rows = len(load_table(self.data, self.label_column, self.feature_columns))  # DataError names file/column
         self.ledger.mkdir(parents=True, exist_ok=True)
-        PrivacyLedger(ledger_path(self.ledger, self.name), self.name)  # LedgerError if unreadable
+        # LedgerError if unreadable, broken or not signed by this department's key
+        PrivacyLedger(ledger_path(self.ledger, self.name), self.name, Signer.from_file(self.key))
         check_coordinator_certificate(self.coordinator, self.ca, timeout)
         return rows
 
@@ -61,6 +63,7 @@ class DepartmentNode:
             "data-path": str(self.data.resolve()),
             "label-column": self.label_column,
             "ledger-dir": str(self.ledger.resolve()),
+            "identity-key": str(self.key.resolve()),  # signs the ledger entries
         }
         if self.max_epsilon is not None:
             node_config["max-epsilon"] = float(self.max_epsilon)

@@ -72,3 +72,32 @@ def print_run_report(run_dir: Path, console: Console | None = None) -> dict:
         "record-level DP for the examples of that department."
     )
     return summary
+
+
+def print_audit(result, console: Console | None = None) -> None:
+    """The privacy officer's table: one row per department, then every problem."""
+    console = console or Console()
+    table = Table(title="Privacy audit — ε re-derived from the recorded mechanisms")
+    for column in ("department", "rounds", "steps", "σ", "q", "ε recorded", "PRV", "RDP", "PLD", "δ", "budget", "left", "signatures", "verified"):
+        table.add_column(column, justify="left" if column in ("department", "signatures", "verified") else "right")
+
+    def num(value, fmt=".3f"):
+        return "-" if value is None else format(value, fmt)
+
+    for row in result.departments:
+        left = None if row.budget is None else max(row.budget - row.epsilon, 0.0)
+        table.add_row(
+            row.id, str(row.rounds), str(row.steps), num(row.noise_multiplier), num(row.sample_rate, ".4f"),
+            num(row.epsilon), num(row.epsilon_prv), num(row.epsilon_rdp), num(row.epsilon_pld),
+            num(row.delta, "g"), num(row.budget, "g"), num(left),
+            row.signatures, "[green]yes[/green]" if row.verified else "[red]NO[/red]",
+        )
+    console.print(table)
+    for row in result.departments:
+        for problem in row.problems:
+            console.print(f"[red]{row.id}[/red]: {problem}", soft_wrap=True)
+    for problem in result.problems:
+        console.print(f"[red]audit[/red]: {problem}", soft_wrap=True)
+    console.print(
+        "[green]All ledgers verified.[/green]" if result.ok else "[red]Verification FAILED.[/red]",
+    )

@@ -8,23 +8,34 @@ the budget: a department that restarts re-reads it and continues from there.
 Writes are atomic: the new file is written beside the old one, flushed to disk
 and renamed over it, under an exclusive lock, so a crash leaves either the old or
 the new ledger, never a torn line, and two processes cannot interleave appends.
+
+Entries are tamper-evident: each carries the hash of the entry before it
+(``prev_hash``; the first one the department's genesis hash) and an ECDSA
+signature by the department's key over everything else, so an edited, deleted,
+reordered or foreign entry breaks the chain or a signature.  Truncating whole
+entries off the end leaves a valid chain: that is caught by cross-checking the
+coordinator's record (``fedsilo audit``).
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
 import json
 import math
 import os
 import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Iterator
 
-from .accounting import Mechanism
+from cryptography.hazmat.primitives.asymmetric import ec
 
-LEDGER_VERSION = 1
+from .accounting import Mechanism
+from .signing import Signer, fingerprint, verify
+
+LEDGER_VERSION = 2
 
 
 class LedgerError(RuntimeError):
@@ -48,6 +59,9 @@ class LedgerEntry:
     epsilon: float
     num_examples: int
     timestamp: float
+    prev_hash: str = ""
+    signer: str = ""  # fingerprint of the signing key
+    signature: str = ""
     version: int = LEDGER_VERSION
 
     @property
@@ -56,6 +70,15 @@ class LedgerEntry:
 
     def to_json(self) -> str:
         return json.dumps(asdict(self), sort_keys=True, allow_nan=False)
+
+    def payload(self) -> bytes:
+        """What the signature covers: every field but the signature, canonically."""
+        body = {k: v for k, v in asdict(self).items() if k != "signature"}
+        return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+    @property
+    def hash(self) -> str:
+        return hashlib.sha256(self.to_json().encode()).hexdigest()
 
     @classmethod
     def from_dict(cls, raw: dict) -> "LedgerEntry":
@@ -72,6 +95,75 @@ class LedgerEntry:
         return entry
 
 
+def genesis_hash(department: str) -> str:
+    """``prev_hash`` of a department's first entry."""
+    return hashlib.sha256(f"fedsilo-ledger-v{LEDGER_VERSION}:{department}".encode()).hexdigest()
+
+
+@dataclass
+class Verification:
+    """What reading a ledger line by line found: the entries and every problem."""
+
+    entries: list[LedgerEntry] = field(default_factory=list)
+    problems: list[str] = field(default_factory=list)
+    signatures_checked: bool = False
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems
+
+
+def verify_ledger(
+    path: Path | str, department: str, public_key: ec.EllipticCurvePublicKey | None = None
+) -> Verification:
+    """Check a ledger's chain, order and (with ``public_key``) signatures.
+
+    Never raises on bad content: every problem is named with its line and the
+    likely tampering (edited, deleted, reordered, forged).  Entries after the
+    first problem are still read so that all problems are reported.
+    """
+    path = Path(path)
+    result = Verification(signatures_checked=public_key is not None)
+    if not path.exists():
+        return result
+    expected_signer = fingerprint(public_key) if public_key is not None else None
+    prev_hash, expected_seq, prev_eps = genesis_hash(department), 0, None
+    with open(path, encoding="utf-8") as fh:
+        lines = fh.read().split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    elif lines:
+        result.problems.append(f"line {len(lines)}: no final newline (torn write or truncated?)")
+    for lineno, line in enumerate(lines, start=1):
+        where = f"line {lineno}"
+        try:
+            entry = LedgerEntry.from_dict(json.loads(line))
+        except (ValueError, TypeError) as err:
+            result.problems.append(f"{where}: not a valid entry ({err}) (edited or torn?)")
+            continue
+        if entry.department != department:
+            result.problems.append(f"{where}: belongs to department '{entry.department}', not '{department}'")
+        if entry.seq != expected_seq:
+            kind = "missing before it (deleted?)" if entry.seq > expected_seq else "out of order (reordered or duplicated?)"
+            result.problems.append(f"{where}: seq {entry.seq} where {expected_seq} was expected: entries {kind}")
+        if entry.prev_hash != prev_hash:
+            result.problems.append(
+                f"{where}: prev_hash does not match the entry before it (an entry before it was edited, deleted or reordered)"
+            )
+        if expected_signer is not None:
+            if entry.signer != expected_signer:
+                result.problems.append(
+                    f"{where}: signed by key {entry.signer or 'none'}, not the department's {expected_signer} (forged?)"
+                )
+            elif not verify(public_key, entry.payload(), entry.signature):  # type: ignore[arg-type]
+                result.problems.append(f"{where}: signature does not match the content (edited?)")
+        if prev_eps is not None and entry.epsilon < prev_eps - 1e-12 and entry.delta == result.entries[-1].delta:
+            result.problems.append(f"{where}: ε={entry.epsilon:.4f} is lower than the previous {prev_eps:.4f}")
+        result.entries.append(entry)
+        prev_hash, expected_seq, prev_eps = entry.hash, entry.seq + 1, entry.epsilon
+    return result
+
+
 class PrivacyLedger:
     """A department's ledger file.
 
@@ -82,13 +174,17 @@ class PrivacyLedger:
     department : str
         The department this ledger belongs to; a file holding another
         department's entries is refused.
+    signer : Signer, optional
+        The department's key: needed to append, and used to verify every
+        signature when the ledger is read.
     """
 
-    def __init__(self, path: Path | str, department: str) -> None:
+    def __init__(self, path: Path | str, department: str, signer: Signer | None = None) -> None:
         if not department:
             raise ValueError("department must be a non-empty name")
         self.path = Path(path)
         self.department = department
+        self.signer = signer
         self._entries: list[LedgerEntry] = self._read()
 
     # ------------------------------------------------------------------ reading
@@ -113,42 +209,14 @@ class PrivacyLedger:
         self._entries = self._read()
 
     def _read(self) -> list[LedgerEntry]:
-        if not self.path.exists():
-            return []
-        entries: list[LedgerEntry] = []
-        with open(self.path, encoding="utf-8") as fh:
-            for lineno, line in enumerate(fh, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    entry = LedgerEntry.from_dict(json.loads(line))
-                except (ValueError, TypeError) as err:
-                    raise LedgerError(
-                        f"ledger '{self.path}' line {lineno} is not a valid entry ({err}); "
-                        "the budget cannot be known, so nothing will train against it. "
-                        "Restore the ledger from backup or audit it with `fedsilo audit`"
-                    ) from err
-                self._check_next(entry, entries, lineno)
-                entries.append(entry)
-        return entries
-
-    def _check_next(self, entry: LedgerEntry, before: list[LedgerEntry], lineno: int) -> None:
-        where = f"ledger '{self.path}' line {lineno}"
-        if entry.department != self.department:
+        found = verify_ledger(self.path, self.department, self.signer.public_key if self.signer else None)
+        if not found.ok:
             raise LedgerError(
-                f"{where} belongs to department '{entry.department}', not "
-                f"'{self.department}'; point this department at its own ledger"
+                f"ledger '{self.path}' {found.problems[0]}; the budget cannot be known, so "
+                "nothing will train against it. Restore the ledger from backup and audit it "
+                "with `fedsilo audit`"
             )
-        if entry.seq != len(before):
-            raise LedgerError(
-                f"{where} has seq {entry.seq}, expected {len(before)}: entries are "
-                "missing or out of order; audit it with `fedsilo audit`"
-            )
-        if before and entry.epsilon < before[-1].epsilon and entry.delta == before[-1].delta:
-            raise LedgerError(
-                f"{where} records ε={entry.epsilon:.4f}, lower than the previous "
-                f"ε={before[-1].epsilon:.4f}: ε of a growing history cannot shrink"
-            )
+        return found.entries
 
     # ------------------------------------------------------------------ writing
     def append(
@@ -164,13 +232,15 @@ class PrivacyLedger:
         num_examples: int,
         expected_seq: int | None = None,
     ) -> LedgerEntry:
-        """Append one round atomically and return the entry written.
+        """Append one signed round atomically and return the entry written.
 
         ``expected_seq`` is the number of entries the caller's ε was computed
         from.  If the file holds a different number by the time the lock is
         taken — another process appended, or the file was replaced — nothing is
         written: an ε computed from another history would be wrong.
         """
+        if self.signer is None:
+            raise ValueError("appending needs the department's signing key (signer=...)")
         with self._locked():
             current = self._read()
             if expected_seq is not None and len(current) != expected_seq:
@@ -180,8 +250,14 @@ class PrivacyLedger:
                     "and its update must not be released. Is another process using this ledger?"
                 )
             self._entries = current
-            entry = LedgerEntry(
-                seq=len(self._entries),
+            last = current[-1] if current else None
+            if last is not None and epsilon < last.epsilon and delta == last.delta:
+                raise LedgerError(
+                    f"ledger '{self.path}': new ε={epsilon:.4f} is lower than the recorded "
+                    f"ε={last.epsilon:.4f}: ε of a growing history cannot shrink"
+                )
+            unsigned = LedgerEntry(
+                seq=len(current),
                 department=self.department,
                 run_id=str(run_id),
                 round=int(round),
@@ -194,9 +270,11 @@ class PrivacyLedger:
                 epsilon=float(epsilon),
                 num_examples=int(num_examples),
                 timestamp=time.time(),
+                prev_hash=last.hash if last else genesis_hash(self.department),
+                signer=self.signer.fingerprint,
             )
-            self._check_next(entry, self._entries, len(self._entries) + 1)
-            lines = [e.to_json() for e in [*self._entries, entry]]
+            entry = replace(unsigned, signature=self.signer.sign(unsigned.payload()))
+            lines = [e.to_json() for e in [*current, entry]]
             _atomic_write(self.path, "".join(line + "\n" for line in lines))
             self._entries.append(entry)
             return entry

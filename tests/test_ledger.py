@@ -8,8 +8,14 @@ import pytest
 from fedsilo.shared import accounting
 from fedsilo.shared.accounting import Mechanism
 from fedsilo.shared.ledger import LedgerError, PrivacyLedger, ledger_path, read_ledgers
+from fedsilo.shared.signing import simulated_identity
 
 M = Mechanism(1.0, 0.1, 10)
+
+
+def _ledger(folder, name):
+    """A department's ledger with its signing key beside it."""
+    return PrivacyLedger(ledger_path(folder, name), name, simulated_identity(folder, name))
 
 
 def _append(ledger: PrivacyLedger, rnd: int, run_id: str = "r1") -> None:
@@ -28,12 +34,12 @@ def _append(ledger: PrivacyLedger, rnd: int, run_id: str = "r1") -> None:
 
 def test_restart_resumes_the_ledger_and_never_resets_epsilon(tmp_path):
     path = ledger_path(tmp_path, "finance")
-    first = PrivacyLedger(path, "finance")
+    first = _ledger(tmp_path, "finance")
     _append(first, 1)
     _append(first, 2)
     eps_before_restart = first.epsilon
 
-    restarted = PrivacyLedger(path, "finance")  # a new process, same file
+    restarted = _ledger(tmp_path, "finance")  # a new process, same file
     assert restarted.epsilon == eps_before_restart
     assert len(restarted.history) == 2
     _append(restarted, 1, run_id="r2")  # a new run starts at round 1 again
@@ -44,7 +50,7 @@ def test_restart_resumes_the_ledger_and_never_resets_epsilon(tmp_path):
 
 
 def test_entries_hold_the_whole_mechanism(tmp_path):
-    ledger = PrivacyLedger(tmp_path / "a.jsonl", "a")
+    ledger = _ledger(tmp_path, "a")
     _append(ledger, 1)
     entry = json.loads((tmp_path / "a.jsonl").read_text())
     for key in ("round", "noise_multiplier", "sample_rate", "steps", "max_grad_norm", "delta", "accountant", "epsilon"):
@@ -53,7 +59,7 @@ def test_entries_hold_the_whole_mechanism(tmp_path):
 
 def test_torn_or_edited_ledger_is_refused_with_a_clear_error(tmp_path):
     path = tmp_path / "a.jsonl"
-    ledger = PrivacyLedger(path, "a")
+    ledger = _ledger(tmp_path, "a")
     _append(ledger, 1)
     _append(ledger, 2)
     original = path.read_text()
@@ -64,7 +70,7 @@ def test_torn_or_edited_ledger_is_refused_with_a_clear_error(tmp_path):
 
     lines = original.splitlines()
     path.write_text(lines[1] + "\n")  # first entry deleted
-    with pytest.raises(LedgerError, match="seq"):
+    with pytest.raises(LedgerError, match="seq 1 where 0"):
         PrivacyLedger(path, "a")
 
     path.write_text(original)
@@ -74,7 +80,7 @@ def test_torn_or_edited_ledger_is_refused_with_a_clear_error(tmp_path):
 
 def test_a_failed_write_leaves_the_previous_ledger_intact(tmp_path, monkeypatch):
     path = tmp_path / "a.jsonl"
-    ledger = PrivacyLedger(path, "a")
+    ledger = _ledger(tmp_path, "a")
     _append(ledger, 1)
     before = path.read_bytes()
 
@@ -94,10 +100,10 @@ def test_append_refuses_when_the_ledger_changed_underneath(tmp_path):
     """ε is computed from the history read before training; if the file changed
     meanwhile (another writer, a restore), recording that ε would be wrong."""
     path = tmp_path / "a.jsonl"
-    mine = PrivacyLedger(path, "a")
+    mine = _ledger(tmp_path, "a")
     _append(mine, 1)
     seen = len(mine.entries)
-    _append(PrivacyLedger(path, "a"), 2)  # someone else appends meanwhile
+    _append(_ledger(tmp_path, "a"), 2)  # someone else appends meanwhile
     with pytest.raises(LedgerError, match="changed while this round ran"):
         mine.append(
             run_id="r", round=2, mechanism=M, max_grad_norm=1.0, delta=1e-5,
@@ -114,7 +120,7 @@ def test_append_refuses_when_the_ledger_changed_underneath(tmp_path):
 
 def _worker(path, n):
     """A careful writer: compute ε from what it read, append only if nothing changed."""
-    ledger = PrivacyLedger(path, "shared")
+    ledger = _ledger(path.parent, "shared")
     written = 0
     while written < n:
         ledger.reload()
@@ -132,6 +138,7 @@ def _worker(path, n):
 
 def test_concurrent_appends_do_not_lose_entries(tmp_path):
     path = tmp_path / "shared.jsonl"
+    simulated_identity(tmp_path, "shared")
     ctx = multiprocessing.get_context("fork")
     procs = [ctx.Process(target=_worker, args=(path, 3)) for _ in range(2)]
     for p in procs:
@@ -146,5 +153,5 @@ def test_concurrent_appends_do_not_lose_entries(tmp_path):
 
 def test_read_ledgers_finds_every_department(tmp_path):
     for name in ("hr", "sales"):
-        _append(PrivacyLedger(ledger_path(tmp_path, name), name), 1)
+        _append(_ledger(tmp_path, name), 1)
     assert sorted(read_ledgers(tmp_path)) == ["hr", "sales"]

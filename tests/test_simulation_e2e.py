@@ -79,6 +79,18 @@ def test_recorded_epsilon_matches_independent_recomputation(demo_run):
         assert summary["rounds"][-1]["epsilon"][name] == pytest.approx(entries[-1]["epsilon"])
 
 
+def test_audit_verifies_a_real_run(demo_run):
+    out, _ = demo_run
+    result = subprocess.run([*FEDSILO, "audit", str(out), "--json"], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    payload = json.loads(result.stdout)
+    assert payload["ok"] and len(payload["departments"]) == 4
+    for row in payload["departments"]:
+        assert row["verified"] and row["signatures"] == "valid" and row["rounds"] == 3
+        assert row["epsilon"] == pytest.approx(row["epsilon_prv"], rel=1e-9)
+        assert oct((out / "ledgers" / f"{row['id']}.key").stat().st_mode & 0o777) == "0o600"
+
+
 def test_rerun_in_same_directory_resumes_ledgers(demo_run):
     out, _ = demo_run
     before = {k: v[-1]["epsilon"] for k, v in _ledgers(out).items()}

@@ -1,0 +1,205 @@
+"""The privacy audit: verify ledgers and re-derive every ε independently.
+
+For each department ledger the audit
+
+1. verifies the hash chain, the order and every signature (public key given
+   with ``--keys``, or the ``NAME.pub`` kept beside a simulated ledger);
+2. re-derives ε after every entry from the recorded mechanisms with accountants
+   independent of the one that wrote it — Opacus' PRV and RDP, and Google's
+   dp-accounting PLD — and flags any recorded ε below the re-derived PLD or PRV
+   value (a budget under-reported);
+3. cross-checks the coordinator's record (``summary.json``): every round in
+   which the coordinator saw a department train must be in its ledger with the
+   same ε — this is what catches entries truncated off the end.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from opacus.accountants import PRVAccountant, RDPAccountant
+
+from .ledger import LedgerEntry, verify_ledger
+from .signing import SigningKeyError, load_public_key
+
+# PLD discretization (dp-accounting's pessimistic estimate, an upper bound).
+PLD_INTERVAL = 1e-3
+# Relative slack when comparing a recorded ε with a re-derived one.
+TOLERANCE = 1e-6
+
+
+@dataclass
+class DepartmentAudit:
+    id: str
+    path: str
+    epsilon: float = 0.0
+    delta: float | None = None
+    rounds: int = 0
+    steps: int = 0
+    verified: bool = False
+    signatures: str = "not checked"  # "valid" | "not checked" | "INVALID"
+    epsilon_prv: float | None = None
+    epsilon_rdp: float | None = None
+    epsilon_pld: float | None = None
+    noise_multiplier: float | None = None
+    sample_rate: float | None = None
+    budget: float | None = None
+    problems: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict:
+        return {
+            "id": self.id, "epsilon": self.epsilon, "delta": self.delta, "rounds": self.rounds,
+            "steps": self.steps, "verified": self.verified, "signatures": self.signatures,
+            "epsilon_prv": self.epsilon_prv, "epsilon_rdp": self.epsilon_rdp, "epsilon_pld": self.epsilon_pld,
+            "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
+            "budget": self.budget, "left": None if self.budget is None else max(self.budget - self.epsilon, 0.0),
+            "ledger": self.path, "problems": self.problems,
+        }
+
+
+@dataclass
+class AuditResult:
+    departments: list[DepartmentAudit]
+    problems: list[str] = field(default_factory=list)  # not tied to one ledger
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems and all(d.verified for d in self.departments)
+
+    def to_json(self) -> dict:
+        return {"ok": self.ok, "departments": [d.to_json() for d in self.departments], "problems": self.problems}
+
+
+# ----------------------------------------------------------------------------- ε
+
+
+def _opacus_epsilon(entries: list[LedgerEntry], accountant_cls, delta: float) -> float:
+    acc = accountant_cls()
+    acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.steps]
+    return float(acc.get_epsilon(delta=delta)) if acc.history else 0.0
+
+
+def pld_epsilon(entries: list[LedgerEntry], delta: float) -> float:
+    """ε of the history with dp-accounting's PLD accountant (independent of Opacus)."""
+    import dp_accounting
+    from dp_accounting.pld import pld_privacy_accountant
+
+    acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=PLD_INTERVAL)
+    for e in entries:
+        if e.steps:
+            event = dp_accounting.PoissonSampledDpEvent(e.sample_rate, dp_accounting.GaussianDpEvent(e.noise_multiplier))
+            acc.compose(event, e.steps)
+    return float(acc.get_epsilon(delta))
+
+
+# ----------------------------------------------------------------------------- ledgers
+
+
+def audit_ledger(path: Path, keys: Path | None = None, rederive_every_entry: bool = True) -> DepartmentAudit:
+    """Verify one ledger file and re-derive its ε."""
+    department = _department_of(path)
+    row = DepartmentAudit(id=department, path=str(path))
+    public_key = None
+    for candidate in ([keys / f"{department}.pub"] if keys else []) + [path.with_name(f"{department}.pub")]:
+        if candidate.exists():
+            try:
+                public_key = load_public_key(candidate)
+            except SigningKeyError as err:
+                row.problems.append(str(err))
+            break
+    found = verify_ledger(path, department, public_key)
+    row.problems += found.problems
+    if public_key is None:
+        row.problems.append(
+            f"no public key for '{department}' (looked in {keys or path.parent}): signatures cannot be verified"
+        )
+    row.signatures = "not checked" if public_key is None else ("INVALID" if any("sign" in p for p in found.problems) else "valid")
+    entries = found.entries
+    if entries:
+        last = entries[-1]
+        row.epsilon, row.delta = last.epsilon, last.delta
+        row.rounds, row.steps = len(entries), sum(e.steps for e in entries)
+        row.noise_multiplier, row.sample_rate = last.noise_multiplier, last.sample_rate
+        checkpoints = range(1, len(entries) + 1) if rederive_every_entry else [len(entries)]
+        for i in checkpoints:
+            prefix, recorded = entries[:i], entries[i - 1]
+            prv = _opacus_epsilon(prefix, PRVAccountant, recorded.delta)
+            pld = pld_epsilon(prefix, recorded.delta)
+            floor = min(prv, pld) if recorded.accountant == "prv" else prv
+            if recorded.epsilon < floor * (1 - TOLERANCE) - 1e-9:
+                row.problems.append(
+                    f"entry seq {recorded.seq}: recorded ε={recorded.epsilon:.4f} is below the re-derived "
+                    f"ε (PRV {prv:.4f}, PLD {pld:.4f}) at δ={recorded.delta:g}: budget under-reported"
+                )
+        row.epsilon_prv = _opacus_epsilon(entries, PRVAccountant, last.delta)
+        row.epsilon_rdp = _opacus_epsilon(entries, RDPAccountant, last.delta)
+        row.epsilon_pld = pld_epsilon(entries, last.delta)
+    row.verified = not row.problems
+    return row
+
+
+def _department_of(path: Path) -> str:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            first = fh.readline()
+        return str(json.loads(first)["department"]) if first.strip() else path.stem
+    except (ValueError, KeyError, TypeError, OSError):
+        return path.stem
+
+
+# ----------------------------------------------------------------------------- runs
+
+
+def cross_check(summary: dict, rows: dict[str, DepartmentAudit], ledgers: dict[str, list[LedgerEntry]]) -> None:
+    """Compare the coordinator's record of a run with the department ledgers."""
+    run_id = str(summary.get("run_id", ""))
+    for rnd in summary.get("rounds", []):
+        for name in rnd.get("trained", []):
+            if name not in rows:
+                continue
+            entry = next((e for e in ledgers.get(name, []) if e.run_id == run_id and e.round == rnd["round"]), None)
+            if entry is None:
+                rows[name].problems.append(
+                    f"the coordinator saw '{name}' train round {rnd['round']} of run {run_id}, "
+                    "but its ledger has no entry for it (truncated or deleted?)"
+                )
+                continue
+            reported = rnd.get("epsilon", {}).get(name)
+            if reported is not None and abs(reported - entry.epsilon) > 1e-9 * max(1.0, abs(reported)):
+                rows[name].problems.append(
+                    f"round {rnd['round']}: the coordinator recorded ε={reported:.4f}, the ledger "
+                    f"says ε={entry.epsilon:.4f} (edited?)"
+                )
+    for name, row in rows.items():
+        budget = summary.get("departments", {}).get(name, {}).get("max_epsilon") or summary.get("max_epsilon")
+        row.budget = float(budget) if budget is not None else None
+        row.verified = not row.problems
+
+
+def audit_path(path: Path | str, keys: Path | str | None = None) -> AuditResult:
+    """Audit a run directory, a ledger directory, or one ledger file."""
+    path = Path(path)
+    keys = Path(keys) if keys else None
+    if not path.exists():
+        raise FileNotFoundError(f"'{path}' does not exist; give a run directory, a ledger directory or a .jsonl ledger")
+    summary = None
+    if path.is_file():
+        files = [path]
+    else:
+        folder = path / "ledgers" if (path / "ledgers").is_dir() else path
+        files = sorted(folder.glob("*.jsonl"))
+        if (path / "summary.json").exists():
+            summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
+    result = AuditResult([audit_ledger(f, keys) for f in files])
+    if not files:
+        result.problems.append(f"no ledgers (*.jsonl) found in '{path}'")
+    if summary is not None:
+        rows = {row.id: row for row in result.departments}
+        entries = {row.id: verify_ledger(Path(row.path), row.id).entries for row in result.departments}
+        cross_check(summary, rows, entries)
+        missing = {n for r in summary.get("rounds", []) for n in r.get("trained", [])} - set(rows)
+        for name in sorted(missing):
+            result.problems.append(f"the coordinator saw '{name}' train, but there is no ledger for it here")
+    return result
