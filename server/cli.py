@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import signal
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ from rich.table import Table
 from fedsilo.certs.authority import CertError, CertPaths
 from fedsilo.shared.config import ConfigError, RunSettings
 from fedsilo.shared.data import DataError, table_schema, split_columns
-from fedsilo.shared.flower_cli import FlowerError, stop_group, stop_tree
+from fedsilo.shared.flower_cli import FlowerError, progress_filter, stop_group, stop_tree
 
 from . import coordinator as coord
 from .report import print_run_report
@@ -24,8 +23,6 @@ from .summary import SUMMARY_FILE
 app = typer.Typer(help="The enterprise coordinator: TLS, registered departments, training runs.", no_args_is_help=True)
 console = Console(soft_wrap=True)
 err_console = Console(stderr=True, soft_wrap=True)
-_PROGRESS = re.compile(r"fedsilo: (.*)$")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _fail(err: object, code: int = 2) -> None:
@@ -151,16 +148,7 @@ def run(
         f"[bold]fedsilo[/bold]: {rounds} rounds at {address}, at least {min_departments} departments, "
         f"{len(schema.features)} features, {len(schema.classes)} classes, evaluated on {test_data}"
     )
-    last = [""]
-
-    def show(line: str) -> None:
-        if verbose:
-            console.print(line, markup=False, highlight=False)
-            return
-        match = _PROGRESS.search(_ANSI.sub("", line))
-        if match and match.group(1) != last[0]:
-            last[0] = match.group(1)
-            console.print(f"  {match.group(1)}", markup=False, highlight=False)
+    show = progress_filter(lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True), verbose)
 
     try:
         outcome = coord.submit(connection, settings.to_run_config(), out / "flower.log", show)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -213,6 +214,28 @@ def toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     return json.dumps(str(value))  # a TOML basic string
+
+
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_PROGRESS = re.compile(r"fedsilo: (.*)$")  # the ServerApp's progress lines (server/app.py)
+
+
+def progress_filter(emit: Callable[[str], None], verbose: bool = False) -> Callable[[str], None]:
+    """A line handler for a streamed Flower log: every line when ``verbose``, else
+    only the ServerApp's ``fedsilo:`` progress lines, once each (Flower prints
+    every log record twice: to the console and in its own format)."""
+    last = [""]
+
+    def handle(line: str) -> None:
+        if verbose:
+            emit(line)
+            return
+        match = _PROGRESS.search(ANSI.sub("", line))
+        if match and match.group(1) != last[0]:
+            last[0] = match.group(1)
+            emit(f"  {match.group(1)}")
+
+    return handle
 
 
 def config_arg(values: dict[str, Any]) -> str:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import signal
 import sys
@@ -20,15 +19,13 @@ from fedsilo.shared.config import ACCOUNTANTS, DEVICES, GRAD_SAMPLE_MODES, MODEL
 from fedsilo.shared.data import DataError, federation_data, split_columns
 from fedsilo.shared.models import build_model
 
-from fedsilo.shared.flower_cli import FlowerError
+from fedsilo.shared.flower_cli import ANSI, FlowerError, progress_filter
 
 from .local_federation import LocalFederation
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
 
-_PROGRESS = re.compile(r"fedsilo: (.*)$")
-_ANSI = re.compile(r"\x1b\[[0-9;]*m")
 
 
 def _choice(value: str, allowed: tuple[str, ...], option: str) -> str:
@@ -133,16 +130,7 @@ def simulate(
     # On SIGTERM unwind normally, so the SuperLink and its children are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = Path(tempfile.mkdtemp(prefix=".flower-", dir=out))
-    last = [""]
-
-    def show(line: str) -> None:
-        if verbose:
-            console.print(line, markup=False, highlight=False, soft_wrap=True)
-            return
-        match = _PROGRESS.search(_ANSI.sub("", line))
-        if match and match.group(1) != last[0]:  # Flower prints each record twice
-            last[0] = match.group(1)
-            console.print(f"  {match.group(1)}", markup=False, highlight=False, soft_wrap=True)
+    show = progress_filter(lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True), verbose)
 
     try:
         with LocalFederation(workdir) as federation:
@@ -194,4 +182,4 @@ def _print_tail(log_path: Path, lines: int = 25) -> None:
     except OSError:
         return
     for line in tail:
-        err_console.print(_ANSI.sub("", line), markup=False, highlight=False)
+        err_console.print(ANSI.sub("", line), markup=False, highlight=False)
