@@ -47,6 +47,7 @@ class DepartmentAudit:
     sample_rate: float | None = None
     budget: float | None = None
     problems: list[str] = field(default_factory=list)
+    entries: list[LedgerEntry] = field(default_factory=list, repr=False)  # as verified
 
     def to_json(self) -> dict:
         return {
@@ -115,6 +116,7 @@ def audit_ledger(path: Path, keys: Path | None = None, rederive_every_entry: boo
         row.problems.append(
             f"no public key for '{department}' (looked in {keys or path.parent}): signatures cannot be verified"
         )
+    row.entries = found.entries
     row.signatures = "not checked" if public_key is None else ("INVALID" if any("sign" in p for p in found.problems) else "valid")
     entries = found.entries
     if entries:
@@ -152,14 +154,14 @@ def _department_of(path: Path) -> str:
 # ----------------------------------------------------------------------------- runs
 
 
-def cross_check(summary: dict, rows: dict[str, DepartmentAudit], ledgers: dict[str, list[LedgerEntry]]) -> None:
+def cross_check(summary: dict, rows: dict[str, DepartmentAudit]) -> None:
     """Compare the coordinator's record of a run with the department ledgers."""
     run_id = str(summary.get("run_id", ""))
     for rnd in summary.get("rounds", []):
         for name in rnd.get("trained", []):
             if name not in rows:
                 continue
-            entry = next((e for e in ledgers.get(name, []) if e.run_id == run_id and e.round == rnd["round"]), None)
+            entry = next((e for e in rows[name].entries if e.run_id == run_id and e.round == rnd["round"]), None)
             if entry is None:
                 rows[name].problems.append(
                     f"the coordinator saw '{name}' train round {rnd['round']} of run {run_id}, "
@@ -197,8 +199,7 @@ def audit_path(path: Path | str, keys: Path | str | None = None) -> AuditResult:
         result.problems.append(f"no ledgers (*.jsonl) found in '{path}'")
     if summary is not None:
         rows = {row.id: row for row in result.departments}
-        entries = {row.id: verify_ledger(Path(row.path), row.id).entries for row in result.departments}
-        cross_check(summary, rows, entries)
+        cross_check(summary, rows)
         missing = {n for r in summary.get("rounds", []) for n in r.get("trained", [])} - set(rows)
         for name in sorted(missing):
             result.problems.append(f"the coordinator saw '{name}' train, but there is no ledger for it here")
