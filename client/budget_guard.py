@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import math
-from dataclasses import dataclass
 from logging import INFO, WARNING
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -26,6 +25,7 @@ from flwr.common import log
 
 from fedsilo.shared import accounting
 from fedsilo.shared.accounting import Mechanism
+from fedsilo.shared.budget import BudgetDecision, BudgetExhaustedError, BudgetGuard  # noqa: F401 (re-exported)
 from fedsilo.shared.config import RunSettings
 from fedsilo.shared.ledger import PrivacyLedger
 from fedsilo.shared.protocol import CONFIG_KEY, METRICS_KEY, STATUS_KEY, STATUS_REFUSED
@@ -34,77 +34,6 @@ from .department import department_from_context
 from .trainer import plan_mechanism
 
 PLAN_KEY = "dp-plan"
-
-
-class BudgetExhaustedError(RuntimeError):
-    """Raised by :meth:`BudgetGuard.spend` when a mechanism would pass the budget."""
-
-
-@dataclass(frozen=True)
-class BudgetDecision:
-    allowed: bool
-    epsilon_before: float
-    epsilon_after: float
-    max_epsilon: float
-    delta: float
-
-    @property
-    def reason(self) -> str:
-        if self.allowed:
-            return ""
-        return (
-            f"budget: this round would take ε from {self.epsilon_before:.3f} to "
-            f"{self.epsilon_after:.3f} at δ={self.delta:g}, past max-epsilon "
-            f"{self.max_epsilon:g}; the department sits out"
-        )
-
-
-class BudgetGuard:
-    """Decides whether one more mechanism fits in a department's (ε, δ) budget.
-
-    Parameters
-    ----------
-    max_epsilon : float
-        The department's budget for its whole history.
-    delta : float
-        δ at which ε is measured.
-    accountant : str
-        ``prv`` (default, tightest) or ``rdp``.
-    """
-
-    def __init__(self, max_epsilon: float, delta: float, accountant: str = "prv") -> None:
-        if not (max_epsilon > 0 and math.isfinite(max_epsilon)):
-            raise ValueError(f"max_epsilon must be a positive finite number, got {max_epsilon}")
-        if not 0 < delta < 1:
-            raise ValueError(f"delta must be in (0, 1), got {delta}")
-        if accountant not in accounting.ACCOUNTANTS:
-            raise ValueError(f"accountant must be one of {accounting.ACCOUNTANTS}, got {accountant!r}")
-        self.max_epsilon = max_epsilon
-        self.delta = delta
-        self.accountant = accountant
-
-    def would_exceed(
-        self, history: list[Mechanism], mechanism: Mechanism, epsilon_before: float | None = None
-    ) -> BudgetDecision:
-        """Dry run: ε before and after adding ``mechanism``; nothing is recorded.
-
-        ``epsilon_before`` may pass the history's known ε (same δ and accountant)
-        to save one accountant call.
-        """
-        before = (
-            accounting.epsilon(history, self.delta, self.accountant)
-            if epsilon_before is None
-            else epsilon_before
-        )
-        after = accounting.epsilon([*history, mechanism], self.delta, self.accountant)
-        return BudgetDecision(after <= self.max_epsilon, before, after, self.max_epsilon, self.delta)
-
-    def spend(self, history: list[Mechanism], mechanism: Mechanism) -> BudgetDecision:
-        """Like :meth:`would_exceed`, but raises :class:`BudgetExhaustedError` on refusal."""
-        decision = self.would_exceed(history, mechanism)
-        if not decision.allowed:
-            raise BudgetExhaustedError(decision.reason)
-        return decision
 
 
 @functools.lru_cache(maxsize=64)

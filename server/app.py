@@ -21,6 +21,7 @@ from fedsilo.shared.config import RunSettings
 from fedsilo.shared.data import Dataset, TableSchema, federation_data_test, load_table, split_columns
 from fedsilo.shared.models import build_model, evaluate
 
+from .central_dp import ClientLevelDP, CoordinatorBudgetExhausted, client_level_dp
 from .strategy import DepartmentFedAvg
 from .summary import RunSummary
 
@@ -44,11 +45,13 @@ def run_federation(grid: Grid, settings: RunSettings, out_dir: Path, run_id: str
     test = coordinator_test_set(settings)
     model = build_model(settings.model, test.input_shape, test.num_classes, test.kind, seed=settings.seed)
     arrays = ArrayRecord(model.state_dict())
-    strategy = DepartmentFedAvg(
-        fraction_train=settings.fraction_train,
+    departments = DepartmentFedAvg(
+        # With client-level DP the wrapper Poisson-samples at fraction-train itself.
+        fraction_train=1.0 if settings.central_dp else settings.fraction_train,
         min_train_nodes=settings.min_departments,
         min_available_nodes=settings.min_departments,
     )
+    strategy = client_level_dp(settings, departments, out_dir, run_id) if settings.central_dp else departments
     summary = RunSummary(
         out_dir,
         run_id,
@@ -57,9 +60,12 @@ def run_federation(grid: Grid, settings: RunSettings, out_dir: Path, run_id: str
     )
     loss, accuracy = evaluate(model, test)
     summary.set_initial(accuracy, loss)
+    if isinstance(strategy, ClientLevelDP):
+        summary.set_central(strategy)
     log(INFO, "%s run %s -> %s (initial accuracy %.4f)", PROGRESS_TAG, run_id, out_dir, accuracy)
 
     status, reason = "completed", ""
+    exhausted: set[str] = set()  # departments that refused on budget grounds
     for rnd in range(1, settings.num_server_rounds + 1):
         started = time.time()
         connected = wait_for_departments(grid, settings.min_departments, settings.connect_timeout)
@@ -72,16 +78,29 @@ def run_federation(grid: Grid, settings: RunSettings, out_dir: Path, run_id: str
             log(WARNING, "%s %s", PROGRESS_TAG, reason)
             summary.finish("failed", reason)
             raise RuntimeError(reason)
-        strategy.node_names = node_names(grid)
-        messages = strategy.configure_train(rnd, arrays, ConfigRecord(), grid)
-        replies = grid.send_and_receive(messages, timeout=settings.round_timeout)
+        if settings.central_dp and settings.central_delta >= 1.0 / connected:
+            reason = (
+                f"central-delta {settings.central_delta:g} is not below 1/{connected} departments: "
+                "at that δ a mechanism may publish one department's update outright; lower --central-delta"
+            )
+            summary.finish("failed", reason)
+            raise RuntimeError(reason)
+        departments.node_names = node_names(grid)
+        try:
+            messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
+        except CoordinatorBudgetExhausted as err:
+            status, reason = "central-budget-exhausted", f"round {rnd}: {err}; the run ends here"
+            log(WARNING, "%s %s", PROGRESS_TAG, reason)
+            break
+        replies = grid.send_and_receive(messages, timeout=settings.round_timeout) if messages else []
         new_arrays, _ = strategy.aggregate_train(rnd, replies)
-        report = strategy.last_report
+        report = departments.last_report
+        release = strategy.last_release if isinstance(strategy, ClientLevelDP) else None
         if new_arrays is not None:
             arrays = new_arrays
             model.load_state_dict(arrays.to_torch_state_dict())
             loss, accuracy = evaluate(model, test)
-        summary.add_round(rnd, accuracy, loss, report, time.time() - started)
+        summary.add_round(rnd, accuracy, loss, report, time.time() - started, release)
         eps = [e for e in report.epsilon.values() if e != float("inf")]
         log(
             INFO,
@@ -94,10 +113,15 @@ def run_federation(grid: Grid, settings: RunSettings, out_dir: Path, run_id: str
             len(report.trained),
             len(report.refused),
             len(report.failed) + len(report.rejected),
-            f" max-epsilon-spent={max(eps):.3f}" if eps else "",
+            (f" max-epsilon-spent={max(eps):.3f}" if eps else "")
+            + (f" sampled={release.sampled}/{release.population} client-level-epsilon={release.epsilon:.3f}" if release else ""),
         )
-        if report.trained:
-            continue
+        exhausted |= set(report.refused)
+        exhausted -= set(report.trained)
+        if report.trained or (release is not None and not messages):
+            continue  # a Poisson sample may be empty: the noisy release still happened
+        if release is not None and report.refused and len(exhausted) < release.population:
+            continue  # only this round's sample is out of budget; others may still train
         if report.refused:
             status = "budget-exhausted"
             reason = f"round {rnd}: no department can train: {len(report.refused)} refused on budget grounds"

@@ -121,6 +121,13 @@ def run(
     round_timeout: Annotated[float, typer.Option(help="Seconds a round waits for replies; late departments are left out.")] = 300.0,
     connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for --min-departments to be connected.")] = 120.0,
     seed: Annotated[int, typer.Option()] = 42,
+    fraction_train: Annotated[float, typer.Option(help="Fraction of departments sampled each round (with --central-dp: each one's Poisson sampling probability).")] = 1.0,
+    central_dp: Annotated[bool, typer.Option("--central-dp", help="Client-level DP: clip each department's update, noise the sum, own budget and signed ledger.")] = False,
+    central_noise_multiplier: Annotated[float, typer.Option(help="Client-level σ: noise on the sum / --central-clip-norm.")] = 1.0,
+    central_clip_norm: Annotated[float, typer.Option(help="Largest L2 norm of one department's model update.")] = 1.0,
+    central_delta: Annotated[float, typer.Option(help="δ of the client-level guarantee; must be below 1/departments.")] = 1e-3,
+    central_max_epsilon: Annotated[float, typer.Option(help="The coordinator's client-level budget over its whole ledger (all runs).")] = 10.0,
+    central_ledger: Annotated[Path, typer.Option(help="Folder of the coordinator's ledger; keep it across runs so ε covers them all.")] = Path("central-ledger"),
     out: Annotated[Path, typer.Option(help="Run directory for summary.json and model.pt.")] = Path("runs/latest"),
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's full log.")] = False,
 ) -> None:
@@ -137,9 +144,20 @@ def run(
                 "local-epochs": local_epochs, "batch-size": batch_size, "learning-rate": learning_rate,
                 "momentum": momentum, "min-departments": min_departments, "round-timeout": round_timeout,
                 "connect-timeout": connect_timeout, "out": str(out), "test-data": str(test_data.resolve()),
-                "data-schema": schema.to_json(), "model": "mlp",
+                "data-schema": schema.to_json(), "model": "mlp", "fraction-train": fraction_train,
+                "central-dp": central_dp, "central-noise-multiplier": central_noise_multiplier,
+                "central-clip-norm": central_clip_norm, "central-delta": central_delta,
+                "central-max-epsilon": central_max_epsilon,
+                "central-ledger": str(central_ledger.expanduser().resolve()),
+                # The coordinator signs its ledger with its TLS key: the audit checks it against coordinator.crt.
+                "central-signing-key": str(CertPaths(certs).coordinator_key.resolve()) if central_dp else "",
             }
         )
+        if central_dp and not CertPaths(certs).coordinator_key.exists():
+            raise FileNotFoundError(
+                f"--central-dp signs the coordinator's ledger with {CertPaths(certs).coordinator_key}, "
+                "which is missing; run this on the coordinator host with its --certs folder"
+            )
         connection = coord.connect(certs, address)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
         _fail(err)

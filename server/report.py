@@ -35,7 +35,8 @@ def print_run_report(run_dir: Path, console: Console | None = None) -> dict:
             f"(initial {summary['initial'].get('accuracy', float('nan')):.4f})"
         )
     if not summary["dp"]:
-        console.print("[yellow]No differential privacy: ε is unbounded (∞) for every department.[/yellow]")
+        console.print("[yellow]No record-level DP at the departments: ε is unbounded (∞) for each department's examples.[/yellow]")
+        print_central(summary, console)
         return summary
 
     delta, budget = summary["delta"], summary["max_epsilon"]
@@ -71,7 +72,26 @@ def print_run_report(run_dir: Path, console: Console | None = None) -> dict:
         "ε covers each department's entire history (all rounds, all runs) at the stated δ: "
         "record-level DP for the examples of that department."
     )
+    print_central(summary, console)
     return summary
+
+
+def print_central(summary: dict, console: Console) -> None:
+    """The coordinator's client-level guarantee, stated apart from the departments' own."""
+    central = summary.get("central")
+    if not central:
+        return
+    releases = sum(1 for r in summary["rounds"] if "central" in r)
+    console.print(
+        f"Client-level DP at the coordinator: whole-history [bold]ε={central['epsilon']:.3f}[/bold] at "
+        f"δ={central['delta']:g} ({central['accountant'].upper()}, dp-accounting) after {releases} release(s) "
+        f"in this run; σ={central['noise_multiplier']:g}, update clip C={central['clip_norm']:g}, "
+        f"departments sampled with q={central['sample_rate']:g}; budget {central['max_epsilon']:g}, "
+        f"left {max(central['max_epsilon'] - central['epsilon'], 0.0):.3f}. It bounds what the released "
+        f"model reveals about whether any one department took part, with all its data; the coordinator "
+        f"itself still sees each update. Ledger: {central['ledger']}",
+        soft_wrap=True,
+    )
 
 
 def print_audit(result, console: Console | None = None) -> None:
@@ -84,20 +104,29 @@ def print_audit(result, console: Console | None = None) -> None:
     def num(value, fmt=".3f"):
         return "-" if value is None else format(value, fmt)
 
-    for row in result.departments:
+    for row in result.departments + ([result.central] if result.central else []):
+        if row is result.central:
+            table.add_section()
         left = None if row.budget is None else max(row.budget - row.epsilon, 0.0)
         table.add_row(
-            row.id, str(row.rounds), str(row.steps), num(row.noise_multiplier), num(row.sample_rate, ".4f"),
+            row.id + (" (client-level)" if row is result.central else ""), str(row.rounds), str(row.steps), num(row.noise_multiplier), num(row.sample_rate, ".4f"),
             num(row.epsilon), num(row.epsilon_prv), num(row.epsilon_rdp), num(row.epsilon_pld),
             num(row.delta, "g"), num(row.budget, "g"), num(left),
             row.signatures, "[green]yes[/green]" if row.verified else "[red]NO[/red]",
         )
     console.print(table)
-    for row in result.departments:
+    for row in result.departments + ([result.central] if result.central else []):
         for problem in row.problems:
             console.print(f"[red]{row.id}[/red]: {problem}", soft_wrap=True)
     for problem in result.problems:
         console.print(f"[red]audit[/red]: {problem}", soft_wrap=True)
+    if result.central:
+        console.print(
+            "Department rows: record-level DP of each department's own examples.  The coordinator row: "
+            "client-level DP of the released model (σ on the sum of updates clipped to C, departments "
+            "sampled at q; one step per round), the whole of a department's data in or out.",
+            soft_wrap=True,
+        )
     console.print(
         "[green]All ledgers verified.[/green]" if result.ok else "[red]Verification FAILED.[/red]",
     )

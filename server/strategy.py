@@ -70,9 +70,25 @@ class DepartmentFedAvg(FedAvg):
         self._asked = [m.metadata.dst_node_id for m in messages]
         return messages
 
+    @property
+    def asked(self) -> list[int]:
+        """Node ids sent a train message this round (a wrapper that subsamples sets it)."""
+        return list(self._asked)
+
+    @asked.setter
+    def asked(self, node_ids: Iterable[int]) -> None:
+        self._asked = list(node_ids)
+
     def aggregate_train(
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        accepted = self.classify(server_round, replies)
+        if not accepted:
+            return None, None
+        return super().aggregate_train(server_round, accepted)
+
+    def classify(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
+        """Sort the replies into :attr:`last_report`; return the usable updates."""
         report = RoundReport()
         accepted: list[Message] = []
         replies = list(replies)
@@ -104,9 +120,7 @@ class DepartmentFedAvg(FedAvg):
             report.train_loss[name] = float(metrics["train-loss"])
             accepted.append(msg)
         self.last_report = report
-        if not accepted:
-            return None, None
-        return super().aggregate_train(server_round, accepted)
+        return accepted
 
     def _validate(self, msg: Message) -> str:
         """Empty string when the update is usable, else what is wrong with it."""

@@ -22,6 +22,14 @@ def _finite(value: float) -> float | None:
     return float(value) if math.isfinite(value) else None
 
 
+def _relative(path: Path, base: Path) -> str:
+    """``path`` relative to the run directory when inside it, so the run can move."""
+    try:
+        return str(Path(path).resolve().relative_to(Path(base).resolve()))
+    except ValueError:
+        return str(path)
+
+
 class RunSummary:
     """Accumulates rounds and per-department totals; writes ``summary.json``."""
 
@@ -53,7 +61,24 @@ class RunSummary:
         self.data["initial"] = {"accuracy": accuracy, "loss": loss}
         self.write()
 
-    def add_round(self, rnd: int, accuracy: float, loss: float, report: RoundReport, seconds: float) -> None:
+    def set_central(self, central) -> None:
+        """Record the coordinator's client-level DP settings (a :class:`ClientLevelDP`)."""
+        self.data["central"] = {
+            "level": "client (each department's whole contribution)",
+            "noise_multiplier": central.noise_multiplier,
+            "clip_norm": central.clipping_norm,
+            "sample_rate": central.sample_rate,
+            "delta": central.delta,
+            "max_epsilon": central.guard.max_epsilon,
+            "accountant": central.guard.accountant,
+            "ledger": _relative(central.ledger.path, self.path.parent),
+            "epsilon": central.epsilon,
+        }
+        self.write()
+
+    def add_round(
+        self, rnd: int, accuracy: float, loss: float, report: RoundReport, seconds: float, release=None
+    ) -> None:
         for name, eps in report.epsilon.items():
             self._epsilon[name] = _finite(eps)
         departments = self.data["departments"]
@@ -85,6 +110,11 @@ class RunSummary:
                 "seconds": round(seconds, 3),
             }
         )
+        if release is not None:  # a CentralRelease
+            self.data["rounds"][-1]["central"] = {
+                "epsilon": release.epsilon, "sampled": release.sampled, "population": release.population,
+            }
+            self.data["central"]["epsilon"] = release.epsilon
         self.data["final_accuracy"] = accuracy
         self.data["final_loss"] = loss
         self.write()

@@ -19,13 +19,13 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from .ledger import LedgerEntry, verify_ledger
+from . import accounting
+from .ledger import COORDINATOR, LedgerEntry, verify_ledger
 from .signing import SigningKeyError, load_public_key
 
-# PLD discretization (dp-accounting's pessimistic estimate, an upper bound).
-PLD_INTERVAL = 1e-3
 # Relative slack when comparing a recorded ε with a re-derived one.
 TOLERANCE = 1e-6
 
@@ -64,13 +64,24 @@ class DepartmentAudit:
 class AuditResult:
     departments: list[DepartmentAudit]
     problems: list[str] = field(default_factory=list)  # not tied to one ledger
+    # The coordinator's client-level DP ledger, when the run had one.
+    central: DepartmentAudit | None = None
 
     @property
     def ok(self) -> bool:
-        return not self.problems and all(d.verified for d in self.departments)
+        return (
+            not self.problems
+            and all(d.verified for d in self.departments)
+            and (self.central is None or self.central.verified)
+        )
 
     def to_json(self) -> dict:
-        return {"ok": self.ok, "departments": [d.to_json() for d in self.departments], "problems": self.problems}
+        return {
+            "ok": self.ok,
+            "departments": [d.to_json() for d in self.departments],
+            "central": None if self.central is None else {**self.central.to_json(), "level": "client"},
+            "problems": self.problems,
+        }
 
 
 # ----------------------------------------------------------------------------- ε
@@ -79,20 +90,15 @@ class AuditResult:
 def _opacus_epsilon(entries: list[LedgerEntry], accountant_cls, delta: float) -> float:
     acc = accountant_cls()
     acc.history = [(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.steps]
-    return float(acc.get_epsilon(delta=delta)) if acc.history else 0.0
+    if not acc.history:
+        return 0.0
+    with np.errstate(divide="ignore"):  # PRV at q = 1 takes log(0) on the way
+        return float(acc.get_epsilon(delta=delta))
 
 
 def pld_epsilon(entries: list[LedgerEntry], delta: float) -> float:
     """ε of the history with dp-accounting's PLD accountant (independent of Opacus)."""
-    import dp_accounting
-    from dp_accounting.pld import pld_privacy_accountant
-
-    acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=PLD_INTERVAL)
-    for e in entries:
-        if e.steps:
-            event = dp_accounting.PoissonSampledDpEvent(e.sample_rate, dp_accounting.GaussianDpEvent(e.noise_multiplier))
-            acc.compose(event, e.steps)
-    return float(acc.get_epsilon(delta))
+    return accounting.pld_epsilon([(e.noise_multiplier, e.sample_rate, e.steps) for e in entries if e.steps], delta)
 
 
 # ----------------------------------------------------------------------------- ledgers
@@ -103,10 +109,13 @@ def audit_ledger(path: Path, keys: Path | None = None, rederive_every_entry: boo
     department = _department_of(path)
     row = DepartmentAudit(id=department, path=str(path))
     public_key = None
-    for candidate in ([keys / f"{department}.pub"] if keys else []) + [path.with_name(f"{department}.pub")]:
+    candidates = [keys / f"{department}.pub"] if keys else []
+    if keys and department == COORDINATOR:
+        candidates.append(keys / "coordinator.crt")  # the coordinator signs with its TLS key
+    for candidate in candidates + [path.with_name(f"{department}.pub")]:
         if candidate.exists():
             try:
-                public_key = load_public_key(candidate)
+                public_key = _certificate_key(candidate) if candidate.suffix == ".crt" else load_public_key(candidate)
             except SigningKeyError as err:
                 row.problems.append(str(err))
             break
@@ -129,7 +138,9 @@ def audit_ledger(path: Path, keys: Path | None = None, rederive_every_entry: boo
             prefix, recorded = entries[:i], entries[i - 1]
             prv = _opacus_epsilon(prefix, PRVAccountant, recorded.delta)
             pld = pld_epsilon(prefix, recorded.delta)
-            floor = min(prv, pld) if recorded.accountant == "prv" else prv
+            # Both PRV (its certified upper bound) and PLD (pessimistic) are sound:
+            # a recorded ε below the lower of the two is an under-report.
+            floor = min(prv, pld)
             if recorded.epsilon < floor * (1 - TOLERANCE) - 1e-9:
                 row.problems.append(
                     f"entry seq {recorded.seq}: recorded ε={recorded.epsilon:.4f} is below the re-derived "
@@ -142,6 +153,19 @@ def audit_ledger(path: Path, keys: Path | None = None, rederive_every_entry: boo
     return row
 
 
+def _certificate_key(path: Path):
+    from cryptography import x509
+    from cryptography.hazmat.primitives.asymmetric import ec
+
+    try:
+        key = x509.load_pem_x509_certificate(path.read_bytes()).public_key()
+    except (OSError, ValueError) as err:
+        raise SigningKeyError(f"cannot read the certificate '{path}': {err}") from None
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise SigningKeyError(f"the certificate '{path}' does not hold an EC key")
+    return key
+
+
 def _department_of(path: Path) -> str:
     try:
         with open(path, encoding="utf-8") as fh:
@@ -152,6 +176,28 @@ def _department_of(path: Path) -> str:
 
 
 # ----------------------------------------------------------------------------- runs
+
+
+def cross_check_central(summary: dict, row: DepartmentAudit) -> None:
+    """Every client-level release the summary records must be in the coordinator's ledger."""
+    run_id = str(summary.get("run_id", ""))
+    for rnd in summary.get("rounds", []):
+        release = rnd.get("central")
+        if release is None:
+            continue
+        entry = next((e for e in row.entries if e.run_id == run_id and e.round == rnd["round"]), None)
+        if entry is None:
+            row.problems.append(
+                f"the run released a client-level DP model in round {rnd['round']} of run {run_id}, "
+                "but the coordinator's ledger has no entry for it (truncated or deleted?)"
+            )
+        elif abs(release["epsilon"] - entry.epsilon) > 1e-9 * max(1.0, abs(entry.epsilon)):
+            row.problems.append(
+                f"round {rnd['round']}: the run recorded client-level ε={release['epsilon']:.4f}, "
+                f"the coordinator's ledger says ε={entry.epsilon:.4f} (edited?)"
+            )
+    row.budget = summary.get("central", {}).get("max_epsilon")
+    row.verified = not row.problems
 
 
 def cross_check(summary: dict, rows: dict[str, DepartmentAudit]) -> None:
@@ -175,6 +221,8 @@ def cross_check(summary: dict, rows: dict[str, DepartmentAudit]) -> None:
                     f"says ε={entry.epsilon:.4f} (edited?)"
                 )
     for name, row in rows.items():
+        if name == COORDINATOR:
+            continue
         budget = summary.get("departments", {}).get(name, {}).get("max_epsilon") or summary.get("max_epsilon")
         row.budget = float(budget) if budget is not None else None
         row.verified = not row.problems
@@ -187,6 +235,7 @@ def audit_path(path: Path | str, keys: Path | str | None = None) -> AuditResult:
     if not path.exists():
         raise FileNotFoundError(f"'{path}' does not exist; give a run directory, a ledger directory or a .jsonl ledger")
     summary = None
+    central_file = None
     if path.is_file():
         files = [path]
     else:
@@ -194,9 +243,23 @@ def audit_path(path: Path | str, keys: Path | str | None = None) -> AuditResult:
         files = sorted(folder.glob("*.jsonl"))
         if (path / "summary.json").exists():
             summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
-    result = AuditResult([audit_ledger(f, keys) for f in files])
-    if not files:
+        if summary is not None and summary.get("central"):
+            central_file = Path(summary["central"]["ledger"])
+            if not central_file.is_absolute():
+                central_file = path / central_file
+        elif (path / "central" / f"{COORDINATOR}.jsonl").exists():
+            central_file = path / "central" / f"{COORDINATOR}.jsonl"
+    audited = [audit_ledger(f, keys) for f in files]
+    if central_file is not None and central_file not in files:
+        audited.append(audit_ledger(central_file, keys))
+    central = next((row for row in audited if row.id == COORDINATOR), None)
+    result = AuditResult([row for row in audited if row is not central], central=central)
+    if not files and central is None:
         result.problems.append(f"no ledgers (*.jsonl) found in '{path}'")
+    if central_file is not None and not central_file.exists():
+        result.problems.append(f"the run used client-level DP but its coordinator ledger '{central_file}' is missing")
+    if summary is not None and central is not None:
+        cross_check_central(summary, central)
     if summary is not None:
         rows = {row.id: row for row in result.departments}
         cross_check(summary, rows)

@@ -47,6 +47,18 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     # department reads its table with (JSON of shared.data.TableSchema).
     "test-data": "",
     "data-schema": "",
+    # Client-level DP at the coordinator (off by default): each department's
+    # update clipped to central-clip-norm, Gaussian noise on the sum, departments
+    # Poisson-sampled at fraction-train, a budget and a signed ledger of its own.
+    "central-dp": False,
+    "central-noise-multiplier": 1.0,
+    "central-clip-norm": 1.0,
+    "central-delta": 1e-3,
+    "central-max-epsilon": 10.0,
+    # Folder of the coordinator's ledger ("" = OUT/central) and the key that signs
+    # it ("" = a key generated beside the ledger, as in a simulation).
+    "central-ledger": "",
+    "central-signing-key": "",
 }
 
 
@@ -91,6 +103,13 @@ class RunSettings:
     out: str
     test_data: str
     data_schema: str
+    central_dp: bool
+    central_noise_multiplier: float
+    central_clip_norm: float
+    central_delta: float
+    central_max_epsilon: float
+    central_ledger: str
+    central_signing_key: str
 
     def __post_init__(self) -> None:
         checks = [
@@ -115,6 +134,9 @@ class RunSettings:
             (self.min_departments >= 1, "min-departments must be at least 1"),
             (self.round_timeout > 0, "round-timeout must be positive (seconds)"),
             (self.connect_timeout > 0, "connect-timeout must be positive (seconds)"),
+            (self.central_clip_norm > 0, "central-clip-norm must be positive"),
+            (0 < self.central_delta < 1, "central-delta must be in (0, 1) and below 1/departments"),
+            (self.central_max_epsilon > 0, "central-max-epsilon must be positive"),
         ]
         for ok, message in checks:
             if not ok:
@@ -123,6 +145,11 @@ class RunSettings:
             raise ConfigError(
                 "noise-multiplier must be positive with DP on; "
                 "use --no-dp to train without privacy"
+            )
+        if self.central_dp and self.central_noise_multiplier <= 0:
+            raise ConfigError(
+                "central-noise-multiplier must be positive with --central-dp "
+                "(the noise is what makes the aggregate client-level private)"
             )
         if self.dp and self.target_epsilon > self.max_epsilon:
             raise ConfigError(
@@ -146,7 +173,8 @@ class RunSettings:
                 raise ConfigError(
                     f"run config '{key}' = {raw!r} is not a {type(default).__name__}"
                 ) from err
-        for name in ("noise_multiplier", "max_epsilon", "delta", "learning_rate"):
+        for name in ("noise_multiplier", "max_epsilon", "delta", "learning_rate",
+                     "central_noise_multiplier", "central_clip_norm", "central_delta", "central_max_epsilon"):
             if not math.isfinite(values[name]):
                 raise ConfigError(f"{name.replace('_', '-')} must be a finite number")
         return cls(**values)

@@ -36,6 +36,8 @@ from .accounting import Mechanism
 from .signing import Signer, fingerprint, verify
 
 LEDGER_VERSION = 2
+# The name the coordinator keeps its client-level DP ledger under.
+COORDINATOR = "coordinator"
 
 
 class LedgerError(RuntimeError):

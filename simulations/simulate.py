@@ -56,7 +56,12 @@ def simulate(
     momentum: Annotated[float, typer.Option(help="SGD momentum (reset every round).")] = 0.5,
     grad_sample_mode: Annotated[str, typer.Option(help="Opacus per-sample gradient mode: ghost | hooks | functorch | ew.")] = "ghost",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
-    fraction_train: Annotated[float, typer.Option(help="Fraction of departments sampled each round.")] = 1.0,
+    fraction_train: Annotated[float, typer.Option(help="Fraction of departments sampled each round (with --central-dp: each one's Poisson sampling probability).")] = 1.0,
+    central_dp: Annotated[bool, typer.Option("--central-dp", help="Client-level DP at the coordinator: clip each department's update, noise the sum, own budget and ledger.")] = False,
+    central_noise_multiplier: Annotated[float, typer.Option(help="Client-level σ: noise on the sum / --central-clip-norm.")] = 1.0,
+    central_clip_norm: Annotated[float, typer.Option(help="Largest L2 norm of one department's model update.")] = 1.0,
+    central_delta: Annotated[float, typer.Option(help="δ of the client-level guarantee; must be below 1/departments.")] = 1e-3,
+    central_max_epsilon: Annotated[float, typer.Option(help="The coordinator's client-level budget over its whole ledger.")] = 10.0,
     cpus_per_department: Annotated[int, typer.Option(min=1, help="CPU cores Ray reserves per department.")] = 1,
     out: Annotated[Path, typer.Option(help="Run directory: summary.json, model.pt, ledgers/.")] = Path("runs/latest"),
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's full log.")] = False,
@@ -96,7 +101,19 @@ def simulate(
             out=str(out),
             test_data="",
             data_schema="",
+            central_dp=central_dp,
+            central_noise_multiplier=central_noise_multiplier,
+            central_clip_norm=central_clip_norm,
+            central_delta=central_delta,
+            central_max_epsilon=central_max_epsilon,
+            central_ledger="",
+            central_signing_key="",
         )
+        if central_dp and central_delta >= 1.0 / departments:
+            raise ConfigError(
+                f"--central-delta {central_delta:g} must be below 1/{departments} departments "
+                "(at δ ≥ 1/N one department's update could be published outright)"
+            )
         # Validate the data and model here, before any process starts.
         parts, test = federation_data(
             dataset, label_column, split_columns(feature_columns), departments, partition, seed
@@ -119,6 +136,12 @@ def simulate(
             + f", δ={delta:g}, budget ε≤{max_epsilon:g}"
             if dp
             else "[yellow]no DP[/yellow]"
+        )
+        + (
+            f"; client-level DP σ={central_noise_multiplier:g}, C={central_clip_norm:g}, q={fraction_train:g}, "
+            f"δ={central_delta:g}, budget ε≤{central_max_epsilon:g}"
+            if central_dp
+            else ""
         )
     )
     if resumed and dp:

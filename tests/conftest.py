@@ -22,3 +22,12 @@ def digits_csv(tmp_path):
     path = tmp_path / "digits.csv"
     frame.to_csv(path, index=False)
     return path
+
+
+@pytest.fixture
+def serverapp_identity(monkeypatch):
+    """Messages are stamped with the running task's identity, as inside a ServerApp."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
+        monkeypatch.setattr(TaskIdentity, attr, value)

@@ -53,3 +53,12 @@ def test_noise_for_target_stays_within_target():
     assert spent <= 3.0
     assert spent > 2.9  # and it does not waste budget
     assert math.isfinite(sigma) and sigma > 0
+
+
+def test_pld_is_independent_of_opacus_and_falls_back_to_rdp_when_it_cannot_run():
+    history = [Mechanism(1.1, 0.2, 30)]
+    pld, prv = accounting.epsilon(history, 1e-5, "pld"), accounting.epsilon(history, 1e-5, "prv")
+    assert pld == pytest.approx(prv, rel=0.02)
+    # σ = 1e-9: PLD's grid cannot be built; the answer is RDP's (huge, but finite and sound).
+    tiny = [Mechanism(1e-9, 1.0, 1)]
+    assert accounting.epsilon(tiny, 1e-3, "pld") == accounting.epsilon(tiny, 1e-3, "rdp") > 1e6

@@ -2,40 +2,14 @@
 
 import numpy as np
 import pytest
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-
-from flwr.supercore.task_identity import TaskIdentity
+from flower_messages import Grid as _Grid
+from flower_messages import reply as _reply
+from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fedsilo.server.strategy import DepartmentFedAvg
 
 
-@pytest.fixture(autouse=True)
-def _serverapp_identity(monkeypatch):
-    """Messages are stamped with the running task's identity, as inside a ServerApp."""
-    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        monkeypatch.setattr(TaskIdentity, attr, value)
-
-
-class _Grid:
-    def __init__(self, ids):
-        self.ids = ids
-
-    def get_node_ids(self):
-        return self.ids
-
-
-def _request(node_id, arrays):
-    return Message(RecordDict({"arrays": arrays, "config": ConfigRecord()}), dst_node_id=node_id, message_type="train")
-
-
-def _reply(request, name, weights=None, n=10, status="trained", eps=1.0):
-    content = {
-        "metrics": MetricRecord({"num-examples": n if status == "trained" else 0, "train-loss": 0.5, "epsilon": eps, "steps": 3, "noise-multiplier": 1.0, "sample-rate": 0.1}),
-        "department": ConfigRecord({"name": name, "status": status, "reason": "budget" if status == "refused" else ""}),
-    }
-    if weights is not None:
-        content["arrays"] = ArrayRecord({"w": Array(weights)})
-    return Message(RecordDict(content), reply_to=request)
+pytestmark = pytest.mark.usefixtures("serverapp_identity")
 
 
 def test_weighted_average_skips_refused_nan_and_misshaped_updates():

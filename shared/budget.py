@@ -1,0 +1,95 @@
+"""The budget guard: may one more mechanism run within an (ε, δ) budget?
+
+A dry run in the style of dp-accounting's ``would exceed`` check: nothing is
+composed or recorded; the caller records the mechanism (in its ledger) only
+after it ran.  Departments guard their record-level budget with it, the
+coordinator its client-level one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from . import accounting
+from .accounting import Mechanism
+
+
+class BudgetExhaustedError(RuntimeError):
+    """Raised by :meth:`BudgetGuard.spend` when a mechanism would pass the budget."""
+
+
+@dataclass(frozen=True)
+class BudgetDecision:
+    allowed: bool
+    epsilon_before: float
+    epsilon_after: float
+    max_epsilon: float
+    delta: float
+    who: str = "the department"
+
+    @property
+    def reason(self) -> str:
+        if self.allowed:
+            return ""
+        return (
+            f"budget: this round would take ε from {self.epsilon_before:.3f} to "
+            f"{self.epsilon_after:.3f} at δ={self.delta:g}, past max-epsilon "
+            f"{self.max_epsilon:g}; {self.who} sits out"
+        )
+
+
+class BudgetGuard:
+    """Decides whether one more mechanism fits in an (ε, δ) budget.
+
+    The same guard serves a department (record-level DP-SGD rounds) and the
+    coordinator (client-level releases of the aggregate).
+
+    Parameters
+    ----------
+    max_epsilon : float
+        The budget for the whole history.
+    delta : float
+        δ at which ε is measured.
+    accountant : str
+        ``prv`` (default), ``rdp`` or ``pld`` (dp-accounting).
+    who : str
+        Who sits out when the budget says no, for the refusal message.
+    """
+
+    def __init__(
+        self, max_epsilon: float, delta: float, accountant: str = "prv", who: str = "the department"
+    ) -> None:
+        if not (max_epsilon > 0 and math.isfinite(max_epsilon)):
+            raise ValueError(f"max_epsilon must be a positive finite number, got {max_epsilon}")
+        if not 0 < delta < 1:
+            raise ValueError(f"delta must be in (0, 1), got {delta}")
+        if accountant not in accounting.ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {accounting.ACCOUNTANTS}, got {accountant!r}")
+        self.max_epsilon = max_epsilon
+        self.delta = delta
+        self.accountant = accountant
+        self.who = who
+
+    def would_exceed(
+        self, history: list[Mechanism], mechanism: Mechanism, epsilon_before: float | None = None
+    ) -> BudgetDecision:
+        """Dry run: ε before and after adding ``mechanism``; nothing is recorded.
+
+        ``epsilon_before`` may pass the history's known ε (same δ and accountant)
+        to save one accountant call.
+        """
+        before = (
+            accounting.epsilon(history, self.delta, self.accountant)
+            if epsilon_before is None
+            else epsilon_before
+        )
+        after = accounting.epsilon([*history, mechanism], self.delta, self.accountant)
+        return BudgetDecision(after <= self.max_epsilon, before, after, self.max_epsilon, self.delta, self.who)
+
+    def spend(self, history: list[Mechanism], mechanism: Mechanism) -> BudgetDecision:
+        """Like :meth:`would_exceed`, but raises :class:`BudgetExhaustedError` on refusal."""
+        decision = self.would_exceed(history, mechanism)
+        if not decision.allowed:
+            raise BudgetExhaustedError(decision.reason)
+        return decision
