@@ -12,7 +12,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -50,7 +50,7 @@ class Signer:
             raise SigningKeyError(f"cannot read signing key '{path}': {err.strerror or err}") from None
         try:
             key = serialization.load_ssh_private_key(data, password=None)
-        except (ValueError, TypeError, serialization.UnsupportedAlgorithm):
+        except (ValueError, TypeError, UnsupportedAlgorithm):
             try:
                 key = serialization.load_pem_private_key(data, password=None)
             except (ValueError, TypeError) as err:
@@ -72,7 +72,7 @@ def load_public_key(path: Path | str) -> ec.EllipticCurvePublicKey:
         key = serialization.load_ssh_public_key(path.read_bytes())
     except OSError as err:
         raise SigningKeyError(f"cannot read public key '{path}': {err.strerror or err}") from None
-    except (ValueError, serialization.UnsupportedAlgorithm) as err:
+    except (ValueError, UnsupportedAlgorithm) as err:
         raise SigningKeyError(f"'{path}' is not an OpenSSH public key ({err})") from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise SigningKeyError(f"'{path}' is not an EC public key")

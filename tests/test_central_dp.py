@@ -221,3 +221,23 @@ def test_central_delta_must_be_below_one_over_departments(tmp_path):
         capture_output=True, text=True, timeout=120,
     )
     assert result.returncode == 2 and "--central-delta" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_deployed_coordinator_signs_with_its_tls_key_and_the_audit_checks_the_certificate(tmp_path):
+    from fedsilo.certs import authority
+
+    certs = authority.init(tmp_path / "certs")
+    folder = tmp_path / "central-ledger"
+    inner = DepartmentFedAvg(fraction_train=1.0, min_available_nodes=1, min_train_nodes=1)
+    central = ClientLevelDP(inner, noise_multiplier=1.0, clipping_norm=1.0, sample_rate=1.0, delta=1e-3,
+                            max_epsilon=50.0, ledger=coordinator_ledger(folder, str(certs.coordinator_key)), run_id="1")
+    central.configure_train(1, _global(), ConfigRecord(), Grid([1]))
+    central.aggregate_train(1, [])
+    assert (folder / "coordinator.pub").exists() and not (folder / "coordinator.key").exists()
+    (folder / "coordinator.pub").unlink()  # only the certificate is left to check against
+    result = audit_path(folder, tmp_path / "certs")
+    assert result.ok and result.central.signatures == "valid", result.to_json()
+    other = authority.init(tmp_path / "other")  # a different coordinator's certificate
+    forged = audit_path(folder, tmp_path / "other")
+    assert not forged.ok and any("forged" in p for p in forged.central.problems)
+    assert other.coordinator_cert.exists()
