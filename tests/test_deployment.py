@@ -260,6 +260,38 @@ def test_department_killed_mid_round_does_not_stop_the_run(fed):
     assert any("sales" in r["failed"] for r in summary["rounds"][1:]) or len(summary["rounds"][2]["trained"]) == 2
 
 
+def test_restarted_department_neither_resets_nor_double_counts_epsilon(fed):
+    """After the SIGKILL above: restart sales and train with client-level DP on as well."""
+    before = fed.ledger("sales")
+    assert before, "sales trained before it was killed"
+    fed.start_department("sales")
+    _wait_online(fed, 3)
+    out = fed["root"] / "runs" / "restarted"
+    central = fed["root"] / "central-ledger"
+    result = fed.run("--rounds", "2", "--min-departments", "3", "--central-dp", "--central-delta", "0.01",
+                     "--central-clip-norm", "5", "--central-ledger", str(central), "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    after = fed.ledger("sales")
+    summaries = [json.loads(p.read_text()) for p in (fed["root"] / "runs").glob("*/summary.json")]
+    seen_training = sum("sales" in r["trained"] for s in summaries for r in s["rounds"])
+    # One entry per round the coordinator saw sales train, across every run: none lost, none twice.
+    assert len(after) == seen_training == len(before) + sum("sales" in r["trained"] for r in json.loads((out / "summary.json").read_text())["rounds"])
+    assert after[: len(before)] == before and [e["seq"] for e in after] == list(range(len(after)))
+    assert len({(e["run_id"], e["round"]) for e in after}) == len(after)
+    from opacus.accountants import PRVAccountant
+
+    acc = PRVAccountant()
+    acc.history = [(e["noise_multiplier"], e["sample_rate"], e["steps"]) for e in after]
+    assert after[-1]["epsilon"] == pytest.approx(acc.get_epsilon(delta=1e-5), rel=1e-9)  # the whole history
+    assert after[-1]["epsilon"] > before[-1]["epsilon"]
+    # The coordinator signed its client-level ledger with its TLS key; the audit checks it against the certificate.
+    audit = _cli("audit", str(central), "--keys", str(fed["certs"]), "--json")
+    report = json.loads(audit.stdout)
+    assert audit.returncode == 0 and report["ok"], audit.stdout + audit.stderr
+    assert report["central"]["rounds"] == 2 and report["central"]["signatures"] == "valid"
+    assert not (central / "coordinator.key").exists()  # no key was generated beside it
+
+
 def test_restarted_coordinator_keeps_registered_departments(fed):
     before = _cli("coordinator", "departments", "--certs", str(fed["certs"]), "--address", fed["address"]).stdout
     _stop(fed["coordinator"])
