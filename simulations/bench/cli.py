@@ -1,0 +1,78 @@
+"""``fedsilo bench all --out bench/ [--quick]``: run the suite, write JSON and BENCHMARKS.md."""
+
+from __future__ import annotations
+
+import importlib
+import json
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+
+from .report import render
+
+console = Console()
+app = typer.Typer(help="Benchmarks: DP cost, simulation scale, privacy–utility, accounting, deployment.", no_args_is_help=True)
+
+# name -> module in this package; run in this order (cheap ones first).
+SUITE = {
+    "dp-cost": "dp_cost",
+    "accounting": "accounting_tightness",
+    "scale": "scale",
+    "utility": "utility",
+    "deployment": "deployment_overhead",
+}
+
+
+def run_benchmarks(names: list[str], out: Path, quick: bool) -> list[Path]:
+    """Run ``names`` one after the other; save each result as it finishes."""
+    out.mkdir(parents=True, exist_ok=True)
+    saved = []
+    for name in names:
+        module = importlib.import_module(f"{__package__}.{SUITE[name]}")
+        console.print(f"[bold]bench {name}[/bold]{' (quick)' if quick else ''} …")
+        started = time.perf_counter()
+        result = module.run(out, quick)
+        result.seconds = round(time.perf_counter() - started, 1)
+        saved.append(result.save(out))
+        console.print(f"  done in {result.seconds:.0f} s -> {saved[-1]}")
+    render(out)
+    return saved
+
+
+def _names(names: list[str]) -> list[str]:
+    unknown = [n for n in names if n not in SUITE]
+    if unknown:
+        raise typer.BadParameter(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(SUITE)}")
+    return names
+
+
+@app.command("all")
+def all_(
+    out: Annotated[Path, typer.Option(help="Folder for NAME.json, the PNG plots and BENCHMARKS.md.")] = Path("bench"),
+    quick: Annotated[bool, typer.Option("--quick", help="Small sizes: minutes, for CI (checks outputs, not timings).")] = False,
+) -> None:
+    """Run every benchmark on this machine, in one process, one after the other."""
+    run_benchmarks(list(SUITE), out, quick)
+    console.print(f"Summary: {out / 'BENCHMARKS.md'}")
+
+
+@app.command("run")
+def run(
+    names: Annotated[list[str], typer.Argument(help=f"Benchmarks to run: {', '.join(SUITE)}.")],
+    out: Annotated[Path, typer.Option(help="Folder for NAME.json, the PNG plots and BENCHMARKS.md.")] = Path("bench"),
+    quick: Annotated[bool, typer.Option("--quick", help="Small sizes, for CI.")] = False,
+) -> None:
+    """Run some benchmarks; BENCHMARKS.md is re-rendered from every result in OUT."""
+    run_benchmarks(_names(names), out, quick)
+
+
+@app.command("report")
+def report(out: Annotated[Path, typer.Option(help="Folder holding NAME.json results.")] = Path("bench")) -> None:
+    """Re-render OUT/BENCHMARKS.md from the JSON results already there."""
+    if not any(out.glob("*.json")):
+        console.print(f"[red]error:[/red] no results (*.json) in {out}; run `fedsilo bench all --out {out}` first")
+        raise typer.Exit(2)
+    console.print(render(out))
