@@ -1,0 +1,305 @@
+"""``fedsilo audit PATH --report DIR``: the audit as a web page with plots, for people.
+
+``DIR/index.html`` is self-contained apart from the PNG plots beside it (made
+with matplotlib, headless): the verdict with every problem, the run, the
+per-department table, ε per department over its whole history against its
+budget, global accuracy over rounds, the privacy–utility point of the run, the
+coordinator's client-level guarantee when the run used it, and what the numbers
+mean.  The report is written whether or not the audit verified: a failed audit
+is when it is needed.
+
+The page is a list of sections, each a small function returning an HTML
+fragment ("" to leave it out); :func:`render_report` puts them in order.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
+
+from fedsilo.shared.audit import AuditResult, DepartmentAudit  # noqa: E402
+
+from .summary import SUMMARY_FILE  # noqa: E402
+
+EPSILON_PLOT = "epsilon.png"
+ACCURACY_PLOT = "accuracy.png"
+TRADEOFF_PLOT = "privacy-utility.png"
+REPORT_FILE = "index.html"
+
+
+def load_summary(path: Path | str) -> dict | None:
+    """Read a run's coordinator record.
+
+    Parameters
+    ----------
+    path
+        What was audited: a run directory, a ledger directory or one ledger.
+
+    Returns
+    -------
+    dict or None
+        ``summary.json`` when ``path`` is a run directory holding one, else ``None``.
+    """
+    summary = Path(path) / SUMMARY_FILE
+    return json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else None
+
+
+def render_report(result: AuditResult, summary: dict | None, out_dir: Path | str) -> Path:
+    """Write the HTML report and its plots.
+
+    Parameters
+    ----------
+    result
+        The audit, as :func:`fedsilo.shared.audit.audit_path` returns it (verified or not).
+    summary
+        The run's ``summary.json``, or ``None`` when only ledgers were audited: the
+        accuracy and privacy–utility plots are then left out, with a note.
+    out_dir
+        Folder for ``index.html`` and the PNGs (created if missing).
+
+    Returns
+    -------
+    Path
+        The written ``index.html``.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    sections = [
+        _verdict(result),
+        _run(result, summary),
+        _department_table(result),
+        _epsilon_plot(result, out),
+        _accuracy_plot(summary, out),
+        _tradeoff_plot(result, summary, out),
+        _central(result.central, summary),
+        _meaning(),
+    ]
+    page = out / REPORT_FILE
+    page.write_text(_PAGE.format(body="\n".join(s for s in sections if s)), encoding="utf-8")
+    return page
+
+
+# ----------------------------------------------------------------------------- helpers
+
+
+def _e(value: object) -> str:
+    return html.escape(str(value))
+
+
+def _num(value: float | None, fmt: str = ".3f") -> str:
+    return "–" if value is None else format(value, fmt)
+
+
+def _img(name: str, alt: str) -> str:
+    return f'<img src="{_e(name)}" alt="{_e(alt)}">'
+
+
+def _plain(text: str) -> str:
+    """A label matplotlib shows as written (no mathtext from a ``$`` in a name)."""
+    return text.replace("$", r"\$")
+
+
+def _save(fig, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def _verdict(result: AuditResult) -> str:
+    rows = result.departments + ([result.central] if result.central else [])
+    problems = [f"<li><b>{_e(r.id)}</b>: {_e(p)}</li>" for r in rows for p in r.problems]
+    problems += [f"<li><b>audit</b>: {_e(p)}</li>" for p in result.problems]
+    if result.ok:
+        return (
+            '<p class="ok">Verified: every ledger\'s hash chain and signatures check out, the coordinator\'s '
+            "record matches, and no recorded ε is below the re-derived one.</p>"
+        )
+    return (
+        f'<p class="fail">Verification FAILED: {len(problems)} problem(s).</p>'
+        f'<ul class="problems">{"".join(problems)}</ul>'
+    )
+
+
+def _run(result: AuditResult, summary: dict | None) -> str:
+    if summary is None:
+        return (
+            f"<p>Ledgers only (no run summary): {len(result.departments)} department ledger(s). "
+            "Budgets, accuracy and the coordinator's cross-check come with a run directory.</p>"
+        )
+    status = summary.get("status", "–") + (f": {summary['stop_reason']}" if summary.get("stop_reason") else "")
+    facts = [
+        ("run", summary.get("run_id", "–")),
+        ("status", status),
+        ("dataset", (summary.get("dataset") or {}).get("name", "–")),
+        ("rounds (this run)", len(summary.get("rounds", []))),
+        ("final accuracy", _num(summary.get("final_accuracy"), ".4f")),
+        ("record-level δ", "no record-level DP" if summary.get("dp") is False else _num(summary.get("delta"), "g")),
+        ("accountant", (summary.get("accountant") or "–").upper()),
+    ]
+    cells = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in facts)
+    return f'<table class="facts">{cells}</table>'
+
+
+def _department_table(result: AuditResult) -> str:
+    head = ["department", "rounds", "steps", "σ", "q", "ε recorded", "PRV", "RDP", "PLD", "δ",
+            "budget", "left", "signatures", "verified"]
+    body = []
+    for row in result.departments:
+        left = None if row.budget is None else max(row.budget - row.epsilon, 0.0)
+        cells = [row.id, row.rounds, row.steps, _num(row.noise_multiplier), _num(row.sample_rate, ".4f"),
+                 _num(row.epsilon), _num(row.epsilon_prv), _num(row.epsilon_rdp), _num(row.epsilon_pld),
+                 _num(row.delta, "g"), _num(row.budget, "g"), _num(left), row.signatures,
+                 "yes" if row.verified else "NO"]
+        css = "" if row.verified else ' class="bad"'
+        body.append(f"<tr{css}>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
+    return (
+        "<h2>Departments: record-level DP</h2>"
+        "<p>ε of each department's whole ledger (every round of every run), recorded and re-derived "
+        "with three accountants, at the department's δ.</p>"
+        '<table class="grid"><tr>' + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"
+        + "".join(body) + "</table>"
+    )
+
+
+def _epsilon_plot(result: AuditResult, out: Path) -> str:
+    rows = [r for r in result.departments if r.entries]
+    if not rows:
+        return "<h2>ε over rounds</h2><p>No verified ledger entries to plot.</p>"
+    fig, ax = plt.subplots(figsize=(8, 4.5))
+    for row in rows:
+        xs = range(1, len(row.entries) + 1)
+        label = _plain(row.id) + ("" if row.verified else " (FAILED verification)")
+        ax.plot(xs, [e.epsilon for e in row.entries], marker="o" if row.verified else "x", markersize=4,
+                linestyle="-" if row.verified else ":", label=label)
+    for budget in sorted({r.budget for r in rows if r.budget is not None}):
+        ax.axhline(budget, color="black", linestyle="--", linewidth=1)
+        ax.annotate(f"budget {budget:g}", (0.01, budget), xycoords=("axes fraction", "data"), va="bottom", fontsize=8)
+    deltas = {r.delta for r in rows}
+    ax.set_ylabel(f"ε at δ={rows[0].delta:g}" if len(deltas) == 1 else "ε (each at its department's δ)")
+    ax.set_xlabel("round (whole history)")
+    ax.set_ylim(bottom=0)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title("Whole-history ε per department (recorded in its ledger)")
+    ax.legend(fontsize=7, ncol=2 if len(rows) > 6 else 1, loc="lower right")
+    _save(fig, out / EPSILON_PLOT)
+    return "<h2>ε over rounds</h2>" + _img(EPSILON_PLOT, "whole-history ε per department against its budget")
+
+
+def _accuracy_plot(summary: dict | None, out: Path) -> str:
+    if summary is None:
+        return (
+            "<h2>Accuracy and privacy–utility</h2><p>Not shown: these come from the run's summary.json, "
+            "and only ledgers were audited. Audit the run directory for them.</p>"
+        )
+    rounds = [r for r in summary.get("rounds", []) if r.get("accuracy") is not None]
+    if not rounds:
+        return "<h2>Accuracy over rounds</h2><p>The run finished no round.</p>"
+    xs, ys = [r["round"] for r in rounds], [r["accuracy"] for r in rounds]
+    initial = (summary.get("initial") or {}).get("accuracy")
+    if initial is not None:
+        xs, ys = [0, *xs], [initial, *ys]
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(xs, ys, marker="o", markersize=4)
+    ax.set_xlabel("round (this run; 0 = initial model)")
+    ax.set_ylabel("test accuracy")
+    ax.set_ylim(0, 1)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_title("Global model accuracy on the coordinator's held-out set")
+    _save(fig, out / ACCURACY_PLOT)
+    return "<h2>Accuracy over rounds</h2>" + _img(ACCURACY_PLOT, "global test accuracy over rounds")
+
+
+def _tradeoff_plot(result: AuditResult, summary: dict | None, out: Path) -> str:
+    if summary is None:
+        return ""  # said in the accuracy section
+    title = "<h2>Privacy–utility</h2>"
+    accuracy = summary.get("final_accuracy")
+    if accuracy is None:
+        return title + "<p>The run finished no round: there is no final accuracy.</p>"
+    if summary.get("dp") is False:
+        return title + (
+            f"<p>This run had no record-level DP: ε is unbounded (∞) for every department's examples, "
+            f"so there is no privacy–utility point to plot. Final accuracy {accuracy:.4f}.</p>"
+        )
+    rows = [r for r in result.departments if r.entries]
+    if not rows:
+        return title + "<p>No verified ledger entries here, so no ε to put against the accuracy.</p>"
+    worst = max(rows, key=lambda r: r.epsilon)
+    fig, ax = plt.subplots(figsize=(6.5, 4))
+    ax.scatter([worst.epsilon], [accuracy], s=60, zorder=3)
+    ax.annotate(f"this run: ε={worst.epsilon:.2f} ({_plain(worst.id)}),\naccuracy {accuracy:.4f}",
+                (worst.epsilon, accuracy), textcoords="offset points", ha="center", fontsize=9,
+                xytext=(0, 12) if accuracy < 0.6 else (0, -12), va="bottom" if accuracy < 0.6 else "top")
+    initial = (summary.get("initial") or {}).get("accuracy")
+    if initial is not None:
+        ax.axhline(initial, color="grey", linestyle=":", linewidth=1, label=f"initial model {initial:.4f}")
+        ax.legend(fontsize=8, loc="lower right")
+    ax.set_xlim(0, max(worst.epsilon * 1.6, 1.0))
+    ax.set_ylim(0, 1.05)
+    ax.set_xlabel(f"largest whole-history ε of a department (δ={worst.delta:g})")
+    ax.set_ylabel("final test accuracy")
+    ax.set_title("Privacy–utility of the run")
+    _save(fig, out / TRADEOFF_PLOT)
+    return title + _img(TRADEOFF_PLOT, "privacy-utility point of the run")
+
+
+def _central(row: DepartmentAudit | None, summary: dict | None) -> str:
+    if row is None:
+        return ""
+    settings = (summary or {}).get("central") or {}
+    state = "verified" if row.verified else "FAILED verification"
+    return (
+        "<h2>The coordinator: client-level DP</h2>"
+        f"<p>Whole-history <b>ε = {_num(row.epsilon)}</b> at δ = {_num(row.delta, 'g')} over {row.rounds} "
+        f"release(s) (re-derived: PRV {_num(row.epsilon_prv)}, RDP {_num(row.epsilon_rdp)}, PLD "
+        f"{_num(row.epsilon_pld)}); σ = {_num(row.noise_multiplier, 'g')}, departments sampled with q = "
+        f"{_num(row.sample_rate, 'g')}, update clip C = {_e(settings.get('clip_norm', '–'))}; budget "
+        f"{_num(row.budget, 'g')}. Ledger {state}, signatures {_e(row.signatures)}.</p>"
+        "<p>This bounds what the released model reveals about whether any one department took part, with all "
+        "of its data. It does not protect against the coordinator, which sees each update before the noise; "
+        "the departments' record-level ε above does.</p>"
+    )
+
+
+def _meaning() -> str:
+    return (
+        "<h2>What these numbers mean, and what they do not cover</h2>"
+        "<p>A department's ε is record-level differential privacy for <i>its own</i> examples: whatever the "
+        "released updates and model reveal would be almost as likely had any one of its records been left out, "
+        "'almost' meaning within a factor e<sup>ε</sup>, except with probability δ (the stated δ). It covers "
+        "the department's whole ledger — every round of every run that used it, earlier runs included — and is "
+        "re-derived here from the recorded mechanisms with accountants independent of the one that wrote it.</p>"
+        "<p>It does not cover: the coordinator's held-out test set (the accuracy is measured on it); the feature "
+        "scaling statistics, computed over the whole table before training; hyperparameters tuned by looking at "
+        "test accuracy; a person whose records sit in several departments (their privacy loss adds up across "
+        "them). A valid chain and signatures prove a ledger is the one its department's key wrote; entries cut "
+        "off its end are caught only against the coordinator's record of the run.</p>"
+    )
+
+
+_PAGE = """<!doctype html>
+<html lang="en"><head><meta charset="utf-8"><title>fedsilo privacy audit</title>
+<style>
+body {{ font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1100px; color: #222; }}
+table {{ border-collapse: collapse; margin: 1em 0; }}
+th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; white-space: nowrap; }}
+th {{ background: #f3f3f3; }} td:first-child, th:first-child {{ text-align: left; }}
+.facts th, .facts td {{ text-align: left; }} .ok {{ color: #176c2e; font-weight: bold; }}
+.fail {{ color: #b00020; font-weight: bold; }} .problems li {{ color: #b00020; }}
+tr.bad td {{ background: #fde8ea; }} img {{ max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }}
+</style></head>
+<body>
+<h1>fedsilo privacy audit</h1>
+{body}
+</body></html>
+"""
