@@ -1,10 +1,12 @@
 """End to end: the real `fedsilo simulate` CLI on Flower's Simulation Engine."""
 
 import json
+import os
 import subprocess
 import sys
 import time
 import tomllib
+import uuid
 from pathlib import Path
 
 import pytest
@@ -183,7 +185,12 @@ def test_flwr_run_from_the_repo_root(tmp_path):
     assert pids, "expected `flwr run` to have left its local SuperLink for us to stop"
 
 
-def _flower_processes() -> set[int]:
+def _flower_processes(marker: bytes) -> set[int]:
+    """Live Flower/Ray processes that inherited ``marker`` in their environment.
+
+    Only this test's processes carry it, so Flower processes of anything else
+    running on the machine do not count.
+    """
     pids = set()
     for proc in Path("/proc").iterdir():
         if not proc.name.isdigit():
@@ -191,22 +198,27 @@ def _flower_processes() -> set[int]:
         try:
             args = (proc / "cmdline").read_bytes()
             state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            environ = (proc / "environ").read_bytes()
         except (OSError, IndexError):
             continue
-        if state != "Z" and any(k in args for k in (b"flower-superlink", b"flower-superexec", b"flwr-simulation", b"ray::", b"/ray/")):
+        if state == "Z" or marker not in environ:
+            continue
+        if any(k in args for k in (b"fedsilo", b"flower-superlink", b"flower-superexec", b"flwr", b"ray::", b"/ray/")):
             pids.add(int(proc.name))
     return pids
 
 
 def test_interrupted_simulation_leaves_no_processes_behind(tmp_path):
-    before = _flower_processes()
+    marker = f"FEDSILO_TEST_RUN={uuid.uuid4().hex}"
     proc = subprocess.Popen(
         [*FEDSILO, "simulate", "--departments", "3", "--rounds", "200", "--out", str(tmp_path / "int")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        env={**os.environ, "FEDSILO_TEST_RUN": marker.split("=", 1)[1]},
     )
     try:
         for line in proc.stdout:
             if "round 1/200" in line:
+                assert len(_flower_processes(marker.encode())) >= 3  # the marker reaches the SuperLink, simulation and Ray
                 break
         proc.terminate()
         proc.wait(timeout=60)
@@ -215,6 +227,6 @@ def test_interrupted_simulation_leaves_no_processes_behind(tmp_path):
             proc.kill()
     assert proc.returncode != 0
     deadline = time.monotonic() + 30
-    while time.monotonic() < deadline and _flower_processes() - before:
+    while time.monotonic() < deadline and _flower_processes(marker.encode()):
         time.sleep(0.5)
-    assert not (_flower_processes() - before)
+    assert not _flower_processes(marker.encode())
