@@ -88,7 +88,32 @@ def _pss_bytes(pid: int) -> int:
     return 0
 
 
-class TreeMemory:
+class Sampler:
+    """Calls :meth:`sample` every ``interval`` seconds on a background thread, inside ``with``."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, daemon=True)
+
+    def sample(self) -> None:
+        raise NotImplementedError
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            self.sample()
+            self._stop.wait(self.interval)
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class TreeMemory(Sampler):
     """Peak memory of a process and all its descendants (Ray workers included), sampled.
 
     PSS, not RSS: forked workers share most of their pages, and summing RSS
@@ -96,27 +121,15 @@ class TreeMemory:
     """
 
     def __init__(self, pid: int | None = None, interval: float = 0.5) -> None:
+        super().__init__(interval)
         self.pid = pid or os.getpid()
-        self.interval = interval
         self.peak = 0
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
 
-    def _sample(self) -> None:
+    def sample(self) -> None:
         from fedsilo.shared.flower_cli import descendants
 
-        while not self._stop.is_set():
-            total = sum(_pss_bytes(p) for p in [self.pid, *descendants(self.pid)])
-            self.peak = max(self.peak, total)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "TreeMemory":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        total = sum(_pss_bytes(p) for p in [self.pid, *descendants(self.pid)])
+        self.peak = max(self.peak, total)
 
     @property
     def peak_gib(self) -> float:

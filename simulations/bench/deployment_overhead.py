@@ -32,12 +32,11 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
 
-from .common import BenchResult, Table, Target
+from .common import BenchResult, Sampler, Table, Target
 
 NAME = "deployment"
 PLOT = "deployment.png"
@@ -141,51 +140,40 @@ def _cmdline(pid: int) -> list[str]:
         return []
 
 
-class Timeline:
+class Timeline(Sampler):
     """Samples, every ``interval`` s: each department's flwr-clientapp processes, and the run's summary.json."""
 
     def __init__(self, departments: dict[str, subprocess.Popen], summary: Path, interval: float = 0.1) -> None:
-        self.departments, self.summary, self.interval = departments, summary, interval
+        super().__init__(interval)
+        self.departments, self.summary = departments, summary
         self.clientapps: dict[int, dict[str, Any]] = {}  # pid -> {department, first, last}
         self.round_marks: list[tuple[int, float]] = []  # (rounds done, time first seen); 0 = initial evaluation done
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._seen_rounds = -1
 
-    def _sample(self) -> None:
+    def sample(self) -> None:
         from fedsilo.shared.flower_cli import alive, descendants
 
-        seen_rounds = -1
-        while not self._stop.is_set():
-            now = time.time()
-            for name, proc in self.departments.items():
-                for pid in descendants(proc.pid):
-                    if not alive(pid):  # an exited ClientApp stays a zombie until its parent reaps it
-                        continue
-                    known = self.clientapps.get(pid)
-                    if known is not None:
-                        known["last"] = now
-                        continue
-                    args = _cmdline(pid)
-                    if any(Path(a).name == "flwr-clientapp" for a in args[:2]):
-                        self.clientapps[pid] = {"department": name, "first": now, "last": now}
-            try:
-                data = json.loads(self.summary.read_text())
-                done = len(data.get("rounds", []))
-                if data.get("initial") and done > seen_rounds:
-                    for k in range(seen_rounds + 1, done + 1):
-                        self.round_marks.append((k, now))
-                    seen_rounds = done
-            except (OSError, ValueError):
-                pass
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "Timeline":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        now = time.time()
+        for name, proc in self.departments.items():
+            for pid in descendants(proc.pid):
+                if not alive(pid):  # an exited ClientApp stays a zombie until its parent reaps it
+                    continue
+                known = self.clientapps.get(pid)
+                if known is not None:
+                    known["last"] = now
+                    continue
+                args = _cmdline(pid)
+                if any(Path(a).name == "flwr-clientapp" for a in args[:2]):
+                    self.clientapps[pid] = {"department": name, "first": now, "last": now}
+        try:
+            data = json.loads(self.summary.read_text())
+            done = len(data.get("rounds", []))
+            if data.get("initial") and done > self._seen_rounds:
+                for k in range(self._seen_rounds + 1, done + 1):
+                    self.round_marks.append((k, now))
+                self._seen_rounds = done
+        except (OSError, ValueError):
+            pass
 
 
 # --------------------------------------------------------------------------- the deployment

@@ -39,13 +39,12 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
-from .common import BenchResult, Stopwatch, Table, Target, TreeMemory
+from .common import BenchResult, Sampler, Stopwatch, Table, Target, TreeMemory
 
 NAME = "scale"
 PLOT = "scale.png"
@@ -89,18 +88,17 @@ def simulate_command(departments: int, rounds: int, run_dir: Path, dataset: str 
     ]
 
 
-class ProcessCensus:
+class ProcessCensus(Sampler):
     """How many processes the tree of ``pid`` had at most, and what they were (sampled)."""
 
     RAY_SERVICES = ("ray::DashboardAgent", "ray::RuntimeEnvAgent")
 
     def __init__(self, pid: int, interval: float = 1.0) -> None:
-        self.pid, self.interval = pid, interval
+        super().__init__(interval)
+        self.pid = pid
         self.most = 0
         self.names: dict[str, int] = {}  # the most processes of each name seen at once
         self.ray_workers = 0  # the most Ray worker processes (ray::IDLE, ray::ClientAppActor, ...) at once
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
 
     @staticmethod
     def _name(pid: int) -> str:
@@ -120,29 +118,19 @@ class ProcessCensus:
             return f"python {Path(args[1]).name}"
         return first
 
-    def _sample(self) -> None:
+    def sample(self) -> None:
         from fedsilo.shared.flower_cli import descendants
 
-        while not self._stop.is_set():
-            tree = [self.pid, *descendants(self.pid)]
-            self.most = max(self.most, len(tree))
-            names: dict[str, int] = {}
-            for p in tree:
-                name = self._name(p)
-                names[name] = names.get(name, 0) + 1
-            for name, count in names.items():
-                self.names[name] = max(self.names.get(name, 0), count)
-            workers = sum(c for n, c in names.items() if n.startswith("ray::") and n not in self.RAY_SERVICES)
-            self.ray_workers = max(self.ray_workers, workers)
-            self._stop.wait(self.interval)
-
-    def __enter__(self) -> "ProcessCensus":
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
+        tree = [self.pid, *descendants(self.pid)]
+        self.most = max(self.most, len(tree))
+        names: dict[str, int] = {}
+        for p in tree:
+            name = self._name(p)
+            names[name] = names.get(name, 0) + 1
+        for name, count in names.items():
+            self.names[name] = max(self.names.get(name, 0), count)
+        workers = sum(c for n, c in names.items() if n.startswith("ray::") and n not in self.RAY_SERVICES)
+        self.ray_workers = max(self.ray_workers, workers)
 
 
 def run_simulation(departments: int, rounds: int, base: Path, dataset: str = DATASET,
