@@ -26,6 +26,7 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedsilo.shared.audit import AuditResult, DepartmentAudit  # noqa: E402
 
+from .report import AUDIT_COLUMNS, audit_cells  # noqa: E402
 from .summary import SUMMARY_FILE  # noqa: E402
 
 EPSILON_PLOT = "epsilon.png"
@@ -116,7 +117,7 @@ def _save(fig, path: Path) -> None:
 
 
 def _verdict(result: AuditResult) -> str:
-    rows = result.departments + ([result.central] if result.central else [])
+    rows = result.rows
     problems = [f"<li><b>{_e(r.id)}</b>: {_e(p)}</li>" for r in rows for p in r.problems]
     problems += [f"<li><b>audit</b>: {_e(p)}</li>" for p in result.problems]
     if result.ok:
@@ -151,22 +152,16 @@ def _run(result: AuditResult, summary: dict | None) -> str:
 
 
 def _department_table(result: AuditResult) -> str:
-    head = ["department", "rounds", "steps", "σ", "q", "ε recorded", "PRV", "RDP", "PLD", "δ",
-            "budget", "left", "signatures", "verified"]
     body = []
     for row in result.departments:
-        left = None if row.budget is None else max(row.budget - row.epsilon, 0.0)
-        cells = [row.id, row.rounds, row.steps, _num(row.noise_multiplier), _num(row.sample_rate, ".4f"),
-                 _num(row.epsilon), _num(row.epsilon_prv), _num(row.epsilon_rdp), _num(row.epsilon_pld),
-                 _num(row.delta, "g"), _num(row.budget, "g"), _num(left), row.signatures,
-                 "yes" if row.verified else "NO"]
+        cells = audit_cells(row)
         css = "" if row.verified else ' class="bad"'
         body.append(f"<tr{css}>" + "".join(f"<td>{_e(c)}</td>" for c in cells) + "</tr>")
     return (
         "<h2>Departments: record-level DP</h2>"
         "<p>ε of each department's whole ledger (every round of every run), recorded and re-derived "
         "with three accountants, at the department's δ.</p>"
-        '<table class="grid"><tr>' + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>"
+        '<table class="grid"><tr>' + "".join(f"<th>{_e(h)}</th>" for h in AUDIT_COLUMNS) + "</tr>"
         + "".join(body) + "</table>"
     )
 

@@ -94,28 +94,37 @@ def print_central(summary: dict, console: Console) -> None:
     )
 
 
+AUDIT_COLUMNS = ("department", "rounds", "steps", "σ", "q", "ε recorded", "PRV", "RDP", "PLD", "δ", "budget", "left", "signatures", "verified")
+
+
+def audit_cells(row) -> list[str]:
+    """One audited ledger (a ``DepartmentAudit``) as the cells of :data:`AUDIT_COLUMNS`."""
+
+    def num(value, fmt=".3f"):
+        return "–" if value is None else format(value, fmt)
+
+    return [
+        row.id, str(row.rounds), str(row.steps), num(row.noise_multiplier), num(row.sample_rate, ".4f"),
+        num(row.epsilon), num(row.epsilon_prv), num(row.epsilon_rdp), num(row.epsilon_pld),
+        num(row.delta, "g"), num(row.budget, "g"), num(row.left), row.signatures, "yes" if row.verified else "NO",
+    ]
+
+
 def print_audit(result, console: Console | None = None) -> None:
     """The privacy officer's table: one row per department, then every problem."""
     console = console or Console()
     table = Table(title="Privacy audit — ε re-derived from the recorded mechanisms")
-    for column in ("department", "rounds", "steps", "σ", "q", "ε recorded", "PRV", "RDP", "PLD", "δ", "budget", "left", "signatures", "verified"):
+    for column in AUDIT_COLUMNS:
         table.add_column(column, justify="left" if column in ("department", "signatures", "verified") else "right")
-
-    def num(value, fmt=".3f"):
-        return "-" if value is None else format(value, fmt)
-
-    for row in result.departments + ([result.central] if result.central else []):
+    for row in result.rows:
+        cells = audit_cells(row)
         if row is result.central:
             table.add_section()
-        left = None if row.budget is None else max(row.budget - row.epsilon, 0.0)
-        table.add_row(
-            row.id + (" (client-level)" if row is result.central else ""), str(row.rounds), str(row.steps), num(row.noise_multiplier), num(row.sample_rate, ".4f"),
-            num(row.epsilon), num(row.epsilon_prv), num(row.epsilon_rdp), num(row.epsilon_pld),
-            num(row.delta, "g"), num(row.budget, "g"), num(left),
-            row.signatures, "[green]yes[/green]" if row.verified else "[red]NO[/red]",
-        )
+            cells[0] += " (client-level)"
+        cells[-1] = "[green]yes[/green]" if row.verified else "[red]NO[/red]"
+        table.add_row(*cells)
     console.print(table)
-    for row in result.departments + ([result.central] if result.central else []):
+    for row in result.rows:
         for problem in row.problems:
             console.print(f"[red]{row.id}[/red]: {problem}", soft_wrap=True)
     for problem in result.problems:

@@ -49,13 +49,18 @@ class DepartmentAudit:
     problems: list[str] = field(default_factory=list)
     entries: list[LedgerEntry] = field(default_factory=list, repr=False)  # as verified
 
+    @property
+    def left(self) -> float | None:
+        """What is left of the budget (``None`` when the budget is not known)."""
+        return None if self.budget is None else max(self.budget - self.epsilon, 0.0)
+
     def to_json(self) -> dict:
         return {
             "id": self.id, "epsilon": self.epsilon, "delta": self.delta, "rounds": self.rounds,
             "steps": self.steps, "verified": self.verified, "signatures": self.signatures,
             "epsilon_prv": self.epsilon_prv, "epsilon_rdp": self.epsilon_rdp, "epsilon_pld": self.epsilon_pld,
             "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
-            "budget": self.budget, "left": None if self.budget is None else max(self.budget - self.epsilon, 0.0),
+            "budget": self.budget, "left": self.left,
             "ledger": self.path, "problems": self.problems,
         }
 
@@ -66,6 +71,11 @@ class AuditResult:
     problems: list[str] = field(default_factory=list)  # not tied to one ledger
     # The coordinator's client-level DP ledger, when the run had one.
     central: DepartmentAudit | None = None
+
+    @property
+    def rows(self) -> list[DepartmentAudit]:
+        """Every audited ledger: the departments', then the coordinator's."""
+        return self.departments + ([self.central] if self.central else [])
 
     @property
     def ok(self) -> bool:
