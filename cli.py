@@ -77,7 +77,7 @@ def plan(
     delta: Annotated[float, typer.Option(help="δ of every ε.")] = 1e-5,
     batch_size: Annotated[int, typer.Option(help="Expected Poisson batch (sample rate 1/ceil(N/B)).")] = 64,
     local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 1,
-    accountant: Annotated[str, typer.Option(help="prv or rdp.")] = "prv",
+    accountant: Annotated[str, typer.Option(help="pld (tightest) | prv | rdp.")] = "pld",
     max_epsilon: Annotated[Optional[float], typer.Option(help="A budget: name the round that would pass it.")] = None,
     json_out: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:

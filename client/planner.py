@@ -111,7 +111,7 @@ def plan_privacy(
     target_epsilon: float | None = None,
     noise_multiplier: float | None = None,
     local_epochs: int = 1,
-    accountant: str = "prv",
+    accountant: str = "pld",
     max_epsilon: float | None = None,
 ) -> PrivacyPlan:
     """Plan one department's DP-SGD for ``rounds`` rounds.

@@ -49,7 +49,7 @@ def merge_history(history: Iterable[Mechanism]) -> list[tuple[float, float, int]
     return [(nm, q, steps) for (nm, q), steps in merged.items()]
 
 
-def epsilon(history: Iterable[Mechanism], delta: float, accountant: str = "prv") -> float:
+def epsilon(history: Iterable[Mechanism], delta: float, accountant: str = "pld") -> float:
     """Whole-history ε at ``delta`` (0.0 for an empty history).
 
     PRV returns its certified upper bound (Opacus' ``eps_upper``), never the
@@ -77,14 +77,25 @@ def epsilon(history: Iterable[Mechanism], delta: float, accountant: str = "prv")
 
 def pld_epsilon(tuples: Iterable[tuple[float, float, int]], delta: float) -> float:
     """ε of ``(noise_multiplier, sample_rate, steps)`` tuples with dp-accounting's PLD."""
-    import dp_accounting
+    acc = _pld_accountant()
+    for sigma, q, steps in tuples:
+        acc.compose(_pld_event(sigma, q, int(steps)))
+    return float(acc.get_epsilon(delta))
+
+
+def _pld_accountant():
     from dp_accounting.pld import pld_privacy_accountant
 
-    acc = pld_privacy_accountant.PLDAccountant(value_discretization_interval=PLD_INTERVAL)
-    for sigma, q, steps in tuples:
-        gaussian = dp_accounting.GaussianDpEvent(sigma)
-        acc.compose(gaussian if q == 1.0 else dp_accounting.PoissonSampledDpEvent(q, gaussian), int(steps))
-    return float(acc.get_epsilon(delta))
+    return pld_privacy_accountant.PLDAccountant(value_discretization_interval=PLD_INTERVAL)
+
+
+def _pld_event(sigma: float, sample_rate: float, steps: int):
+    import dp_accounting
+
+    event = dp_accounting.GaussianDpEvent(sigma)
+    if sample_rate != 1.0:
+        event = dp_accounting.PoissonSampledDpEvent(sample_rate, event)
+    return dp_accounting.SelfComposedDpEvent(event, steps)
 
 
 def make_accountant(name: str) -> PRVAccountant | RDPAccountant:
@@ -97,19 +108,65 @@ def make_accountant(name: str) -> PRVAccountant | RDPAccountant:
 
 
 def noise_for_target(
-    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "prv"
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str = "pld"
 ) -> float:
-    """Smallest σ (to 0.01 in ε) whose ``steps`` steps at ``sample_rate`` stay ≤ target."""
+    """Smallest σ whose ``steps`` steps at ``sample_rate`` stay ≤ ``target_epsilon``.
+
+    PRV and RDP use Opacus' search (to 0.01 in ε); PLD uses dp-accounting's
+    calibration (Brent's method, to 0.1% in σ), always on the feasible side.
+    """
     from opacus.accountants.utils import get_noise_multiplier
 
     if target_epsilon <= 0:
         raise ValueError(f"target_epsilon must be positive, got {target_epsilon}")
-    return float(
-        get_noise_multiplier(
-            target_epsilon=target_epsilon,
-            target_delta=delta,
-            sample_rate=sample_rate,
-            steps=steps,
-            accountant=accountant,
+    if not 0 < delta < 1:
+        raise ValueError(f"delta must be in (0, 1), got {delta}")
+
+    def opacus_sigma(name: str) -> float:
+        return float(
+            get_noise_multiplier(
+                target_epsilon=target_epsilon, target_delta=delta, sample_rate=sample_rate,
+                steps=steps, accountant=name,
+            )
+        )
+
+    if accountant != "pld":
+        return opacus_sigma(accountant)
+    # RDP's bound is looser than PLD's, so RDP's σ already meets the target under
+    # PLD: the upper end of the bracket.  The lower end must miss it.
+    upper = opacus_sigma("rdp")
+    lower = upper / 2
+    try:
+        while lower > PLD_MIN_SIGMA and pld_epsilon([(lower, sample_rate, steps)], delta) <= target_epsilon:
+            upper, lower = lower, lower / 2
+        if lower <= PLD_MIN_SIGMA:
+            return upper  # noise this small is outside PLD's grid; RDP's σ is sound
+        return _calibrate_pld(target_epsilon, delta, sample_rate, steps, lower, upper)
+    except (ValueError, MemoryError, OverflowError):
+        return upper
+
+
+# Below this σ the PLD grid grows too large for memory (privacy loss ~ 1/σ²).
+PLD_MIN_SIGMA = 0.05
+
+
+def _calibrate_pld(
+    target_epsilon: float, delta: float, sample_rate: float, steps: int, lower: float, upper: float
+) -> float:
+    from dp_accounting import mechanism_calibration as calibration
+
+    sigma = float(
+        calibration.calibrate_dp_mechanism(
+            _pld_accountant,
+            lambda s: _pld_event(s, sample_rate, steps),
+            target_epsilon,
+            delta,
+            bracket_interval=calibration.ExplicitBracketInterval(lower, upper),
+            tol=upper * 1e-3,
         )
     )
+    # calibrate_dp_mechanism returns the feasible end of its final bracket; check
+    # anyway, since a σ that overshoots the target would break the plan's promise.
+    if pld_epsilon([(sigma, sample_rate, steps)], delta) > target_epsilon:
+        return upper
+    return sigma

@@ -58,7 +58,7 @@ class BudgetGuard:
     """
 
     def __init__(
-        self, max_epsilon: float, delta: float, accountant: str = "prv", who: str = "the department"
+        self, max_epsilon: float, delta: float, accountant: str = "pld", who: str = "the department"
     ) -> None:
         if not (max_epsilon > 0 and math.isfinite(max_epsilon)):
             raise ValueError(f"max_epsilon must be a positive finite number, got {max_epsilon}")

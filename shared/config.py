@@ -12,7 +12,7 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-ACCOUNTANTS = ("prv", "rdp")
+ACCOUNTANTS = ("pld", "prv", "rdp")  # record-level accountants a department may use
 GRAD_SAMPLE_MODES = ("ghost", "hooks", "functorch", "ew")
 DEVICES = ("auto", "cpu", "cuda")
 MODELS = ("auto", "mlp", "cnn")
@@ -31,10 +31,11 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "max-grad-norm": 1.0,
     "delta": 1e-5,
     "max-epsilon": 10.0,
-    "accountant": "prv",
+    "accountant": "pld",
     "local-epochs": 1,
     "batch-size": 64,
-    "learning-rate": 0.5,
+    # 0 = auto: DP_LEARNING_RATE with DP, PLAIN_LEARNING_RATE without (see below).
+    "learning-rate": 0.0,
     "momentum": 0.5,
     "grad-sample-mode": "ghost",
     "device": "auto",
@@ -60,6 +61,13 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "central-ledger": "",
     "central-signing-key": "",
 }
+
+
+# Clipped, noised DP-SGD updates have norm at most C per example, so a large step is
+# safe and needed; unclipped SGD at that step diverges on the CNN (mnist5k: 10%,
+# chance, at 0.5 against 96% at 0.05, centralized, 20 epochs; digits: 97% at both).
+DP_LEARNING_RATE = 0.5
+PLAIN_LEARNING_RATE = 0.05
 
 
 class ConfigError(ValueError):
@@ -116,7 +124,7 @@ class RunSettings:
             (self.num_server_rounds >= 1, "num-server-rounds must be at least 1"),
             (self.local_epochs >= 1, "local-epochs must be at least 1"),
             (self.batch_size >= 1, "batch-size must be at least 1"),
-            (self.learning_rate > 0, "learning-rate must be positive"),
+            (self.learning_rate > 0, "learning-rate must be positive (or 0 for the default)"),
             (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
             (self.max_grad_norm > 0, "max-grad-norm must be positive"),
             (0 < self.delta < 1, "delta must be in (0, 1); use e.g. 1e-5"),
@@ -177,6 +185,8 @@ class RunSettings:
                      "central_noise_multiplier", "central_clip_norm", "central_delta", "central_max_epsilon"):
             if not math.isfinite(values[name]):
                 raise ConfigError(f"{name.replace('_', '-')} must be a finite number")
+        if values["learning_rate"] == 0:
+            values["learning_rate"] = DP_LEARNING_RATE if values["dp"] else PLAIN_LEARNING_RATE
         return cls(**values)
 
     def to_run_config(self) -> dict[str, Any]:

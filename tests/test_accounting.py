@@ -47,12 +47,24 @@ def test_empty_history_is_zero_and_bad_inputs_raise():
         Mechanism(-1.0, 0.5, 1)
 
 
-def test_noise_for_target_stays_within_target():
-    sigma = accounting.noise_for_target(3.0, 1e-5, 0.1, 200)
-    spent = accounting.epsilon([Mechanism(sigma, 0.1, 200)], 1e-5)
+@pytest.mark.parametrize("name", [None, *accounting.ACCOUNTANTS])
+def test_noise_for_target_stays_within_target(name):
+    kwargs = {} if name is None else {"accountant": name}  # None: the defaults agree with each other
+    sigma = accounting.noise_for_target(3.0, 1e-5, 0.1, 200, **kwargs)
+    spent = accounting.epsilon([Mechanism(sigma, 0.1, 200)], 1e-5, **kwargs)
     assert spent <= 3.0
-    assert spent > 2.9  # and it does not waste budget
+    assert spent > 2.97  # and it does not waste budget
     assert math.isfinite(sigma) and sigma > 0
+
+
+def test_pld_noise_for_target_is_below_the_opacus_searches():
+    # PLD is the tightest of the three, so it needs the least noise for the same ε.
+    pld = accounting.noise_for_target(3.0, 1e-5, 0.25, 80, "pld")
+    assert pld <= accounting.noise_for_target(3.0, 1e-5, 0.25, 80, "prv")
+    assert pld < accounting.noise_for_target(3.0, 1e-5, 0.25, 80, "rdp")
+    # Large ε needs σ well below 1, where the PLD grid is large; it must still calibrate.
+    small = accounting.noise_for_target(50.0, 1e-5, 0.5, 4, "pld")
+    assert 0.1 < small < 1 and accounting.epsilon([Mechanism(small, 0.5, 4)], 1e-5, "pld") <= 50.0
 
 
 def test_pld_is_independent_of_opacus_and_falls_back_to_rdp_when_it_cannot_run():

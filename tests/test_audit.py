@@ -23,7 +23,7 @@ def _write_run(folder, name="finance", run_id="77"):
     for rnd, m in enumerate(MECHANISMS, start=1):
         history.append(m)
         ledger.append(run_id=run_id, round=rnd, mechanism=m, max_grad_norm=1.0, delta=1e-5,
-                      accountant="prv", epsilon=accounting.epsilon(history, 1e-5), num_examples=80)
+                      accountant="pld", epsilon=accounting.epsilon(history, 1e-5, "pld"), num_examples=80)
     summary = {
         "run_id": run_id, "max_epsilon": 10.0, "departments": {name: {"max_epsilon": 10.0}},
         "rounds": [{"round": e.round, "trained": [name], "epsilon": {name: e.epsilon}} for e in ledger.entries],
@@ -45,8 +45,9 @@ def test_an_honest_run_verifies_and_epsilon_matches_independent_accountants(tmp_
     (row,) = result.departments
     entries = [json.loads(line) for line in path.read_text().splitlines()]
     assert row.epsilon == entries[-1]["epsilon"]
-    assert row.epsilon_prv == pytest.approx(row.epsilon, rel=1e-9)
-    assert row.epsilon_pld <= row.epsilon_prv * 1.01 and row.epsilon_pld == pytest.approx(row.epsilon, rel=0.02)
+    assert entries[-1]["accountant"] == "pld"  # the default, re-derived exactly
+    assert row.epsilon_pld == pytest.approx(row.epsilon, rel=1e-9)
+    assert row.epsilon_pld <= row.epsilon_prv * 1.01 and row.epsilon_prv == pytest.approx(row.epsilon, rel=0.02)
     assert row.epsilon_rdp >= row.epsilon_prv
     assert row.signatures == "valid" and row.rounds == 4 and row.steps == 19
 

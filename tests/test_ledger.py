@@ -26,7 +26,7 @@ def _append(ledger: PrivacyLedger, rnd: int, run_id: str = "r1") -> None:
         mechanism=M,
         max_grad_norm=1.0,
         delta=1e-5,
-        accountant="prv",
+        accountant="pld",
         epsilon=accounting.epsilon(history, 1e-5),
         num_examples=100,
     )
@@ -128,7 +128,7 @@ def _worker(path, n):
         try:
             ledger.append(
                 run_id="r", round=written, mechanism=M, max_grad_norm=1.0, delta=1e-5,
-                accountant="prv", epsilon=accounting.epsilon([*ledger.history, M], 1e-5),
+                accountant="pld", epsilon=accounting.epsilon([*ledger.history, M], 1e-5),
                 num_examples=100, expected_seq=seen,
             )
             written += 1

@@ -10,7 +10,7 @@ from fedsilo.client.budget_guard import plan_round
 from fedsilo.client.planner import PlanError, plan_privacy, shown_rounds
 from fedsilo.shared import accounting
 from fedsilo.shared.accounting import Mechanism
-from fedsilo.shared.config import RunSettings
+from fedsilo.shared.config import RUN_CONFIG_DEFAULTS, RunSettings
 
 DELTA = 1e-5
 
@@ -100,7 +100,7 @@ def test_cli_json_matches_the_planner(target_plan):
     out = json.loads(result.output)
     assert out["noise_multiplier"] == target_plan.noise_multiplier
     assert out["sample_rate"] == target_plan.sample_rate and out["steps_per_round"] == 20
-    assert out["delta"] == DELTA and out["accountant"] == "prv"
+    assert out["delta"] == DELTA and out["accountant"] == RUN_CONFIG_DEFAULTS["accountant"] == "pld"
     assert out["curve"] == [{"round": r, "epsilon": e} for r, e in target_plan.curve]
 
 

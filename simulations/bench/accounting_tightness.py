@@ -21,6 +21,7 @@ from typing import Any, Callable
 
 from fedsilo.shared import accounting
 from fedsilo.shared.accounting import Mechanism
+from fedsilo.shared.config import RUN_CONFIG_DEFAULTS
 
 from .common import BenchResult, Table, Target
 
@@ -39,7 +40,9 @@ CENTRAL_ROUNDS = (20, 100)
 TOLERANCE = 0.01  # "tightest within 1 %"
 FINE_EPS_ERROR = 1e-3  # a 10× finer PRV than Opacus' default eps_error 0.01
 SMALL_FRACTION = 0.10  # ε computation counts as small at ≤ 10 % of a round's wall time
-DEPARTMENT_DEFAULT = "prv"  # shared/config.py
+DEPARTMENT_DEFAULT = str(RUN_CONFIG_DEFAULTS["accountant"])
+# The department default first, then the others it is compared with.
+DEPARTMENT_ORDER = (DEPARTMENT_DEFAULT, *(a for a in ("pld", "prv", "rdp") if a != DEPARTMENT_DEFAULT))
 CENTRAL_DEFAULT = "pld"  # server/central_dp.py
 LABELS = {
     "prv": "PRV (Opacus)",
@@ -329,7 +332,7 @@ def run(out: Path, quick: bool) -> BenchResult:
     # Record level: plan as a run plans, then ε of the planned 20-round history.
     sizes, plans = department_plans(targets)
     records = record_level(plans)
-    dept_tight = tightness(records, DEPARTMENT_DEFAULT, ("rdp", "pld"))
+    dept_tight = tightness(records, DEPARTMENT_DEFAULT, DEPARTMENT_ORDER[1:])
     # The loosest PRV row again with a 10× finer eps_error: is the gap to PLD PRV's error term?
     worst = max(records, key=lambda r: r["eps"]["prv"] / min(r["eps"]["rdp"], r["eps"]["pld"]))
     started = time.perf_counter()
@@ -374,16 +377,16 @@ def run(out: Path, quick: bool) -> BenchResult:
         rows = [r for r in records if r["target"] == target]
         sigmas = [r["mechanism"].noise_multiplier for r in rows]
         cells = [f"{target:g}", str(len(rows)), _r(min(sigmas), max(sigmas))]
-        for name in ("prv", "rdp", "pld"):
+        for name in DEPARTMENT_ORDER:
             vals = [r["eps"][name] for r in rows if r["eps"][name] is not None]
             cells.append(f"{_e(max(vals))} / {_e(statistics.median(vals))}" if vals else "–")
-        for num in ("rdp", "pld"):
-            rr = _ratio_range(rows, num, "prv")
+        for num in DEPARTMENT_ORDER[1:]:
+            rr = _ratio_range(rows, num, DEPARTMENT_DEFAULT)
             cells.append(_r(*rr) if rr else "–")
         target_rows.append(cells)
     dept_rows = [
         [str(r["department"]), str(r["examples"]), f"{r['mechanism'].sample_rate:.3g}", str(r["mechanism"].steps),
-         f"{r['mechanism'].noise_multiplier:.3f}", _e(r["eps"]["prv"]), _e(r["eps"]["rdp"]), _e(r["eps"]["pld"])]
+         f"{r['mechanism'].noise_multiplier:.3f}", *(_e(r["eps"][name]) for name in DEPARTMENT_ORDER)]
         for r in records if r["target"] == CURVE_TARGET
     ]
     central_rows = []
@@ -409,25 +412,22 @@ def run(out: Path, quick: bool) -> BenchResult:
         lo, hi = t["default_over"].get(name, (float("nan"), float("nan")))
         return f"{_r(lo, hi)}"
 
+    default = LABELS[DEPARTMENT_DEFAULT].split(" (")[0]
     dept_target = Target(
-        "fedsilo's default accountant is the tightest sound one computed (≤ the others within 1 %): departments, PRV",
-        f"PRV/RDP {over(dept_tight, 'rdp')}, PRV/PLD {over(dept_tight, 'pld')} over {dept_tight['rows']} "
-        f"department runs (targets ε={', '.join(f'{t:g}' for t in targets)}); worst PRV/tightest "
-        f"{dept_tight['worst_default_over_tightest_other']:.4f}; {dept_tight['violations']} of {dept_tight['rows']} "
-        "over 1 %",
+        f"fedsilo's default accountant is the tightest sound one computed (≤ the others within 1 %): departments, {default}",
+        ", ".join(f"{LABELS[o].split(' (')[0]}/{default} {over(dept_tight, o)}" for o in DEPARTMENT_ORDER[1:])
+        + f" over {dept_tight['rows']} department runs (targets ε={', '.join(f'{t:g}' for t in targets)}); worst "
+        f"{default}/tightest other {dept_tight['worst_default_over_tightest_other']:.4f}; "
+        f"{dept_tight['violations']} of {dept_tight['rows']} over 1 %",
         dept_tight["ok"],
-        "PRV (Opacus' certified upper bound, eps_error 0.01) and dp-accounting's pessimistic PLD agree to about "
-        "0.01 in ε; RDP is looser by the ratio shown. "
+        "dp-accounting's PLD (pessimistic discretization, an upper bound) and Opacus' PRV (certified upper bound, "
+        "eps_error 0.01) agree to about 0.01 in ε; RDP is looser by the ratio shown. "
         f"The loosest PRV (target ε={fine_prv['target']:g}, department {fine_prv['department']}: "
         f"{fine_prv['prv_default']:.4f} vs PLD {fine_prv['pld']:.4f}) with eps_error {FINE_EPS_ERROR:g} gives "
         f"{fine_prv['prv']:.4f} ({_t(fine_prv['seconds'])} for that call): the gap is PRV's error term. "
-        + (
-            "It matters relatively at small ε; what would close it: that finer eps_error for PRV (slower), or PLD "
-            "for departments too (faster per call here)."
-            if not dept_tight["ok"] else
-            "PLD is marginally lower still (within the tolerance), at a fraction of PRV's cost per call."
-            if dept_tight["default_over"].get("pld", (0, 0))[1] > 1 else ""
-        ),
+        + ("" if dept_tight["ok"] else
+           f"What would close it: a finer discretization for {default} (slower per call), or the tighter accountant "
+           "as the default."),
     )
     central_target = Target(
         "fedsilo's default accountant is the tightest sound one computed (≤ the others within 1 %): client level, PLD",
@@ -447,13 +447,13 @@ def run(out: Path, quick: bool) -> BenchResult:
 
         ref_text = " For larger rounds (dp-cost's ghost epochs): " + "; ".join(
             f"{CONFIGS[c].label if c in CONFIGS else c}, {v['examples']} examples: {_t(v['seconds'])} per epoch, "
-            "so one PRV call is "
+            f"so one {default} call is "
             f"{100 * per_call / (per_call + v['seconds']):.0f} % of it"
             for c, v in reference.items()
         ) + "."
     time_target = Target(
         f"ε computation is a small fraction (≤ {SMALL_FRACTION:.0%}) of a department round: once per round, not per batch",
-        f"{_t(per_call)} per PRV call ({ROUNDS}-round history) vs {_t(train_s)} of local training in a median digits "
+        f"{_t(per_call)} per {default} call ({ROUNDS}-round history) vs {_t(train_s)} of local training in a median digits "
         f"department round ({median_plan['examples']} examples, {mechanism.steps} steps): {fraction:.0%} of the round",
         fraction <= SMALL_FRACTION,
         f"fedsilo calls the accountant once per round per department (the ε before comes from the ledger), never per "
@@ -476,9 +476,10 @@ def run(out: Path, quick: bool) -> BenchResult:
         f"Record level: the department mechanisms of a typical run — {DATASET}, {DEPARTMENTS} departments, "
         f"{PARTITION}, seed {SEED} ({min(sizes)}–{max(sizes)} training examples each), batch 64, 1 local epoch, "
         f"{ROUNDS} rounds, δ={DELTA:g} — planned with fedsilo's `plan_round` for `--target-epsilon` "
-        f"{', '.join(f'{t:g}' for t in targets)} (σ from PRV, as `fedsilo simulate` does), then the ε of each "
-        f"department's whole {ROUNDS}-round history from Opacus' PRV (certified upper bound), Opacus' RDP and "
-        "dp-accounting's PLD (pessimistic, interval 1e-3), all through `fedsilo.shared.accounting`. Client level: "
+        f"{', '.join(f'{t:g}' for t in targets)} (σ from the default accountant, "
+        f"{LABELS[DEPARTMENT_DEFAULT]}, as `fedsilo simulate` does), then the ε of each "
+        f"department's whole {ROUNDS}-round history from dp-accounting's PLD (pessimistic, interval 1e-3), Opacus' "
+        "PRV (certified upper bound) and Opacus' RDP, all through `fedsilo.shared.accounting`. Client level: "
         f"Poisson-sampled Gaussian (1 release per round) at δ={CENTRAL_DELTA:g} for each (σ, q, rounds), with PLD, "
         "Opacus' PRV and RDP, and dp-accounting's RdpAccountant (which drops, with a log line, fractional orders "
         "whose series does not converge; still a sound bound). Cost: median wall seconds per ε call "
@@ -497,11 +498,13 @@ def run(out: Path, quick: bool) -> BenchResult:
         tables=[
             Table(
                 f"Record level: ε after {ROUNDS} rounds per department (max / median over {DEPARTMENTS} departments)",
-                ["target ε", "departments", "σ", "PRV (default)", "RDP", "PLD", "RDP/PRV", "PLD/PRV"],
+                ["target ε", "departments", "σ",
+                 *(name.upper() + (" (default)" if name == DEPARTMENT_DEFAULT else "") for name in DEPARTMENT_ORDER),
+                 *(f"{o.upper()}/{DEPARTMENT_DEFAULT.upper()}" for o in DEPARTMENT_ORDER[1:])],
                 target_rows,
             ),
             Table(f"Record level, per department, target ε={CURVE_TARGET:g}",
-                  ["department", "examples", "q", "steps/round", "σ", "PRV", "RDP", "PLD"], dept_rows),
+                  ["department", "examples", "q", "steps/round", "σ", *(n.upper() for n in DEPARTMENT_ORDER)], dept_rows),
             Table(
                 f"Client level: ε at δ={CENTRAL_DELTA:g}",
                 ["σ", "q", "rounds", "PLD (default)", "PRV (Opacus)", "RDP (Opacus)", "RDP (dp-accounting)",
