@@ -25,7 +25,7 @@ demo: $(STAMP)
 	    --delta 1e-5 --max-epsilon 8 --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -120,6 +120,8 @@ class RunSettings:
     central_signing_key: str
 
     def __post_init__(self) -> None:
+        if self.learning_rate == 0:  # "auto": resolved here so every way of building settings agrees
+            object.__setattr__(self, "learning_rate", DP_LEARNING_RATE if self.dp else PLAIN_LEARNING_RATE)
         checks = [
             (self.num_server_rounds >= 1, "num-server-rounds must be at least 1"),
             (self.local_epochs >= 1, "local-epochs must be at least 1"),
@@ -185,8 +187,6 @@ class RunSettings:
                      "central_noise_multiplier", "central_clip_norm", "central_delta", "central_max_epsilon"):
             if not math.isfinite(values[name]):
                 raise ConfigError(f"{name.replace('_', '-')} must be a finite number")
-        if values["learning_rate"] == 0:
-            values["learning_rate"] = DP_LEARNING_RATE if values["dp"] else PLAIN_LEARNING_RATE
         return cls(**values)
 
     def to_run_config(self) -> dict[str, Any]:

@@ -107,6 +107,17 @@ def test_centralized_epsilon_within_target(small):
     assert independent <= 3.0
 
 
+def test_centralized_baselines_train_with_fedsilos_learning_rates(small):
+    from fedsilo.shared.config import DP_LEARNING_RATE, PLAIN_LEARNING_RATE
+
+    parts, test = small
+    train = utility.pooled(parts)
+    plain = utility.run_centralized(train, test, None, 10, seed=0)
+    assert plain["learning_rate"] == PLAIN_LEARNING_RATE
+    assert plain["accuracy"] > 0.5  # it trained: chance is 0.1
+    assert utility.run_centralized(train, test, 8.0, 1, seed=0)["learning_rate"] == DP_LEARNING_RATE
+
+
 def test_pooled_data_is_exactly_the_departments_examples():
     parts, _ = federation_data("digits", "label", (), 10, "dirichlet:0.5", 42)
     train, _ = train_test_split(load_dataset("digits"))

@@ -50,3 +50,16 @@ def test_settings_reject_bad_values_with_their_names():
         RunSettings.from_run_config({"target-epsilon": 9.0, "max-epsilon": 8.0})
     with pytest.raises(ConfigError, match="'batch-size'"):
         RunSettings.from_run_config({"batch-size": "many"})
+
+
+def test_learning_rate_default_depends_on_dp_and_an_explicit_one_wins():
+    from fedsilo.shared.config import DP_LEARNING_RATE, PLAIN_LEARNING_RATE
+
+    assert RunSettings.from_run_config({}).learning_rate == DP_LEARNING_RATE
+    assert RunSettings.from_run_config({"dp": False}).learning_rate == PLAIN_LEARNING_RATE
+    assert RunSettings.from_run_config({"dp": False, "learning-rate": 0.3}).learning_rate == 0.3
+    # Built directly (as `fedsilo simulate` does), the default resolves the same way.
+    direct = RunSettings(**{**RunSettings.from_run_config({}).__dict__, "dp": False, "learning_rate": 0.0})
+    assert direct.learning_rate == PLAIN_LEARNING_RATE
+    with pytest.raises(ConfigError, match="learning-rate must be positive"):
+        RunSettings.from_run_config({"learning-rate": -0.1})

@@ -11,6 +11,7 @@ from typing import Annotated
 import typer
 from rich.console import Console
 
+from .common import load_average
 from .report import render
 
 console = Console()
@@ -33,8 +34,10 @@ def run_benchmarks(names: list[str], out: Path, quick: bool) -> list[Path]:
     for name in names:
         module = importlib.import_module(f"{__package__}.{SUITE[name]}")
         console.print(f"[bold]bench {name}[/bold]{' (quick)' if quick else ''} …")
+        load = load_average()
         started = time.perf_counter()
         result = module.run(out, quick)
+        result.load_before = load
         result.seconds = round(time.perf_counter() - started, 1)
         saved.append(result.save(out))
         console.print(f"  done in {result.seconds:.0f} s -> {saved[-1]}")

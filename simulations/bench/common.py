@@ -44,12 +44,20 @@ class BenchResult:
     targets: list[Target] = field(default_factory=list)
     raw: dict[str, Any] = field(default_factory=dict)
     seconds: float = 0.0
+    # 1/5/15-minute load averages just before it started: other work on the
+    # machine skews timings (a load near the core count means it was busy).
+    load_before: list[float] | None = None
 
     def save(self, out: Path) -> Path:
         path = Path(out) / f"{self.name}.json"
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps({**asdict(self), "machine": machine()}, indent=2, allow_nan=False) + "\n")
         return path
+
+
+def load_average() -> list[float] | None:
+    """The 1/5/15-minute load averages, where the OS reports them."""
+    return [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
 
 
 def machine() -> dict[str, Any]:

@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from fedsilo.shared.config import DP_LEARNING_RATE
+
 from .common import BenchResult, Table, Target
 
 NAME = "dp-cost"
@@ -35,7 +37,7 @@ VARIANTS = ("plain", "ghost", "hooks", "functorch", "ew")
 DEFAULT_MODE = "ghost"  # fedsilo's default grad-sample-mode (shared/config.py)
 TARGET_RATIO = 2.0
 BATCH_SIZE = 64
-LEARNING_RATE = 0.5  # fedsilo's default
+LEARNING_RATE = DP_LEARNING_RATE  # fedsilo's default with DP (the time per epoch does not depend on it)
 MOMENTUM = 0.5
 EPOCHS = 1
 NOISE_MULTIPLIER = 1.0

@@ -43,7 +43,10 @@ def render(out: Path) -> Path:
                 lines.append(f"| {r['name']} | {t['target']} | {t['measured']} | {_mark(t['met'])} | {t['note']} |")
         lines.append("")
     for r in results:
-        lines += [f"## {r['title']}", "", f"*{r['seconds']:.0f} s{' (quick)' if r['quick'] else ''}.* {r['text']}".strip(), ""]
+        load = r.get("load_before")
+        load_text = f", load average {load[0]:g} / {load[1]:g} / {load[2]:g} (1/5/15 min) before it started" if load else ""
+        lines += [f"## {r['title']}", "",
+                  f"*{r['seconds']:.0f} s{' (quick)' if r['quick'] else ''}{load_text}.* {r['text']}".strip(), ""]
         for table in r["tables"]:
             lines += [f"**{table['title']}**", "", "| " + " | ".join(table["columns"]) + " |",
                       "|" + "---|" * len(table["columns"])]

@@ -4,7 +4,7 @@ Three ways to train on the same non-IID departments of one dataset:
 
 * **fedsilo** — the real ``fedsilo simulate`` CLI in a subprocess (Flower's
   Simulation Engine, budget guard, ledgers); accuracy from ``summary.json``, ε
-  from the departments' ledgers (whole history, PRV at δ = 1e-5).
+  from the departments' ledgers (whole history, fedsilo's default accountant at δ = 1e-5).
 * **centralized DP-SGD** — the departments' training examples pooled in one
   place (the same examples, concatenated), the same model and initialization,
   fedsilo's own :func:`~fedsilo.client.trainer.train_dp` for ``rounds × local
@@ -43,7 +43,7 @@ import torch
 from fedsilo.client.trainer import plan_mechanism, train_dp, train_plain
 from fedsilo.shared import accounting
 from fedsilo.shared.accounting import Mechanism
-from fedsilo.shared.config import RUN_CONFIG_DEFAULTS
+from fedsilo.shared.config import DP_LEARNING_RATE, PLAIN_LEARNING_RATE, RUN_CONFIG_DEFAULTS
 from fedsilo.shared.data import Dataset, federation_data
 from fedsilo.shared.ledger import read_ledgers
 from fedsilo.shared.models import build_model, evaluate, to_tensor_dataset
@@ -83,16 +83,26 @@ QUICK = Setup(datasets=("digits",), departments=3, rounds=3, epsilons=(8.0,), ti
 class Hyper:
     """The optimizer side of a training recipe."""
 
-    learning_rate: float
+    learning_rate: float | None  # None: fedsilo's default (DP_LEARNING_RATE with DP, PLAIN_LEARNING_RATE without)
     momentum: float
     batch_size: int
     max_grad_norm: float = 1.0
     grad_sample_mode: str = "hooks"  # Opacus' default, as the example uses
 
+    def lr(self, private: bool) -> float:
+        if self.learning_rate is not None:
+            return self.learning_rate
+        return DP_LEARNING_RATE if private else PLAIN_LEARNING_RATE
+
+    def lr_text(self) -> str:
+        if self.learning_rate is not None:
+            return f"{self.learning_rate:g}"
+        return f"{DP_LEARNING_RATE:g} with DP, {PLAIN_LEARNING_RATE:g} without"
+
 
 # fedsilo's defaults (shared/config.py): what fedsilo and the centralized baseline run.
 FEDSILO_HP = Hyper(
-    learning_rate=float(RUN_CONFIG_DEFAULTS["learning-rate"]),
+    learning_rate=float(RUN_CONFIG_DEFAULTS["learning-rate"]) or None,
     momentum=float(RUN_CONFIG_DEFAULTS["momentum"]),
     batch_size=int(RUN_CONFIG_DEFAULTS["batch-size"]),
     max_grad_norm=float(RUN_CONFIG_DEFAULTS["max-grad-norm"]),
@@ -246,7 +256,7 @@ def run_centralized(
     started = time.perf_counter()
     if epsilon is None:
         result = train_plain(
-            model, train, epochs=epochs, batch_size=hp.batch_size, learning_rate=hp.learning_rate,
+            model, train, epochs=epochs, batch_size=hp.batch_size, learning_rate=hp.lr(False),
             momentum=hp.momentum, seed=seed,
         )
         mechanism, eps = None, None
@@ -256,7 +266,7 @@ def run_centralized(
             sigma = accounting.noise_for_target(epsilon, DELTA, plan.sample_rate, plan.steps, ACCOUNTANT)
         mechanism = Mechanism(sigma, plan.sample_rate, plan.steps)
         result = train_dp(
-            model, train, mechanism, max_grad_norm=hp.max_grad_norm, learning_rate=hp.learning_rate,
+            model, train, mechanism, max_grad_norm=hp.max_grad_norm, learning_rate=hp.lr(True),
             momentum=hp.momentum, grad_sample_mode=hp.grad_sample_mode,
         )
         with _quiet():
@@ -267,6 +277,7 @@ def run_centralized(
         "loss": loss,
         "epsilon": eps,
         "epochs": epochs,
+        "learning_rate": hp.lr(epsilon is not None),
         "steps": result.steps,
         "num_examples": len(train),
         "noise_multiplier": mechanism.noise_multiplier if mechanism else None,
@@ -333,7 +344,7 @@ def recipe_local_round(
     model.load_state_dict(global_state)
     model.train()
     loader = DataLoader(to_tensor_dataset(data), batch_size=hp.batch_size, shuffle=True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=hp.learning_rate, momentum=hp.momentum)
+    optimizer = torch.optim.SGD(model.parameters(), lr=hp.lr(sigma is not None), momentum=hp.momentum)
     criterion = torch.nn.CrossEntropyLoss()
     if sigma is None:
         for xb, yb in loader:
@@ -531,7 +542,7 @@ def _targets(results: dict[str, Any], setup: Setup) -> list[Target]:
         pooled_ratio = c["noise_multiplier"] / (c["num_examples"] * c["sample_rate"])
         nodp = [rec[name]["no-dp"] for name in ("centralized", "fedsilo")]
         nodp_text = (
-            f"Without DP the runs stayed at chance (lr {FEDSILO_HP.learning_rate:g} without clipping), so "
+            f"Without DP the runs stayed at chance (lr {FEDSILO_HP.lr(False):g} without clipping), so "
             "there is no no-DP gap to compare."
             if any(at_chance(x, rec["num_classes"]) for x in nodp)
             else f"Without DP the gap is {100 * (nodp[0]['accuracy'] - nodp[1]['accuracy']):+.1f} points."
@@ -629,7 +640,7 @@ def plot(results: dict[str, Any], setup: Setup, path: Path) -> None:
         ax.set_xticks(ticks)
         ax.set_xticklabels([f"{t:g}" for t in ticks], fontsize=8)
         ax.minorticks_off()
-        ax.set_xlabel("whole-history ε at δ = 1e-5 (PRV), log scale")
+        ax.set_xlabel(f"whole-history ε at δ = {DELTA:g} ({ACCOUNTANT.upper()}), log scale")
         ax.set_ylabel("final test accuracy (%)")
         ax.set_title(f"{dataset}: {setup.departments} departments, {setup.rounds} rounds (dotted: no DP, if it trained)")
         ax.grid(True, alpha=0.3)
@@ -653,11 +664,9 @@ def _chance_text(results: dict[str, Any], setup: Setup) -> str:
                     groups[group].append(f"{dataset} {'no DP' if e is None else f'ε = {e:g}'} {label}")
     text = ""
     if groups["fedsilo"]:
-        text += (f" **At chance** (loss ≈ ln(classes)) with fedsilo's lr {FEDSILO_HP.learning_rate:g}: "
-                 + "; ".join(groups["fedsilo"]) + ". Where this is a no-DP row, nothing clips the gradients and "
-                 "that learning rate — fedsilo's default, tuned for clipped DP-SGD — collapses the unclipped "
-                 "model: these rows measure the default, not the best non-private accuracy, and their no-DP "
-                 "line is left out of the plot.")
+        text += (f" **At chance** (loss ≈ ln(classes)) with fedsilo's settings (lr {FEDSILO_HP.lr_text()}): "
+                 + "; ".join(groups["fedsilo"]) + ". These rows measure fedsilo's defaults, not the best accuracy "
+                 "the model can reach; a no-DP line at chance is left out of the plot.")
     if groups["recipe"]:
         text += (f" **At chance** with the recipe's lr {RECIPE_HP.learning_rate:g}: " + "; ".join(groups["recipe"])
                  + f": {setup.rounds} rounds of one small local epoch barely move the model from its initialization.")
@@ -670,9 +679,9 @@ def _text(results: dict[str, Any], setup: Setup) -> str:
     return (
         f"Final test accuracy across {setup.departments} non-IID departments ({setup.partition}, seed {setup.seed}), "
         f"{setup.rounds} rounds × {setup.local_epochs} local epoch, at whole-history ε ∈ "
-        f"{{{', '.join(f'{e:g}' for e in setup.epsilons)}}} (δ = {DELTA:g}, PRV) and without DP. "
+        f"{{{', '.join(f'{e:g}' for e in setup.epsilons)}}} (δ = {DELTA:g}, {ACCOUNTANT.upper()}) and without DP. "
         f"**fedsilo**: the real `fedsilo simulate` CLI as a subprocess (`--target-epsilon k --max-epsilon k`; "
-        f"defaults batch {FEDSILO_HP.batch_size}, lr {FEDSILO_HP.learning_rate:g}, momentum {FEDSILO_HP.momentum:g}, "
+        f"defaults batch {FEDSILO_HP.batch_size}, lr {FEDSILO_HP.lr_text()}, momentum {FEDSILO_HP.momentum:g}, "
         f"C = {FEDSILO_HP.max_grad_norm:g}); ε is the largest whole-history ε in the departments' ledgers. "
         f"**Centralized DP-SGD**: the same departments' training examples pooled, the same model and "
         f"initialization (seed {setup.seed}), fedsilo's `train_dp` with the same batch/lr/momentum/C for "
