@@ -101,3 +101,15 @@ def test_bad_bench_input_is_named(tmp_path):
     assert result.exit_code == 2 and "unknown benchmark(s) speed" in result.output
     result = CliRunner().invoke(app, ["bench", "report", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "no results" in result.output and "fedsilo bench all" in result.output
+
+
+def test_report_elsewhere_links_the_plots_relative_to_itself(quick_bench, tmp_path):
+    summary = tmp_path / "docs" / "BENCHMARKS.md"
+    summary.parent.mkdir()
+    result = CliRunner().invoke(app, ["bench", "report", "--out", str(quick_bench), "--to", str(summary)])
+    assert result.exit_code == 0, result.output
+    text = summary.read_text()
+    for r in _results(quick_bench).values():
+        for plot in r["plots"]:
+            link = next(line for line in text.splitlines() if line.startswith(f"![{plot}]("))
+            assert (summary.parent / link[len(f"![{plot}]("):-1]).resolve() == (quick_bench / plot).resolve()

@@ -6,7 +6,7 @@ import importlib
 import json
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
@@ -73,9 +73,12 @@ def run(
 
 
 @app.command("report")
-def report(out: Annotated[Path, typer.Option(help="Folder holding NAME.json results.")] = Path("bench")) -> None:
-    """Re-render OUT/BENCHMARKS.md from the JSON results already there."""
+def report(
+    out: Annotated[Path, typer.Option(help="Folder holding NAME.json results.")] = Path("bench"),
+    to: Annotated[Optional[Path], typer.Option(help="Write the summary here instead of OUT/BENCHMARKS.md (plot links follow).")] = None,
+) -> None:
+    """Re-render OUT/BENCHMARKS.md (or --to) from the JSON results already there."""
     if not any(out.glob("*.json")):
         console.print(f"[red]error:[/red] no results (*.json) in {out}; run `fedsilo bench all --out {out}` first")
         raise typer.Exit(2)
-    console.print(render(out))
+    console.print(render(out, to))

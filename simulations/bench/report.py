@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 ORDER = ["dp-cost", "scale", "utility", "accounting", "deployment"]
@@ -12,13 +13,19 @@ def _mark(met: bool | None) -> str:
     return {True: "met", False: "**missed**", None: "not measured"}[met]
 
 
-def render(out: Path) -> Path:
-    """Write ``OUT/BENCHMARKS.md`` from every ``OUT/*.json`` result; return its path."""
+def render(out: Path, to: Path | None = None) -> Path:
+    """Write ``OUT/BENCHMARKS.md`` (or ``to``) from every ``OUT/*.json`` result; return its path.
+
+    Plot links are relative to the summary's own folder, so a summary written
+    elsewhere (the repository's root ``BENCHMARKS.md``) still shows them.
+    """
     out = Path(out)
+    path = Path(to) if to is not None else out / "BENCHMARKS.md"
+    prefix = Path(os.path.relpath(out.resolve(), path.parent.resolve()))
     results = []
-    for path in sorted(out.glob("*.json")):
+    for result_path in sorted(out.glob("*.json")):
         try:
-            data = json.loads(path.read_text())
+            data = json.loads(result_path.read_text())
         except ValueError:
             continue
         if {"name", "title", "tables", "targets"} <= set(data):
@@ -31,7 +38,9 @@ def render(out: Path) -> Path:
             f"Measured with `fedsilo bench` on one machine, one benchmark after the other: {m['cpu']}, "
             f"{m['cores']} cores, {m['memory_gib']} GiB, GPU: {m['gpu'] or 'none'}; Python {m['python']}, "
             f"PyTorch {m['torch']}."
-            + (" **Quick mode**: small sizes, for CI; the numbers are not the reference ones." if any(r["quick"] for r in results) else ""),
+            + (" **Quick mode**: small sizes, for CI; the numbers are not the reference ones." if any(r["quick"] for r in results) else "")
+            + f" Results: `{out.as_posix()}/*.json`; reproduce with `fedsilo bench all"
+            + (" --quick" if any(r["quick"] for r in results) else "") + " --out DIR`.",
             "",
             "## Targets",
             "",
@@ -52,9 +61,8 @@ def render(out: Path) -> Path:
                       "|" + "---|" * len(table["columns"])]
             lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in table["rows"]]
             lines.append("")
-        lines += [f"![{plot}]({plot})" for plot in r["plots"]]
+        lines += [f"![{plot}]({(prefix / plot).as_posix()})" for plot in r["plots"]]
         if r["plots"]:
             lines.append("")
-    path = out / "BENCHMARKS.md"
     path.write_text("\n".join(lines).rstrip() + "\n")
     return path
