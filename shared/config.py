@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
 ACCOUNTANTS = ("pld", "prv", "rdp")  # record-level accountants a department may use
-GRAD_SAMPLE_MODES = ("ghost", "hooks", "functorch", "ew")
+GRAD_SAMPLE_MODES = ("auto", "ghost", "hooks", "functorch", "ew")
 DEVICES = ("auto", "cpu", "cuda")
 MODELS = ("auto", "mlp", "cnn")
 
@@ -37,7 +37,8 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     # 0 = auto: DP_LEARNING_RATE with DP, PLAIN_LEARNING_RATE without (see below).
     "learning-rate": 0.0,
     "momentum": 0.5,
-    "grad-sample-mode": "ghost",
+    # auto: ghost clipping when every trainable layer has a ghost norm, else hooks.
+    "grad-sample-mode": "auto",
     "device": "auto",
     "fraction-train": 1.0,
     "min-departments": 1,

@@ -54,7 +54,7 @@ def simulate(
     batch_size: Annotated[int, typer.Option(min=1, help="Expected (Poisson) batch size.")] = 64,
     learning_rate: Annotated[float, typer.Option(help="SGD learning rate; 0 = 0.5 with DP, 0.05 without.")] = 0.0,
     momentum: Annotated[float, typer.Option(help="SGD momentum (reset every round).")] = 0.5,
-    grad_sample_mode: Annotated[str, typer.Option(help="Opacus per-sample gradient mode: ghost | hooks | functorch | ew.")] = "ghost",
+    grad_sample_mode: Annotated[str, typer.Option(help="Opacus per-sample gradients: auto (ghost clipping where every layer has a ghost norm, else hooks) | ghost | hooks | functorch | ew.")] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
     fraction_train: Annotated[float, typer.Option(help="Fraction of departments sampled each round (with --central-dp: each one's Poisson sampling probability).")] = 1.0,
     central_dp: Annotated[bool, typer.Option("--central-dp", help="Client-level DP at the coordinator: clip each department's update, noise the sum, own budget and ledger.")] = False,

@@ -63,3 +63,21 @@ def test_learning_rate_default_depends_on_dp_and_an_explicit_one_wins():
     assert direct.learning_rate == PLAIN_LEARNING_RATE
     with pytest.raises(ConfigError, match="learning-rate must be positive"):
         RunSettings.from_run_config({"learning-rate": -0.1})
+
+
+def test_identical_histories_are_computed_once_per_process(monkeypatch):
+    from fedsilo.shared import budget
+
+    budget._merged_epsilon.cache_clear()
+    calls = []
+    real = accounting.epsilon
+    monkeypatch.setattr(accounting, "epsilon", lambda h, d, a: calls.append(1) or real(h, d, a))
+    guard = BudgetGuard(8.0, 1e-5)
+    m = Mechanism(1.1, 0.25, 4)
+    first = guard.would_exceed([m, m], m)  # two calls: before and after
+    # Another department with the same mechanism, or the same history in another order:
+    again = guard.would_exceed([m, m], m)
+    assert len(calls) == 2 and again == first
+    assert first.epsilon_after == real([m] * 3, 1e-5, "pld")
+    guard.would_exceed([m, m, m], Mechanism(1.2, 0.25, 4))  # a different history is computed
+    assert len(calls) == 4

@@ -90,3 +90,16 @@ def test_cnn_trains_with_dp_in_ghost_mode():
     mechanism = plan_mechanism(len(small), 64, 1, 1.0)
     result = train_dp(model, small, mechanism, max_grad_norm=1.0, learning_rate=0.5)
     assert result.steps == mechanism.steps and np.isfinite(result.train_loss)
+
+
+def test_auto_mode_picks_ghost_only_where_every_layer_has_a_ghost_norm(digits):
+    from fedsilo.client.trainer import resolve_grad_sample_mode
+
+    mlp = build_model("mlp", (64,), 10, seed=0)
+    cnn = SmallCNN((1, 28, 28), 10)
+    assert resolve_grad_sample_mode("auto", mlp) == "ghost"
+    assert resolve_grad_sample_mode("auto", cnn) == "hooks"  # Conv2d/GroupNorm have no ghost norm
+    assert resolve_grad_sample_mode("ew", cnn) == "ew"  # an explicit choice is kept
+    train, _ = digits
+    result = train_dp(mlp, train.subset(np.arange(50)), Mechanism(1.0, 0.5, 2), max_grad_norm=1.0, learning_rate=0.1)
+    assert result.grad_sample_mode == "ghost"

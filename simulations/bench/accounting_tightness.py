@@ -234,7 +234,7 @@ def time_accountants(mechanism: Mechanism, rounds_list: tuple[int, ...], reps: i
 
 
 def round_training_seconds(examples, mechanism: Mechanism, reps: int) -> float:
-    """Wall time of one department round of local DP-SGD (fedsilo's defaults: ghost, lr 0.5, C=1), one thread."""
+    """Wall time of one department round of local DP-SGD (fedsilo's defaults: auto mode, i.e. ghost for this MLP, lr 0.5, C=1), one thread."""
     import torch
 
     from fedsilo.client.trainer import train_dp
@@ -255,7 +255,7 @@ def round_training_seconds(examples, mechanism: Mechanism, reps: int) -> float:
 
 
 def dp_cost_reference(out: Path) -> dict[str, Any] | None:
-    """dp-cost's ghost epochs (if its JSON is in ``out``), to relate an ε call to bigger rounds."""
+    """dp-cost's epochs in fedsilo's default mode (if its JSON is in ``out``), to relate an ε call to bigger rounds."""
     import json
 
     path = Path(out) / "dp-cost.json"
@@ -268,7 +268,7 @@ def dp_cost_reference(out: Path) -> dict[str, Any] | None:
     return {
         r["config"]: {"examples": r["examples"], "seconds": r["median_s"], "steps": r["steps"]}
         for r in records
-        if r.get("variant") == "ghost" and r.get("ok")
+        if r.get("variant") == r.get("default_mode", "ghost") and r.get("ok")
     } or None
 
 
@@ -445,7 +445,7 @@ def run(out: Path, quick: bool) -> BenchResult:
     if reference:
         from .dp_cost import CONFIGS
 
-        ref_text = " For larger rounds (dp-cost's ghost epochs): " + "; ".join(
+        ref_text = " For larger rounds (dp-cost's epochs in fedsilo's default mode): " + "; ".join(
             f"{CONFIGS[c].label if c in CONFIGS else c}, {v['examples']} examples: {_t(v['seconds'])} per epoch, "
             f"so one {default} call is "
             f"{100 * per_call / (per_call + v['seconds']):.0f} % of it"
@@ -487,7 +487,7 @@ def run(out: Path, quick: bool) -> BenchResult:
         f"(σ={mechanism.noise_multiplier:.3f}, q={mechanism.sample_rate:.3g}, {mechanism.steps} steps a round) "
         f"over R identical rounds (merged into one term, as fedsilo's ledger history is)"
         + ("" if quick else f" and over {ROUNDS} rounds that all differ slightly (no merging: the worst case)")
-        + f"; compared with that department's local DP-SGD round (`train_dp`, ghost, one thread, median of {reps} after a warm-up)."
+        + f"; compared with that department's local DP-SGD round (`train_dp`, default mode, one thread, median of {reps} after a warm-up)."
         + (" Quick mode: one ε target, 2 client-level settings, fewer repetitions and curve points." if quick else "")
     )
     return BenchResult(

@@ -34,7 +34,8 @@ NAME = "dp-cost"
 PLOT = "dp_cost.png"
 MARKER = "DPCOST-JSON "
 VARIANTS = ("plain", "ghost", "hooks", "functorch", "ew")
-DEFAULT_MODE = "ghost"  # fedsilo's default grad-sample-mode (shared/config.py)
+# fedsilo's default grad-sample-mode is "auto": each child records what it resolves
+# to for its model (client/trainer.py resolve_grad_sample_mode).
 TARGET_RATIO = 2.0
 BATCH_SIZE = 64
 LEARNING_RATE = DP_LEARNING_RATE  # fedsilo's default with DP (the time per epoch does not depend on it)
@@ -126,7 +127,7 @@ def measure_one(config: str, variant: str, examples: int, reps: int, threads: in
     import torch
     import opacus  # noqa: F401  (train_dp imports it lazily: load it before the baseline for every variant)
 
-    from fedsilo.client.trainer import plan_mechanism, train_dp, train_plain
+    from fedsilo.client.trainer import plan_mechanism, resolve_grad_sample_mode, train_dp, train_plain
     from fedsilo.shared.accounting import Mechanism
     from fedsilo.shared.models import MLP, build_model, resolve_device
 
@@ -200,16 +201,16 @@ def measure_one(config: str, variant: str, examples: int, reps: int, threads: in
                     learning_rate=LEARNING_RATE, momentum=MOMENTUM, grad_sample_mode=variant, device=device,
                 )
                 setup.append(time.perf_counter() - started)
-        if variant == "ghost":
-            from opacus.grad_sample import GradSampleModuleFastGradientClipping
+        from opacus.grad_sample import GradSampleModuleFastGradientClipping
 
-            ghost_kinds = {cls.__name__ for cls in GradSampleModuleFastGradientClipping.NORM_SAMPLERS}
-            trainable = {
-                type(m).__name__ for m in fresh_model().modules()
-                if any(p.requires_grad for p in m.parameters(recurse=False))
-            }
-            record["ghost_norm_layers"] = sorted(trainable & ghost_kinds)
-            record["materialized_layers"] = sorted(trainable - ghost_kinds)
+        ghost_kinds = {cls.__name__ for cls in GradSampleModuleFastGradientClipping.NORM_SAMPLERS}
+        trainable = {
+            type(m).__name__ for m in fresh_model().modules()
+            if any(p.requires_grad for p in m.parameters(recurse=False))
+        }
+        record["ghost_norm_layers"] = sorted(trainable & ghost_kinds)
+        record["materialized_layers"] = sorted(trainable - ghost_kinds)
+        record["default_mode"] = resolve_grad_sample_mode("auto", fresh_model())
         record.update(
             ok=True,
             setup_s=statistics.median(setup) if setup else None,
@@ -296,19 +297,26 @@ def _mib(value: int | None) -> str:
     return "–" if value is None else f"{value / 2**20:.0f}"
 
 
+def default_mode(records: list[dict[str, Any]], config: str) -> str:
+    """What fedsilo's ``auto`` grad-sample-mode ran for ``config``'s model (as its children resolved it)."""
+    return next((r["default_mode"] for r in records if r["config"] == config and r.get("default_mode")), "ghost")
+
+
 def targets_for(records: list[dict[str, Any]]) -> list[Target]:
     """One target row per model: the default DP path within 2× of non-private training."""
     by = {(r["config"], r["variant"]): r for r in records}
     targets = []
     for config, spec in CONFIGS.items():
-        plain, ghost = by.get((config, "plain")), by.get((config, DEFAULT_MODE))
+        plain = by.get((config, "plain"))
+        default = default_mode(records, config)
+        ghost = by.get((config, default))
         if plain is None and ghost is None:
             continue
-        target = f"default DP path ({DEFAULT_MODE}) ≤ {TARGET_RATIO:g}× non-private: {spec.label}"
+        target = f"default DP path (auto: {default}) ≤ {TARGET_RATIO:g}× non-private: {spec.label}"
         if not (plain and plain.get("ok") and ghost and ghost.get("ok")):
             why = "; ".join(
                 f"{v} " + ("not run" if r is None else f"failed ({r.get('error', '')[:120]})")
-                for v, r in (("plain", plain), (DEFAULT_MODE, ghost)) if r is None or not r.get("ok")
+                for v, r in (("plain", plain), (default, ghost)) if r is None or not r.get("ok")
             )
             targets.append(Target(target, f"not measured: {why}", None))
             continue
@@ -318,7 +326,7 @@ def targets_for(records: list[dict[str, Any]]) -> list[Target]:
         ghost_ms = 1000 * ghost["median_s"] / steps
         others = [
             (v, r["ratio"]) for (c, v), r in by.items()
-            if c == config and v not in ("plain", DEFAULT_MODE) and r.get("ok") and r.get("ratio")
+            if c == config and v not in ("plain", default) and r.get("ok") and r.get("ratio")
         ]
         best = min(others, key=lambda vr: vr[1]) if others else None
         measured = (
@@ -333,16 +341,21 @@ def targets_for(records: list[dict[str, Any]]) -> list[Target]:
             f"DP adds {1000 * overhead:.0f} ms per epoch: "
             + (f"{1000 * setup:.1f} ms of Opacus set-up per round (make_private/_close, timed as a 0-step "
                "train_dp) and " if setup is not None else "")
-            + f"{per_step:.1f} ms per step (plain step: {plain_ms:.1f} ms) for the norm pass plus the second backward "
-            "of ghost clipping, Poisson batching and noise on every parameter"
+            + f"{per_step:.1f} ms per step (plain step: {plain_ms:.1f} ms) for "
+            + ("the norm pass plus the second backward of ghost clipping" if default == "ghost" else
+               f"per-sample gradients ({default}) and their clipping")
+            + ", Poisson batching and noise on every parameter"
             + (f"; fastest other mode: {best[0]} {_x(best[1])}" if best else "")
             + "."
         )
         if materialized:
+            ghost_run = by.get((config, "ghost")) or {}
             note += (
-                f" Opacus 1.6 has ghost norms only for {', '.join(ghost.get('ghost_norm_layers') or ['none'])}: this "
-                f"model's {', '.join(materialized)} per-sample gradients are materialized anyway, so ghost pays "
-                "hooks' cost plus a second backward."
+                f" Opacus 1.6 has ghost norms only for {', '.join(ghost.get('ghost_norm_layers') or ['none'])}: under "
+                f"ghost clipping this model's {', '.join(materialized)} per-sample gradients are materialized anyway, "
+                "plus a second backward"
+                + (f" ({_x(ghost_run['ratio'])})" if ghost_run.get("ok") and ghost_run.get("ratio") else "")
+                + f", so fedsilo's auto mode runs {default} for it."
             )
         if ratio > TARGET_RATIO:
             fixes = []
@@ -388,12 +401,12 @@ def plot(records: list[dict[str, Any]], path: Path, reps: int) -> None:
                     ax.annotate(_x(r["ratio"]), (x, r["median_s"]), ha="center", va="bottom", fontsize=7)
             elif r is not None:
                 ax.annotate("failed", (x, floor), ha="center", va="bottom", fontsize=7, rotation=90, color="red")
-        label = f"{variant} (fedsilo default DP)" if variant == DEFAULT_MODE else variant
-        ax.bar(xs, ys, width, label=label, color=colors[i % len(colors)])
+        ax.bar(xs, ys, width, label=variant, color=colors[i % len(colors)])
     ax.set_yscale("log")
     ax.set_ylim(bottom=floor)
     ax.set_xticks(range(len(configs)))
-    ax.set_xticklabels([CONFIGS[c].label.replace(" on ", "\non ") for c in configs], fontsize=8)
+    ax.set_xticklabels([CONFIGS[c].label.replace(" on ", "\non ") + f"\n(fedsilo default: {default_mode(records, c)})"
+                        for c in configs], fontsize=8)
     ax.set_ylabel("seconds per epoch (log scale)")
     device = next((r.get("device") for r in records if r.get("device")), "cpu")
     ax.set_title(f"DP-SGD time per epoch by grad_sample_mode ({device}, median of {reps}; labels: × plain)", fontsize=10)
@@ -501,7 +514,7 @@ def build_result(records: list[dict[str, Any]], out: Path, quick: bool, reps: in
             "settings": {
                 "batch_size": BATCH_SIZE, "learning_rate": LEARNING_RATE, "momentum": MOMENTUM, "epochs": EPOCHS,
                 "noise_multiplier": NOISE_MULTIPLIER, "max_grad_norm": MAX_GRAD_NORM, "reps": reps,
-                "parallel_jobs": jobs, "target_ratio": TARGET_RATIO, "default_mode": DEFAULT_MODE,
+                "parallel_jobs": jobs, "target_ratio": TARGET_RATIO, "default_mode": {c: default_mode(records, c) for c in CONFIGS},
             },
             "records": records,
             "ratios": ratios,

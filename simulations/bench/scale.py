@@ -624,8 +624,9 @@ def targets_for(rows: list[dict[str, Any]], quick: bool) -> list[Target]:
             f"{ms:.0f} ms a call)",
             calls <= 1.0 + 1e-9 and worst["accounting_share"] < 0.5,
             "Counted by wrapping accounting.epsilon in the plain loop, which runs the ClientApp's own BudgetGuard "
-            "code: one dry-run call per round (the ε before is the ledger's last entry). Criterion here: ≤ 1 call "
-            "per department-round and < 50% of the time.",
+            "code: at most one dry-run call per round (the ε before is the ledger's last entry), none when this "
+            "process already computed ε for the same merged history (departments with the same sample rate and σ "
+            "ask the same question). Criterion here: ≤ 1 call per department-round and < 50% of the time.",
         ))
     return targets
 
