@@ -64,6 +64,7 @@ def train(msg: Message, context: Context) -> Message:
             batch_size=settings.batch_size,
             learning_rate=settings.learning_rate,
             momentum=settings.momentum,
+            max_grad_norm=settings.max_grad_norm,
             device=device,
             seed=settings.seed + int(msg.content[CONFIG_KEY].get("server-round", 0)),
         )

@@ -116,7 +116,7 @@ def run(
     max_epsilon: Annotated[float, typer.Option(help="Budget for departments that set none themselves.")] = 10.0,
     local_epochs: Annotated[int, typer.Option(min=1)] = 1,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
-    learning_rate: Annotated[float, typer.Option(help="SGD learning rate; 0 = 0.5 with DP, 0.05 without.")] = 0.0,
+    learning_rate: Annotated[float, typer.Option(help="SGD learning rate.")] = 0.5,
     momentum: Annotated[float, typer.Option()] = 0.5,
     round_timeout: Annotated[float, typer.Option(help="Seconds a round waits for replies; late departments are left out.")] = 300.0,
     connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for --min-departments to be connected.")] = 120.0,

@@ -34,8 +34,7 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "accountant": "pld",
     "local-epochs": 1,
     "batch-size": 64,
-    # 0 = auto: DP_LEARNING_RATE with DP, PLAIN_LEARNING_RATE without (see below).
-    "learning-rate": 0.0,
+    "learning-rate": 0.5,
     "momentum": 0.5,
     # auto: ghost clipping when every trainable layer has a ghost norm, else hooks.
     "grad-sample-mode": "auto",
@@ -62,13 +61,6 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "central-ledger": "",
     "central-signing-key": "",
 }
-
-
-# Clipped, noised DP-SGD updates have norm at most C per example, so a large step is
-# safe and needed; unclipped SGD at that step diverges on the CNN (mnist5k: 10%,
-# chance, at 0.5 against 96% at 0.05, centralized, 20 epochs; digits: 97% at both).
-DP_LEARNING_RATE = 0.5
-PLAIN_LEARNING_RATE = 0.05
 
 
 class ConfigError(ValueError):
@@ -121,13 +113,11 @@ class RunSettings:
     central_signing_key: str
 
     def __post_init__(self) -> None:
-        if self.learning_rate == 0:  # "auto": resolved here so every way of building settings agrees
-            object.__setattr__(self, "learning_rate", DP_LEARNING_RATE if self.dp else PLAIN_LEARNING_RATE)
         checks = [
             (self.num_server_rounds >= 1, "num-server-rounds must be at least 1"),
             (self.local_epochs >= 1, "local-epochs must be at least 1"),
             (self.batch_size >= 1, "batch-size must be at least 1"),
-            (self.learning_rate > 0, "learning-rate must be positive (or 0 for the default)"),
+            (self.learning_rate > 0, "learning-rate must be positive"),
             (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
             (self.max_grad_norm > 0, "max-grad-norm must be positive"),
             (0 < self.delta < 1, "delta must be in (0, 1); use e.g. 1e-5"),

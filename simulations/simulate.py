@@ -52,7 +52,7 @@ def simulate(
     accountant: Annotated[str, typer.Option(help="pld (dp-accounting, tightest) | prv (Opacus) | rdp.")] = "pld",
     local_epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 1,
     batch_size: Annotated[int, typer.Option(min=1, help="Expected (Poisson) batch size.")] = 64,
-    learning_rate: Annotated[float, typer.Option(help="SGD learning rate; 0 = 0.5 with DP, 0.05 without.")] = 0.0,
+    learning_rate: Annotated[float, typer.Option(help="SGD learning rate.")] = 0.5,
     momentum: Annotated[float, typer.Option(help="SGD momentum (reset every round).")] = 0.5,
     grad_sample_mode: Annotated[str, typer.Option(help="Opacus per-sample gradients: auto (ghost clipping where every layer has a ghost norm, else hooks) | ghost | hooks | functorch | ew.")] = "auto",
     device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",

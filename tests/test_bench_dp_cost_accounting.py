@@ -100,10 +100,10 @@ def test_targets_judge_the_default_path_of_each_model_against_two_x():
     targets = {t.target.split(": ", 1)[1]: t for t in dp_cost.targets_for(records)}
     mlp = targets[dp_cost.CONFIGS["mlp-digits"].label]
     cnn = targets[dp_cost.CONFIGS["cnn-mnist5k"].label]
-    assert mlp.met is False and mlp.measured.startswith("2.50×") and "(auto: ghost)" in mlp.target
+    assert mlp.met is False and mlp.measured.startswith("2.50×") and "(auto → ghost)" in mlp.target
     assert "What would close it" in mlp.note and "fastest other mode: ew 1.50×" in mlp.note
     # The CNN's default is hooks (no ghost norm for Conv2d/GroupNorm): judged on hooks, not on ghost.
-    assert cnn.met is True and cnn.measured.startswith("1.80×") and "(auto: hooks)" in cnn.target
+    assert cnn.met is True and cnn.measured.startswith("1.80×") and "(auto → hooks)" in cnn.target
     assert "Conv2d, GroupNorm" in cnn.note and "auto mode runs hooks" in cnn.note and "2.40×" in cnn.note
     # A model whose ghost run failed is "not measured", not met or missed.
     records = [r for r in _stub_records() if r["config"] == "mlp-digits" and r["variant"] != "ghost"]

@@ -103,3 +103,18 @@ def test_auto_mode_picks_ghost_only_where_every_layer_has_a_ghost_norm(digits):
     train, _ = digits
     result = train_dp(mlp, train.subset(np.arange(50)), Mechanism(1.0, 0.5, 2), max_grad_norm=1.0, learning_rate=0.1)
     assert result.grad_sample_mode == "ghost"
+
+
+def test_plain_training_clips_the_batch_gradient_when_asked(digits):
+    train, _ = digits
+    batch = train.subset(np.arange(64))
+
+    def step_norm(max_grad_norm):
+        model = build_model("mlp", batch.input_shape, batch.num_classes, batch.kind, seed=0)
+        before = torch.cat([p.detach().flatten().clone() for p in model.parameters()])
+        train_plain(model, batch, epochs=1, batch_size=64, learning_rate=1.0, momentum=0.0,
+                    max_grad_norm=max_grad_norm)
+        return float((torch.cat([p.detach().flatten() for p in model.parameters()]) - before).norm())
+
+    assert step_norm(None) > 0.05  # one SGD step of lr 1: the raw gradient's norm
+    assert step_norm(0.01) == pytest.approx(0.01, rel=1e-3)  # clipped to C: lr × C

@@ -26,8 +26,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from fedsilo.shared.config import DP_LEARNING_RATE
-
 from .common import BenchResult, Table, Target
 
 NAME = "dp-cost"
@@ -38,7 +36,7 @@ VARIANTS = ("plain", "ghost", "hooks", "functorch", "ew")
 # to for its model (client/trainer.py resolve_grad_sample_mode).
 TARGET_RATIO = 2.0
 BATCH_SIZE = 64
-LEARNING_RATE = DP_LEARNING_RATE  # fedsilo's default with DP (the time per epoch does not depend on it)
+LEARNING_RATE = 0.5  # fedsilo's default
 MOMENTUM = 0.5
 EPOCHS = 1
 NOISE_MULTIPLIER = 1.0
@@ -312,7 +310,7 @@ def targets_for(records: list[dict[str, Any]]) -> list[Target]:
         ghost = by.get((config, default))
         if plain is None and ghost is None:
             continue
-        target = f"default DP path (auto: {default}) ≤ {TARGET_RATIO:g}× non-private: {spec.label}"
+        target = f"default DP path (auto → {default}) ≤ {TARGET_RATIO:g}× non-private: {spec.label}"
         if not (plain and plain.get("ok") and ghost and ghost.get("ok")):
             why = "; ".join(
                 f"{v} " + ("not run" if r is None else f"failed ({r.get('error', '')[:120]})")

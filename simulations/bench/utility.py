@@ -43,7 +43,7 @@ import torch
 from fedsilo.client.trainer import plan_mechanism, train_dp, train_plain
 from fedsilo.shared import accounting
 from fedsilo.shared.accounting import Mechanism
-from fedsilo.shared.config import DP_LEARNING_RATE, PLAIN_LEARNING_RATE, RUN_CONFIG_DEFAULTS
+from fedsilo.shared.config import RUN_CONFIG_DEFAULTS
 from fedsilo.shared.data import Dataset, federation_data
 from fedsilo.shared.ledger import read_ledgers
 from fedsilo.shared.models import build_model, evaluate, to_tensor_dataset
@@ -83,30 +83,24 @@ QUICK = Setup(datasets=("digits",), departments=3, rounds=3, epsilons=(8.0,), ti
 class Hyper:
     """The optimizer side of a training recipe."""
 
-    learning_rate: float | None  # None: fedsilo's default (DP_LEARNING_RATE with DP, PLAIN_LEARNING_RATE without)
+    learning_rate: float
     momentum: float
     batch_size: int
     max_grad_norm: float = 1.0
     grad_sample_mode: str = "hooks"  # Opacus' default, as the example uses
-
-    def lr(self, private: bool) -> float:
-        if self.learning_rate is not None:
-            return self.learning_rate
-        return DP_LEARNING_RATE if private else PLAIN_LEARNING_RATE
-
-    def lr_text(self) -> str:
-        if self.learning_rate is not None:
-            return f"{self.learning_rate:g}"
-        return f"{DP_LEARNING_RATE:g} with DP, {PLAIN_LEARNING_RATE:g} without"
+    # Without DP, clip the batch gradient to max_grad_norm (fedsilo's --no-dp does;
+    # the example's plain training does not).
+    clip_plain: bool = False
 
 
 # fedsilo's defaults (shared/config.py): what fedsilo and the centralized baseline run.
 FEDSILO_HP = Hyper(
-    learning_rate=float(RUN_CONFIG_DEFAULTS["learning-rate"]) or None,
+    learning_rate=float(RUN_CONFIG_DEFAULTS["learning-rate"]),
     momentum=float(RUN_CONFIG_DEFAULTS["momentum"]),
     batch_size=int(RUN_CONFIG_DEFAULTS["batch-size"]),
     max_grad_norm=float(RUN_CONFIG_DEFAULTS["max-grad-norm"]),
     grad_sample_mode=str(RUN_CONFIG_DEFAULTS["grad-sample-mode"]),
+    clip_plain=True,
 )
 # Flower's Opacus example (examples/opacus: client_app.py, task.py, pyproject.toml):
 # SGD(lr=0.001, momentum=0.9), DataLoader(batch_size=32, shuffle=True), one local
@@ -116,7 +110,8 @@ RECIPE_HP = Hyper(learning_rate=0.001, momentum=0.9, batch_size=32, max_grad_nor
 # The same recipe (fresh engine per round, one σ for all) with fedsilo's optimizer
 # settings: separates what the optimizer settings cost from what the accounting costs.
 RECIPE_FEDSILO_HP = Hyper(
-    FEDSILO_HP.learning_rate, FEDSILO_HP.momentum, FEDSILO_HP.batch_size, FEDSILO_HP.max_grad_norm
+    FEDSILO_HP.learning_rate, FEDSILO_HP.momentum, FEDSILO_HP.batch_size, FEDSILO_HP.max_grad_norm,
+    clip_plain=True,
 )
 
 
@@ -256,7 +251,8 @@ def run_centralized(
     started = time.perf_counter()
     if epsilon is None:
         result = train_plain(
-            model, train, epochs=epochs, batch_size=hp.batch_size, learning_rate=hp.lr(False),
+            model, train, epochs=epochs, batch_size=hp.batch_size, learning_rate=hp.learning_rate,
+            max_grad_norm=hp.max_grad_norm if hp.clip_plain else None,
             momentum=hp.momentum, seed=seed,
         )
         mechanism, eps = None, None
@@ -266,7 +262,7 @@ def run_centralized(
             sigma = accounting.noise_for_target(epsilon, DELTA, plan.sample_rate, plan.steps, ACCOUNTANT)
         mechanism = Mechanism(sigma, plan.sample_rate, plan.steps)
         result = train_dp(
-            model, train, mechanism, max_grad_norm=hp.max_grad_norm, learning_rate=hp.lr(True),
+            model, train, mechanism, max_grad_norm=hp.max_grad_norm, learning_rate=hp.learning_rate,
             momentum=hp.momentum, grad_sample_mode=hp.grad_sample_mode,
         )
         with _quiet():
@@ -277,7 +273,6 @@ def run_centralized(
         "loss": loss,
         "epsilon": eps,
         "epochs": epochs,
-        "learning_rate": hp.lr(epsilon is not None),
         "steps": result.steps,
         "num_examples": len(train),
         "noise_multiplier": mechanism.noise_multiplier if mechanism else None,
@@ -344,12 +339,14 @@ def recipe_local_round(
     model.load_state_dict(global_state)
     model.train()
     loader = DataLoader(to_tensor_dataset(data), batch_size=hp.batch_size, shuffle=True)
-    optimizer = torch.optim.SGD(model.parameters(), lr=hp.lr(sigma is not None), momentum=hp.momentum)
+    optimizer = torch.optim.SGD(model.parameters(), lr=hp.learning_rate, momentum=hp.momentum)
     criterion = torch.nn.CrossEntropyLoss()
     if sigma is None:
         for xb, yb in loader:
             optimizer.zero_grad()
             criterion(model(xb), yb).backward()
+            if hp.clip_plain:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), hp.max_grad_norm)
             optimizer.step()
         return {k: v.detach().clone() for k, v in model.state_dict().items()}, None, []
     with warnings.catch_warnings():
@@ -542,7 +539,7 @@ def _targets(results: dict[str, Any], setup: Setup) -> list[Target]:
         pooled_ratio = c["noise_multiplier"] / (c["num_examples"] * c["sample_rate"])
         nodp = [rec[name]["no-dp"] for name in ("centralized", "fedsilo")]
         nodp_text = (
-            f"Without DP the runs stayed at chance (lr {FEDSILO_HP.lr(False):g} without clipping), so "
+            f"Without DP the runs stayed at chance (lr {FEDSILO_HP.learning_rate:g}), so "
             "there is no no-DP gap to compare."
             if any(at_chance(x, rec["num_classes"]) for x in nodp)
             else f"Without DP the gap is {100 * (nodp[0]['accuracy'] - nodp[1]['accuracy']):+.1f} points."
@@ -664,7 +661,7 @@ def _chance_text(results: dict[str, Any], setup: Setup) -> str:
                     groups[group].append(f"{dataset} {'no DP' if e is None else f'ε = {e:g}'} {label}")
     text = ""
     if groups["fedsilo"]:
-        text += (f" **At chance** (loss ≈ ln(classes)) with fedsilo's settings (lr {FEDSILO_HP.lr_text()}): "
+        text += (f" **At chance** (loss ≈ ln(classes)) with fedsilo's settings (lr {FEDSILO_HP.learning_rate:g}): "
                  + "; ".join(groups["fedsilo"]) + ". These rows measure fedsilo's defaults, not the best accuracy "
                  "the model can reach; a no-DP line at chance is left out of the plot.")
     if groups["recipe"]:
@@ -681,7 +678,7 @@ def _text(results: dict[str, Any], setup: Setup) -> str:
         f"{setup.rounds} rounds × {setup.local_epochs} local epoch, at whole-history ε ∈ "
         f"{{{', '.join(f'{e:g}' for e in setup.epsilons)}}} (δ = {DELTA:g}, {ACCOUNTANT.upper()}) and without DP. "
         f"**fedsilo**: the real `fedsilo simulate` CLI as a subprocess (`--target-epsilon k --max-epsilon k`; "
-        f"defaults batch {FEDSILO_HP.batch_size}, lr {FEDSILO_HP.lr_text()}, momentum {FEDSILO_HP.momentum:g}, "
+        f"defaults batch {FEDSILO_HP.batch_size}, lr {FEDSILO_HP.learning_rate:g}, momentum {FEDSILO_HP.momentum:g}, "
         f"C = {FEDSILO_HP.max_grad_norm:g}); ε is the largest whole-history ε in the departments' ledgers. "
         f"**Centralized DP-SGD**: the same departments' training examples pooled, the same model and "
         f"initialization (seed {setup.seed}), fedsilo's `train_dp` with the same batch/lr/momentum/C for "
