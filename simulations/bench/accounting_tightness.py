@@ -458,15 +458,19 @@ def run(out: Path, quick: bool) -> BenchResult:
         fraction <= SMALL_FRACTION,
         f"fedsilo calls the accountant once per round per department (the ε before comes from the ledger), never per "
         f"batch — per batch would be {mechanism.steps}× this. A fresh department's first round also plans σ for "
-        f"the target (binary search over ε): up to {max(plan_s):.1f} s, cached afterwards. "
+        f"the target (calibration over ε): up to {max(plan_s):.1f} s, cached afterwards. "
+        "Within one process the budget guard remembers ε per merged history, so simulated departments that share "
+        "a sample rate and σ share one call (see the scale benchmark's accounting share); a deployed department "
+        "computes its own, once per round. "
         + (
-            f"Digits departments are tiny, so the fixed cost of an ε call dominates their round. What would close "
-            f"it: rounds of one run are identical mechanisms, so the guard could read ε after round r from the plan's "
-            f"curve (computed once) instead of calling the accountant each round; or use {LABELS[fastest]}, "
+            f"Digits departments are tiny, so the fixed cost of an ε call dominates their bare training time. What "
+            f"would close it: rounds of one run are identical mechanisms, so the guard could read ε after round r "
+            f"from the plan's curve (computed once); or use {LABELS[fastest]}, "
             f"{timing[DEPARTMENT_DEFAULT][str(ROUNDS)] / timing[fastest][str(ROUNDS)]:.0f}× faster per call here."
             if fraction > SMALL_FRACTION and fastest != DEPARTMENT_DEFAULT else
-            "Digits departments are tiny, so the fixed cost of an ε call dominates their round; a cached ε curve "
-            "for the planned (identical) rounds would remove the per-round call."
+            "Digits departments are tiny, so the fixed cost of an ε call dominates their bare training time; what "
+            "would close it: reading ε after round r from the plan's curve of the identical planned rounds "
+            "(computed once) instead of one call per round."
             if fraction > SMALL_FRACTION else ""
         )
         + ref_text,
