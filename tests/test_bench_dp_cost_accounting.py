@@ -208,6 +208,11 @@ def test_accounting_run_end_to_end(tmp_path, monkeypatch):
     assert set(timing) == {"prv", "rdp", "pld"} and all(set(t) == {"1", "20", "100"} for t in timing.values())
     names = [t.target for t in result.targets]
     assert len(names) == 3 and any("client level" in n for n in names)
+    # The measured ratios read default/other, so the default (PLD) shows ≤ 1 against RDP.
+    import re
+
+    pld_over_rdp = re.search(r"PLD/RDP ([0-9.]+)", result.targets[0].measured)
+    assert pld_over_rdp and float(pld_over_rdp.group(1)) < 1
     fraction = result.raw["epsilon_fraction_of_round"]
     assert result.targets[2].met == (fraction <= acct.SMALL_FRACTION)
     curve = result.raw["curve"]["prv"]

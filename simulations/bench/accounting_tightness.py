@@ -415,7 +415,7 @@ def run(out: Path, quick: bool) -> BenchResult:
     default = LABELS[DEPARTMENT_DEFAULT].split(" (")[0]
     dept_target = Target(
         f"fedsilo's default accountant is the tightest sound one computed (≤ the others within 1 %): departments, {default}",
-        ", ".join(f"{LABELS[o].split(' (')[0]}/{default} {over(dept_tight, o)}" for o in DEPARTMENT_ORDER[1:])
+        ", ".join(f"{default}/{LABELS[o].split(' (')[0]} {over(dept_tight, o)}" for o in DEPARTMENT_ORDER[1:])
         + f" over {dept_tight['rows']} department runs (targets ε={', '.join(f'{t:g}' for t in targets)}); worst "
         f"{default}/tightest other {dept_tight['worst_default_over_tightest_other']:.4f}; "
         f"{dept_tight['violations']} of {dept_tight['rows']} over 1 %",
