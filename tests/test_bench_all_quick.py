@@ -92,7 +92,9 @@ def test_report_rerenders_the_same_summary(quick_bench, tmp_path):
         (copy / path.name).write_text(path.read_text())
     result = CliRunner().invoke(app, ["bench", "report", "--out", str(copy)])
     assert result.exit_code == 0, result.output
-    assert (copy / "BENCHMARKS.md").read_text() == (quick_bench / "BENCHMARKS.md").read_text()
+    # The same summary, except for the folder it names as the results' home.
+    expected = (quick_bench / "BENCHMARKS.md").read_text().replace(str(quick_bench), str(copy))
+    assert (copy / "BENCHMARKS.md").read_text() == expected
     assert render(copy) == copy / "BENCHMARKS.md"
 
 
@@ -100,7 +102,8 @@ def test_bad_bench_input_is_named(tmp_path):
     result = CliRunner().invoke(app, ["bench", "run", "speed", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "unknown benchmark(s) speed" in result.output
     result = CliRunner().invoke(app, ["bench", "report", "--out", str(tmp_path)])
-    assert result.exit_code == 2 and "no results" in result.output and "fedsilo bench all" in result.output
+    said = " ".join(result.output.split())  # rich wraps long lines
+    assert result.exit_code == 2 and "no results" in said and "fedsilo bench all" in said
 
 
 def test_report_elsewhere_links_the_plots_relative_to_itself(quick_bench, tmp_path):

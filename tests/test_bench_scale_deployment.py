@@ -60,9 +60,10 @@ def test_plain_loop_writes_verifiable_ledgers_with_one_epsilon_per_round(tmp_pat
     record = scale.run_plain_loop(3, 2, workers=2, dataset="digits", run_dir=tmp_path)
     assert record["workers"] == 2 and record["trained"] == [3, 3] and record["refused"] == [0, 0]
     assert len(record["seconds"]) == 2 and all(s > 0 for s in record["seconds"])
-    # The budget guard's dry run: one accountant call per department-round (the ε before comes from the ledger).
-    assert record["epsilon_nonempty_calls"] == 6
-    assert record["epsilon_calls_per_department_round"] == pytest.approx(1.0)
+    # The budget guard's dry run: at most one accountant call per department-round (the ε before comes from
+    # the ledger), fewer where departments in one worker share a sample rate and σ (the guard remembers ε).
+    assert 1 <= record["epsilon_nonempty_calls"] <= 6
+    assert 0 < record["epsilon_calls_per_department_round"] <= 1.0
     assert 0 < record["accounting_share"] < 1
     assert record["clock"]["training"] > 0 and record["clock"]["ledger"] > 0 and record["clock"]["server"] > 0
     assert record["workers_peak_pss_bytes"] > 50 * 2**20  # two interpreters with torch loaded
