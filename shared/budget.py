@@ -54,7 +54,7 @@ class BudgetGuard:
     delta : float
         δ at which ε is measured.
     accountant : str
-        ``prv`` (default), ``rdp`` or ``pld`` (dp-accounting).
+        ``pld`` (dp-accounting, default), ``prv`` or ``rdp`` (Opacus).
     who : str
         Who sits out when the budget says no, for the refusal message.
     """

@@ -12,7 +12,8 @@ import math
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
-ACCOUNTANTS = ("pld", "prv", "rdp")  # record-level accountants a department may use
+from .accounting import ACCOUNTANTS
+
 GRAD_SAMPLE_MODES = ("auto", "ghost", "hooks", "functorch", "ew")
 DEVICES = ("auto", "cpu", "cuda")
 MODELS = ("auto", "mlp", "cnn")
