@@ -45,13 +45,20 @@ def resolve_grad_sample_mode(mode: str, model: nn.Module) -> str:
     """
     if mode != "auto":
         return mode
+    return "hooks" if ghost_norm_coverage(model)[1] else "ghost"
+
+
+def ghost_norm_coverage(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Trainable layer types of ``model`` with an Opacus ghost norm, and those without one."""
     from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
         GradSampleModuleFastGradientClipping,
     )
 
     ghost_norms = tuple(GradSampleModuleFastGradientClipping.NORM_SAMPLERS)
     trainable = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
-    return "ghost" if all(isinstance(m, ghost_norms) for m in trainable) else "hooks"
+    covered = sorted({type(m).__name__ for m in trainable if isinstance(m, ghost_norms)})
+    missing = sorted({type(m).__name__ for m in trainable if not isinstance(m, ghost_norms)})
+    return covered, missing
 
 
 def plan_mechanism(

@@ -150,7 +150,6 @@ def noise_for_target(
         return upper
 
 
-
 def _calibrate_pld(
     target_epsilon: float, delta: float, sample_rate: float, steps: int, lower: float, upper: float
 ) -> float:

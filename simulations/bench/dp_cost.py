@@ -125,7 +125,9 @@ def measure_one(config: str, variant: str, examples: int, reps: int, threads: in
     import torch
     import opacus  # noqa: F401  (train_dp imports it lazily: load it before the baseline for every variant)
 
-    from fedsilo.client.trainer import plan_mechanism, resolve_grad_sample_mode, train_dp, train_plain
+    from fedsilo.client.trainer import (
+        ghost_norm_coverage, plan_mechanism, resolve_grad_sample_mode, train_dp, train_plain,
+    )
     from fedsilo.shared.accounting import Mechanism
     from fedsilo.shared.models import MLP, build_model, resolve_device
 
@@ -199,16 +201,9 @@ def measure_one(config: str, variant: str, examples: int, reps: int, threads: in
                     learning_rate=LEARNING_RATE, momentum=MOMENTUM, grad_sample_mode=variant, device=device,
                 )
                 setup.append(time.perf_counter() - started)
-        from opacus.grad_sample import GradSampleModuleFastGradientClipping
-
-        ghost_kinds = {cls.__name__ for cls in GradSampleModuleFastGradientClipping.NORM_SAMPLERS}
-        trainable = {
-            type(m).__name__ for m in fresh_model().modules()
-            if any(p.requires_grad for p in m.parameters(recurse=False))
-        }
-        record["ghost_norm_layers"] = sorted(trainable & ghost_kinds)
-        record["materialized_layers"] = sorted(trainable - ghost_kinds)
-        record["default_mode"] = resolve_grad_sample_mode("auto", fresh_model())
+        model = fresh_model()
+        record["ghost_norm_layers"], record["materialized_layers"] = ghost_norm_coverage(model)
+        record["default_mode"] = resolve_grad_sample_mode("auto", model)
         record.update(
             ok=True,
             setup_s=statistics.median(setup) if setup else None,
