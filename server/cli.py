@@ -14,9 +14,10 @@ from rich.table import Table
 from fedsilo.certs.authority import CertError, CertPaths
 from fedsilo.shared.config import ConfigError, RunSettings
 from fedsilo.shared.data import DataError, table_schema, split_columns
-from fedsilo.shared.flower_cli import FlowerError, progress_filter, stop_group, stop_tree
+from fedsilo.shared.flower_cli import FlowerError, progress_filter
 
 from . import coordinator as coord
+from .proxy import ProxyError
 from .report import print_run_report
 from .summary import SUMMARY_FILE
 
@@ -30,40 +31,49 @@ def _fail(err: object, code: int = 2) -> None:
     raise typer.Exit(code)
 
 
+STATE_HELP = "The coordinator's state folder (the one given to `coordinator start`): where its loopback Control endpoint is recorded."
+
+
 @app.command("start")
 def start(
     certs: Annotated[Path, typer.Option(help="Certificate folder from `fedsilo certs init`.")],
-    address: Annotated[str, typer.Option(help="HOST:PORT to listen on (the one port departments reach).")] = "0.0.0.0:9443",
-    state: Annotated[Path, typer.Option(help="Folder for the coordinator's database and log (keeps registrations).")] = Path("state"),
+    address: Annotated[str, typer.Option(help="Public HOST:PORT departments reach: nginx serves only their Fleet API there.")] = "0.0.0.0:9443",
+    state: Annotated[Path, typer.Option(help="Folder for the database (keeps registrations), logs, proxy config and the SuperExec secret.")] = Path("state"),
+    control_port: Annotated[Optional[int], typer.Option(help="The SuperLink's loopback port for Control and Runtime (default: a free one).")] = None,
 ) -> None:
-    """Run the coordinator (a TLS SuperLink requiring registered department identities)."""
-    node = coord.Coordinator(certs, address, state)
-    try:
-        coord.split_address(address)
-        proc = node.launch()
-    except (CertError, ValueError) as err:
-        _fail(err)
-    console.print(
-        f"coordinator on https://{address} — TLS with {CertPaths(certs).coordinator_cert}, "
-        f"only registered departments admitted; state in {state}"
-    )
+    """Run the coordinator: a loopback SuperLink and its SuperExec behind nginx, as one unit."""
+    node = coord.Coordinator(certs, address, state, control_port)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
-        proc.wait()
-    except KeyboardInterrupt:
-        pass
+        coord.split_address(address)
+        unit = node.launch()
+    except (CertError, ValueError, ProxyError, FlowerError) as err:
+        _fail(err)
+    info = coord.control_endpoint(state)
+    console.print(
+        f"coordinator on https://{address} (nginx: the departments' Fleet API only) — TLS with "
+        f"{CertPaths(certs).coordinator_cert}, only registered departments admitted; Control and "
+        f"Runtime on {info['control']} (loopback); state in {state}"
+    )
+    code = None
+    try:
+        name, code = unit.wait()
+        if code not in (0, None):
+            err_console.print(f"[red]error:[/red] {name} stopped with exit code {code}; see {state}; stopping the coordinator")
+    except (KeyboardInterrupt, SystemExit):
+        code = 0
     finally:
-        stop_tree(proc)
-        stop_group(proc.pid)
-    if proc.returncode not in (0, -signal.SIGTERM, None):
-        _fail(f"the SuperLink stopped with exit code {proc.returncode}", 1)
+        unit.stop()
+    if code not in (0, None, -signal.SIGTERM):
+        raise typer.Exit(1)
 
 
 @app.command("register")
 def register(
     names: Annotated[Optional[list[str]], typer.Argument(help="Departments to admit (default with --all: every key in certs/departments).")] = None,
     certs: Annotated[Path, typer.Option(help="Certificate folder (ca.crt, departments/NAME.pub).")] = Path("certs/out"),
-    address: Annotated[str, typer.Option(help="The coordinator's HOST:PORT.")] = "127.0.0.1:9443",
+    address: Annotated[str, typer.Option(help="The coordinator's public HOST:PORT (shown; Control is reached on loopback via --state).")] = "127.0.0.1:9443",
+    state: Annotated[Path, typer.Option(help=STATE_HELP)] = Path("state"),
     all_: Annotated[bool, typer.Option("--all", help="Register every department key in the folder.")] = False,
 ) -> None:
     """Admit departments by registering their public keys under their names."""
@@ -74,7 +84,7 @@ def register(
     if not chosen:
         _fail("name at least one department, or pass --all")
     try:
-        connection = coord.connect(certs, address)
+        connection = coord.connect(certs, state)
         for name in dict.fromkeys(chosen):
             console.print(f"{name}: {coord.register(connection, name, paths.department_public(name))}")
     except (FileNotFoundError, FlowerError, ValueError) as err:
@@ -84,11 +94,12 @@ def register(
 @app.command("departments")
 def departments(
     certs: Annotated[Path, typer.Option(help="Certificate folder (for ca.crt).")] = Path("certs/out"),
-    address: Annotated[str, typer.Option(help="The coordinator's HOST:PORT.")] = "127.0.0.1:9443",
+    address: Annotated[str, typer.Option(help="The coordinator's public HOST:PORT (shown; Control is reached on loopback via --state).")] = "127.0.0.1:9443",
+    state: Annotated[Path, typer.Option(help=STATE_HELP)] = Path("state"),
 ) -> None:
     """List registered departments and whether they are online."""
     try:
-        nodes = coord.registered(coord.connect(certs, address))
+        nodes = coord.registered(coord.connect(certs, state))
     except (FileNotFoundError, FlowerError, ValueError) as err:
         _fail(err, 1)
     table = Table(title=f"departments registered at {address}")
@@ -103,7 +114,8 @@ def departments(
 def run(
     test_data: Annotated[Path, typer.Option(help="The coordinator's own held-out table: evaluation and the data schema.")],
     certs: Annotated[Path, typer.Option(help="Certificate folder (for ca.crt).")] = Path("certs/out"),
-    address: Annotated[str, typer.Option(help="The coordinator's HOST:PORT.")] = "127.0.0.1:9443",
+    address: Annotated[str, typer.Option(help="The coordinator's public HOST:PORT (shown; Control is reached on loopback via --state).")] = "127.0.0.1:9443",
+    state: Annotated[Path, typer.Option(help=STATE_HELP)] = Path("state"),
     rounds: Annotated[int, typer.Option(min=1)] = 20,
     min_departments: Annotated[int, typer.Option(min=1, help="Stop if fewer departments are connected.")] = 2,
     label_column: Annotated[str, typer.Option(help="Label column of --test-data.")] = "label",
@@ -158,7 +170,7 @@ def run(
                 f"--central-dp signs the coordinator's ledger with {CertPaths(certs).coordinator_key}, "
                 "which is missing; run this on the coordinator host with its --certs folder"
             )
-        connection = coord.connect(certs, address)
+        connection = coord.connect(certs, state)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
         _fail(err)
     out.mkdir(parents=True, exist_ok=True)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets
 import shutil
 import signal
 import socket
@@ -74,6 +75,8 @@ def offline_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = os.environ.copy()
     env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
     env.update(OFFLINE_ENV)
+    for name in _LEGACY_GRPC:
+        env.pop(name, None)
     env.update(extra or {})
     return env
 
@@ -171,6 +174,26 @@ def wait_for_port(host: str, port: int, proc: subprocess.Popen, timeout: float, 
         except OSError:
             time.sleep(0.2)
     raise FlowerError(f"nothing answered on {host}:{port} within {timeout:.0f} s; see {log}")
+
+
+def write_runtime_secret(path: Path) -> Path:
+    """A fresh SuperExec shared secret (32 random bytes) in a 0600 file.
+
+    Flower signs every ``acquire-task`` on a Runtime API with an HMAC of this
+    secret: without it, a local process cannot take a task (and its inputs) in
+    place of the executor.  A new secret at every start leaves none stale.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(secrets.token_hex(32).encode("ascii"))
+    return path
+
+
+# Flower starts legacy gRPC Control/Fleet servers on 0.0.0.0 when these are "1":
+# never in a fedsilo process.
+_LEGACY_GRPC = ("FLWR_INTERNAL_GRPC_CONTROL_API", "FLWR_INTERNAL_GRPC_FLEET_API")
 
 
 # ----------------------------------------------------------------------------- the app
