@@ -15,6 +15,7 @@ from fedsilo.shared.data import DataError, split_columns
 from fedsilo.shared.flower_cli import stop_group, stop_tree
 from fedsilo.shared.ledger import LedgerError
 
+from .executor import DepartmentExecutor, wait_for_runtime
 from .supernode import DepartmentNode, DepartmentStartError, explain_exit
 
 app = typer.Typer(help="Run a department client on this host, on this host's data.", no_args_is_help=True)
@@ -60,7 +61,7 @@ def start(
         f"department [bold]{node.name}[/bold]: {rows} records in {data}, ledger {node.ledger}, "
         f"coordinator {coordinator} (TLS verified)"
     )
-    proc = node.launch()
+    proc, runtime = node.launch()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tail: list[str] = []
 
@@ -71,16 +72,43 @@ def start(
             del tail[:-40]
             console.print(line.rstrip(), markup=False, highlight=False)
 
-    # Read in a thread and wait on the SuperNode itself: its helper processes
-    # inherit the pipe, so end-of-output may never come while they live.
+    # Read in a thread: the executor answers tasks in this (main) thread.
     reader = threading.Thread(target=relay, daemon=True)
     reader.start()
+    _log_to(node.home / "department.log")
+    stop = threading.Event()
+    executor = None
     try:
-        proc.wait()
+        wait_for_runtime(runtime, lambda: proc.poll() is None)
+        executor = DepartmentExecutor(node.name, runtime, node.secret.read_bytes(), node.local_config())
+        # Import torch, Opacus and the ClientApp now, once, not per message.
+        executor.app  # noqa: B018
+        console.print(f"department [bold]{node.name}[/bold]: answering with the fedsilo installed here "
+                      f"(runtime API {runtime}, protected by {node.secret})")
+        executor.serve(stop, alive=lambda: proc.poll() is None)
+    except TimeoutError:
+        pass  # the SuperNode died before opening its API: explained below
+    except KeyboardInterrupt:
+        pass
     finally:
+        stop.set()
+        if executor is not None:
+            executor.close()
         stop_tree(proc)
         stop_group(proc.pid)
         reader.join(timeout=5)
-    if proc.returncode not in (0, None):
+    if proc.returncode not in (0, None, -signal.SIGTERM):
         err_console.print(f"[red]error:[/red] {explain_exit(chr(10).join(tail), node.name)}")
         raise typer.Exit(1)
+
+
+def _log_to(path) -> None:
+    """The executor's log (refusals, full error texts) stays on this host, in this file."""
+    import logging
+
+    handler = logging.FileHandler(path, encoding="utf-8")
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("fedsilo.department")
+    logger.addHandler(handler)
+    logger.addHandler(logging.StreamHandler())
+    logger.setLevel(logging.INFO)

@@ -4,6 +4,12 @@ Everything that can be checked is checked before anything is sent: the CA file,
 the department's private key (EC P-384, OpenSSH, mode 0600), its data table, its
 ledger, and a TLS handshake proving the coordinator's certificate chains to the
 CA this department trusts.  The ledger and the budget stay on this host.
+
+The SuperNode runs with ``--isolation process``: it starts no ClientApp of its
+own.  Its loopback Runtime API is protected by a SuperExec shared secret, and
+the department's executor (:mod:`fedsilo.client.executor`) answers its tasks
+with the fedsilo installed here.  The SuperNode is given no node config: the
+data path, ledger and identity key go only to the executor, in this process.
 """
 
 from __future__ import annotations
@@ -16,7 +22,7 @@ from pathlib import Path
 
 from fedsilo.certs.authority import CertError, load_certificate, load_department_key
 from fedsilo.shared.data import load_table
-from fedsilo.shared.flower_cli import config_arg, flower_executable, free_port, offline_env
+from fedsilo.shared.flower_cli import flower_executable, free_port, offline_env, write_runtime_secret
 from fedsilo.shared.ledger import PrivacyLedger, ledger_path
 from fedsilo.shared.signing import Signer
 
@@ -57,37 +63,53 @@ class DepartmentNode:
         check_coordinator_certificate(self.coordinator, self.ca, timeout)
         return rows
 
-    def command(self) -> list[str]:
-        node_config = {
+    @property
+    def secret(self) -> Path:
+        """The SuperExec shared secret between this SuperNode and the executor (0600)."""
+        return self.home / "runtime.secret"
+
+    def local_config(self) -> dict:
+        """The department's own settings, for the installed ClientApp in the executor."""
+        config = {
             "department": self.name,
             "data-path": str(self.data.resolve()),
             "label-column": self.label_column,
             "ledger-dir": str(self.ledger.resolve()),
-            "identity-key": str(self.key.resolve()),  # signs the ledger entries
+            "identity-key": str(self.key.resolve()),  # signs the ledger, in the executor's process
         }
         if self.max_epsilon is not None:
-            node_config["max-epsilon"] = float(self.max_epsilon)
+            config["max-epsilon"] = float(self.max_epsilon)
+        return config
+
+    def command(self, port: int) -> list[str]:
         return [
             flower_executable("flower-supernode"),
             "--superlink", self.coordinator,
             "--root-certificates", str(self.ca.resolve()),
             "--auth-supernode-private-key", str(self.key.resolve()),
-            "--node-config", config_arg(node_config),
+            # No ClientApp process of Flower's: the department's executor takes the tasks.
+            "--isolation", "process",
+            "--superexec-auth-secret-file", str(self.secret.resolve()),
             # Each SuperNode on a host needs its own local port (loopback only).
             "--host", "127.0.0.1",
-            "--port", str(self.local_port or free_port()),
+            "--port", str(port),
         ]
 
-    def launch(self) -> subprocess.Popen:
+    def launch(self) -> tuple[subprocess.Popen, str]:
+        """Start the SuperNode with a fresh secret; returns it and its Runtime API address."""
         self.home.mkdir(parents=True, exist_ok=True)
-        return subprocess.Popen(
-            self.command(),
+        self.home.chmod(0o700)
+        write_runtime_secret(self.secret)
+        port = self.local_port or free_port()
+        proc = subprocess.Popen(
+            self.command(port),
             env=offline_env({"FLWR_HOME": str(self.home.resolve())}),
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             start_new_session=True,
         )
+        return proc, f"127.0.0.1:{port}"
 
 
 def check_coordinator_certificate(address: str, ca: Path, timeout: float = 10.0) -> None:

@@ -92,7 +92,7 @@ def run_federation(grid: Grid, settings: RunSettings, out_dir: Path, run_id: str
             status, reason = "central-budget-exhausted", f"round {rnd}: {err}; the run ends here"
             log(WARNING, "%s %s", PROGRESS_TAG, reason)
             break
-        replies = grid.send_and_receive(messages, timeout=settings.round_timeout) if messages else []
+        replies = exchange(grid, messages, settings.round_timeout) if messages else []
         new_arrays, _ = strategy.aggregate_train(rnd, replies)
         report = departments.last_report
         release = strategy.last_release if isinstance(strategy, ClientLevelDP) else None
@@ -113,7 +113,8 @@ def run_federation(grid: Grid, settings: RunSettings, out_dir: Path, run_id: str
             len(report.trained),
             len(report.refused),
             len(report.failed) + len(report.rejected),
-            (f" max-epsilon-spent={max(eps):.3f}" if eps else "")
+            (f" refused-app={len(report.incompatible)}" if report.incompatible else "")
+            + (f" max-epsilon-spent={max(eps):.3f}" if eps else "")
             + (f" sampled={release.sampled}/{release.population} client-level-epsilon={release.epsilon:.3f}" if release else ""),
         )
         exhausted |= set(report.refused)
@@ -122,6 +123,13 @@ def run_federation(grid: Grid, settings: RunSettings, out_dir: Path, run_id: str
             continue  # a Poisson sample may be empty: the noisy release still happened
         if release is not None and report.refused and len(exhausted) < release.population:
             continue  # only this round's sample is out of budget; others may still train
+        if report.incompatible and not report.refused:
+            status = "app-refused"
+            reason = f"round {rnd}: " + "; ".join(
+                f"{name} refused the run's app: {why}" for name, why in sorted(report.incompatible.items())
+            ) + "; the run ends here"
+            log(WARNING, "%s %s", PROGRESS_TAG, reason)
+            break
         if report.refused:
             status = "budget-exhausted"
             reason = f"round {rnd}: no department can train: {len(report.refused)} refused on budget grounds"
@@ -149,6 +157,26 @@ def coordinator_test_set(settings: RunSettings) -> Dataset:
         schema = TableSchema.from_json(settings.data_schema)
         return load_table(Path(settings.test_data), schema.label_column, schema=schema)
     return federation_data_test(settings.dataset, settings.label_column, split_columns(settings.feature_columns))
+
+
+def exchange(grid: Grid, messages: list, timeout: float, first: float = 0.05, most: float = 0.5) -> list:
+    """Push ``messages`` and pull their replies until all are in or ``timeout`` passes.
+
+    Flower's ``send_and_receive`` sleeps 3 s between pulls; this polls after
+    ``first`` seconds, backing off to ``most``, so a reply is seen within half
+    a second of its arrival, and the round deadline is still honoured.
+    """
+    pending = set(grid.push_messages(messages))
+    deadline = time.monotonic() + timeout
+    replies: list = []
+    wait = first
+    while pending and time.monotonic() < deadline:
+        time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
+        arrived = list(grid.pull_messages(pending))
+        replies.extend(arrived)
+        pending.difference_update(m.metadata.reply_to_message_id for m in arrived)
+        wait = first if arrived else min(most, wait * 2)
+    return replies
 
 
 def wait_for_departments(grid: Grid, minimum: int, timeout: float) -> int:

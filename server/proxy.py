@@ -119,6 +119,11 @@ http {{
     uwsgi_temp_path {f}/tmp/uwsgi;
     scgi_temp_path {f}/tmp/scgi;
     client_max_body_size {MAX_BODY};
+    # Stream bodies both ways: no temporary files (workers run as nobody and
+    # cannot enter the 0700 state folder), and no copy of any update on disk.
+    proxy_request_buffering off;
+    proxy_buffering off;
+    client_body_buffer_size 1m;
     proxy_read_timeout 300s;
     proxy_send_timeout 300s;
 

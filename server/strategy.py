@@ -9,7 +9,9 @@ of reply, and only one of them may reach the average:
   reason but no weights;
 * ``rejected`` — an update with NaN/inf values or the wrong keys/shapes: logged
   with the department's name and left out;
-* ``failed``   — an error reply (the ClientApp raised, the node vanished).
+* ``failed``   — an error reply (the ClientApp raised, the node vanished);
+* ``incompatible`` — the department's executor would not answer the run's app
+  (not fedsilo's, altered, another protocol): it names the reason.
 
 :attr:`DepartmentFedAvg.last_report` tells the ServerApp who did what.
 """
@@ -26,7 +28,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedsilo.shared.protocol import METRICS_KEY, STATUS_KEY, STATUS_REFUSED, STATUS_TRAINED
+from fedsilo.shared.protocol import METRICS_KEY, STATUS_INCOMPATIBLE, STATUS_KEY, STATUS_REFUSED, STATUS_TRAINED
 
 
 @dataclass
@@ -37,6 +39,7 @@ class RoundReport:
     refused: dict[str, str] = field(default_factory=dict)  # name -> reason
     rejected: dict[str, str] = field(default_factory=dict)  # name -> reason
     failed: dict[str, str] = field(default_factory=dict)  # node/name -> reason
+    incompatible: dict[str, str] = field(default_factory=dict)  # name -> why it refused the app
     epsilon: dict[str, float] = field(default_factory=dict)
     budget: dict[str, float] = field(default_factory=dict)
     steps: dict[str, int] = field(default_factory=dict)
@@ -102,6 +105,9 @@ class DepartmentFedAvg(FedAvg):
                 report.failed[self.node_names.get(node, f"node-{node}")] = msg.error.reason
                 continue
             name, status, reason = _status(msg)
+            if status == STATUS_INCOMPATIBLE:
+                report.incompatible[name] = reason
+                continue
             metrics = msg.content.metric_records.get(METRICS_KEY)
             if metrics is not None and "epsilon" in metrics:
                 report.epsilon[name] = float(metrics["epsilon"])

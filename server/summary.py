@@ -107,6 +107,8 @@ class RunSummary:
                 "refused": dict(sorted(report.refused.items())),
                 "rejected": dict(sorted(report.rejected.items())),
                 "failed": dict(sorted(report.failed.items())),
+                # Departments whose executor would not answer the run's app, and why.
+                "incompatible": dict(sorted(report.incompatible.items())),
                 "seconds": round(seconds, 3),
             }
         )

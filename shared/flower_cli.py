@@ -31,6 +31,7 @@ import tomli_w
 from fedsilo import __version__
 
 from .config import RUN_CONFIG_DEFAULTS
+from .protocol import APP_NAME, APP_PUBLISHER, CLIENTAPP, PROTOCOL_VERSION, SERVERAPP
 
 CONNECTION = "fedsilo"
 OFFLINE_ENV = {
@@ -208,7 +209,7 @@ def write_app(app_dir: Path) -> Path:
     app_dir.mkdir(parents=True, exist_ok=True)
     project = {
         "project": {
-            "name": "fedsilo-app",
+            "name": APP_NAME,
             "version": __version__,
             "description": "fedsilo: departments train with DP-SGD and keep privacy ledgers",
             "license": "Apache-2.0",
@@ -216,14 +217,13 @@ def write_app(app_dir: Path) -> Path:
         "tool": {
             "flwr": {
                 "app": {
-                    "publisher": "fedsilo",
-                    "components": {
-                        "serverapp": "fedsilo.server.app:app",
-                        "clientapp": "fedsilo.client.app:app",
-                    },
+                    "publisher": APP_PUBLISHER,
+                    "components": {"serverapp": SERVERAPP, "clientapp": CLIENTAPP},
                     "config": dict(RUN_CONFIG_DEFAULTS),
                 }
-            }
+            },
+            # Departments check this, and never run the app's code (there is none).
+            "fedsilo": {"protocol": PROTOCOL_VERSION},
         },
     }
     (app_dir / "pyproject.toml").write_text(tomli_w.dumps(project), encoding="utf-8")

@@ -1,0 +1,208 @@
+"""The department's own executor: answers the SuperNode's ClientApp tasks with installed code.
+
+``flower-supernode --isolation process`` launches nothing itself: it keeps each
+message the coordinator sends as a task on its local Runtime API (loopback,
+protected by a SuperExec shared secret).  This executor — a long-lived process
+owned by the department, started by ``fedsilo department start`` — takes each
+task with that secret, checks the run's app (:mod:`fedsilo.client.app_check`)
+without installing or importing it, and answers with the fedsilo ClientApp
+imported from **this host's** environment.  The department's data path, ledger
+and identity key are given to that ClientApp here, in this process; the
+SuperNode and the coordinator never see them.
+
+Being long-lived also means no fresh interpreter per message (Flower's default
+``flwr-clientapp`` process re-imports torch and fedsilo every time).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import httpx
+from flwr.app import ConfigRecord, Context, Message, RecordDict
+from flwr.app.error import Error
+from flwr.common.constant import ErrorCode, SubStatus
+from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.supercore.constant import TaskType
+from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.interceptors import (
+    RuntimeTokenHttpInterceptor,
+    RuntimeVersionHttpInterceptor,
+    SuperExecAuthHttpInterceptor,
+)
+from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.runtime import RuntimeHttpClient
+from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+
+from fedsilo.shared.protocol import STATUS_INCOMPATIBLE, STATUS_KEY
+
+from .app_check import AppVerdict, check_app
+
+log = logging.getLogger("fedsilo.department")
+
+ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
+# The only error text that leaves the department: what failed, never with what data.
+FAILURE_REASON = "the department's ClientApp failed ({kind}); its operators have the details in the department's log"
+
+
+@dataclass
+class DepartmentExecutor:
+    """Take ClientApp tasks from a local SuperNode and answer them with installed fedsilo.
+
+    Parameters
+    ----------
+    name : str
+        The department's name, put on refusals.
+    runtime_address : str
+        ``127.0.0.1:PORT`` of the SuperNode's Runtime API.
+    secret : bytes
+        The SuperExec shared secret the SuperNode was started with.
+    local_config : dict
+        The department's own settings (data path, ledger, identity key, budget),
+        merged into the node config the installed ClientApp sees.
+    poll_interval : float
+        Seconds between ``acquire-task`` calls while idle.
+    """
+
+    name: str
+    runtime_address: str
+    secret: bytes
+    local_config: dict[str, Any]
+    poll_interval: float = 0.1
+    load_app: Callable[[], Any] = field(default=lambda: _installed_clientapp())
+    verdicts: dict[str, AppVerdict] = field(default_factory=dict)  # FAB hash -> verdict
+    handled: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.secret:
+            raise ValueError("the executor needs the SuperNode's SuperExec secret; it must not be empty")
+        if not self.poll_interval > 0:
+            raise ValueError(f"poll_interval must be positive, got {self.poll_interval}")
+        self._app = None
+        retry = make_simple_http_retry_invoker()
+        retry.max_time = 5.0  # then serve() checks whether the SuperNode is still there
+        self._acquirer = RuntimeHttpClient.from_server_address(
+            self.runtime_address, insecure=True, root_certificates=None,
+            interceptors=[
+                RuntimeVersionHttpInterceptor(component_name="SuperExec"),
+                SuperExecAuthHttpInterceptor(master_secret=self.secret, protected_methods=frozenset({ACQUIRE_METHOD})),
+            ],
+            retry_invoker=retry,
+        )
+
+    @property
+    def app(self):
+        """The installed fedsilo ClientApp, imported once (here, never from a FAB)."""
+        if self._app is None:
+            self._app = self.load_app()
+        return self._app
+
+    def serve(self, stop: threading.Event, alive: Callable[[], bool] = lambda: True) -> None:
+        """Answer tasks until ``stop`` is set or ``alive()`` turns false."""
+        while not stop.is_set() and alive():
+            try:
+                handled = self.run_once()
+            except httpx.HTTPError as err:
+                if not alive():
+                    return
+                log.warning("the SuperNode's Runtime API did not answer (%s); retrying", type(err).__name__)
+                handled = False
+            if not handled:
+                stop.wait(self.poll_interval)
+
+    def run_once(self) -> bool:
+        """Take and answer one task, if there is one; True if one was handled."""
+        response = self._acquirer.AcquireTask(AcquireTaskRequest(supported_task_types=[TaskType.CLIENT_APP]))
+        if not (response.HasField("task") and response.token):
+            return False
+        self.answer(response.token)
+        self.handled += 1
+        return True
+
+    def answer(self, token: str) -> None:
+        """Pull one task's input, reply to it, push its output; always replies (the SuperNode waits)."""
+        client = RuntimeHttpClient.from_server_address(
+            self.runtime_address, insecure=True, root_certificates=None,
+            interceptors=[
+                RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
+                RuntimeTokenHttpInterceptor(token),
+            ],
+            retry_invoker=make_simple_http_retry_invoker(),
+        )
+        heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
+        heartbeat.start()
+        context: Context | None = None
+        sub_status, details = SubStatus.FAILED, "task failed before its input arrived"
+        try:
+            message, context, run, fab = pull_task_input(client)
+            verdict = self.verdicts.get(fab.hash_str)
+            if verdict is None:
+                verdict = self.verdicts[fab.hash_str] = check_app(run.fab_id, fab.content)
+            if not verdict.accepted:
+                log.warning("run %s refused: %s", run.run_id, verdict.reason)
+                reply = incompatible_reply(message, self.name, verdict.reason)
+            else:
+                reply = self._call_installed_app(message, context)
+            push_message(client, reply, context)
+            sub_status, details = SubStatus.COMPLETED, ""
+        except Exception as err:  # noqa: BLE001 - the task must end with a status either way
+            log.exception("task failed")
+            details = FAILURE_REASON.format(kind=type(err).__name__)
+        finally:
+            push_task_output(client=client, context=context, sub_status=sub_status, details=details)
+            if heartbeat.is_running:
+                heartbeat.stop()
+            client.close()
+
+    def _call_installed_app(self, message: Message, context: Context) -> Message:
+        # The installed ClientApp sees the department's own settings; the context
+        # that goes back to the SuperNode keeps only what it had, plus the app's state.
+        local = Context(
+            run_id=context.run_id, node_id=context.node_id,
+            node_config={**context.node_config, **self.local_config},
+            state=context.state, run_config=context.run_config,
+            series_id=getattr(context, "series_id", 0),
+        )
+        try:
+            return self.app(message=message, context=local)
+        except Exception as err:  # noqa: BLE001 - report a code and the kind, keep the text local
+            log.exception("the ClientApp raised on message %s", message.metadata.message_id)
+            return Message(
+                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=FAILURE_REASON.format(kind=type(err).__name__)),
+                reply_to=message,
+            )
+
+    def close(self) -> None:
+        self._acquirer.close()
+
+
+def incompatible_reply(message: Message, department: str, reason: str) -> Message:
+    """A reply without weights or metrics: this department will not answer this app."""
+    status = ConfigRecord({"name": department, "status": STATUS_INCOMPATIBLE, "reason": reason})
+    return Message(RecordDict({STATUS_KEY: status}), reply_to=message)
+
+
+def _installed_clientapp():
+    from fedsilo.client.app import app  # this host's installed fedsilo, never the FAB's
+
+    return app
+
+
+def wait_for_runtime(address: str, alive: Callable[[], bool], timeout: float = 60.0) -> None:
+    """Wait until the SuperNode's Runtime API accepts connections."""
+    import socket
+
+    host, _, port = address.rpartition(":")
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and alive():
+        try:
+            with socket.create_connection((host, int(port)), timeout=0.5):
+                return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError(f"the SuperNode's Runtime API on {address} did not open within {timeout:.0f} s")
