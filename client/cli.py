@@ -5,6 +5,7 @@ from __future__ import annotations
 import signal
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -35,6 +36,7 @@ def start(
     name: Annotated[Optional[str], typer.Option(help="Department name (default: the key's file name).")] = None,
     max_epsilon: Annotated[Optional[float], typer.Option(help="This department's own budget; overrides the run's.")] = None,
     port: Annotated[Optional[int], typer.Option(help="Local port for the SuperNode's loopback API (default: a free one).")] = None,
+    activation_wait: Annotated[float, typer.Option(min=0, help="Seconds to keep retrying when the coordinator does not accept this department yet (after a crash it counts the old start online for up to a minute).")] = 75.0,
 ) -> None:
     """Validate everything, then join the federation over TLS with this department's identity."""
     node = DepartmentNode(
@@ -61,8 +63,35 @@ def start(
         f"department [bold]{node.name}[/bold]: {rows} records in {data}, ledger {node.ledger}, "
         f"coordinator {coordinator} (TLS verified)"
     )
-    proc, runtime = node.launch()
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    _log_to(node.home / "department.log")
+    deadline = time.monotonic() + activation_wait
+    while True:
+        code, tail = _serve(node)
+        if code in (0, None, -signal.SIGTERM):
+            return
+        if _activation_refused(tail) and time.monotonic() + ACTIVATION_RETRY_S < deadline:
+            console.print(
+                f"department {node.name}: the coordinator did not accept it yet — either its key is not "
+                "registered, or the coordinator still counts an earlier start of it online (up to a minute "
+                f"after a crash); retrying in {ACTIVATION_RETRY_S:g} s"
+            )
+            time.sleep(ACTIVATION_RETRY_S)
+            continue
+        err_console.print(f"[red]error:[/red] {explain_exit(chr(10).join(tail), node.name)}")
+        raise typer.Exit(1)
+
+
+ACTIVATION_RETRY_S = 10.0
+
+
+def _activation_refused(tail: list[str]) -> bool:
+    return any("Failed to activate SuperNode" in line for line in tail)
+
+
+def _serve(node: DepartmentNode) -> tuple[int | None, list[str]]:
+    """Run the SuperNode and answer its tasks until it stops; its exit code and last lines."""
+    proc, runtime = node.launch()
     tail: list[str] = []
 
     def relay() -> None:
@@ -75,7 +104,6 @@ def start(
     # Read in a thread: the executor answers tasks in this (main) thread.
     reader = threading.Thread(target=relay, daemon=True)
     reader.start()
-    _log_to(node.home / "department.log")
     stop = threading.Event()
     executor = None
     try:
@@ -86,10 +114,8 @@ def start(
         console.print(f"department [bold]{node.name}[/bold]: answering with the fedsilo installed here "
                       f"(runtime API {runtime}, protected by {node.secret})")
         executor.serve(stop, alive=lambda: proc.poll() is None)
-    except TimeoutError:
-        pass  # the SuperNode died before opening its API: explained below
-    except KeyboardInterrupt:
-        pass
+    except (TimeoutError, KeyboardInterrupt):
+        pass  # a SuperNode that died before opening its API is explained by the caller
     finally:
         stop.set()
         if executor is not None:
@@ -97,15 +123,15 @@ def start(
         stop_tree(proc)
         stop_group(proc.pid)
         reader.join(timeout=5)
-    if proc.returncode not in (0, None, -signal.SIGTERM):
-        err_console.print(f"[red]error:[/red] {explain_exit(chr(10).join(tail), node.name)}")
-        raise typer.Exit(1)
+    return proc.returncode, tail
 
 
 def _log_to(path) -> None:
     """The executor's log (refusals, full error texts) stays on this host, in this file."""
     import logging
 
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.parent.chmod(0o700)
     handler = logging.FileHandler(path, encoding="utf-8")
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     logger = logging.getLogger("fedsilo.department")

@@ -143,8 +143,10 @@ def explain_exit(output: str, name: str) -> str:
     """Turn flower-supernode's last words into what the department should do."""
     if "No SuperNode found with the given public key" in output or "Failed to activate SuperNode" in output:
         return (
-            f"the coordinator refused department '{name}': its public key is not registered. "
-            f"Ask the platform team to run `fedsilo coordinator register {name}` with {name}.pub"
+            f"the coordinator refused department '{name}': its public key is not registered, or the "
+            "coordinator still counts an earlier start of it online (for up to a minute after a crash). "
+            f"Ask the platform team to run `fedsilo coordinator register {name}` with {name}.pub, "
+            "or start it again in a minute"
         )
     if "CERTIFICATE_VERIFY_FAILED" in output:
         return "the coordinator's certificate is not signed by this --ca; use the federation's ca.crt"

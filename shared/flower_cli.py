@@ -313,9 +313,13 @@ class FlowerConnection:
         log_path: Path,
         federation_config: str | None = None,
         on_line: Callable[[str], None] | None = None,
+        app_dir: Path | None = None,
     ) -> RunOutcome:
-        """Submit the fedsilo app, stream its log to ``log_path``, return its final status."""
-        app_dir = write_app(Path(tempfile.mkdtemp(prefix="app-", dir=self.home)))
+        """Submit the fedsilo app (or the app in ``app_dir``), stream its log to ``log_path``,
+        return its final status."""
+        own_app = app_dir is None
+        if app_dir is None:
+            app_dir = write_app(Path(tempfile.mkdtemp(prefix="app-", dir=self.home)))
         # A TOML file, not KEY=VALUE pairs: Flower's pair parser cannot carry quotes
         # (the data schema is JSON).  It sits outside the app folder, off the FAB.
         overrides = self.home / f"{app_dir.name}-run-config.toml"
@@ -336,7 +340,8 @@ class FlowerConnection:
                 if on_line:
                     on_line(line.rstrip("\n"))
             proc.wait()
-        shutil.rmtree(app_dir, ignore_errors=True)
+        if own_app:
+            shutil.rmtree(app_dir, ignore_errors=True)
         overrides.unlink(missing_ok=True)
         if not run_id:
             raise FlowerError(f"`flwr run` did not start a run (exit {proc.returncode}); see {log_path}")

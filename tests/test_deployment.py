@@ -1,146 +1,40 @@
-"""A real deployment on loopback: a TLS coordinator and departments with registered identities.
+"""A real deployment on loopback: a coordinator behind nginx and departments with registered identities.
 
 One coordinator and three departments (finance: CSV, hr: Parquet, sales: CSV)
 are started as real processes for the whole module, through the `fedsilo` CLI.
+Departments reach the coordinator only through its proxy; the operator's
+commands reach Control only on loopback, through the state folder.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
-from pathlib import Path
 
-import pandas as pd
 import pytest
-from sklearn.datasets import load_digits
+import tomli_w
 
-from fedsilo.shared.flower_cli import descendants, flower_executable, free_port, offline_env, stop_group, terminate
+from federation import FEDSILO, cli as _cli, federation, stop as _stop
+from fedsilo.shared.flower_cli import FlowerConnection, flower_executable, free_port, offline_env, stop_group
 
-FEDSILO = [sys.executable, "-m", "fedsilo"]
 DEPARTMENTS = ("finance", "hr", "sales")
-
-
-def _cli(*args, timeout=300):
-    return subprocess.run([*FEDSILO, *args], capture_output=True, text=True, timeout=timeout, env=offline_env())
-
-
-def _spawn(args, log: Path) -> subprocess.Popen:
-    handle = open(log, "w")
-    proc = subprocess.Popen([*FEDSILO, *args], stdout=handle, stderr=subprocess.STDOUT, env=offline_env())
-    handle.close()
-    return proc
-
-
-def _stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
-    tree = [proc.pid, *descendants(proc.pid)]
-    if sig == signal.SIGKILL:
-        for pid in tree:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-    terminate(tree)
-    proc.wait(timeout=10)
-
-
-def _wait_online(fed, count: int, timeout: float = 90.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        result = _cli("coordinator", "departments", "--certs", str(fed["certs"]), "--address", fed["address"])
-        if result.stdout.count("online") >= count:
-            return
-        time.sleep(1.0)
-    raise AssertionError(f"fewer than {count} departments online: {result.stdout}{result.stderr}")
-
-
-class Federation(dict):
-    def start_coordinator(self):
-        self["coordinator"] = _spawn(
-            ["coordinator", "start", "--certs", str(self["certs"]), "--address", self["address"], "--state", str(self["state"])],
-            self["root"] / "coordinator.log",
-        )
-        host, port = self["address"].split(":")
-        deadline = time.monotonic() + 60
-        import socket
-
-        while time.monotonic() < deadline:
-            try:
-                socket.create_connection((host, int(port)), timeout=0.5).close()
-                return
-            except OSError:
-                time.sleep(0.3)
-        raise AssertionError((self["root"] / "coordinator.log").read_text())
-
-    def start_department(self, name):
-        self["departments"][name] = _spawn(
-            ["department", "start", "--coordinator", self["address"], "--ca", str(self["certs"] / "ca.crt"),
-             "--key", str(self["certs"] / "departments" / name), "--data", str(self["data"][name]),
-             "--label-column", "digit", "--ledger", str(self["root"] / "ledgers" / name)],
-            self["root"] / f"{name}.log",
-        )
-
-    def run(self, *args, timeout=300):
-        return _cli("coordinator", "run", "--certs", str(self["certs"]), "--address", self["address"],
-                    "--test-data", str(self["data"]["test"]), "--label-column", "digit", *args, timeout=timeout)
-
-    def ledger(self, name) -> list[dict]:
-        path = self["root"] / "ledgers" / name / f"{name}.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
 
 
 @pytest.fixture(scope="module")
 def fed(tmp_path_factory):
     root = tmp_path_factory.mktemp("deployment")
-    bunch = load_digits()
-    frame = pd.DataFrame(bunch.data, columns=[f"px{i}" for i in range(64)])
-    frame["digit"] = bunch.target
-    frame = frame.sample(frac=1, random_state=0).reset_index(drop=True)
-    data = {"test": root / "test.csv"}
-    frame.iloc[:360].to_csv(data["test"], index=False)
-    rest = frame.iloc[360:]
-    third = len(rest) // 3
-    data["finance"] = root / "finance.csv"
-    rest.iloc[:third].to_csv(data["finance"], index=False)
-    data["hr"] = root / "hr.parquet"
-    rest.iloc[third : 2 * third].to_parquet(data["hr"], index=False)
-    data["sales"] = root / "sales.csv"
-    rest.iloc[2 * third :].to_csv(data["sales"], index=False)
-
-    certs = root / "certs"
-    assert _cli("certs", "init", "--out", str(certs)).returncode == 0
-    assert _cli("certs", "init", "--out", str(root / "other-ca")).returncode == 0
-    for name in (*DEPARTMENTS, "intruder"):
-        assert _cli("certs", "add-department", name, "--dir", str(certs)).returncode == 0
-
-    federation = Federation(
-        root=root, certs=certs, data=data, state=root / "state",
-        address=f"127.0.0.1:{free_port()}", departments={},
-    )
-    try:
-        federation.start_coordinator()
-        registered = _cli("coordinator", "register", *DEPARTMENTS, "--certs", str(certs), "--address", federation["address"])
-        assert registered.returncode == 0, registered.stdout + registered.stderr
-        for name in DEPARTMENTS:
-            federation.start_department(name)
-        _wait_online(federation, 3)
-        yield federation
-    finally:
-        for proc in federation["departments"].values():
-            if proc.poll() is None:
-                _stop(proc)
-        if "coordinator" in federation and federation["coordinator"].poll() is None:
-            _stop(federation["coordinator"])
+    with federation(root, DEPARTMENTS, extra_keys=("intruder",)) as running:
+        assert _cli("certs", "init", "--out", str(root / "other-ca")).returncode == 0
+        yield running
 
 
 def test_private_keys_are_0600_and_registration_is_idempotent(fed):
     for name in DEPARTMENTS:
         assert (fed["certs"] / "departments" / name).stat().st_mode & 0o777 == 0o600
     assert (fed["certs"] / "ca.key").stat().st_mode & 0o777 == 0o600
-    again = _cli("coordinator", "register", "finance", "--certs", str(fed["certs"]), "--address", fed["address"])
+    again = fed.control("register", "finance")
     assert again.returncode == 0 and "already registered" in again.stdout
 
 
@@ -157,18 +51,82 @@ def test_two_rounds_over_tls_with_three_departments(fed):
         entries = fed.ledger(name)
         assert len(entries) == before[name] + 2  # each department's own ledger grew, on its host
         assert summary["rounds"][-1]["epsilon"][name] == pytest.approx(entries[-1]["epsilon"])
+        # Answered by the department's executor with its installed fedsilo: the
+        # run's app was never installed on the department's host.
+        assert not (fed["root"] / "ledgers" / name / ".flower" / "apps").exists()
+        assert (fed["root"] / "ledgers" / name / ".flower" / "runtime.secret").stat().st_mode & 0o777 == 0o600
+        audit = _cli("audit", str(fed["root"] / "ledgers" / name), "--keys", str(fed["certs"] / "departments"), "--json")
+        report = json.loads(audit.stdout)
+        assert audit.returncode == 0 and report["ok"], audit.stdout + audit.stderr
+        assert report["departments"][0]["rounds"] == len(entries)
     assert not (out / "ledgers").exists()  # ledgers never move to the coordinator
+
+
+def _altered_app(folder, marker, variant: str):
+    """A copy of the fedsilo app that a coordinator could submit: code of its own, or another protocol."""
+    from fedsilo.shared.flower_cli import write_app
+
+    app = write_app(folder)
+    project = __import__("tomllib").loads((app / "pyproject.toml").read_text())
+    if variant == "ships-code":
+        # Its ClientApp would write a marker file wherever it runs.
+        project["tool"]["flwr"]["app"]["components"]["clientapp"] = "fedsilo_marker.client:app"
+        package = app / "fedsilo_marker"
+        package.mkdir()
+        (package / "__init__.py").write_text("")
+        (package / "client.py").write_text(
+            "from pathlib import Path\n"
+            "from flwr.clientapp import ClientApp\n"
+            "app = ClientApp()\n"
+            "@app.train()\n"
+            "def train(msg, context):\n"
+            f"    Path({str(marker)!r}).write_text('the coordinator ran its code on a department host')\n"
+            "    raise RuntimeError('altered')\n"
+        )
+    else:
+        project["tool"]["fedsilo"]["protocol"] = 999
+    (app / "pyproject.toml").write_text(tomli_w.dumps(project))
+    return app
+
+
+@pytest.mark.parametrize("variant", ["ships-code", "other-protocol"])
+def test_altered_app_is_refused_by_every_department(fed, variant):
+    """The coordinator's operators submit a changed app: no department runs it, the run ends cleanly."""
+    legit = fed["root"] / "runs" / "two" / "summary.json"
+    assert legit.exists(), "needs the run of test_two_rounds_over_tls_with_three_departments"
+    settings = json.loads(legit.read_text())["settings"]
+    out = fed["root"] / "runs" / f"altered-{variant}"
+    settings.update({"out": str(out), "num-server-rounds": 2, "round-timeout": 60.0})
+    marker = fed["root"] / f"marker-{variant}"
+    before = {name: fed.ledger(name) for name in DEPARTMENTS}
+    connection = FlowerConnection(fed["root"] / f"flwr-{variant}", fed.control_address(),
+                                  root_certificates=fed["certs"] / "ca.crt")
+    app = _altered_app(fed["root"] / f"app-{variant}", marker, variant)
+    outcome = connection.run(settings, fed["root"] / f"altered-{variant}.log", app_dir=app)
+    assert outcome.ok, outcome  # ended cleanly, not crashed
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "app-refused" and len(summary["rounds"]) == 1
+    refused = summary["rounds"][0]["incompatible"]
+    assert sorted(refused) == list(DEPARTMENTS) and summary["rounds"][0]["trained"] == []
+    expected = "ships files of its own (fedsilo_marker/__init__.py" if variant == "ships-code" else "protocol 999"
+    assert all(expected in reason for reason in refused.values()), refused
+    assert all(name in summary["stop_reason"] for name in DEPARTMENTS) and expected in summary["stop_reason"]
+    assert not marker.exists()
+    for name in DEPARTMENTS:
+        assert fed.ledger(name) == before[name]  # nothing trained, nothing charged
+        assert expected in (fed["root"] / "ledgers" / name / ".flower" / "department.log").read_text()
 
 
 def test_unregistered_department_is_refused(fed):
     result = _cli(
         "department", "start", "--coordinator", fed["address"], "--ca", str(fed["certs"] / "ca.crt"),
         "--key", str(fed["certs"] / "departments" / "intruder"), "--data", str(fed["data"]["finance"]),
-        "--label-column", "digit", "--ledger", str(fed["root"] / "ledgers" / "intruder"), timeout=120,
+        "--label-column", "digit", "--ledger", str(fed["root"] / "ledgers" / "intruder"), "--activation-wait", "0",
+        timeout=120,
     )
     assert result.returncode != 0
     assert "not registered" in result.stderr and "fedsilo coordinator register intruder" in result.stderr
-    _wait_online(fed, 3, timeout=10)  # the federation is unharmed
+    fed.wait_online(3, timeout=10)  # the federation is unharmed
 
 
 def test_department_without_tls_is_refused(fed):
@@ -187,7 +145,7 @@ def test_department_without_tls_is_refused(fed):
         stop_group(proc.pid)  # its helper process outlives it
     assert proc.returncode != 0
     assert "Failed to initialize the connection" in log.read_text()
-    _wait_online(fed, 3, timeout=10)
+    fed.wait_online(3, timeout=10)
 
 
 def test_department_trusting_another_ca_is_refused(fed):
@@ -236,7 +194,7 @@ def test_department_killed_mid_round_does_not_stop_the_run(fed):
     started = time.monotonic()
     proc = subprocess.Popen(
         [*FEDSILO, "coordinator", "run", "--certs", str(fed["certs"]), "--address", fed["address"],
-         "--test-data", str(fed["data"]["test"]), "--label-column", "digit", "--rounds", "3",
+         "--state", str(fed["state"]), "--test-data", str(fed["data"]["test"]), "--label-column", "digit", "--rounds", "3",
          "--min-departments", "2", "--round-timeout", "45", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=offline_env(),
     )
@@ -265,7 +223,7 @@ def test_restarted_department_neither_resets_nor_double_counts_epsilon(fed):
     before = fed.ledger("sales")
     assert before, "sales trained before it was killed"
     fed.start_department("sales")
-    _wait_online(fed, 3)
+    fed.wait_online(3)
     out = fed["root"] / "runs" / "restarted"
     central = fed["root"] / "central-ledger"
     result = fed.run("--rounds", "2", "--min-departments", "3", "--central-dp", "--central-delta", "0.01",
@@ -291,14 +249,14 @@ def test_restarted_department_neither_resets_nor_double_counts_epsilon(fed):
 
 
 def test_restarted_coordinator_keeps_registered_departments(fed):
-    before = _cli("coordinator", "departments", "--certs", str(fed["certs"]), "--address", fed["address"]).stdout
+    before = fed.control("departments").stdout
     _stop(fed["coordinator"])
     fed.start_coordinator()
-    after = _cli("coordinator", "departments", "--certs", str(fed["certs"]), "--address", fed["address"])
+    after = fed.control("departments")
     assert after.returncode == 0
     ids = lambda text: sorted(w for w in text.split() if w.isdigit() and len(w) > 8)  # noqa: E731
     assert ids(after.stdout) == ids(before) and len(ids(before)) == 3
-    _wait_online(fed, 2, timeout=90)  # the running departments reconnect by themselves
+    fed.wait_online(2, timeout=90)  # the running departments reconnect by themselves
     out = fed["root"] / "runs" / "after-restart"
     result = fed.run("--rounds", "1", "--min-departments", "2", "--out", str(out))
     assert result.returncode == 0, result.stdout + result.stderr

@@ -1,0 +1,171 @@
+"""A real deployment on loopback, for the tests: a coordinator and departments as real processes.
+
+Everything goes through the ``fedsilo`` CLI, as an operator would type it; every
+process is ended by its PID (and its descendants), even when a test fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pandas as pd
+from sklearn.datasets import load_digits
+
+from fedsilo.shared.flower_cli import descendants, free_port, offline_env, terminate
+
+FEDSILO = [sys.executable, "-m", "fedsilo"]
+
+
+def cli(*args, timeout=300):
+    return subprocess.run([*FEDSILO, *args], capture_output=True, text=True, timeout=timeout, env=offline_env())
+
+
+def spawn(args, log: Path) -> subprocess.Popen:
+    handle = open(log, "w")
+    proc = subprocess.Popen([*FEDSILO, *args], stdout=handle, stderr=subprocess.STDOUT, env=offline_env())
+    handle.close()
+    return proc
+
+
+def stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
+    tree = [proc.pid, *descendants(proc.pid)]
+    if sig == signal.SIGKILL:
+        for pid in tree:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    terminate(tree)
+    proc.wait(timeout=10)
+
+
+def digits_tables(root: Path, departments: tuple[str, ...]) -> dict[str, Path]:
+    """The coordinator's held-out table and one table per department (CSV, and Parquet for the second)."""
+    bunch = load_digits()
+    frame = pd.DataFrame(bunch.data, columns=[f"px{i}" for i in range(64)])
+    frame["digit"] = bunch.target
+    frame = frame.sample(frac=1, random_state=0).reset_index(drop=True)
+    data = {"test": root / "test.csv"}
+    frame.iloc[:360].to_csv(data["test"], index=False)
+    rest = frame.iloc[360:]
+    share = len(rest) // max(len(departments), 1)
+    for i, name in enumerate(departments):
+        part = rest.iloc[i * share : (i + 1) * share]
+        if i == 1:
+            data[name] = root / f"{name}.parquet"
+            part.to_parquet(data[name], index=False)
+        else:
+            data[name] = root / f"{name}.csv"
+            part.to_csv(data[name], index=False)
+    return data
+
+
+class Federation(dict):
+    """Paths and processes of one loopback federation."""
+
+    def control(self, *args, timeout=300):
+        """A ``fedsilo coordinator`` command run on the coordinator host (it has the state folder)."""
+        return cli("coordinator", *args, "--certs", str(self["certs"]), "--address", self["address"],
+                   "--state", str(self["state"]), timeout=timeout)
+
+    def start_coordinator(self, timeout: float = 60.0):
+        began = time.time()
+        self["coordinator"] = spawn(
+            ["coordinator", "start", "--certs", str(self["certs"]), "--address", self["address"], "--state", str(self["state"])],
+            self["root"] / "coordinator.log",
+        )
+        record = self["state"] / "coordinator.json"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:  # written once the proxy forwards to the SuperLink
+            if self["coordinator"].poll() is not None:
+                raise AssertionError((self["root"] / "coordinator.log").read_text())
+            try:
+                info = json.loads(record.read_text())
+                if info["started"] >= began:
+                    return info
+            except (OSError, ValueError, KeyError):
+                pass
+            time.sleep(0.3)
+        raise AssertionError((self["root"] / "coordinator.log").read_text())
+
+    def control_address(self) -> str:
+        return json.loads((self["state"] / "coordinator.json").read_text())["control"]
+
+    def start_department(self, name, key: str | None = None, ledger: str | None = None):
+        self["departments"][name] = spawn(
+            ["department", "start", "--coordinator", self["address"], "--ca", str(self["certs"] / "ca.crt"),
+             "--key", str(self["certs"] / "departments" / (key or name)), "--data", str(self["data"][name]),
+             "--label-column", "digit", "--ledger", str(self["root"] / "ledgers" / (ledger or name))],
+            self["root"] / f"{name}.log",
+        )
+
+    def wait_online(self, count: int, timeout: float = 90.0) -> None:
+        deadline = time.monotonic() + timeout
+        result = None
+        while time.monotonic() < deadline:
+            for name, proc in self["departments"].items():
+                if proc.poll() is not None:
+                    raise AssertionError(f"department {name} exited {proc.returncode}: "
+                                         + (self["root"] / f"{name}.log").read_text()[-3000:])
+            result = self.control("departments")
+            if result.stdout.count("online") >= count and all(
+                "answering with the fedsilo installed here" in (self["root"] / f"{n}.log").read_text()
+                for n, p in self["departments"].items() if p.poll() is None
+            ):
+                return
+            time.sleep(1.0)
+        raise AssertionError(f"fewer than {count} departments online: {result.stdout}{result.stderr}")
+
+    def run(self, *args, timeout=300):
+        return self.control("run", "--test-data", str(self["data"]["test"]), "--label-column", "digit",
+                            *args, timeout=timeout)
+
+    def ledger(self, name) -> list[dict]:
+        path = self["root"] / "ledgers" / name / f"{name}.jsonl"
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def stop_all(self) -> None:
+        for proc in self["departments"].values():
+            if proc.poll() is None:
+                stop(proc)
+        if "coordinator" in self and self["coordinator"].poll() is None:
+            stop(self["coordinator"])
+
+
+@contextmanager
+def federation(root: Path, departments: tuple[str, ...], extra_keys: tuple[str, ...] = ()):
+    """Certificates, a coordinator, registered and started departments; all stopped after."""
+    data = digits_tables(root, departments)
+    certs = root / "certs"
+    assert cli("certs", "init", "--out", str(certs)).returncode == 0
+    for name in (*departments, *extra_keys):
+        assert cli("certs", "add-department", name, "--dir", str(certs)).returncode == 0
+    fed = Federation(root=root, certs=certs, data=data, state=root / "state",
+                     address=f"127.0.0.1:{free_port()}", departments={})
+    try:
+        fed.start_coordinator()
+        registered = fed.control("register", *departments)
+        assert registered.returncode == 0, registered.stdout + registered.stderr
+        for name in departments:
+            fed.start_department(name)
+        fed.wait_online(len(departments))
+        yield fed
+    finally:
+        fed.stop_all()
+
+
+def port_open(address: str) -> bool:
+    host, port = address.rsplit(":", 1)
+    try:
+        socket.create_connection((host, int(port)), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
