@@ -35,7 +35,7 @@ from flwr.supercore.interceptors import (
     RuntimeVersionHttpInterceptor,
     SuperExecAuthHttpInterceptor,
 )
-from flwr.supercore.retry import make_simple_http_retry_invoker
+from flwr.supercore.retry import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
 from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
 
@@ -84,8 +84,8 @@ class DepartmentExecutor:
         if not self.poll_interval > 0:
             raise ValueError(f"poll_interval must be positive, got {self.poll_interval}")
         self._app = None
-        retry = make_simple_http_retry_invoker()
-        retry.max_time = 5.0  # then serve() checks whether the SuperNode is still there
+        # Retry briefly, then serve() checks whether the SuperNode is still there.
+        retry = transport_retry(max_time=5.0)
         self._acquirer = RuntimeHttpClient.from_server_address(
             self.runtime_address, insecure=True, root_certificates=None,
             interceptors=[
@@ -132,7 +132,7 @@ class DepartmentExecutor:
                 RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
                 RuntimeTokenHttpInterceptor(token),
             ],
-            retry_invoker=make_simple_http_retry_invoker(),
+            retry_invoker=transport_retry(max_time=30.0),
         )
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
         heartbeat.start()
@@ -179,6 +179,21 @@ class DepartmentExecutor:
 
     def close(self) -> None:
         self._acquirer.close()
+
+
+def transport_retry(max_time: float) -> RetryInvoker:
+    """Retry only connection errors, for at most ``max_time`` seconds.
+
+    Flower's own HTTP retry invoker answers a 401 by sending SIGINT to its own
+    process: right for a one-shot ``flwr-clientapp``, wrong for the long-lived
+    executor, which reports the error and goes on.
+    """
+    return RetryInvoker(
+        wait_gen_factory=lambda: exponential(max_delay=2.0),
+        recoverable_exceptions=(httpx.TransportError,),
+        max_tries=None,
+        max_time=max_time,
+    )
 
 
 def incompatible_reply(message: Message, department: str, reason: str) -> Message:

@@ -34,6 +34,7 @@ FLEET_ROUTES = (
     "pull-object",
     "confirm-message-received",
 )
+SBIN_DIRS = ("/usr/sbin", "/usr/local/sbin")
 PROXY_PACKAGE = "nginx"  # Debian/Ubuntu package that provides the binary
 # Model updates travel as objects; one object can hold a whole layer.
 MAX_BODY = "512m"
@@ -45,8 +46,9 @@ class ProxyError(RuntimeError):
 
 def nginx_binary() -> str:
     """The nginx executable, or a :class:`ProxyError` naming the package to install."""
+    # Debian puts nginx in /usr/sbin, which is not on a normal user's PATH.
     found = shutil.which("nginx") or next(
-        (p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx") if Path(p).exists()), None
+        (str(Path(d) / "nginx") for d in SBIN_DIRS if (Path(d) / "nginx").exists()), None
     )
     if not found:
         raise ProxyError(

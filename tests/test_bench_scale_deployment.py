@@ -4,12 +4,15 @@ Nothing here starts a simulation or a deployment (``fedsilo bench all --quick``
 runs both); what is checked is that the memory sampler sees a whole process
 tree, that the plain-loop baseline does the ClientApp's real work (signed,
 verifiable ledgers, one ε call per department-round), that the deployment
-sampler recognises ClientApp processes and rounds, and that results render.
+benchmark's instruments read what the processes really log (Flower's own
+logger, the SuperLink's own schema, summary.json written as the ServerApp
+writes it), that its breakdown tiles each round, and that results render.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -134,68 +137,263 @@ def test_scale_result_targets_plot_and_report(tmp_path):
     assert [t.met for t in quick.targets][:3] == [None, None, False]  # 1,000 not run; overhead at 100 measured
 
 
-def test_timeline_sees_clientapp_processes_and_rounds(tmp_path):
-    fake = tmp_path / "bin" / "flwr-clientapp"
+def test_timeline_sees_department_processes_and_summary_writes(tmp_path):
+    fake = tmp_path / "bin" / "flower-supernode"
     fake.parent.mkdir()
     fake.write_text("import time\ntime.sleep(1.5)\n")
     summary = tmp_path / "summary.json"
-    department = subprocess.Popen(["sh", "-c", f'sleep 0.5; "{sys.executable}" "{fake}"; sleep 5'])
+
+    def write(rounds: int) -> float:  # as the ServerApp writes it: a temporary file, then os.replace
+        tmp = tmp_path / ".summary.json.tmp"
+        tmp.write_text(json.dumps({"initial": {"accuracy": 0.1}, "rounds": [{"seconds": 1.0}] * rounds}))
+        os.replace(tmp, summary)
+        return os.stat(summary).st_mtime
+
+    department = subprocess.Popen(["sh", "-c", f'sleep 0.6; "{sys.executable}" "{fake}"; sleep 5'])
     try:
+        time.sleep(0.2)  # sh has started its first `sleep` before the first sample
         with dep.Timeline({"finance": department}, summary, interval=0.05) as timeline:
-            summary.write_text(json.dumps({"initial": {"accuracy": 0.1}, "rounds": []}))
-            time.sleep(2.5)
-            summary.write_text(json.dumps({"initial": {"accuracy": 0.1}, "rounds": [{"seconds": 2.5}]}))
+            time.sleep(0.2)
+            written = {0: write(0)}
+            time.sleep(1.0)
+            written[1] = write(1)
             time.sleep(0.3)
+            written[3] = write(3)  # two rounds in one version: round 2's own write was never seen
+            time.sleep(0.6)
     finally:
         stop_tree(department)
-    assert [k for k, _ in timeline.round_marks] == [0, 1]
-    apps = list(timeline.clientapps.values())
-    assert len(apps) == 1 and apps[0]["department"] == "finance"
-    assert 1.0 < apps[0]["last"] - apps[0]["first"] < 2.5
+    assert [k for k, *_ in timeline.round_ends] == [0, 1, 3]
+    assert [mtime for _, mtime, _ in timeline.round_ends] == [written[0], written[1], written[3]]
+    processes = list(timeline.processes.values())
+    assert all(p["department"] == "finance" for p in processes)
+    assert any(p["name"] == "sleep" and p["at_start"] for p in processes)
+    supernode = [p for p in processes if p["name"] == "flower-supernode"]
+    assert len(supernode) == 1 and supernode[0]["at_start"] is False
+    assert 1.0 < supernode[0]["last"] - supernode[0]["first"] < 2.5
 
 
-def test_deployment_phases_and_result(tmp_path):
+FLOWER_LIKE_DEPARTMENT = textwrap.dedent(
+    """
+    import time
+    from logging import INFO
+    from flwr.common import log
+    log(INFO, "")
+    log(INFO, "[RUN %s]", 7)
+    log(INFO, "Receiving: %s message (ID: %s)", "train", "abc")
+    log(INFO, "Received successfully")
+    time.sleep(0.3)
+    log(INFO, "[%s] round %s: ε=%.3f (δ=%g)", "finance", 1, 0.512, 1e-5)
+    log(INFO, "")
+    log(INFO, "[RUN %s]", 7)
+    log(INFO, "Sending: %s message (ID: %s)", "train", "def")
+    log(INFO, "Sent successfully")
+    """
+)
+
+
+def test_stamped_output_reads_flowers_own_log_lines(tmp_path):
+    script = tmp_path / "department.py"
+    script.write_text(FLOWER_LIKE_DEPARTMENT)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, encoding="utf-8", errors="replace", env=env)
+    reader = dep.StampedOutput(proc.stdout, tmp_path / "finance.log")
+    reader.start()
+    assert proc.wait(timeout=120) == 0
+    reader.join(timeout=10)
+    stamps = [t for t, _ in reader.lines]
+    assert stamps == sorted(stamps) and len(stamps) >= 9
+    events = dep.department_events(reader.lines)
+    assert [len(events[k]) for k in ("receiving", "received", "sending", "sent")] == [1, 1, 1, 1]
+    assert [r for r, _ in events["epsilon_lines"]] == [1]
+    assert events["receiving"][0] <= events["received"][0] <= events["epsilon_lines"][0][1] <= events["sending"][0]
+    assert events["sending"][0] - events["received"][0] >= 0.3  # the child slept between them
+    logged = (tmp_path / "finance.log").read_text(encoding="utf-8")
+    assert "\x1b" not in logged and "Receiving: train message (ID: abc)" in logged
+    first = logged.splitlines()[0].split(" ", 1)[0]
+    assert float(first) == pytest.approx(stamps[0], abs=1e-3)
+    # Nothing before `since` counts: a run's events only.
+    assert dep.department_events(reader.lines, since=stamps[-1] + 1) == {
+        "receiving": [], "received": [], "sending": [], "sent": [], "epsilon_lines": []}
+
+
+def test_the_parsed_lines_are_the_ones_flower_and_fedsilo_log():
+    supernode = (Path(flwr.__file__).parent / "supernode" / "start_client_internal.py").read_text()
+    for code in ('"Receiving: %s message (ID: %s)"', '"Received successfully"', '"Sending: %s message (ID: %s)"',
+                 '"Sent successfully"'):
+        assert code in supernode, f"{code} is no longer logged by flwr/supernode/start_client_internal.py"
+    import fedsilo
+
+    guard = (Path(fedsilo.__file__).parent / "client" / "budget_guard.py").read_text(encoding="utf-8")
+    assert '"[%s] round %s: ε=%.3f (δ=%g)"' in guard
+    assert dep.EPSILON_LINE.search("INFO :      [hr] round 12: ε=0.512 (δ=1e-05)").group("round") == "12"
+    assert dep.EPSILON_LINE.search("WARNING :   [hr] round 12 refused: budget") is None
+
+
+def test_department_events_pairs_each_message_with_its_success_line():
+    lines = [
+        (1.0, "Received successfully"),  # before any message: not an event
+        (2.0, "INFO :      Receiving: train message (ID: a)"),
+        (2.5, "INFO :      Received successfully"),
+        (3.0, "INFO :      [sales] round 1: ε=0.100 (δ=1e-05)"),
+        (3.1, "12/01/2026 09:56:47:INFO:[sales] round 1: ε=0.100 (δ=1e-05)"),  # a second handler's copy
+        (4.0, "INFO :      Sending: train message (ID: b)"),
+        (4.2, "INFO :      Sent successfully"),
+        (5.0, "INFO :      Receiving: evaluate message (ID: c)"),  # not a train message
+        (9.0, "INFO :      Receiving: train message (ID: d)"),
+        (9.1, "INFO :      Received successfully"),
+        (9.2, "INFO :      Received successfully"),  # a second one: only the first counts
+    ]
+    events = dep.department_events(lines)
+    assert events == {"receiving": [2.0, 9.0], "received": [2.5, 9.1], "sending": [4.0], "sent": [4.2],
+                      "epsilon_lines": [[1, 3.0]]}
+
+
+def test_clientapp_runtime_reads_the_superlink_schema(tmp_path):
+    from sqlalchemy import create_engine, insert
+
+    from flwr.supercore.state.schema.linkstate_models import LinkStateBase, Run
+
+    database = tmp_path / "superlink.db"
+    engine = create_engine(f"sqlite:///{database}")
+    LinkStateBase.metadata.create_all(engine, tables=[Run.__table__])
+    run_id = 2**63 + 5  # a uint64 run id, stored as sint64
+    with engine.begin() as conn:
+        conn.execute(insert(Run.__table__).values(run_id=run_id - 2**64, primary_task_id=1, clientapp_runtime=4.5))
+    engine.dispose()
+    assert dep.clientapp_runtime(database, str(run_id)) == pytest.approx(4.5)
+    assert dep.clientapp_runtime(database, "17") is None
+    assert dep.clientapp_runtime(tmp_path / "missing.db", str(run_id)) is None
+
+
+def _deployment_record() -> dict:
+    """Two rounds, three departments: stamps chosen so that every phase is known (see the comments)."""
     t0 = 1000.0
-    record = {
-        "seconds": [10.0, 10.0], "trained": [3, 3], "status": "completed", "run_id": "7", "final_accuracy": 0.8,
-        "round_marks": [(0, t0), (1, t0 + 10), (2, t0 + 20)],
-        "clientapps": [
-            {"department": name, "first": t0 + k * 10 + 2 + i, "last": t0 + k * 10 + 7 + i}
-            for k in (0, 1) for i, name in enumerate(dep.DEPARTMENTS)
-        ],
-        "ledger_times": {name: [(1, t0 + 6 + i), (2, t0 + 16 + i)] for i, name in enumerate(dep.DEPARTMENTS)},
+    names = dep.DEPARTMENTS
+    departments, ledgers = {}, {}
+    for i, name in enumerate(names):
+        # Round 1 starts at t0: messages received 1 + 0.5 i s in, 0.2 s download, the ledger entry
+        # 3.2 + 0.5 i s later, the reply check (7 + i) × 0.5 s after "Received", 0.1 s upload.
+        recv1 = t0 + 1 + 0.5 * i
+        ok1, led1 = recv1 + 0.2, recv1 + 0.2 + 3.2 + 0.5 * i
+        send1 = ok1 + 3.5 + 0.5 * i
+        sent1 = send1 + 0.1
+        # Round 2: one 3 s idle sleep (+ 0.02 s of pulls) after the reply, 0.1 s download, 1.2 s to the
+        # ledger, 3 reply checks, 0.1 s upload.
+        recv2 = sent1 + 3.02
+        ok2, led2 = recv2 + 0.1, recv2 + 0.1 + 1.2
+        send2 = ok2 + 1.5
+        sent2 = send2 + 0.1
+        departments[name] = {"receiving": [recv1, recv2], "received": [ok1, ok2], "sending": [send1, send2],
+                             "sent": [sent1, sent2], "epsilon_lines": [[1, led1 + 0.004], [2, led2 + 0.004]]}
+        ledgers[name] = [[1, led1], [2, led2]]
+    return {
+        "seconds": [7.1, 4.75], "trained": [3, 3], "status": "completed", "run_id": "7", "final_accuracy": 0.8,
+        # sales' replies leave last: 1006.8 and 1011.52; the summary is written 0.4 s and 0.48 s later.
+        "round_ends": [[0, t0, t0], [1, 1007.2, 1007.25], [2, 1012.0, 1012.05]],
+        "departments": departments, "ledger_times": ledgers,
+        "processes": [{"department": n, "pid": 10 + i, "name": "flower-supernode", "first": t0 - 5, "last": 1012.0,
+                       "at_start": True} for i, n in enumerate(names)],
+        "clientapp_runtime_s": 6.0, "control": "127.0.0.1:5000",
         "coordinator_start_s": 3.0, "departments_online_s": 8.0, "examples": 479,
     }
+
+
+def test_deployment_phases_tile_each_round():
+    split = dep.phases(_deployment_record())
+    assert split["complete"] and split["incomplete"] == [] and split["complete_rounds"] == 2
+    one, two = split["rounds"]
+    assert one["critical"] == two["critical"] == "sales"
+    assert one["start_from"] == "previous summary write"
+    for key, value in {"wait": 2.0, "download": 0.2, "clientapp": 4.2, "reply_wait": 0.3, "upload": 0.1,
+                       "collect": 0.4, "span": 7.2, "between_rounds": 0.1}.items():
+        assert one[key] == pytest.approx(value), key
+    for key, value in {"wait": 2.62, "download": 0.1, "clientapp": 1.2, "reply_wait": 0.3, "upload": 0.1,
+                       "collect": 0.48, "span": 4.8, "between_rounds": 0.05}.items():
+        assert two[key] == pytest.approx(value), key
+    for r in (one, two):  # the critical path's phases add up to the round's span
+        assert sum(r[key] for key in dep.PHASES) == pytest.approx(r["span"])
+    assert split["first"]["wait"] == pytest.approx(2.0) and split["steady"]["wait"] == pytest.approx(2.62)
+    assert split["departments"]["download"]["count"] == 6
+    ev = split["evidence"]
+    assert ev["since_previous_reply"]["mean"] == pytest.approx(3.02) and ev["idle_sleeps"] == {1: 3}
+    assert ev["since_previous_reply_minus_sleeps"]["mean"] == pytest.approx(0.02)
+    assert ev["reply_checks"] == {3: 3, 7: 1, 8: 1, 9: 1}
+    assert ev["received_to_sending_minus_checks"]["max"] == pytest.approx(0.0, abs=1e-9)
+    assert ev["log_lag"]["mean"] == pytest.approx(0.004)
+    assert ev["clientapp_runtime_per_message"] == pytest.approx(1.0) and ev["replies_sent"] == 6
+    assert ev["processes_started_during_run"] == 0
+    assert ev["processes_under_departments"] == [("flower-supernode", 3)]
+
+
+def test_deployment_phases_name_incomplete_rounds():
+    record = _deployment_record()
+    record["departments"]["sales"]["sent"].pop()  # sales' round-2 reply never logged as sent
     split = dep.phases(record)
-    assert [r["round"] for r in split["rounds"]] == [1, 2]
-    assert split["dispatch"] == pytest.approx(3.0)  # 2, 3, 4 s after each round start
-    assert split["clientapp_to_ledger"] == pytest.approx(4.0)
-    assert split["ledger_to_exit"] == pytest.approx(1.0)
-    assert split["slowest_department_done"] == pytest.approx(8.0)  # sales' ledger entry, 8 s into each round
-    assert split["collect"] == pytest.approx(2.0)  # from the last ledger entry to the round's end
-    sim = {"status": "completed", "seconds": [4.0, 1.0], "trained": [3, 3], "final_accuracy": 0.8, "wall_s": 40.0}
+    assert not split["complete"] and split["incomplete"] == [2] and split["complete_rounds"] == 1
+    assert split["rounds"][1]["critical"] == "hr" and len(split["rounds"][1]["departments"]) == 2
+    record = _deployment_record()
+    record["round_ends"] = [[0, 1000.0, 1000.0], [2, 1012.0, 1012.05]]  # round 1's write was not seen
+    split = dep.phases(record)
+    assert split["incomplete"] == [1] and split["rounds"][0]["round"] == 2
+    assert split["rounds"][0]["start_from"] == "clock" and split["rounds"][0]["span"] == pytest.approx(4.75)
+
+
+def _probe() -> dict:
     alone = {"import_client_app_s": 3.0, "import_opacus_s": 0.0, "read_table_s": 0.1, "epsilon_s": 0.2,
-             "train_dp_cold_s": 1.0, "train_dp_warm_s": 0.3, "process_wall_s": 6.0}
-    probe = {"median": alone, "together_median": {k: 2 * v for k, v in alone.items()}, "runs": [],
-             "together_runs": [], "bare_interpreter_s": 0.05, "repeats": 1, "together": 3}
-    result = dep.build_result(record, sim, probe, tmp_path, quick=True, rounds=2)
+             "train_dp_cold_s": 1.0, "train_dp_warm_s": 0.3, "evaluate_s": 0.01, "process_wall_s": 6.0}
+    return {"median": alone, "together_median": {k: 2 * v for k, v in alone.items()}, "runs": [],
+            "together_runs": [], "bare_interpreter_s": 0.05, "repeats": 1, "together": 3}
+
+
+def test_deployment_result_tables_targets_and_report(tmp_path):
+    sim = {"status": "completed", "seconds": [4.0, 1.25], "trained": [3, 3], "final_accuracy": 0.8, "wall_s": 40.0}
+    result = dep.build_result(_deployment_record(), sim, _probe(), tmp_path, quick=False, rounds=2)
     saved = json.loads(result.save(tmp_path).read_text())
     assert saved["name"] == "deployment"
-    titles = [t["title"] for t in saved["tables"]]
-    assert any("Where a round's time goes" in t for t in titles)
-    assert saved["tables"][0]["rows"][-2] == ["mean", "10.0", "2.50", "4.0×"]
-    assert saved["tables"][0]["rows"][-1] == ["mean of rounds ≥ 2", "10.0", "1.00", "10.0×"]
-    where = {row[0]: row for row in saved["tables"][1]["rows"]}
-    assert where["slowest ledger entry → round end"][1] == "2.00"
-    assert "4.30 s" in where["ClientApp process start → its ledger entry is written"][2]  # 3 + 0.1 + 0.2 + 1
-    assert (tmp_path / dep.PLOT).exists()
-    assert "Deployment overhead" in render(tmp_path).read_text()
+    tables = {t["title"].split(" (")[0].split(":")[0]: t for t in saved["tables"]}
+    for table in saved["tables"]:
+        assert table["rows"] and all(len(row) == len(table["columns"]) for row in table["rows"]), table["title"]
+    assert saved["tables"][0]["rows"][-1] == ["mean of rounds ≥ 2", "4.75", "1.25", "+3.50", "3.8×"]
+    where = {row[0]: row for row in tables["Where a deployed round's time goes"]["rows"]}
+    assert where[dep.PHASE_LABELS["wait"]][1:3] == ["2.00", "2.62"]
+    assert where[dep.PHASE_LABELS["collect"]][1:3] == ["0.40", "0.48"]
+    assert "1.00 s per message" in where[dep.PHASE_LABELS["clientapp"]][3]  # Flower's runtime, 6.0 s / 6 replies
+    assert where["sum: previous summary.json write → this round's"][1:3] == ["7.20", "4.80"]
+    evidence = {row[0]: row for row in tables["Evidence for the intervals"]["rows"]}
+    assert "whole 3 s sleeps: 1 (3×)" in evidence[
+        "a SuperNode's previous reply sent → its next message received (rounds ≥ 2)"][1]
+    assert evidence["processes under the departments during the run"][1] == "flower-supernode ×3"
+    assert evidence["rounds with every event found"][1] == "2 of 2"
+    polls = {row[0] for row in tables["Polling on a deployed round's path"]["rows"]}
+    assert "fedsilo/client/executor.py" in polls and "flwr/supernode/start_client_internal.py" in polls
+    slower, accounted = saved["targets"]
+    assert slower["met"] is False and slower["measured"].endswith("+3.50 s per round")  # 4.75 s vs 1.25 s
+    assert "2.62 s waiting for its message" in slower["note"] and "+0.88 s" in slower["note"]  # 4.75 − 2.62 − 1.25
+    assert accounted["met"] is True and accounted["measured"].startswith("2 of 2 rounds")
+    assert (tmp_path / dep.PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    markdown = render(tmp_path).read_text()
+    assert "Deployment overhead" in markdown and "| deployment | a deployed round at most 3 s slower" in markdown
+
+    quick = dep.build_result(_deployment_record(), sim, _probe(), tmp_path / "quick", quick=True, rounds=2)
+    assert quick.targets[0].met is None and quick.targets[1].met is True
+    within = {**sim, "seconds": [4.0, 2.0]}
+    assert dep.build_result(_deployment_record(), within, _probe(), tmp_path / "within", quick=False,
+                            rounds=2).targets[0].met is True  # 4.75 s vs 2.0 s
 
 
 def test_cited_flower_constants_are_in_the_installed_flower():
     root = Path(flwr.__file__).parent
     for path, code, _, _ in dep.FLOWER_POLLS:
         assert code in (root / path).read_text(), f"{code!r} is no longer in flwr/{path}"
+
+
+def test_cited_fedsilo_intervals_are_in_the_code():
+    import fedsilo
+
+    root = Path(fedsilo.__file__).parent
+    for path, code, _, _ in dep.FEDSILO_POLLS:
+        assert code in (root / path).read_text(encoding="utf-8"), f"{code!r} is no longer in fedsilo/{path}"
 
 
 def test_fresh_interpreter_probe(tmp_path):
@@ -207,6 +405,7 @@ def test_fresh_interpreter_probe(tmp_path):
     assert len(result["runs"]) == 1 and len(result["together_runs"]) == 2
     run = result["runs"][0]
     assert run["examples"] == sizes[0] and run["steps"] > 0
-    for key in ("import_client_app_s", "import_opacus_s", "epsilon_s", "train_dp_cold_s", "train_dp_warm_s"):
+    for key in ("import_client_app_s", "import_opacus_s", "epsilon_s", "train_dp_cold_s", "train_dp_warm_s",
+                "evaluate_s"):
         assert run[key] > 0
     assert run["process_wall_s"] > run["import_client_app_s"]

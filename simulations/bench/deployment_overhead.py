@@ -206,7 +206,7 @@ def department_events(lines: list[tuple[float, str]], since: float = 0.0) -> dic
 
     ``receiving``/``received``: the SuperNode pulled the message / stored its
     objects; ``sending``/``sent``: it found the reply / pushed it.
-    ``epsilon_lines``: ``[round, stamp]`` of the budget guard's ε line.
+    ``epsilon_lines``: ``[round, stamp]`` of the budget guard's first ε line for each round.
     """
     events: dict[str, list] = {"receiving": [], "received": [], "sending": [], "sent": [], "epsilon_lines": []}
     pending: str | None = None  # which success line comes next
@@ -226,7 +226,9 @@ def department_events(lines: list[tuple[float, str]], since: float = 0.0) -> dic
             events["sent"].append(stamp)
             pending = None
         elif (match := EPSILON_LINE.search(line)) is not None:
-            events["epsilon_lines"].append([int(match.group("round")), stamp])
+            k = int(match.group("round"))
+            if all(r != k for r, _ in events["epsilon_lines"]):  # the first, where two handlers print it
+                events["epsilon_lines"].append([k, stamp])
     return events
 
 
@@ -591,7 +593,7 @@ def probe(department_csv: Path, test_csv: Path) -> dict[str, float]:
     rounds; the evaluation is the ServerApp's per-round one on the test table.
     """
     t0 = time.perf_counter()
-    import fedsilo.client.app  # noqa: F401  (the ClientApp module flwr-clientapp loads)
+    import fedsilo.client.app  # noqa: F401  (the ClientApp the department's executor imports once)
 
     t1 = time.perf_counter()
     import opacus  # noqa: F401  (train_dp imports it on first use)
@@ -678,8 +680,6 @@ def run_probe(department_csv: Path, test_csv: Path, repeats: int, together: int 
             "bare_interpreter_s": bare, "repeats": repeats, "together": together}
 
 
-
-
 # --------------------------------------------------------------------------- the result
 
 
@@ -694,13 +694,22 @@ def _steady(seconds: list[float]) -> float:
     return statistics.mean(seconds[1:]) if len(seconds) > 1 else seconds[0]
 
 
+def _flower_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("flwr")
+    except PackageNotFoundError:
+        return "?"
+
+
 def _get(block: dict[str, Any] | None, key: str) -> float | None:
     return None if block is None else block.get(key)
 
 
-def _counts(counter: dict, unit: float) -> str:
-    """``{1: 8, 2: 1}`` -> ``1 × 3 s (8), 2 × 3 s (1)``."""
-    return ", ".join(f"{k} × {unit:g} s ({v})" for k, v in sorted(counter.items(), key=lambda kv: int(kv[0]))) or "–"
+def _counts(counter: dict) -> str:
+    """``{1: 8, 2: 1}`` -> ``1 (8×), 2 (1×)``: how often each whole number came up."""
+    return ", ".join(f"{k} ({v}×)" for k, v in sorted(counter.items(), key=lambda kv: int(kv[0]))) or "–"
 
 
 PHASE_LABELS = {
@@ -759,10 +768,13 @@ def plot(deploy: dict[str, Any], sim: dict[str, Any], split: dict[str, Any], pat
     rows = split.get("rounds", [])
     if rows:
         t0 = rows[0]["start"]
-        names = sorted({d["department"] for r in rows for d in r["departments"]})
+        names = [*sorted({d["department"] for r in rows for d in r["departments"]}), "ServerApp"]
         seen = set()
         for r in rows:
             bottom.axvline(r["end"] - t0, color="black", lw=0.8, ls="--")
+            bottom.broken_barh([(r["end"] - r["collect"] - t0, max(r["collect"], 0.0))], (len(names) - 1.35, 0.7),
+                               color=PHASE_COLOURS["collect"], label=PHASE_SHORT["collect"] if "collect" not in seen else None)
+            seen.add("collect")
             for d in r["departments"]:
                 y = names.index(d["department"])
                 edges = [r["start"], d["receiving"], d["received"], d["ledger"], d["sending"], d["sent"]]
@@ -774,7 +786,7 @@ def plot(deploy: dict[str, Any], sim: dict[str, Any], split: dict[str, Any], pat
         bottom.set_yticklabels(names)
         bottom.set_xlabel("seconds since round 1 started (dashed: a round's summary.json write)")
         bottom.set_title("Each department's rounds, from its logged events")
-        bottom.legend(fontsize=7, loc="upper center", ncol=5, bbox_to_anchor=(0.5, -0.18))
+        bottom.legend(fontsize=7, loc="upper center", ncol=6, bbox_to_anchor=(0.5, -0.18))
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -803,7 +815,8 @@ def build_result(deploy: dict[str, Any], sim: dict[str, Any], probe_result: dict
     p, p3 = probe_result["median"], probe_result.get("together_median", {})
     together = probe_result.get("together", len(DEPARTMENTS))
     first, steady, ev = split.get("first"), split.get("steady"), split["evidence"]
-    basis, basis_label = (steady, "rounds ≥ 2") if steady else (first, "round 1")
+    basis, basis_label = (steady, "rounds ≥ 2") if several else (first, "round 1")
+    flower = _flower_version()
 
     per_round_rows = []
     for i, d in enumerate(deploy["seconds"]):
@@ -821,8 +834,8 @@ def build_result(deploy: dict[str, Any], sim: dict[str, Any], probe_result: dict
     explain = {
         "wait": "the ServerApp pushes the round's messages; an idle SuperNode pulls, then sleeps 3 s (Flower, fixed)"
                 + (f". Its previous reply had left {_s(since['mean'])} s before it received the next message "
-                   f"({_counts(ev['idle_sleeps'], IDLE_POLL_S)} sleeps, + {_s(_get(rest, 'mean'))} s of pull "
-                   "requests), so the message waits out the rest of the sleep that began right after that reply"
+                   f"(whole 3 s sleeps: {_counts(ev['idle_sleeps'])}; + {_s(_get(rest, 'mean'))} s of pull "
+                   "requests), so a message waits out the rest of the sleep in progress when it arrives"
                    if since else ""),
         "download": "the model's objects pulled through nginx (TLS, protobuf over HTTP/1.1) and confirmed; on the "
                     "first message also the run and the app (FAB)",
@@ -836,9 +849,10 @@ def build_result(deploy: dict[str, Any], sim: dict[str, Any], probe_result: dict
                      + (f"; {together} at once {_s(p3.get('train_dp_cold_s'))} / {_s(p3.get('train_dp_warm_s'))} "
                         f"and {_s(p3.get('epsilon_s'))} s (probe)" if p3 else " (probe)"),
         "reply_wait": "the reply handed to the SuperNode's Runtime API, then its reply check (every 0.5 s from "
-                      f"`Received successfully`; that span took {_counts(checks, REPLY_POLL_S)} checks, "
+                      f"`Received successfully`; that span held whole 0.5 s checks: {_counts(checks)}, "
                       f"off by {_s(_get(off, 'mean'))} s)",
-        "upload": "the reply's objects pushed through nginx to the SuperLink",
+        "upload": "the reply's objects pushed through nginx to the SuperLink (the SuperNode waits in 0.5 s steps "
+                  "for any of them not yet handed over by the executor)",
         "collect": "the ServerApp sees the reply at its next pull (0.05 s, doubling to 0.5 s while none arrive), "
                    f"pulls it over loopback, FedAvg, evaluation on {TEST_ROWS} rows (alone "
                    f"{_s(p.get('evaluate_s'))} s, probe), summary.json",
@@ -859,11 +873,12 @@ def build_result(deploy: dict[str, Any], sim: dict[str, Any], probe_result: dict
     evidence_rows = [
         ["a SuperNode's previous reply sent → its next message received (rounds ≥ 2)",
          f"{_s(since['mean'])} s (min {_s(since['min'])}, max {_s(since['max'])}); "
-         f"{_counts(ev['idle_sleeps'], IDLE_POLL_S)}" if since else "– (one round)",
-         "Flower's idle loop pulls right after a reply, then sleeps 3 s between pulls: whole 3 s sleeps, plus "
-         f"{_s(_get(rest, 'mean'))} s of pull requests on average"],
+         f"whole 3 s sleeps: {_counts(ev['idle_sleeps'])}" if since else "– (one round)",
+         "Flower's idle loop pulls right after a reply, then every 3 s: the gap is whole 3 s sleeps plus the "
+         f"pull requests' own time, here {_s(_get(rest, 'mean'))} s on average (min {_s(_get(rest, 'min'))}, "
+         f"max {_s(_get(rest, 'max'))})"],
         ["`Received successfully` → `Sending`, every department-round",
-         f"{_s(_get(ev['received_to_sending'], 'mean'))} s; {_counts(checks, REPLY_POLL_S)}; "
+         f"{_s(_get(ev['received_to_sending'], 'mean'))} s; whole 0.5 s checks: {_counts(checks)}; "
          f"off those multiples by {_s(_get(off, 'mean'))} s (min {_s(_get(off, 'min'))}, max {_s(_get(off, 'max'))})",
          "the SuperNode checks for the reply every 0.5 s after storing the message"],
         ["Flower's ClientApp runtime per message (SuperLink database, run.clientapp_runtime / replies)",
@@ -873,12 +888,14 @@ def build_result(deploy: dict[str, Any], sim: dict[str, Any], probe_result: dict
          "executor's pickup (0.1 s poll) and the task's input, less the reply's hand-over that Flower also counts"],
         ["the ε line's stamp − the ledger entry's own timestamp",
          f"{lag['mean'] * 1000:.0f} ms mean, {lag['max'] * 1000:.0f} ms max ({lag['count']})" if lag else "–",
-         "how late relayed lines are stamped (the executor logs ε right after appending to the ledger)"],
+         "how late a line from a department's process is stamped (the executor logs ε right after its ledger "
+         "append); the SuperNode's lines pass one more pipe, relayed by `department start`"],
         ["processes under the departments during the run",
          ", ".join(f"{name} ×{n}" for name, n in ev["processes_under_departments"]) or "–",
          f"{ev['processes_started_during_run']} started during the run"
-         + (f" ({', '.join(ev['processes_started_names'])})" if ev["processes_started_names"] else "")
-         + ": the executor answers every message inside `department start`, no process per message"],
+         + (f" ({', '.join(ev['processes_started_names'])}; see raw.deployment.processes)"
+            if ev["processes_started_names"] else
+            ": the executor answers every message inside `department start`, no process per message")],
         ["rounds with every event found", f"{split['complete_rounds']} of {len(deploy['seconds'])}"
          + (f" (incomplete: {', '.join(map(str, split['incomplete']))})" if split["incomplete"] else ""),
          "4 SuperNode lines and a ledger entry per department, and the summary.json writes before and after"],
@@ -929,20 +946,20 @@ def build_result(deploy: dict[str, Any], sim: dict[str, Any], probe_result: dict
     if basis:
         target_note = (
             f"{basis_label}, the critical department (whose reply left last): {_s(wait)} s waiting for its message "
-            "(the SuperNode's idle sleep, hard-coded `time.sleep(3)` in Flower 1.41: no setting changes it), "
+            f"(the SuperNode's idle sleep, hard-coded `time.sleep(3)` in Flower {flower}: no setting changes it), "
             f"{_s(basis['download'])} s download, {_s(basis['clientapp'])} s executor and ClientApp, "
             f"{_s(basis['reply_wait'])} s until the 0.5 s reply check, {_s(basis['upload'])} s upload, "
-            f"{_s(basis['collect'])} s ServerApp pull, FedAvg and evaluation. Without its idle wait the deployed "
-            f"round is {_s(d_basis - wait)} s, {d_basis - wait - s_basis:+.2f} s against the simulated one."
+            f"{_s(basis['collect'])} s ServerApp pull, FedAvg and evaluation. The deployed round minus that wait "
+            f"is {_s(d_basis - wait)} s, {d_basis - wait - s_basis:+.2f} s against the simulated one."
         )
     if quick:
         target_note += (" Quick mode: one round, so round 1 is compared: the simulated one includes starting Ray's "
                         "workers, the deployed one fetching the app and a cold first train_dp; judged on rounds ≥ 2 "
                         "of the full run.")
     elif extra > TARGET_EXTRA_S:
-        target_note += (" What would close it: the idle wait is Flower's SuperNode loop (it sleeps 3 s right after "
-                        "each reply, and the next round's message arrives during that sleep); the rest is listed in "
-                        "'Where a deployed round's time goes'.")
+        target_note += (" What would close it: the idle wait is Flower's SuperNode loop (`time.sleep(3)` between "
+                        "pulls while idle, no setting; the evidence table shows how many whole sleeps passed between "
+                        "a reply and the next message); the rest is listed in 'Where a deployed round's time goes'.")
     targets = [
         Target(
             "a deployed round at most 3 s slower than the same round simulated",
@@ -952,8 +969,7 @@ def build_result(deploy: dict[str, Any], sim: dict[str, Any], probe_result: dict
         ),
         Target(
             "where Flower's 3 s idle poll prevents it: every second of a deployed round accounted for",
-            f"{split['complete_rounds']} of {len(deploy['seconds'])} rounds split at logged events, every "
-            "department's events found"
+            f"{split['complete_rounds']} of {len(deploy['seconds'])} rounds split at every department's logged events"
             + (f" (incomplete: rounds {', '.join(map(str, split['incomplete']))})" if split["incomplete"] else "")
             + (f"; the phases add up to {_s(_get(split['mean'], 'span'))} s per round vs the ServerApp's "
                f"{_s(_get(split['mean'], 'seconds_summary'))} s" if split.get("mean") else ""),
@@ -981,7 +997,7 @@ def build_result(deploy: dict[str, Any], sim: dict[str, Any], probe_result: dict
                   ["what", "measured", "reading"], evidence_rows),
             Table("A department's own work alone, in a fresh interpreter, without Flower (seconds, medians)",
                   ["step", f"alone ({probe_result['repeats']})", f"{together} at once"], probe_rows),
-            Table("Polling on a deployed round's path (Flower 1.41 and fedsilo)", ["file", "code", "interval", "effect"],
+            Table(f"Polling on a deployed round's path (Flower {flower} and fedsilo)", ["file", "code", "interval", "effect"],
                   poll_rows),
         ],
         plots=[PLOT],
