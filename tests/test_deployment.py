@@ -17,7 +17,7 @@ import pytest
 import tomli_w
 
 from federation import FEDSILO, cli as _cli, federation, stop as _stop
-from fedsilo.shared.flower_cli import FlowerConnection, flower_executable, free_port, offline_env, stop_group
+from fedsilo.shared.flower_cli import FlowerConnection, alive, flower_executable, free_port, offline_env, stop_group
 
 DEPARTMENTS = ("finance", "hr", "sales")
 
@@ -250,7 +250,18 @@ def test_restarted_department_neither_resets_nor_double_counts_epsilon(fed):
 
 def test_restarted_coordinator_keeps_registered_departments(fed):
     before = fed.control("departments").stdout
-    _stop(fed["coordinator"])
+    pids = json.loads((fed["state"] / "coordinator.json").read_text())["pids"]
+    assert set(pids) == {"superlink", "superexec", "proxy"} and all(alive(p) for p in pids.values())
+    # SIGTERM to `fedsilo coordinator start` alone stops the whole unit, proxy included.
+    fed["coordinator"].send_signal(signal.SIGTERM)
+    fed["coordinator"].wait(timeout=60)
+    deadline = time.monotonic() + 20
+    while any(alive(p) for p in pids.values()) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(p) for p in pids.values()), pids
+    assert not (fed["state"] / "coordinator.json").exists()
+    failed = fed.control("departments")  # no coordinator: a clear error, not a traceback
+    assert failed.returncode == 1 and "fedsilo coordinator start" in failed.stderr and "Traceback" not in failed.stderr
     fed.start_coordinator()
     after = fed.control("departments")
     assert after.returncode == 0
