@@ -144,6 +144,7 @@ class Coordinator:
         """
         check_coordinator(self.certs)
         host, public_port = split_address(self.address)
+        _refuse_running(self.record)
         self.state.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state, 0o700)  # the secret, the database and the logs are the operators' alone
         port = self.control_port or free_port(LOOPBACK)
@@ -216,6 +217,20 @@ class CoordinatorUnit:
         if self.superlink is not None:
             stop_group(self.superlink.pid, grace)
         self.coordinator.record.unlink(missing_ok=True)
+
+
+def _refuse_running(record: Path) -> None:
+    """One coordinator per state folder: two SuperLinks must never share a database."""
+    try:
+        pids = json.loads(record.read_text(encoding="utf-8")).get("pids", {})
+    except (OSError, ValueError):
+        return  # none recorded, or a record left by a crash: nothing runs from here
+    running = {name: pid for name, pid in pids.items() if alive(int(pid))}
+    if running:
+        raise ValueError(
+            f"a coordinator from '{record.parent}' is already running ({', '.join(f'{n} pid {p}' for n, p in running.items())}); "
+            "stop it first, or give this one another --state folder"
+        )
 
 
 def _refuse_busy(host: str, port: int) -> None:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -161,11 +160,3 @@ def federation(root: Path, departments: tuple[str, ...], extra_keys: tuple[str, 
     finally:
         fed.stop_all()
 
-
-def port_open(address: str) -> bool:
-    host, port = address.rsplit(":", 1)
-    try:
-        socket.create_connection((host, int(port)), timeout=0.5).close()
-        return True
-    except OSError:
-        return False

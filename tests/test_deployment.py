@@ -248,6 +248,13 @@ def test_restarted_department_neither_resets_nor_double_counts_epsilon(fed):
     assert not (central / "coordinator.key").exists()  # no key was generated beside it
 
 
+def test_a_second_coordinator_on_the_same_state_is_refused(fed):
+    second = _cli("coordinator", "start", "--certs", str(fed["certs"]), "--address", f"127.0.0.1:{free_port()}",
+                  "--state", str(fed["state"]), timeout=60)
+    assert second.returncode == 2 and "already running" in second.stderr and "Traceback" not in second.stderr
+    assert fed.control("departments").returncode == 0  # the first one is untouched
+
+
 def test_restarted_coordinator_keeps_registered_departments(fed):
     before = fed.control("departments").stdout
     pids = json.loads((fed["state"] / "coordinator.json").read_text())["pids"]
