@@ -125,10 +125,15 @@ def audit_ledger(path: Path, keys: Path | None = None, rederive_every_entry: boo
     department = _department_of(path)
     row = DepartmentAudit(id=department, path=str(path))
     public_key = None
-    candidates = [keys / f"{department}.pub"] if keys else []
-    if keys and department == COORDINATOR:
-        candidates.append(keys / "coordinator.crt")  # the coordinator signs with its TLS key
-    for candidate in candidates + [path.with_name(f"{department}.pub")]:
+    if keys:
+        # Only the keys the auditor trusts: a .pub beside the ledger could have
+        # been written by whoever re-signed it.
+        candidates = [keys / f"{department}.pub"]
+        if department == COORDINATOR:
+            candidates.append(keys / "coordinator.crt")  # the coordinator signs with its TLS key
+    else:
+        candidates = [path.with_name(f"{department}.pub")]
+    for candidate in candidates:
         if candidate.exists():
             try:
                 public_key = _certificate_key(candidate) if candidate.suffix == ".crt" else load_public_key(candidate)
@@ -139,7 +144,9 @@ def audit_ledger(path: Path, keys: Path | None = None, rederive_every_entry: boo
     row.problems += found.problems
     if public_key is None:
         row.problems.append(
-            f"no public key for '{department}' (looked in {keys or path.parent}): signatures cannot be verified"
+            f"no public key for '{department}' in {keys or path.parent}"
+            + (" (--keys is the only place looked; keys beside the ledger are not trusted)" if keys else "")
+            + ": signatures cannot be verified"
         )
     row.entries = found.entries
     row.signatures = "not checked" if public_key is None else ("INVALID" if any("sign" in p for p in found.problems) else "valid")

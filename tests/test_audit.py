@@ -133,3 +133,30 @@ def test_audit_cli_json_and_exit_codes(tmp_path):
     assert bad.returncode == 1 and json.loads(bad.stdout)["ok"] is False
     missing = subprocess.run([sys.executable, "-m", "fedsilo", "audit", str(tmp_path / "nope")], capture_output=True, text=True)
     assert missing.returncode == 2 and "does not exist" in missing.stderr
+
+
+def test_keys_never_fall_back_to_a_key_beside_the_ledger(tmp_path):
+    """A forger who rewrites a ledger and the .pub beside it passes only an audit that trusts that .pub."""
+    genuine = _write_run(tmp_path / "genuine")
+    trusted = tmp_path / "trusted-keys"
+    trusted.mkdir()
+    (trusted / "finance.pub").write_bytes(genuine.with_name("finance.pub").read_bytes())
+    forged_dir = tmp_path / "forged" / "ledgers"
+    forged_dir.mkdir(parents=True)
+    generate_identity(forged_dir / "finance.key", forged_dir / "finance.pub", "forger")
+    forger = Signer.from_file(forged_dir / "finance.key")
+    forged = PrivacyLedger(ledger_path(forged_dir, "finance"), "finance", forger)
+    history = []
+    for rnd, m in enumerate(MECHANISMS[:1], start=1):  # one round instead of four: budget "restored"
+        history.append(m)
+        forged.append(run_id="77", round=rnd, mechanism=m, max_grad_norm=1.0, delta=1e-5,
+                      accountant="pld", epsilon=accounting.epsilon(history, 1e-5, "pld"), num_examples=80)
+    assert audit_path(forged_dir).ok  # self-consistent: its own .pub vouches for it
+    with_keys = audit_path(forged_dir, trusted)
+    assert not with_keys.ok and with_keys.departments[0].signatures == "INVALID"
+    empty = tmp_path / "no-keys"
+    empty.mkdir()
+    missing = audit_path(forged_dir, empty)
+    assert not missing.ok and missing.departments[0].signatures == "not checked"
+    assert "keys beside the ledger are not trusted" in " ".join(missing.departments[0].problems)
+    assert audit_path(genuine.parent, trusted).ok  # the genuine ledger verifies against the trusted key
