@@ -72,7 +72,6 @@ def train(msg: Message, context: Context) -> Message:
     metrics = MetricRecord(
         {
             "num-examples": result.num_examples,
-            "train-loss": result.train_loss,
             # Replaced with the whole-history ε by the budget guard; inf without DP.
             "epsilon": float("inf"),
             "max-epsilon": float("inf"),

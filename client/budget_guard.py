@@ -125,7 +125,6 @@ def refusal_reply(msg: Message, department: str, decision: BudgetDecision) -> Me
     metrics = MetricRecord(
         {
             "num-examples": 0,
-            "train-loss": 0.0,
             "epsilon": decision.epsilon_before,
             "max-epsilon": decision.max_epsilon,
             "steps": 0,

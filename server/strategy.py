@@ -43,7 +43,6 @@ class RoundReport:
     epsilon: dict[str, float] = field(default_factory=dict)
     budget: dict[str, float] = field(default_factory=dict)
     steps: dict[str, int] = field(default_factory=dict)
-    train_loss: dict[str, float] = field(default_factory=dict)
 
 
 class DepartmentFedAvg(FedAvg):
@@ -123,7 +122,6 @@ class DepartmentFedAvg(FedAvg):
                 continue
             report.trained[name] = int(metrics["num-examples"])
             report.steps[name] = int(metrics["steps"])
-            report.train_loss[name] = float(metrics["train-loss"])
             accepted.append(msg)
         self.last_report = report
         return accepted

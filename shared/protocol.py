@@ -3,7 +3,7 @@
 A department's train reply holds:
 
 * ``arrays``     (ArrayRecord)  — the updated weights; absent when it refused;
-* ``metrics``    (MetricRecord) — ``num-examples``, ``train-loss``, ``epsilon``
+* ``metrics``    (MetricRecord) — ``num-examples``, ``epsilon``
   (whole-history ε at the run's δ; ∞ without DP), ``max-epsilon`` (the
   department's own budget), ``steps``,
   ``noise-multiplier``, ``sample-rate`` — the same keys from every department;
@@ -33,4 +33,5 @@ APP_ID = f"{APP_PUBLISHER}/{APP_NAME}"
 SERVERAPP = "fedsilo.server.app:app"
 CLIENTAPP = "fedsilo.client.app:app"
 # Bump when the message contract above changes in a way older departments cannot answer.
-PROTOCOL_VERSION = 1
+# 2: train replies no longer carry `train-loss` (an unnoised statistic of private batches).
+PROTOCOL_VERSION = 2

@@ -16,7 +16,7 @@ class Grid:
 def reply(request, name, weights=None, n=10, status="trained", eps=1.0, key="w"):
     """A department's reply to ``request``: an update (``weights``) or a refusal."""
     content = {
-        "metrics": MetricRecord({"num-examples": n if status == "trained" else 0, "train-loss": 0.5, "epsilon": eps, "steps": 3, "noise-multiplier": 1.0, "sample-rate": 0.1}),
+        "metrics": MetricRecord({"num-examples": n if status == "trained" else 0, "epsilon": eps, "steps": 3, "noise-multiplier": 1.0, "sample-rate": 0.1}),
         "department": ConfigRecord({"name": name, "status": status, "reason": "budget" if status == "refused" else ""}),
     }
     if weights is not None:
