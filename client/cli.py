@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import signal
 import sys
 import threading
@@ -13,10 +14,10 @@ import typer
 from rich.console import Console
 
 from fedsilo.shared.data import DataError, split_columns
-from fedsilo.shared.flower_cli import stop_group, stop_tree
+from fedsilo.shared.flower_cli import FlowerError, stop_group, stop_tree, wait_for_port
 from fedsilo.shared.ledger import LedgerError
 
-from .executor import DepartmentExecutor, wait_for_runtime
+from .executor import DepartmentExecutor
 from .supernode import DepartmentNode, DepartmentStartError, explain_exit
 
 app = typer.Typer(help="Run a department client on this host, on this host's data.", no_args_is_help=True)
@@ -107,14 +108,15 @@ def _serve(node: DepartmentNode) -> tuple[int | None, list[str]]:
     stop = threading.Event()
     executor = None
     try:
-        wait_for_runtime(runtime, lambda: proc.poll() is None)
+        host, port = runtime.rsplit(":", 1)
+        wait_for_port(host, int(port), proc, 60.0, node.home / "department.log")
         executor = DepartmentExecutor(node.name, runtime, node.secret.read_bytes(), node.local_config())
         # Import torch, Opacus and the ClientApp now, once, not per message.
         executor.app  # noqa: B018
         console.print(f"department [bold]{node.name}[/bold]: answering with the fedsilo installed here "
                       f"(runtime API {runtime}, protected by {node.secret})")
         executor.serve(stop, alive=lambda: proc.poll() is None)
-    except (TimeoutError, KeyboardInterrupt):
+    except (FlowerError, KeyboardInterrupt):
         pass  # a SuperNode that died before opening its API is explained by the caller
     finally:
         stop.set()
@@ -126,10 +128,8 @@ def _serve(node: DepartmentNode) -> tuple[int | None, list[str]]:
     return proc.returncode, tail
 
 
-def _log_to(path) -> None:
+def _log_to(path: Path) -> None:
     """The executor's log (refusals, full error texts) stays on this host, in this file."""
-    import logging
-
     path.parent.mkdir(parents=True, exist_ok=True)
     path.parent.chmod(0o700)
     handler = logging.FileHandler(path, encoding="utf-8")

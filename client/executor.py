@@ -18,9 +18,7 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Callable
 
 import httpx
@@ -207,17 +205,3 @@ def _installed_clientapp():
 
     return app
 
-
-def wait_for_runtime(address: str, alive: Callable[[], bool], timeout: float = 60.0) -> None:
-    """Wait until the SuperNode's Runtime API accepts connections."""
-    import socket
-
-    host, _, port = address.rpartition(":")
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and alive():
-        try:
-            with socket.create_connection((host, int(port)), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError(f"the SuperNode's Runtime API on {address} did not open within {timeout:.0f} s")

@@ -172,7 +172,7 @@ class Coordinator:
                 )
             with open(proxy.folder / "nginx.out", "ab") as log:
                 unit.proxy = proxy.launch(unit.superlink.pid, stdout=log)
-            wait_for_port(host if host not in ("0.0.0.0", "::") else LOOPBACK, public_port,
+            wait_for_port(_dial(host), public_port,
                           unit.proxy, startup_timeout, proxy.error_log)
             probe_fleet(self.address, CertPaths(self.certs).ca_cert)
             for name, proc in (("flower-superexec", unit.superexec), ("flower-superlink", unit.superlink)):
@@ -219,6 +219,11 @@ class CoordinatorUnit:
         self.coordinator.record.unlink(missing_ok=True)
 
 
+def _dial(host: str) -> str:
+    """The address to connect to for a listener on ``host`` (a wildcard is reached on loopback)."""
+    return LOOPBACK if host in ("0.0.0.0", "::") else host
+
+
 def _refuse_running(record: Path) -> None:
     """One coordinator per state folder: two SuperLinks must never share a database."""
     try:
@@ -235,7 +240,7 @@ def _refuse_running(record: Path) -> None:
 
 def _refuse_busy(host: str, port: int) -> None:
     """A clear error when the public port is taken (nginx's own is cryptic)."""
-    probe = LOOPBACK if host in ("0.0.0.0", "::") else host
+    probe = _dial(host)
     with socket.socket(socket.AF_INET6 if ":" in probe else socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.settimeout(0.5)
         if sock.connect_ex((probe, port)) == 0:
@@ -248,7 +253,7 @@ def probe_fleet(address: str, ca: Path, timeout: float = 10.0) -> None:
     A 502/504 means nginx is up but cannot reach (or verify) the SuperLink.
     """
     host, port = split_address(address)
-    target = LOOPBACK if host in ("0.0.0.0", "::") else host
+    target = _dial(host)
     context = ssl.create_default_context(cafile=str(ca))
     deadline = time.monotonic() + timeout
     status = 0
