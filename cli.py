@@ -43,7 +43,8 @@ app.add_typer(bench_app, name="bench")
 def audit(
     path: Annotated[Path, typer.Argument(help="A run directory, a ledger directory, or one .jsonl ledger.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
-    keys: Annotated[Optional[Path], typer.Option(help="Folder of public keys NAME.pub, or a certs folder with coordinator.crt (default: beside the ledgers).")] = None,
+    keys: Annotated[Optional[Path], typer.Option(help="Folder of the public keys you trust (*.pub, coordinator.crt), matched by fingerprint. Without it, keys beside the ledgers prove only consistency.")] = None,
+    record: Annotated[Optional[Path], typer.Option(help="The coordinator's record of acknowledged ledger heads (STATE/record/acknowledged.jsonl); a run folder names its own.")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Also write an HTML report with plots to this folder (index.html).")] = None,
 ) -> None:
     """Verify ledgers (chain, signatures, coordinator record) and re-derive every ε; exit 1 on any failure."""
@@ -51,7 +52,7 @@ def audit(
     from fedsilo.shared.audit import audit_path
 
     try:
-        result = audit_path(path, keys)
+        result = audit_path(path, keys, record)
     except FileNotFoundError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None

@@ -18,17 +18,22 @@ from fedsilo.shared.models import build_model, resolve_device
 from fedsilo.shared.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, STATUS_KEY, STATUS_TRAINED
 
 from .budget_guard import PLAN_KEY, privacy_budget_mod
+from .containment import contain_errors_mod
 from .department import department_from_context
 from .trainer import train_dp, train_plain
 
 app = ClientApp()
 
 
-@app.train(mods=[privacy_budget_mod])
+# contain_errors_mod is outermost: no exception text leaves, whichever layer raised.
+@app.train(mods=[contain_errors_mod, privacy_budget_mod])
 def train(msg: Message, context: Context) -> Message:
-    """Train the received global model on this department's data."""
+    """Train the received global model on this department's data, exactly as the guard planned."""
     settings = RunSettings.from_run_config(context.run_config)
     department = department_from_context(context.node_config, settings)
+    if PLAN_KEY not in msg.content:
+        raise RuntimeError("no dp-plan in the message: training runs only under the budget guard mod")
+    plan = msg.content[PLAN_KEY]
     # Simulated departments share the machine's cores: one thread each avoids
     # oversubscription (Ray gives every department one CPU by default).
     torch.set_num_threads(1)
@@ -36,12 +41,7 @@ def train(msg: Message, context: Context) -> Message:
     model = build_model(settings.model, data.input_shape, data.num_classes, data.kind)
     model.load_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict())
     device = resolve_device(settings.device)
-    if settings.dp:
-        if PLAN_KEY not in msg.content:
-            raise RuntimeError(
-                "no dp-plan in the message: DP training runs only under the budget guard mod"
-            )
-        plan = msg.content[PLAN_KEY]
+    if bool(plan["private"]):
         mechanism = Mechanism(
             float(plan["noise-multiplier"]), float(plan["sample-rate"]), int(plan["steps"])
         )
@@ -56,7 +56,7 @@ def train(msg: Message, context: Context) -> Message:
             device=device,
         )
         noise, rate = mechanism.noise_multiplier, mechanism.sample_rate
-    else:
+    else:  # only when the department's own policy allows it
         result = train_plain(
             model,
             data,
@@ -71,10 +71,12 @@ def train(msg: Message, context: Context) -> Message:
         noise, rate = 0.0, 0.0
     metrics = MetricRecord(
         {
-            "num-examples": result.num_examples,
-            # Replaced with the whole-history ε by the budget guard; inf without DP.
+            # The size the department's policy reports, never the exact count.
+            "num-examples": int(plan["reported-size"]),
+            # Set by the budget guard: the whole-history ε, the budget and δ granted.
             "epsilon": float("inf"),
             "max-epsilon": float("inf"),
+            "delta": 0.0,
             "steps": result.steps,
             "noise-multiplier": noise,
             "sample-rate": rate,

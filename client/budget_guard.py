@@ -1,99 +1,131 @@
-"""The department's privacy policy: the budget guard and the ledger, as a Flower mod.
+"""The department's privacy policy at work: the budget guard and the ledger, as a Flower mod.
 
 Training code never decides what a round may spend.  :func:`privacy_budget_mod`
 wraps the department's train handler like middleware:
 
-1. it plans the round's mechanism (σ, sample rate, steps) from the run settings
-   and the department's data size;
-2. it asks the :class:`BudgetGuard` — a dry run, nothing is composed — whether the
-   whole history plus this round would pass ``max-epsilon``; if so it replies with
-   the reason and the handler never runs;
-3. otherwise it hands the plan to the handler in the message (``dp-plan``), checks
-   that the handler ran exactly that mechanism, appends the round to the ledger
-   with the whole-history ε, and reports that ε to the coordinator.
+1. it checks that its ledger still holds the head the coordinator last
+   acknowledged (an older copy, a deleted ledger or a new folder is refused);
+2. it asks the department's own :class:`~fedsilo.client.policy.DepartmentPolicy`
+   whether the run's asks are as strict as the policy — every looser one is
+   named with both values, and nothing trains;
+3. it plans the round's mechanism (σ, sample rate, steps) from the run's
+   settings and the size the department reports (never the exact count), and
+   asks the :class:`BudgetGuard` — a dry run, at the department's δ and
+   accountant — whether the whole history plus this round would pass the budget;
+4. otherwise it hands the plan to the handler (``dp-plan``), checks that the
+   handler ran exactly that mechanism, appends the round to the ledger with the
+   whole-history ε and the budget in force, and attaches the signed ledger head.
 """
 
 from __future__ import annotations
 
 import functools
-import math
-from logging import INFO, WARNING
+import logging
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common import log
 
 from fedsilo.shared import accounting
 from fedsilo.shared.accounting import Mechanism
-from fedsilo.shared.budget import BudgetDecision, BudgetExhaustedError, BudgetGuard  # noqa: F401 (re-exported)
+from fedsilo.shared.budget import BudgetDecision, BudgetGuard
 from fedsilo.shared.config import RunSettings
 from fedsilo.shared.ledger import PrivacyLedger
-from fedsilo.shared.protocol import CONFIG_KEY, METRICS_KEY, STATUS_KEY, STATUS_REFUSED
+from fedsilo.shared.protocol import (
+    CONFIG_KEY, METRICS_KEY, STATUS_DECLINED, STATUS_KEY, STATUS_REFUSED, STATUS_ROLLED_BACK,
+)
+from fedsilo.shared.record import ACK_HEAD_KEY, ACK_SEQ_KEY, HEAD_KEY, LedgerHead, public_key_line
 
-from .department import department_from_context
+from .department import Department, department_from_context
+from .policy import PolicyError, RunRequest, Terms
 from .trainer import plan_mechanism
 
 PLAN_KEY = "dp-plan"
+log = logging.getLogger("fedsilo.department")
+
+
+class PlanError(ValueError):
+    """No mechanism fits what the run asks within the department's terms; says the plan's numbers."""
 
 
 @functools.lru_cache(maxsize=64)
-def _noise_for_target(target: float, delta: float, q: float, steps: int, accountant: str) -> float:
-    return accounting.noise_for_target(target, delta, q, steps, accountant)
+def _noise_for_target(
+    prior: tuple[tuple[float, float, int], ...], target: float, delta: float, q: float, steps: int, accountant: str
+) -> float:
+    return accounting.noise_for_target_after([Mechanism(*m) for m in prior], target, delta, q, steps, accountant)
 
 
-def plan_round(settings: RunSettings, num_examples: int) -> Mechanism:
-    """This department's mechanism for one round.
+def plan_round(settings: RunSettings, terms: Terms, size: int, prior: list[Mechanism] = ()) -> Mechanism:
+    """This department's mechanism for one round, planned from the size it reports.
 
-    With ``target-epsilon`` set, σ is the smallest noise that keeps all
-    ``num-server-rounds`` planned rounds within it (for this department's own
-    sample rate); the budget guard still has the last word.
+    With ``target-epsilon`` set, σ is the smallest noise that keeps the
+    department's whole history — ``prior``, its rounds before this run — plus
+    all ``num-server-rounds`` planned rounds within the target (capped at its
+    budget); the budget guard still has the last word.
     """
-    mechanism = plan_mechanism(
-        num_examples, settings.batch_size, settings.local_epochs, settings.noise_multiplier or 1.0
-    )
-    if settings.target_epsilon > 0:
-        sigma = _noise_for_target(
-            settings.target_epsilon,
-            settings.delta,
-            mechanism.sample_rate,
-            mechanism.steps * settings.num_server_rounds,
-            settings.accountant,
-        )
-        mechanism = Mechanism(sigma, mechanism.sample_rate, mechanism.steps)
-    return mechanism
+    mechanism = plan_mechanism(size, settings.batch_size, settings.local_epochs, settings.noise_multiplier or 1.0)
+    if settings.target_epsilon <= 0:
+        return mechanism
+    target = min(settings.target_epsilon, terms.max_epsilon)
+    merged = tuple(accounting.merge_history(prior))
+    steps = mechanism.steps * settings.num_server_rounds
+    try:
+        sigma = _noise_for_target(merged, target, terms.delta, mechanism.sample_rate, steps, terms.accountant)
+    except ValueError as err:
+        raise PlanError(
+            f"target-epsilon {target:g} over {settings.num_server_rounds} rounds cannot be planned: {err}; "
+            "this department has nothing left to spend under that target"
+        ) from None
+    return Mechanism(sigma, mechanism.sample_rate, mechanism.steps)
 
 
 def privacy_budget_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Flower client mod enforcing the department's budget and keeping its ledger."""
+    """Flower client mod enforcing the department's policy and budget and keeping its ledger."""
     settings = RunSettings.from_run_config(context.run_config)
     department = department_from_context(context.node_config, settings)
-    if not settings.dp:
-        return call_next(msg, context)
-
+    policy = department.policy
     ledger = PrivacyLedger(department.ledger_path, department.name, department.signer)
-    mechanism = plan_round(settings, len(department.data))
-    guard = BudgetGuard(department.max_epsilon, settings.delta, settings.accountant)
-    last = ledger.entries[-1] if ledger.entries else None
-    known = (
-        last.epsilon
-        if last and last.delta == settings.delta and last.accountant == settings.accountant
-        else None
-    )
-    decision = guard.would_exceed(ledger.history, mechanism, epsilon_before=known)
-    config = msg.content.config_records.get(CONFIG_KEY)
-    server_round = int(config.get("server-round", 0)) if config is not None else 0
-    if not decision.allowed:
-        log(WARNING, "[%s] round %s refused: %s", department.name, server_round, decision.reason)
-        return refusal_reply(msg, department.name, decision)
+    config = msg.content.config_records.get(CONFIG_KEY) or ConfigRecord()
+    server_round = int(config.get("server-round", 0))
+    refuse = functools.partial(_refusal, msg, department, ledger, server_round)
 
-    msg.content[PLAN_KEY] = ConfigRecord(
-        {
-            "noise-multiplier": mechanism.noise_multiplier,
-            "sample-rate": mechanism.sample_rate,
-            "steps": mechanism.steps,
-            "max-grad-norm": settings.max_grad_norm,
-        }
-    )
+    # 1. The coordinator's acknowledged head must still be in this ledger.
+    behind = ledger.continues(int(config.get(ACK_SEQ_KEY, 0)), str(config.get(ACK_HEAD_KEY, "")))
+    if behind:
+        return refuse(STATUS_ROLLED_BACK, behind)
+
+    # 2. The department's policy decides; the run only asks.
+    terms, looser = policy.terms_for(RunRequest.from_settings(settings))
+    if terms is None:
+        return refuse(STATUS_DECLINED, "; ".join(looser))
+    try:
+        policy.check_records(len(department.data))
+    except PolicyError as err:
+        log.warning("[%s] %s", department.name, err)  # names N: stays on this host
+        return refuse(STATUS_DECLINED, "delta: this department's δ is not below 1/records; its operators must lower --delta")
+    size = policy.reported_size(len(department.data))
+    if not terms.private:
+        return _train_without_dp(msg, context, call_next, department, ledger, terms, settings, size, server_round)
+    if not ledger.private:
+        return refuse(STATUS_REFUSED, "budget: this department trained without DP before (its ledger says so); no finite ε covers its history, so it trains no more")
+
+    # 3. Plan the round from the reported size; the guard decides at the department's δ.
+    try:
+        prior = [e.mechanism for e in ledger.entries if e.private and e.run_id != str(msg.metadata.run_id)]
+        mechanism = plan_round(settings, terms, size, prior)
+    except PlanError as err:
+        return refuse(STATUS_DECLINED, str(err))
+    limits = policy.mechanism_limits(mechanism)
+    if limits:
+        return refuse(STATUS_DECLINED, "; ".join(limits))
+    guard = BudgetGuard(terms.max_epsilon, terms.delta, terms.accountant)
+    last = ledger.entries[-1] if ledger.entries else None
+    known = last.epsilon if last and last.delta == terms.delta and last.accountant == terms.accountant else None
+    decision = guard.would_exceed(ledger.history, mechanism, epsilon_before=known)
+    if not decision.allowed:
+        return refuse(STATUS_REFUSED, decision.reason, decision)
+
+    # 4. Train exactly the plan; record before the update leaves.
+    msg.content[PLAN_KEY] = _plan_record(True, mechanism, settings.max_grad_norm, size)
     reply = call_next(msg, context)
     if reply.has_error():
         return reply  # nothing was released, so nothing is charged
@@ -108,29 +140,95 @@ def privacy_budget_mod(msg: Message, context: Context, call_next: ClientAppCalla
         round=server_round,
         mechanism=mechanism,
         max_grad_norm=settings.max_grad_norm,
-        delta=settings.delta,
-        accountant=settings.accountant,
+        delta=terms.delta,
+        accountant=terms.accountant,
         epsilon=decision.epsilon_after,
         num_examples=len(department.data),
         expected_seq=len(ledger.entries),  # ε above was computed from exactly these
+        budget=terms.max_epsilon,
+        reported_size=size,
     )
-    metrics["epsilon"] = entry.epsilon
-    metrics["max-epsilon"] = department.max_epsilon
-    log(INFO, "[%s] round %s: ε=%.3f (δ=%g)", department.name, server_round, entry.epsilon, entry.delta)
+    _set_privacy_metrics(metrics, size, entry.epsilon, terms)
+    _attach_head(reply, department, ledger, str(msg.metadata.run_id), server_round, terms)
+    log.info("[%s] round %s: ε=%.3f (δ=%g, %s)", department.name, server_round, entry.epsilon, entry.delta, entry.accountant)
     return reply
 
 
-def refusal_reply(msg: Message, department: str, decision: BudgetDecision) -> Message:
-    """A reply without weights, saying why this department did not train."""
+def _train_without_dp(msg, context, call_next, department: Department, ledger: PrivacyLedger,
+                      terms: Terms, settings: RunSettings, size: int, server_round: int) -> Message:
+    """Only when the department's own policy opts in: trained, and the ledger says so for good."""
+    msg.content[PLAN_KEY] = _plan_record(False, None, settings.max_grad_norm, size)
+    reply = call_next(msg, context)
+    if reply.has_error():
+        return reply
+    metrics = reply.content[METRICS_KEY]
+    ledger.append(
+        run_id=str(msg.metadata.run_id), round=server_round,
+        mechanism=None,  # a non-private round is no mechanism: the entry voids every finite ε
+        max_grad_norm=settings.max_grad_norm, delta=terms.delta, accountant=terms.accountant,
+        epsilon=ledger.epsilon if ledger.private else 0.0, num_examples=len(department.data),
+        expected_seq=len(ledger.entries), budget=terms.max_epsilon, private=False, reported_size=size,
+    )
+    _set_privacy_metrics(metrics, size, float("inf"), terms)
+    _attach_head(reply, department, ledger, str(msg.metadata.run_id), server_round, terms)
+    log.warning("[%s] round %s trained WITHOUT differential privacy (the policy allows it)", department.name, server_round)
+    return reply
+
+
+def _plan_record(private: bool, mechanism: Mechanism | None, max_grad_norm: float, size: int) -> ConfigRecord:
+    return ConfigRecord(
+        {
+            "private": private,
+            "noise-multiplier": mechanism.noise_multiplier if mechanism else 0.0,
+            "sample-rate": mechanism.sample_rate if mechanism else 0.0,
+            "steps": mechanism.steps if mechanism else 0,
+            "max-grad-norm": max_grad_norm,
+            "reported-size": size,
+        }
+    )
+
+
+def _set_privacy_metrics(metrics: MetricRecord, size: int, epsilon: float, terms: Terms) -> None:
+    metrics["num-examples"] = size  # the reported size, never the exact count
+    metrics["epsilon"] = epsilon
+    metrics["max-epsilon"] = terms.max_epsilon
+    metrics["delta"] = terms.delta
+
+
+def _attach_head(reply: Message, department: Department, ledger: PrivacyLedger, run_id: str,
+                 server_round: int, terms: Terms | None) -> None:
+    seq, head = ledger.head
+    epsilon = ledger.epsilon
+    statement = LedgerHead(
+        identity=department.signer.fingerprint,
+        public_key=public_key_line(department.signer.public_key),
+        seq=seq, head=head, run_id=run_id, round=server_round,
+        epsilon=epsilon if epsilon != float("inf") else -1.0,
+        delta=terms.delta if terms else department.policy.delta,
+        budget=terms.max_epsilon if terms else department.policy.max_epsilon,
+    ).signed(department.signer)
+    reply.content[HEAD_KEY] = ConfigRecord(statement.to_record())
+
+
+def _refusal(msg: Message, department: Department, ledger: PrivacyLedger, server_round: int,
+             status: str, reason: str, decision: BudgetDecision | None = None) -> Message:
+    """A reply without weights, saying why this department did not train (and where its ledger stands)."""
+    log.warning("[%s] round %s %s: %s", department.name, server_round, status, reason)
+    policy = department.policy
+    epsilon = ledger.epsilon
     metrics = MetricRecord(
         {
             "num-examples": 0,
-            "epsilon": decision.epsilon_before,
-            "max-epsilon": decision.max_epsilon,
+            "epsilon": decision.epsilon_before if decision else epsilon,
+            "max-epsilon": decision.max_epsilon if decision else policy.max_epsilon,
+            "delta": decision.delta if decision else policy.delta,
             "steps": 0,
             "noise-multiplier": 0.0,
             "sample-rate": 0.0,
         }
     )
-    status = ConfigRecord({"name": department, "status": STATUS_REFUSED, "reason": decision.reason})
-    return Message(RecordDict({METRICS_KEY: metrics, STATUS_KEY: status}), reply_to=msg)
+    status_record = ConfigRecord({"name": department.name, "status": status, "reason": reason})
+    reply = Message(RecordDict({METRICS_KEY: metrics, STATUS_KEY: status_record}), reply_to=msg)
+    terms = Terms(True, decision.max_epsilon, decision.delta, "") if decision else None
+    _attach_head(reply, department, ledger, str(msg.metadata.run_id), server_round, terms)
+    return reply

@@ -18,6 +18,7 @@ from fedsilo.shared.flower_cli import FlowerError, stop_group, stop_tree, wait_f
 from fedsilo.shared.ledger import LedgerError
 
 from .executor import DepartmentExecutor
+from .policy import DepartmentPolicy, PolicyError
 from .supernode import DepartmentNode, DepartmentStartError, explain_exit
 
 app = typer.Typer(help="Run a department client on this host, on this host's data.", no_args_is_help=True)
@@ -34,12 +35,33 @@ def start(
     ledger: Annotated[Path, typer.Option(help="Folder for this department's privacy ledger (stays on this host).")],
     label_column: Annotated[str, typer.Option(help="The label column of --data.")] = "label",
     feature_columns: Annotated[str, typer.Option(help="Comma-separated feature columns to check (default: all but the label).")] = "",
-    name: Annotated[Optional[str], typer.Option(help="Department name (default: the key's file name).")] = None,
-    max_epsilon: Annotated[Optional[float], typer.Option(help="This department's own budget; overrides the run's.")] = None,
+    name: Annotated[Optional[str], typer.Option(help="Department name shown to the coordinator (default: the key's file name). The ledger belongs to the key, whatever the name.")] = None,
+    max_epsilon: Annotated[Optional[float], typer.Option(help="This department's budget: the whole-history ε it will never pass, whatever a run asks. Required.")] = None,
+    delta: Annotated[float, typer.Option(help="This department's δ: every ε it states is at this δ; must be below 1/records.")] = 1e-5,
+    accountants: Annotated[str, typer.Option(help="Accountants this department accepts, comma-separated; a run asking for none gets the first.")] = "pld,prv,rdp",
+    allow_non_private: Annotated[bool, typer.Option("--allow-non-private", help="INSECURE: let runs train here without DP. Voids the ε of this department's whole ledger, for good.")] = False,
+    min_noise_multiplier: Annotated[float, typer.Option(help="The smallest σ a round may use (0: only the budget limits it).")] = 0.0,
+    max_sample_rate: Annotated[float, typer.Option(help="The largest Poisson sample rate a round may use.")] = 1.0,
+    public_size: Annotated[Optional[int], typer.Option(help="A record count this department declares public: reported as its size (FedAvg weight) and planned from. Default: the count rounded down to a power of two, never the exact count.")] = None,
     port: Annotated[Optional[int], typer.Option(help="Local port for the SuperNode's loopback API (default: a free one).")] = None,
     activation_wait: Annotated[float, typer.Option(min=0, help="Seconds to keep retrying when the coordinator does not accept this department yet (after a crash it counts the old start online for up to a minute).")] = 75.0,
 ) -> None:
     """Validate everything, then join the federation over TLS with this department's identity."""
+    if max_epsilon is None:
+        err_console.print(
+            "[red]error:[/red] --max-epsilon is required: it is this department's own budget, the whole-history ε "
+            "it will never pass whatever a run asks (e.g. --max-epsilon 8)"
+        )
+        raise typer.Exit(2)
+    try:
+        policy = DepartmentPolicy(
+            max_epsilon=max_epsilon, delta=delta, accountants=tuple(split_columns(accountants)),
+            allow_non_private=allow_non_private, min_noise_multiplier=min_noise_multiplier,
+            max_sample_rate=max_sample_rate, public_size=public_size,
+        )
+    except PolicyError as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
     node = DepartmentNode(
         name=name or key.name,
         coordinator=coordinator,
@@ -48,20 +70,25 @@ def start(
         data=data,
         label_column=label_column,
         ledger=ledger,
-        max_epsilon=max_epsilon,
+        policy=policy,
         local_port=port,
         feature_columns=split_columns(feature_columns),
     )
-    if max_epsilon is not None and not max_epsilon > 0:
-        err_console.print("[red]error:[/red] --max-epsilon must be positive")
-        raise typer.Exit(2)
     try:
         rows = node.preflight()
-    except (DepartmentStartError, DataError, LedgerError) as err:
+    except (DepartmentStartError, DataError, LedgerError, PolicyError) as err:
         err_console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
+    if allow_non_private:
+        err_console.print(
+            "[yellow]warning:[/yellow] --allow-non-private: runs may train on this department's data WITHOUT "
+            "differential privacy; its ledger will then carry no finite ε"
+        )
     console.print(
-        f"department [bold]{node.name}[/bold]: {rows} records in {data}, ledger {node.ledger}, "
+        f"department [bold]{node.name}[/bold]: {rows} records in {data}, ledger {node.ledger_file} "
+        f"(identity {node.identity}), policy ε ≤ {policy.max_epsilon:g} at δ={policy.delta:g} "
+        f"({', '.join(policy.accountants)}), reports size {policy.reported_size(rows)}"
+        f"{' (declared public)' if policy.public_size is not None else ' (power-of-two bucket)'}, "
         f"coordinator {coordinator} (TLS verified)"
     )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

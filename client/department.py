@@ -1,11 +1,12 @@
-"""Who this department is, where its data and ledger live, from a Flower Context.
+"""Who this department is, where its data and ledger live, and its policy, from a Flower Context.
 
 In a simulation Flower gives each virtual SuperNode ``partition-id`` and
 ``num-partitions``: the department rebuilds its own partition of the embedded
-dataset.  A deployed SuperNode (``fedsilo department start``) is given
-``department``, ``data-path``, ``label-column``, ``ledger-dir`` and
-``max-epsilon`` in its node config: its data and its ledger stay on its host,
-and its budget is its own, whatever the run asks for.
+dataset, and takes the simulated departments' policy that ``fedsilo simulate``
+set.  A deployed department (``fedsilo department start``) is given
+``department``, ``data-path``, ``label-column``, ``ledger-dir``,
+``identity-key`` and ``policy`` by its own executor: its data, its ledger and
+its policy stay on its host, whatever the run asks for.
 """
 
 from __future__ import annotations
@@ -17,21 +18,35 @@ from typing import Any, Mapping
 
 from fedsilo.shared.config import RunSettings
 from fedsilo.shared.data import Dataset, TableSchema, federation_data, load_table, split_columns
-from fedsilo.shared.ledger import ledger_path
+from fedsilo.shared.ledger import find_identity_ledger
 from fedsilo.shared.signing import Signer, simulated_identity
+
+from .policy import DepartmentPolicy
+
+# What a simulated department allows when `fedsilo simulate` set nothing (`flwr run .`).
+SIMULATED_DEFAULT_POLICY = DepartmentPolicy(max_epsilon=10.0)
 
 
 @dataclass(frozen=True)
 class Department:
-    name: str
+    name: str  # display name; the ledger belongs to the signing key, not to it
     data: Dataset
-    ledger_path: Path
-    max_epsilon: float
-    signing_key: Path  # the key that signs its ledger entries
+    ledger_dir: Path
+    policy: DepartmentPolicy
+    signing_key: Path  # the key that is its identity and signs its ledger entries
 
     @property
     def signer(self) -> Signer:
         return _signer(str(self.signing_key))
+
+    @property
+    def ledger_path(self) -> Path:
+        """This identity's ledger in the folder, whatever the file or the department is called."""
+        return find_identity_ledger(self.ledger_dir, self.signer.fingerprint, self.name)
+
+    @property
+    def max_epsilon(self) -> float:
+        return self.policy.max_epsilon
 
 
 @functools.lru_cache(maxsize=64)
@@ -66,14 +81,17 @@ def department_from_context(
     )
     name = simulated_department_name(pid, total)
     ledger_dir = Path(settings.out).expanduser().resolve() / "ledgers"
-    max_epsilon = float(node_config.get("max-epsilon", settings.max_epsilon))
-    if settings.dp:
-        simulated_identity(ledger_dir, name)  # a key of its own, kept beside its ledger
-    return Department(name, parts[pid], ledger_path(ledger_dir, name), max_epsilon, ledger_dir / f"{name}.key")
+    simulated_identity(ledger_dir, name)  # a key of its own, kept beside its ledger
+    return Department(name, parts[pid], ledger_dir, simulated_policy(settings.simulated_policy), ledger_dir / f"{name}.key")
+
+
+def simulated_policy(text: str) -> DepartmentPolicy:
+    """The simulated departments' policy (the user of a simulation runs every side)."""
+    return _policy(text) if text else SIMULATED_DEFAULT_POLICY
 
 
 def _deployed_department(node_config: Mapping[str, Any], settings: RunSettings) -> Department:
-    for key in ("department", "ledger-dir", "identity-key"):
+    for key in ("department", "ledger-dir", "identity-key", "policy"):
         if key not in node_config:
             raise ValueError(f"node config lacks '{key}'; start departments with `fedsilo department start`")
     if not settings.data_schema:
@@ -85,11 +103,17 @@ def _deployed_department(node_config: Mapping[str, Any], settings: RunSettings) 
         str(node_config.get("label-column", "label")),
         settings.data_schema,
     )
-    name = str(node_config["department"])
-    max_epsilon = float(node_config.get("max-epsilon", settings.max_epsilon))
-    ledger = ledger_path(Path(str(node_config["ledger-dir"])), name)
-    # The department signs its ledger with the key that is its identity.
-    return Department(name, data, ledger, max_epsilon, Path(str(node_config["identity-key"])))
+    # The policy is the department's own (set on this host); the run only asks.
+    policy = _policy(str(node_config["policy"]))
+    return Department(
+        str(node_config["department"]), data, Path(str(node_config["ledger-dir"])), policy,
+        Path(str(node_config["identity-key"])),
+    )
+
+
+@functools.lru_cache(maxsize=8)
+def _policy(text: str) -> DepartmentPolicy:
+    return DepartmentPolicy.from_json(text)
 
 
 @functools.lru_cache(maxsize=4)

@@ -23,8 +23,7 @@ from typing import Any, Callable
 
 import httpx
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.app.error import Error
-from flwr.common.constant import ErrorCode, SubStatus
+from flwr.common.constant import SubStatus
 from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
 from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
@@ -40,12 +39,11 @@ from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, 
 from fedsilo.shared.protocol import STATUS_INCOMPATIBLE, STATUS_KEY
 
 from .app_check import AppVerdict, check_app
+from .containment import FAILURE_REASON, failure_reply
 
 log = logging.getLogger("fedsilo.department")
 
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
-# The only error text that leaves the department: what failed, never with what data.
-FAILURE_REASON = "the department's ClientApp failed ({kind}); its operators have the details in the department's log"
 
 
 @dataclass
@@ -170,10 +168,7 @@ class DepartmentExecutor:
             return self.app(message=message, context=local)
         except Exception as err:  # noqa: BLE001 - report a code and the kind, keep the text local
             log.exception("the ClientApp raised on message %s", message.metadata.message_id)
-            return Message(
-                Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=FAILURE_REASON.format(kind=type(err).__name__)),
-                reply_to=message,
-            )
+            return failure_reply(message, err)
 
     def close(self) -> None:
         self._acquirer.close()

@@ -23,8 +23,10 @@ from pathlib import Path
 from fedsilo.certs.authority import CertError, load_certificate, load_department_key
 from fedsilo.shared.data import load_table
 from fedsilo.shared.flower_cli import flower_executable, free_port, offline_env, write_runtime_secret
-from fedsilo.shared.ledger import PrivacyLedger, ledger_path
+from fedsilo.shared.ledger import PrivacyLedger, find_identity_ledger
 from fedsilo.shared.signing import Signer
+
+from .policy import DepartmentPolicy
 
 
 class DepartmentStartError(RuntimeError):
@@ -40,7 +42,7 @@ class DepartmentNode:
     data: Path
     label_column: str
     ledger: Path
-    max_epsilon: float | None = None
+    policy: DepartmentPolicy  # the department's own: the runs only ask
     local_port: int | None = None
     feature_columns: tuple[str, ...] = ()
 
@@ -57,11 +59,22 @@ class DepartmentNode:
         except CertError as err:
             raise DepartmentStartError(str(err)) from None
         rows = len(load_table(self.data, self.label_column, self.feature_columns))  # DataError names file/column
+        self.policy.check_records(rows)  # PolicyError: δ must be below 1/records
         self.ledger.mkdir(parents=True, exist_ok=True)
-        # LedgerError if unreadable, broken or not signed by this department's key
-        PrivacyLedger(ledger_path(self.ledger, self.name), self.name, Signer.from_file(self.key))
+        # LedgerError if unreadable, broken, forked or not signed by this department's key
+        PrivacyLedger(self.ledger_file, self.name, Signer.from_file(self.key))
         check_coordinator_certificate(self.coordinator, self.ca, timeout)
         return rows
+
+    @property
+    def identity(self) -> str:
+        """The key fingerprint the ledger belongs to."""
+        return Signer.from_file(self.key).fingerprint
+
+    @property
+    def ledger_file(self) -> Path:
+        """This identity's ledger in --ledger, whatever the file or the department is called."""
+        return find_identity_ledger(self.ledger, self.identity, self.name)
 
     @property
     def secret(self) -> Path:
@@ -76,9 +89,8 @@ class DepartmentNode:
             "label-column": self.label_column,
             "ledger-dir": str(self.ledger.resolve()),
             "identity-key": str(self.key.resolve()),  # signs the ledger, in the executor's process
+            "policy": self.policy.to_json(),
         }
-        if self.max_epsilon is not None:
-            config["max-epsilon"] = float(self.max_epsilon)
         return config
 
     def command(self, port: int) -> list[str]:

@@ -69,6 +69,8 @@ def plan_mechanism(
     Poisson sampling at ``q = 1 / ceil(N / B)`` (an expected batch of about ``B``)
     for ``epochs * ceil(N / B)`` steps — the same convention as Opacus'
     ``make_private``, so the plan and the executed run agree step for step.
+    A department plans from the size it reports (its policy's public size or
+    size bucket), so q, the steps and ε reveal nothing finer about N.
     """
     if num_examples < 1:
         raise ValueError("a department needs at least one training example")
@@ -97,10 +99,12 @@ def train_dp(
     grad_sample_mode = resolve_grad_sample_mode(grad_sample_mode, model)
     device = device or resolve_device()
     model.to(device).train()
+    # Opacus samples each record at 1/len(loader) for len(loader) steps an epoch: a
+    # loader of exactly `batches` index chunks gives the planned rate, also when
+    # the plan came from a reported size other than the exact count.
     batches = round(1.0 / mechanism.sample_rate)
-    loader = DataLoader(to_tensor_dataset(data), batch_size=math.ceil(len(data) / batches), shuffle=False)
-    if len(loader) != batches:
-        raise RuntimeError(f"loader has {len(loader)} batches, mechanism expects {batches}")
+    chunks = [chunk.tolist() for chunk in np.array_split(np.arange(len(data)), batches)]
+    loader = DataLoader(to_tensor_dataset(data), batch_sampler=chunks)
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
     criterion = nn.CrossEntropyLoss()
     # DP noise must be unpredictable: draw it from a generator seeded with fresh OS

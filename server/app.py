@@ -21,6 +21,7 @@ from fedsilo.shared.config import RunSettings
 from fedsilo.shared.data import Dataset, TableSchema, federation_data_test, load_table, split_columns
 from fedsilo.shared.models import build_model, evaluate
 
+from .acknowledgements import HeadKeeper, open_record, registered_keys
 from .central_dp import ClientLevelDP, CoordinatorBudgetExhausted, client_level_dp
 from .strategy import DepartmentFedAvg
 from .summary import RunSummary
@@ -51,12 +52,14 @@ def run_federation(grid: Grid, settings: RunSettings, out_dir: Path, run_id: str
         min_train_nodes=settings.min_departments,
         min_available_nodes=settings.min_departments,
     )
+    departments.heads = HeadKeeper(open_record(settings, out_dir))
     strategy = client_level_dp(settings, departments, out_dir, run_id) if settings.central_dp else departments
     summary = RunSummary(
         out_dir,
         run_id,
         settings.to_run_config(),
         {"name": test.name, "num_test": len(test), "num_classes": test.num_classes},
+        record=departments.heads.record.path,
     )
     loss, accuracy = evaluate(model, test)
     summary.set_initial(accuracy, loss)
@@ -85,7 +88,7 @@ def run_federation(grid: Grid, settings: RunSettings, out_dir: Path, run_id: str
             )
             summary.finish("failed", reason)
             raise RuntimeError(reason)
-        departments.node_names = node_names(grid)
+        departments.node_names, departments.heads.registered = node_registry(grid)
         try:
             messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
         except CoordinatorBudgetExhausted as err:
@@ -114,6 +117,8 @@ def run_federation(grid: Grid, settings: RunSettings, out_dir: Path, run_id: str
             len(report.refused),
             len(report.failed) + len(report.rejected),
             (f" refused-app={len(report.incompatible)}" if report.incompatible else "")
+            + (f" declined={len(report.declined)}" if report.declined else "")
+            + (f" rolled-back={len(report.rolled_back)}" if report.rolled_back else "")
             + (f" max-epsilon-spent={max(eps):.3f}" if eps else "")
             + (f" sampled={release.sampled}/{release.population} client-level-epsilon={release.epsilon:.3f}" if release else ""),
         )
@@ -123,19 +128,8 @@ def run_federation(grid: Grid, settings: RunSettings, out_dir: Path, run_id: str
             continue  # a Poisson sample may be empty: the noisy release still happened
         if release is not None and report.refused and len(exhausted) < release.population:
             continue  # only this round's sample is out of budget; others may still train
-        if report.incompatible and not report.refused:
-            status = "app-refused"
-            reason = f"round {rnd}: " + "; ".join(
-                f"{name} refused the run's app: {why}" for name, why in sorted(report.incompatible.items())
-            ) + "; the run ends here"
-            log(WARNING, "%s %s", PROGRESS_TAG, reason)
-            break
-        if report.refused:
-            status = "budget-exhausted"
-            reason = f"round {rnd}: no department can train: {len(report.refused)} refused on budget grounds"
-            if report.failed or report.rejected:
-                reason += f", {len(report.failed) + len(report.rejected)} failed or sent unusable updates"
-            reason += "; the run ends here"
+        status, reason = no_one_trained(rnd, report)
+        if status:
             log(WARNING, "%s %s", PROGRESS_TAG, reason)
             break
         summary.finish("failed", f"round {rnd}: no department trained: {report.failed or report.rejected}")
@@ -189,9 +183,32 @@ def wait_for_departments(grid: Grid, minimum: int, timeout: float) -> int:
         time.sleep(1.0)
 
 
-def node_names(grid: Grid) -> dict[int, str]:
-    """Node id -> the name it was registered under (deployment); empty in simulation."""
+def no_one_trained(rnd: int, report) -> tuple[str, str]:
+    """Why a round in which nobody trained ends the run: (status, reason), or ("", "") to fail it."""
+    said = {
+        "refused the run's app": report.incompatible,
+        "declined (its policy is stricter than the run asks)": report.declined,
+        "refused: its ledger went backwards": report.rolled_back,
+    }
+    lines = [f"{name} {what}: {why}" for what, named in said.items() for name, why in sorted(named.items())]
+    if report.refused and not lines:
+        reason = f"round {rnd}: no department can train: {len(report.refused)} refused on budget grounds"
+        if report.failed or report.rejected:
+            reason += f", {len(report.failed) + len(report.rejected)} failed or sent unusable updates"
+        return "budget-exhausted", reason + "; the run ends here"
+    if not lines:
+        return "", ""
+    if report.refused:
+        lines.append(f"{len(report.refused)} refused on budget grounds")
+    status = "app-refused" if report.incompatible and len(lines) == len(report.incompatible) else "declined"
+    return status, f"round {rnd}: " + "; ".join(lines) + "; the run ends here"
+
+
+def node_registry(grid: Grid) -> tuple[dict[int, str], dict]:
+    """Node id -> registered name, and node id -> registered public key (deployment); empty in simulation."""
     try:
-        return {int(n.node_id): str(n.name) for n in grid.get_nodes() if getattr(n, "name", "")}
-    except Exception:  # the simulation grid has no registry of names
-        return {}
+        nodes = list(grid.get_nodes())
+    except Exception:  # the simulation grid has no registry
+        return {}, {}
+    names = {int(n.node_id): str(n.name) for n in nodes if getattr(n, "name", "")}
+    return names, registered_keys(nodes)

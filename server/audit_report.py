@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import html
 import json
+import time
 from pathlib import Path
 
 import matplotlib
@@ -76,6 +77,7 @@ def render_report(result: AuditResult, summary: dict | None, out_dir: Path | str
         _verdict(result),
         _run(result, summary),
         _department_table(result),
+        _identities(result),
         _epsilon_plot(result, out),
         _accuracy_plot(summary, out),
         _tradeoff_plot(result, summary, out),
@@ -120,15 +122,52 @@ def _verdict(result: AuditResult) -> str:
     rows = result.rows
     problems = [f"<li><b>{_e(r.id)}</b>: {_e(p)}</li>" for r in rows for p in r.problems]
     problems += [f"<li><b>audit</b>: {_e(p)}</li>" for p in result.problems]
-    if result.ok:
-        return (
-            '<p class="ok">Verified: every ledger\'s hash chain and signatures check out, the coordinator\'s '
-            "record matches, and no recorded ε is below the re-derived one.</p>"
+    findings = "".join(f"<li>{_e(f)}</li>" for f in result.findings)
+    checked = "".join(f"<li>{_e(c)}</li>" for c in result.checked)
+    unavailable = "".join(f"<li>{_e(u)}</li>" for u in result.unavailable)
+    if not result.ok:
+        head = (
+            f'<p class="fail">Verification FAILED: {len(problems)} problem(s).</p>'
+            f'<ul class="problems">{"".join(problems)}</ul>'
         )
+    elif findings:
+        head = (
+            f'<p class="warn">Verified, with {len(result.findings)} finding(s): the ledgers check out, but read '
+            "these before signing off (a budget raised, a δ or accountant changed, a round without DP).</p>"
+        )
+    else:
+        head = '<p class="ok">Verified: everything listed under "checked" holds.</p>'
     return (
-        f'<p class="fail">Verification FAILED: {len(problems)} problem(s).</p>'
-        f'<ul class="problems">{"".join(problems)}</ul>'
+        head
+        + (f'<h3>Findings</h3><ul class="warnings">{findings}</ul>' if findings else "")
+        + (f"<h3>Checked</h3><ul>{checked}</ul>" if checked else "")
+        + (f'<h3>Not available, so not verified</h3><ul class="warnings">{unavailable}</ul>' if unavailable else "")
     )
+
+
+def _identities(result: AuditResult) -> str:
+    """Who each ledger belongs to, which key proved it, how many records, when, and written by what."""
+    rows = [r for r in result.rows if r.identity]
+    if not rows:
+        return ""
+    head = ("department", "names used", "identity (key fingerprint)", "verified with", "records", "first entry",
+            "latest entry", "written by", "heads acknowledged")
+    body = "".join(
+        "<tr>" + "".join(f"<td>{_e(c)}</td>" for c in (
+            r.id, ", ".join(r.names), r.identity, r.key or "– (no key)", r.records if r.records is not None else "–",
+            _when(r.first), _when(r.last), ", ".join(r.software), r.acknowledged,
+        )) + "</tr>"
+        for r in rows
+    )
+    return (
+        "<h2>Ledgers and identities</h2><p>A ledger belongs to the key that signs it, not to a name or a file: "
+        "a department renamed keeps its history.</p>"
+        '<table class="grid facts"><tr>' + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>" + body + "</table>"
+    )
+
+
+def _when(timestamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(timestamp)) if timestamp else "–"
 
 
 def _run(result: AuditResult, summary: dict | None) -> str:
@@ -278,7 +317,14 @@ def _meaning() -> str:
         "scaling statistics, computed over the whole table before training; hyperparameters tuned by looking at "
         "test accuracy; a person whose records sit in several departments (their privacy loss adds up across "
         "them). A valid chain and signatures prove a ledger is the one its department's key wrote; entries cut "
-        "off its end are caught only against the coordinator's record of the run.</p>"
+        "off its end, or a ledger restored from an older copy, are caught only against the coordinator's "
+        "signed record of the ledger heads it acknowledged.</p>"
+        "<p><b>Why PRV can exceed PLD.</b> All three accountants bound the same history. dp-accounting's PLD "
+        "(pessimistic discretization) is the tightest here and is what fedsilo records by default. Opacus' PRV is "
+        "reported as its certified upper bound (<code>eps_upper</code>), which adds the error of its numerical "
+        "approximation on top of the estimate, so it sits slightly above PLD (about 1–2% in these runs). RDP "
+        "converts Rényi-DP to (ε, δ) with a known slack and is the loosest. A recorded ε is flagged only when "
+        "it is below the lower of PLD and PRV: then the budget was under-reported.</p>"
     )
 
 
@@ -291,6 +337,7 @@ th, td {{ border: 1px solid #ccc; padding: 4px 8px; text-align: right; white-spa
 th {{ background: #f3f3f3; }} td:first-child, th:first-child {{ text-align: left; }}
 .facts th, .facts td {{ text-align: left; }} .ok {{ color: #176c2e; font-weight: bold; }}
 .fail {{ color: #b00020; font-weight: bold; }} .problems li {{ color: #b00020; }}
+.warn {{ color: #8a5a00; font-weight: bold; }} .warnings li {{ color: #8a5a00; }}
 tr.bad td {{ background: #fde8ea; }} img {{ max-width: 100%; border: 1px solid #ddd; margin: 0.5em 0; }}
 </style></head>
 <body>

@@ -18,6 +18,8 @@ from fedsilo.shared.flower_cli import FlowerError, progress_filter
 
 from . import coordinator as coord
 from .proxy import ProxyError
+from fedsilo.shared.record import RECORD_FILE
+
 from .report import print_run_report
 from .summary import SUMMARY_FILE
 
@@ -124,8 +126,9 @@ def run(
     noise_multiplier: Annotated[float, typer.Option(min=0.0)] = 1.0,
     target_epsilon: Annotated[Optional[float], typer.Option(help="Each department derives σ to spend this over the rounds.")] = None,
     max_grad_norm: Annotated[float, typer.Option()] = 1.0,
-    delta: Annotated[float, typer.Option()] = 1e-5,
-    max_epsilon: Annotated[float, typer.Option(help="Budget for departments that set none themselves.")] = 10.0,
+    delta: Annotated[Optional[float], typer.Option(help="Ask each department to state ε at no larger δ; one whose own δ is larger declines. Default: ask nothing (each department's δ).")] = None,
+    max_epsilon: Annotated[Optional[float], typer.Option(help="Ask each department to stop this run at this ε; one whose own budget is smaller declines. Default: ask nothing (each department's budget).")] = None,
+    accountant: Annotated[Optional[str], typer.Option(help="Ask for this accountant (pld | prv | rdp); a department that does not accept it declines. Default: each department's own.")] = None,
     local_epochs: Annotated[int, typer.Option(min=1)] = 1,
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     learning_rate: Annotated[float, typer.Option(help="SGD learning rate.")] = 0.5,
@@ -152,7 +155,8 @@ def run(
                 "num-server-rounds": rounds, "dataset": str(test_data.resolve()), "label-column": label_column,
                 "feature-columns": ",".join(schema.features), "seed": seed, "dp": dp,
                 "noise-multiplier": noise_multiplier, "target-epsilon": target_epsilon or 0.0,
-                "max-grad-norm": max_grad_norm, "delta": delta, "max-epsilon": max_epsilon,
+                "max-grad-norm": max_grad_norm, "delta": delta or 0.0, "max-epsilon": max_epsilon or 0.0,
+                "accountant": accountant or "",
                 "local-epochs": local_epochs, "batch-size": batch_size, "learning-rate": learning_rate,
                 "momentum": momentum, "min-departments": min_departments, "round-timeout": round_timeout,
                 "connect-timeout": connect_timeout, "out": str(out), "test-data": str(test_data.resolve()),
@@ -163,8 +167,16 @@ def run(
                 "central-ledger": str(central_ledger.expanduser().resolve()),
                 # The coordinator signs its ledger with its TLS key: the audit checks it against coordinator.crt.
                 "central-signing-key": str(CertPaths(certs).coordinator_key.resolve()) if central_dp else "",
+                # The coordinator's signed record of acknowledged ledger heads: kept across runs, in its state.
+                "record": str((state / "record" / RECORD_FILE).expanduser().resolve()),
+                "record-signing-key": str(CertPaths(certs).coordinator_key.resolve()),
             }
         )
+        if not CertPaths(certs).coordinator_key.exists():
+            raise FileNotFoundError(
+                f"the coordinator signs its record of the departments' ledger heads with "
+                f"{CertPaths(certs).coordinator_key}, which is missing; run this on the coordinator host with its --certs folder"
+            )
         if central_dp and not CertPaths(certs).coordinator_key.exists():
             raise FileNotFoundError(
                 f"--central-dp signs the coordinator's ledger with {CertPaths(certs).coordinator_key}, "

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 from rich.console import Console
@@ -39,23 +40,26 @@ def print_run_report(run_dir: Path, console: Console | None = None) -> dict:
         print_central(summary, console)
         return summary
 
-    delta, budget = summary["delta"], summary["max_epsilon"]
     ledgers = read_ledgers(Path(run_dir) / "ledgers") if (Path(run_dir) / "ledgers").exists() else {}
     source = "ledgers" if ledgers else "reported by the departments (their ledgers stay on their hosts)"
-    table = Table(title=f"Privacy report — whole-history ε at δ={delta:g} ({summary['accountant'].upper()}), {source}")
+    table = Table(title=f"Privacy report — whole-history ε of each department at its own δ, {source}")
     rounds_label = "rounds (ledger)" if ledgers else "rounds (this run)"
-    for column in ("department", rounds_label, "refused", "steps", "σ", "q", "ε", "budget", "left"):
+    for column in ("department", rounds_label, "refused", "steps", "σ", "q", "ε", "δ", "budget", "left"):
         table.add_column(column, justify="left" if column == "department" else "right")
     departments = summary["departments"]
     for name in sorted(set(departments) | set(ledgers)):
         info = departments.get(name, {})
-        entries = ledgers[name].entries if name in ledgers else []
+        ledger = ledgers.get(name)
+        entries = ledger.entries if ledger else []
         last = entries[-1] if entries else None
         if ledgers:
-            eps, rounds, steps = (last.epsilon if last else 0.0), len(entries), sum(e.steps for e in entries)
+            eps, rounds, steps = (ledger.epsilon if ledger else 0.0), len(entries), sum(e.steps for e in entries)
         else:
-            eps, rounds, steps = info.get("epsilon") or 0.0, info.get("rounds_trained", 0), info.get("steps", 0)
-        own = info.get("max_epsilon") or budget
+            eps, rounds, steps = info.get("epsilon"), info.get("rounds_trained", 0), info.get("steps", 0)
+            eps = math.inf if eps is None and info.get("rounds_trained") else (eps or 0.0)
+        # The budget the department's own policy granted (its ledger records it), else what it reported.
+        own = (last.budget if last and last.budget else None) or info.get("max_epsilon") or summary.get("max_epsilon") or math.inf
+        delta = last.delta if last else info.get("delta")
         table.add_row(
             name,
             str(rounds),
@@ -63,9 +67,10 @@ def print_run_report(run_dir: Path, console: Console | None = None) -> dict:
             str(steps),
             f"{last.noise_multiplier:.3f}" if last else "-",
             f"{last.sample_rate:.4f}" if last else "-",
-            f"{eps:.3f}",
+            f"{eps:.3f}" if math.isfinite(eps) else "∞",
+            f"{delta:g}" if delta else "-",
             f"{own:g}",
-            f"{max(own - eps, 0.0):.3f}" if math.isfinite(own) else "∞",
+            f"{max(own - eps, 0.0):.3f}" if math.isfinite(own) and math.isfinite(eps) else "-",
         )
     console.print(table)
     console.print(
@@ -129,6 +134,16 @@ def print_audit(result, console: Console | None = None) -> None:
             console.print(f"[red]{row.id}[/red]: {problem}", soft_wrap=True)
     for problem in result.problems:
         console.print(f"[red]audit[/red]: {problem}", soft_wrap=True)
+    for row in result.rows:
+        if row.identity:
+            console.print(
+                f"{row.id}: identity {row.identity}"
+                + (f", key {row.key}" if row.key else "")
+                + (f", {row.records} records" if row.records else "")
+                + (f", entries {_date(row.first)} – {_date(row.last)}" if row.first else "")
+                + (f", written by {', '.join(row.software)}" if row.software else ""),
+                soft_wrap=True, highlight=False,
+            )
     if result.central:
         console.print(
             "Department rows: record-level DP of each department's own examples.  The coordinator row: "
@@ -136,6 +151,25 @@ def print_audit(result, console: Console | None = None) -> None:
             "sampled at q; one step per round), the whole of a department's data in or out.",
             soft_wrap=True,
         )
-    console.print(
-        "[green]All ledgers verified.[/green]" if result.ok else "[red]Verification FAILED.[/red]",
-    )
+    for line in result.checked:
+        console.print(f"[green]checked[/green]: {line}", soft_wrap=True, highlight=False)
+    for line in result.unavailable:
+        console.print(f"[yellow]not available[/yellow]: {line}", soft_wrap=True, highlight=False)
+    for finding in result.findings:
+        console.print(f"[yellow]finding[/yellow]: {finding}", soft_wrap=True, highlight=False)
+    console.print(audit_verdict(result))
+
+
+def audit_verdict(result) -> str:
+    """The one-line verdict: failed, verified with findings, or verified — never green over a finding."""
+    if not result.ok:
+        return "[red]Verification FAILED.[/red]"
+    if result.findings:
+        return f"[yellow]Ledgers verified, with {len(result.findings)} finding(s) above (budget, δ or privacy changes).[/yellow]"
+    if result.unavailable:
+        return "[green]All ledgers verified[/green] — for what was available (see 'not available')."
+    return "[green]All ledgers verified.[/green]"
+
+
+def _date(timestamp: float | None) -> str:
+    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(timestamp)) if timestamp else "-"

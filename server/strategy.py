@@ -11,7 +11,13 @@ of reply, and only one of them may reach the average:
   with the department's name and left out;
 * ``failed``   — an error reply (the ClientApp raised, the node vanished);
 * ``incompatible`` — the department's executor would not answer the run's app
-  (not fedsilo's, altered, another protocol): it names the reason.
+  (not fedsilo's, altered, another protocol): it names the reason;
+* ``declined`` — the run asks for something looser than the department's own
+  policy (δ, budget, accountant, training without DP, its limits): it names
+  the setting and both values;
+* ``rolled-back`` — the department's ledger no longer holds the head the
+  coordinator acknowledged, or its signed head goes behind or forks from it
+  (:mod:`fedsilo.server.acknowledgements`): its update, if any, is not used.
 
 :attr:`DepartmentFedAvg.last_report` tells the ServerApp who did what.
 """
@@ -23,12 +29,18 @@ from dataclasses import dataclass, field
 from logging import WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
-from fedsilo.shared.protocol import METRICS_KEY, STATUS_INCOMPATIBLE, STATUS_KEY, STATUS_REFUSED, STATUS_TRAINED
+from fedsilo.shared.protocol import (
+    CONFIG_KEY, METRICS_KEY, STATUS_DECLINED, STATUS_INCOMPATIBLE, STATUS_KEY, STATUS_REFUSED,
+    STATUS_ROLLED_BACK, STATUS_TRAINED,
+)
+from fedsilo.shared.record import ACK_HEAD_KEY, ACK_SEQ_KEY
+
+from .acknowledgements import HeadKeeper
 
 
 @dataclass
@@ -40,7 +52,10 @@ class RoundReport:
     rejected: dict[str, str] = field(default_factory=dict)  # name -> reason
     failed: dict[str, str] = field(default_factory=dict)  # node/name -> reason
     incompatible: dict[str, str] = field(default_factory=dict)  # name -> why it refused the app
+    declined: dict[str, str] = field(default_factory=dict)  # name -> the looser asks, both values
+    rolled_back: dict[str, str] = field(default_factory=dict)  # name -> how its ledger went backwards
     epsilon: dict[str, float] = field(default_factory=dict)
+    delta: dict[str, float] = field(default_factory=dict)
     budget: dict[str, float] = field(default_factory=dict)
     steps: dict[str, int] = field(default_factory=dict)
 
@@ -61,6 +76,23 @@ class DepartmentFedAvg(FedAvg):
         # node id -> registered department name, to name departments that fail
         self.node_names: dict[int, str] = {}
         self._asked: list[int] = []
+        # The acknowledged ledger heads (set by the ServerApp): sent with each task, checked on each reply.
+        self.heads: HeadKeeper | None = None
+
+    def _construct_messages(self, record, node_ids, message_type):
+        """One message per node, each with its own config: the head acknowledged for that node."""
+        messages = list(super()._construct_messages(record, node_ids, message_type))
+        if self.heads is None:
+            return messages
+        for message in messages:
+            expected = self.heads.expectation(message.metadata.dst_node_id)
+            config = ConfigRecord(dict(record[CONFIG_KEY])) if CONFIG_KEY in record else ConfigRecord()
+            if expected is not None:
+                config[ACK_SEQ_KEY], config[ACK_HEAD_KEY] = expected
+            own = RecordDict({key: value for key, value in record.items() if key != CONFIG_KEY})
+            own[CONFIG_KEY] = config
+            message.content = own
+        return messages
 
     def configure_train(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
@@ -107,13 +139,28 @@ class DepartmentFedAvg(FedAvg):
             if status == STATUS_INCOMPATIBLE:
                 report.incompatible[name] = reason
                 continue
+            if self.heads is not None:
+                head, problem = self.heads.check(msg, trained=status == STATUS_TRAINED)
+                if problem:
+                    log(WARNING, "round %s: %s refused: %s", server_round, name, problem)
+                    report.rolled_back[name] = problem
+                    continue
+                self.heads.acknowledge(head, name)
             metrics = msg.content.metric_records.get(METRICS_KEY)
             if metrics is not None and "epsilon" in metrics:
                 report.epsilon[name] = float(metrics["epsilon"])
             if metrics is not None and "max-epsilon" in metrics:
                 report.budget[name] = float(metrics["max-epsilon"])
+            if metrics is not None and "delta" in metrics:
+                report.delta[name] = float(metrics["delta"])
             if status == STATUS_REFUSED:
                 report.refused[name] = reason
+                continue
+            if status == STATUS_DECLINED:
+                report.declined[name] = reason
+                continue
+            if status == STATUS_ROLLED_BACK:
+                report.rolled_back[name] = reason
                 continue
             problem = self._validate(msg)
             if problem:

@@ -33,7 +33,9 @@ def _relative(path: Path, base: Path) -> str:
 class RunSummary:
     """Accumulates rounds and per-department totals; writes ``summary.json``."""
 
-    def __init__(self, out_dir: Path, run_id: str, settings: dict[str, Any], dataset: dict[str, Any]):
+    def __init__(
+        self, out_dir: Path, run_id: str, settings: dict[str, Any], dataset: dict[str, Any], record: Path | None = None
+    ):
         self.path = Path(out_dir) / SUMMARY_FILE
         self.started = time.time()
         self.data: dict[str, Any] = {
@@ -43,9 +45,16 @@ class RunSummary:
             "settings": settings,
             "dataset": dataset,
             "dp": bool(settings["dp"]),
-            "delta": settings["delta"] if settings["dp"] else None,
-            "accountant": settings["accountant"] if settings["dp"] else None,
-            "max_epsilon": settings["max-epsilon"] if settings["dp"] else None,
+            # δ at which the departments state ε: each department's own (see
+            # `departments`); this is the largest of them, the weakest stated.
+            "delta": (settings["delta"] or None) if settings["dp"] else None,
+            # What the run asked of the departments' policies (None: nothing).
+            "asked": {
+                "delta": settings["delta"] or None, "max_epsilon": settings["max-epsilon"] or None,
+                "accountant": settings["accountant"] or None, "dp": bool(settings["dp"]),
+            },
+            "accountant": (settings["accountant"] or "each department's") if settings["dp"] else None,
+            "max_epsilon": (settings["max-epsilon"] or None) if settings["dp"] else None,
             "initial": {},
             "rounds": [],
             "departments": {},
@@ -53,6 +62,8 @@ class RunSummary:
             "final_loss": None,
             "model": None,
             "ledgers": "ledgers",
+            # The coordinator's signed record of acknowledged ledger heads (fedsilo audit reads it).
+            "record": _relative(record, out_dir) if record is not None else None,
             "wall_time_s": 0.0,
         }
         self._epsilon: dict[str, float | None] = {}
@@ -82,7 +93,7 @@ class RunSummary:
         for name, eps in report.epsilon.items():
             self._epsilon[name] = _finite(eps)
         departments = self.data["departments"]
-        for name in {*report.trained, *report.refused, *report.rejected, *report.epsilon}:
+        for name in {*report.trained, *report.refused, *report.rejected, *report.epsilon, *report.declined}:
             departments.setdefault(
                 name, {"epsilon": None, "rounds_trained": 0, "rounds_refused": 0, "steps": 0}
             )
@@ -96,6 +107,11 @@ class RunSummary:
             departments[name]["epsilon"] = eps
         for name, budget in report.budget.items():
             departments[name]["max_epsilon"] = _finite(budget)
+        for name, delta in report.delta.items():
+            departments[name]["delta"] = delta
+        deltas = [d["delta"] for d in departments.values() if d.get("delta")]
+        if deltas and self.data["dp"]:
+            self.data["delta"] = max(deltas)
         self.data["rounds"].append(
             {
                 "round": rnd,
@@ -109,6 +125,10 @@ class RunSummary:
                 "failed": dict(sorted(report.failed.items())),
                 # Departments whose executor would not answer the run's app, and why.
                 "incompatible": dict(sorted(report.incompatible.items())),
+                # Departments whose policy is stricter than the run asks (setting, both values).
+                "declined": dict(sorted(report.declined.items())),
+                # Departments whose ledger no longer holds the head the coordinator acknowledged.
+                "rolled_back": dict(sorted(report.rolled_back.items())),
                 "seconds": round(seconds, 3),
             }
         )

@@ -170,3 +170,46 @@ def _calibrate_pld(
     if pld_epsilon([(sigma, sample_rate, steps)], delta) > target_epsilon:
         return upper
     return sigma
+
+
+def noise_for_target_after(
+    history: Iterable[Mechanism],
+    target_epsilon: float,
+    delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "pld",
+    rel_tol: float = 1e-3,
+) -> float:
+    """Smallest σ such that ``history`` plus ``steps`` steps at ``sample_rate`` stays ≤ ``target_epsilon``.
+
+    The whole history counts: a department that already spent part of its
+    budget plans the rest of it, not a fresh one.  Raises ``ValueError`` when
+    the history alone is already at the target (no σ can help).  Bisection on
+    σ to ``rel_tol``, always returning the feasible end.
+    """
+    history = [m for m in history if m.steps]
+    if not history:
+        return noise_for_target(target_epsilon, delta, sample_rate, steps, accountant)
+    before = epsilon(history, delta, accountant)
+    if before >= target_epsilon:
+        raise ValueError(
+            f"the history already holds ε={before:.4f} at δ={delta:g}, not below the target {target_epsilon:g}"
+        )
+
+    def fits(sigma: float) -> bool:
+        return epsilon([*history, Mechanism(sigma, sample_rate, steps)], delta, accountant) <= target_epsilon
+
+    # What the new steps may spend on their own is at most the target: start there.
+    upper = noise_for_target(target_epsilon, delta, sample_rate, steps, accountant)
+    while not fits(upper):
+        upper *= 2
+        if upper > 1e6:
+            raise ValueError(f"no σ up to 1e6 keeps the history within ε={target_epsilon:g}")
+    lower = upper / 2
+    while fits(lower) and lower > PLD_MIN_SIGMA:
+        upper, lower = lower, lower / 2
+    while upper - lower > rel_tol * upper:
+        middle = (upper + lower) / 2
+        upper, lower = (middle, lower) if fits(middle) else (upper, middle)
+    return upper

@@ -1,21 +1,31 @@
 """The privacy audit: verify ledgers and re-derive every ε independently.
 
-For each department ledger the audit
+For each ledger the audit
 
-1. verifies the hash chain, the order and every signature (public key given
-   with ``--keys``, or the ``NAME.pub`` kept beside a simulated ledger);
+1. verifies the hash chain, the order, the identity (one key signs a whole
+   ledger) and every signature — against the public keys given with ``--keys``
+   (matched by fingerprint; nothing beside the ledger is trusted then), or the
+   ``.pub`` files kept beside a simulated ledger (self-consistency only);
 2. re-derives ε after every entry from the recorded mechanisms with accountants
    independent of the one that wrote it — Opacus' PRV and RDP, and Google's
    dp-accounting PLD — and flags any recorded ε below the re-derived PLD or PRV
    value (a budget under-reported);
-3. cross-checks the coordinator's record (``summary.json``): every round in
-   which the coordinator saw a department train must be in its ledger with the
-   same ε — this is what catches entries truncated off the end.
+3. checks each entry against the budget it records, δ against 1/records, and
+   names every budget change, δ change and non-private round (findings: shown,
+   never hidden under "verified");
+4. cross-checks the coordinator's signed record of the ledger heads it
+   acknowledged (``shared/record.py``): every acknowledged head must be in the
+   ledger of that identity with the same ε — this is what catches entries
+   truncated off the end, a ledger restored from an older copy, and forks.
+
+:attr:`AuditResult.checked` and :attr:`AuditResult.unavailable` say exactly
+what was and was not verified.
 """
 
 from __future__ import annotations
 
 import json
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,8 +33,9 @@ import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 
 from . import accounting
-from .ledger import COORDINATOR, LedgerEntry, verify_ledger
-from .signing import SigningKeyError, load_public_key
+from .ledger import COORDINATOR, LedgerEntry, signer_of, verify_ledger
+from .record import RECORD_FILE, RecordVerification, verify_record
+from .signing import SigningKeyError, fingerprint, load_public_key
 
 # Relative slack when comparing a recorded ε with a re-derived one.
 TOLERANCE = 1e-6
@@ -32,7 +43,7 @@ TOLERANCE = 1e-6
 
 @dataclass
 class DepartmentAudit:
-    id: str
+    id: str  # the department name on its latest entry
     path: str
     epsilon: float = 0.0
     delta: float | None = None
@@ -46,22 +57,37 @@ class DepartmentAudit:
     noise_multiplier: float | None = None
     sample_rate: float | None = None
     budget: float | None = None
+    identity: str = ""  # the key fingerprint the ledger belongs to
+    key: str = ""  # which public key verified it, and from where
+    names: list[str] = field(default_factory=list)  # every name the department used
+    records: int | None = None  # training records at the latest entry (stays with the ledger)
+    first: float | None = None  # timestamps of the first and latest entries
+    last: float | None = None
+    software: list[str] = field(default_factory=list)  # fedsilo versions that wrote it
+    acknowledged: int = 0  # heads of this identity in the coordinator's record, all checked
     problems: list[str] = field(default_factory=list)
+    findings: list[str] = field(default_factory=list)  # not failures, never hidden
     entries: list[LedgerEntry] = field(default_factory=list, repr=False)  # as verified
 
     @property
     def left(self) -> float | None:
         """What is left of the budget (``None`` when the budget is not known)."""
-        return None if self.budget is None else max(self.budget - self.epsilon, 0.0)
+        if self.budget is None or not np.isfinite(self.epsilon):
+            return None
+        return max(self.budget - self.epsilon, 0.0)
 
     def to_json(self) -> dict:
+        finite = lambda v: None if v is None or not np.isfinite(v) else v  # noqa: E731 - JSON has no ∞
         return {
-            "id": self.id, "epsilon": self.epsilon, "delta": self.delta, "rounds": self.rounds,
+            "id": self.id, "epsilon": finite(self.epsilon), "delta": self.delta, "rounds": self.rounds,
             "steps": self.steps, "verified": self.verified, "signatures": self.signatures,
             "epsilon_prv": self.epsilon_prv, "epsilon_rdp": self.epsilon_rdp, "epsilon_pld": self.epsilon_pld,
             "noise_multiplier": self.noise_multiplier, "sample_rate": self.sample_rate,
-            "budget": self.budget, "left": self.left,
-            "ledger": self.path, "problems": self.problems,
+            "budget": self.budget, "left": self.left, "private": bool(np.isfinite(self.epsilon)),
+            "identity": self.identity, "key": self.key, "names": self.names, "records": self.records,
+            "first": self.first, "last": self.last, "software": self.software,
+            "acknowledged": self.acknowledged,
+            "ledger": self.path, "problems": self.problems, "findings": self.findings,
         }
 
 
@@ -71,11 +97,17 @@ class AuditResult:
     problems: list[str] = field(default_factory=list)  # not tied to one ledger
     # The coordinator's client-level DP ledger, when the run had one.
     central: DepartmentAudit | None = None
+    checked: list[str] = field(default_factory=list)  # what was verified
+    unavailable: list[str] = field(default_factory=list)  # what could not be, and why
 
     @property
     def rows(self) -> list[DepartmentAudit]:
         """Every audited ledger: the departments', then the coordinator's."""
         return self.departments + ([self.central] if self.central else [])
+
+    @property
+    def findings(self) -> list[str]:
+        return [f"{row.id}: {f}" for row in self.rows for f in row.findings]
 
     @property
     def ok(self) -> bool:
@@ -91,6 +123,9 @@ class AuditResult:
             "departments": [d.to_json() for d in self.departments],
             "central": None if self.central is None else {**self.central.to_json(), "level": "client"},
             "problems": self.problems,
+            "findings": self.findings,
+            "checked": self.checked,
+            "unavailable": self.unavailable,
         }
 
 
@@ -120,62 +155,126 @@ def pld_epsilon(entries: list[LedgerEntry], delta: float) -> float:
 # ----------------------------------------------------------------------------- ledgers
 
 
+def key_index(folder: Path) -> tuple[dict[str, tuple[str, object]], list[str]]:
+    """Fingerprint -> (file name, public key) of every ``*.pub`` and ``coordinator.crt`` in ``folder``."""
+    index: dict[str, tuple[str, object]] = {}
+    problems: list[str] = []
+    if not folder.is_dir():
+        return index, [f"the key folder '{folder}' does not exist"]
+    for candidate in sorted(folder.glob("*.pub")) + sorted(folder.glob("coordinator.crt")):
+        try:
+            key = _certificate_key(candidate) if candidate.suffix == ".crt" else load_public_key(candidate)
+        except SigningKeyError as err:
+            problems.append(str(err))
+            continue
+        index.setdefault(fingerprint(key), (candidate.name, key))
+    return index, problems
+
+
 def audit_ledger(path: Path, keys: Path | None = None, rederive_every_entry: bool = True) -> DepartmentAudit:
     """Verify one ledger file and re-derive its ε."""
-    department = _department_of(path)
-    row = DepartmentAudit(id=department, path=str(path))
-    public_key = None
-    if keys:
-        # Only the keys the auditor trusts: a .pub beside the ledger could have
-        # been written by whoever re-signed it.
-        candidates = [keys / f"{department}.pub"]
-        if department == COORDINATOR:
-            candidates.append(keys / "coordinator.crt")  # the coordinator signs with its TLS key
-    else:
-        candidates = [path.with_name(f"{department}.pub")]
-    for candidate in candidates:
-        if candidate.exists():
-            try:
-                public_key = _certificate_key(candidate) if candidate.suffix == ".crt" else load_public_key(candidate)
-            except SigningKeyError as err:
-                row.problems.append(str(err))
-            break
-    found = verify_ledger(path, department, public_key)
+    row = DepartmentAudit(id=_department_of(path), path=str(path))
+    # Only the keys the auditor trusts: with --keys, a .pub beside the ledger
+    # could have been written by whoever re-signed it.
+    folder = keys if keys else path.parent
+    index, key_problems = key_index(folder)
+    row.problems += key_problems if keys else []
+    signer = signer_of(path)
+    row.identity = signer
+    match = index.get(signer)
+    public_key = match[1] if match else None
+    if match:
+        row.key = f"{match[0]} in {folder}" + ("" if keys else " (beside the ledger: consistency only, not proof)")
+    found = verify_ledger(path, public_key)
     row.problems += found.problems
-    if public_key is None:
+    if public_key is None and found.entries:
         row.problems.append(
-            f"no public key for '{department}' in {keys or path.parent}"
+            f"no public key with fingerprint {signer or '(none)'} in {folder}"
             + (" (--keys is the only place looked; keys beside the ledger are not trusted)" if keys else "")
             + ": signatures cannot be verified"
         )
     row.entries = found.entries
     row.signatures = "not checked" if public_key is None else ("INVALID" if any("sign" in p for p in found.problems) else "valid")
-    entries = found.entries
-    if entries:
-        last = entries[-1]
-        row.epsilon, row.delta = last.epsilon, last.delta
-        row.rounds, row.steps = len(entries), sum(e.steps for e in entries)
-        row.noise_multiplier, row.sample_rate = last.noise_multiplier, last.sample_rate
-        checkpoints = range(1, len(entries) + 1) if rederive_every_entry else [len(entries)]
-        for i in checkpoints:
-            prefix, recorded = entries[:i], entries[i - 1]
-            # Both PRV (its certified upper bound) and PLD (pessimistic) are sound:
-            # a recorded ε below the lower of the two is an under-report.  PLD
-            # first; PRV only when PLD finds the record too low (it is the slower).
-            pld = pld_epsilon(prefix, recorded.delta)
-            if recorded.epsilon >= pld * (1 - TOLERANCE) - 1e-9:
-                continue
-            prv = _opacus_epsilon(prefix, PRVAccountant, recorded.delta)
-            if recorded.epsilon < min(prv, pld) * (1 - TOLERANCE) - 1e-9:
-                row.problems.append(
-                    f"entry seq {recorded.seq}: recorded ε={recorded.epsilon:.4f} is below the re-derived "
-                    f"ε (PRV {prv:.4f}, PLD {pld:.4f}) at δ={recorded.delta:g}: budget under-reported"
-                )
-        row.epsilon_prv = _opacus_epsilon(entries, PRVAccountant, last.delta)
-        row.epsilon_rdp = _opacus_epsilon(entries, RDPAccountant, last.delta)
-        row.epsilon_pld = pld_epsilon(entries, last.delta)
+    if found.entries:
+        _describe(row, found.entries)
+        _check_epsilon(row, found.entries, rederive_every_entry)
+        _check_terms(row, found.entries)
     row.verified = not row.problems
     return row
+
+
+def _describe(row: DepartmentAudit, entries: list[LedgerEntry]) -> None:
+    last = entries[-1]
+    row.id = last.department
+    row.names = list(dict.fromkeys(e.department for e in entries))
+    row.records, row.first, row.last = last.num_examples, entries[0].timestamp, last.timestamp
+    row.software = list(dict.fromkeys(e.software or "fedsilo 0.1 (ledger v2)" for e in entries))
+    row.delta, row.rounds = last.delta, len(entries)
+    row.steps = sum(e.steps for e in entries)
+    row.noise_multiplier, row.sample_rate = last.noise_multiplier, last.sample_rate
+    row.epsilon = last.epsilon if all(e.private for e in entries) else float("inf")
+    if last.budget:
+        row.budget = last.budget
+    if len(row.names) > 1:
+        row.findings.append(f"one identity under {len(row.names)} names: {', '.join(row.names)}")
+
+
+def _check_epsilon(row: DepartmentAudit, entries: list[LedgerEntry], every_entry: bool) -> None:
+    private = [e for e in entries if e.private]
+    if not private:
+        return
+    checkpoints = range(1, len(entries) + 1) if every_entry else [len(entries)]
+    for i in checkpoints:
+        recorded = entries[i - 1]
+        if not recorded.private:
+            continue
+        prefix = [e for e in entries[:i] if e.private]
+        # Both PRV (its certified upper bound) and PLD (pessimistic) are sound:
+        # a recorded ε below the lower of the two is an under-report.  PLD
+        # first; PRV only when PLD finds the record too low (it is the slower).
+        pld = pld_epsilon(prefix, recorded.delta)
+        if recorded.epsilon >= pld * (1 - TOLERANCE) - 1e-9:
+            continue
+        prv = _opacus_epsilon(prefix, PRVAccountant, recorded.delta)
+        if recorded.epsilon < min(prv, pld) * (1 - TOLERANCE) - 1e-9:
+            row.problems.append(
+                f"entry seq {recorded.seq}: recorded ε={recorded.epsilon:.4f} is below the re-derived "
+                f"ε (PRV {prv:.4f}, PLD {pld:.4f}) at δ={recorded.delta:g}: budget under-reported"
+            )
+    delta = entries[-1].delta
+    row.epsilon_prv = _opacus_epsilon(private, PRVAccountant, delta)
+    row.epsilon_rdp = _opacus_epsilon(private, RDPAccountant, delta)
+    row.epsilon_pld = pld_epsilon(private, delta)
+
+
+def _check_terms(row: DepartmentAudit, entries: list[LedgerEntry]) -> None:
+    """Budgets, δ and privacy over the history: failures and findings, each named."""
+    for prev, entry in zip([None, *entries], entries):
+        when = f"entry seq {entry.seq} ({_date(entry.timestamp)})"
+        if entry.num_examples and not entry.delta < 1.0 / entry.num_examples:
+            row.problems.append(f"{when}: δ={entry.delta:g} is not below 1/{entry.num_examples} records")
+        if entry.private and entry.budget and entry.epsilon > entry.budget * (1 + TOLERANCE):
+            row.problems.append(f"{when}: ε={entry.epsilon:.4f} is past the budget {entry.budget:g} in force then")
+        if not entry.private:
+            row.findings.append(f"{when}: trained WITHOUT differential privacy (the department's policy allowed it): no finite ε covers this ledger")
+        if prev is None:
+            continue
+        if prev.delta != entry.delta:
+            row.findings.append(f"{when}: δ changed from {prev.delta:g} to {entry.delta:g}; ε before and after are at different δ")
+        if prev.accountant != entry.accountant:
+            row.findings.append(f"{when}: accountant changed from {prev.accountant} to {entry.accountant} (same history, re-measured)")
+        if prev.budget and entry.budget and prev.budget != entry.budget:
+            change = "raised" if entry.budget > prev.budget else "lowered"
+            row.findings.append(f"{when}: budget {change} from {prev.budget:g} to {entry.budget:g}")
+    budgets = [e.budget for e in entries if e.budget]
+    if budgets and np.isfinite(row.epsilon) and row.epsilon > min(budgets) * (1 + TOLERANCE):
+        row.findings.append(
+            f"ε={row.epsilon:.4f} is past the earliest budget {min(budgets):g}: spent only because the budget was raised"
+        )
+
+
+def _date(timestamp: float) -> str:
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(timestamp))
 
 
 def _certificate_key(path: Path):
@@ -225,8 +324,51 @@ def cross_check_central(summary: dict, row: DepartmentAudit) -> None:
     row.verified = not row.problems
 
 
+def cross_check_record(record: RecordVerification, rows: list[DepartmentAudit], result: "AuditResult",
+                       expect_all: bool) -> None:
+    """Every head the coordinator acknowledged must be in that identity's ledger, with the same ε.
+
+    ``expect_all``: the audited folder should hold every department's ledger
+    (a simulated run); otherwise heads of identities not audited are skipped.
+    """
+    by_identity = {row.identity: row for row in rows if row.identity}
+    for ack in record.entries:
+        row = by_identity.get(ack.identity)
+        if row is None:
+            if expect_all:
+                result.problems.append(
+                    f"the coordinator acknowledged {ack.ledger_seq} entries of '{ack.department}' "
+                    f"({ack.identity}) in run {ack.run_id}, but there is no ledger of that identity here"
+                )
+            continue
+        row.acknowledged += 1
+        held = len(row.entries)
+        if held < ack.ledger_seq:
+            row.problems.append(
+                f"the coordinator acknowledged {ack.ledger_seq} entries (run {ack.run_id}, round {ack.round}, "
+                f"{_date(ack.timestamp)}), but this ledger holds {held}: truncated, restored from an older copy, "
+                "or replaced (rolled back)"
+            )
+            continue
+        if ack.ledger_seq == 0:
+            continue
+        entry = row.entries[ack.ledger_seq - 1]
+        if entry.hash != ack.ledger_head:
+            row.problems.append(
+                f"entry seq {entry.seq} differs from the one the coordinator acknowledged in run {ack.run_id}, "
+                f"round {ack.round}: the ledger forked or was edited"
+            )
+        elif entry.private and ack.epsilon >= 0 and abs(entry.epsilon - ack.epsilon) > 1e-9 * max(1.0, ack.epsilon):
+            row.problems.append(
+                f"entry seq {entry.seq}: the department stated ε={ack.epsilon:.4f} to the coordinator, "
+                f"the ledger says {entry.epsilon:.4f} (edited?)"
+            )
+    for row in rows:
+        row.verified = not row.problems
+
+
 def cross_check(summary: dict, rows: dict[str, DepartmentAudit]) -> None:
-    """Compare the coordinator's record of a run with the department ledgers."""
+    """A run without a coordinator record (fedsilo 0.1): compare its summary with the ledgers, by name."""
     run_id = str(summary.get("run_id", ""))
     for rnd in summary.get("rounds", []):
         for name in rnd.get("trained", []):
@@ -246,15 +388,32 @@ def cross_check(summary: dict, rows: dict[str, DepartmentAudit]) -> None:
                     f"says ε={entry.epsilon:.4f} (edited?)"
                 )
     for name, row in rows.items():
-        if name == COORDINATOR:
-            continue
-        budget = summary.get("departments", {}).get(name, {}).get("max_epsilon") or summary.get("max_epsilon")
-        row.budget = float(budget) if budget is not None else None
+        if row.budget is None:
+            budget = summary.get("departments", {}).get(name, {}).get("max_epsilon") or summary.get("max_epsilon")
+            row.budget = float(budget) if budget is not None else None
         row.verified = not row.problems
 
 
-def audit_path(path: Path | str, keys: Path | str | None = None) -> AuditResult:
-    """Audit a run directory, a ledger directory, or one ledger file."""
+def _record_key(record_path: Path, keys: Path | None) -> tuple[object | None, str]:
+    """The coordinator's public key for its record: from --keys (coordinator.crt/.pub), else beside it."""
+    folder = keys if keys else record_path.parent
+    for name in ("coordinator.crt", "coordinator.pub"):
+        candidate = folder / name
+        if candidate.exists():
+            try:
+                key = _certificate_key(candidate) if candidate.suffix == ".crt" else load_public_key(candidate)
+            except SigningKeyError:
+                continue
+            return key, f"{candidate}" + ("" if keys else " (beside the record: consistency only)")
+    return None, ""
+
+
+def audit_path(path: Path | str, keys: Path | str | None = None, record: Path | str | None = None) -> AuditResult:
+    """Audit a run directory, a ledger directory, or one ledger file.
+
+    ``record`` is the coordinator's record of acknowledged heads; a run
+    directory names its own in ``summary.json``.
+    """
     path = Path(path)
     keys = Path(keys) if keys else None
     if not path.exists():
@@ -274,6 +433,12 @@ def audit_path(path: Path | str, keys: Path | str | None = None) -> AuditResult:
                 central_file = path / central_file
         elif (path / "central" / f"{COORDINATOR}.jsonl").exists():
             central_file = path / "central" / f"{COORDINATOR}.jsonl"
+    if record is None and summary is not None and summary.get("record"):
+        record = Path(summary["record"]) if Path(summary["record"]).is_absolute() else path / summary["record"]
+    elif record is None and path.is_dir() and (path / "record" / RECORD_FILE).exists():
+        record = path / "record" / RECORD_FILE
+    record = Path(record) if record else None
+    files = [f for f in files if f != record]
     audited = [audit_ledger(f, keys) for f in files]
     if central_file is not None and central_file not in files:
         audited.append(audit_ledger(central_file, keys))
@@ -285,10 +450,51 @@ def audit_path(path: Path | str, keys: Path | str | None = None) -> AuditResult:
         result.problems.append(f"the run used client-level DP but its coordinator ledger '{central_file}' is missing")
     if summary is not None and central is not None:
         cross_check_central(summary, central)
-    if summary is not None:
-        rows = {row.id: row for row in result.departments}
-        cross_check(summary, rows)
-        missing = {n for r in summary.get("rounds", []) for n in r.get("trained", [])} - set(rows)
-        for name in sorted(missing):
-            result.problems.append(f"the coordinator saw '{name}' train, but there is no ledger for it here")
+    _say_what_was_checked(result, keys)
+    if record is not None and record.exists():
+        key, where = _record_key(record, keys)
+        verification = verify_record(record, key)
+        result.problems += [f"coordinator record: {p}" for p in verification.problems]
+        cross_check_record(verification, result.departments, result, expect_all=summary is not None and summary.get("ledgers") is not None and (path / "ledgers").is_dir())
+        result.checked.append(
+            f"the coordinator's record {record}: {len(verification.entries)} acknowledged ledger heads, "
+            + (f"signatures checked against {where}" if key is not None else "its own signatures NOT checked (no coordinator key)")
+            + "; every head found in its department's ledger (truncation, rollback and forks)"
+        )
+        if key is None:
+            result.unavailable.append(
+                "the coordinator's public key (coordinator.crt in --keys): the record's own signatures were not verified"
+            )
+    else:
+        if record is not None:
+            result.problems.append(f"the coordinator's record '{record}' does not exist")
+        result.unavailable.append(
+            "the coordinator's record of acknowledged heads (give --record FILE, or audit a run folder): "
+            "entries truncated off the end of a ledger, or a ledger restored from an older copy, cannot be detected"
+        )
+        if summary is not None:
+            cross_check(summary, {row.id: row for row in result.departments})
+            result.checked.append("the run's summary.json (unsigned, by name) against the ledgers")
+    for row in result.departments:
+        if row.budget is None and summary is not None:
+            budget = summary.get("departments", {}).get(row.id, {}).get("max_epsilon") or summary.get("max_epsilon")
+            row.budget = float(budget) if budget is not None else None
     return result
+
+
+def _say_what_was_checked(result: AuditResult, keys: Path | None) -> None:
+    rows = result.rows
+    if not rows:
+        return
+    result.checked.append(f"{len(rows)} ledger(s): hash chains, order, one identity per ledger")
+    signed = [row for row in rows if row.signatures == "valid"]
+    if keys:
+        result.checked.append(f"signatures of {len(signed)} ledger(s) against the keys in {keys} (matched by fingerprint)")
+    elif signed:
+        result.checked.append(
+            f"signatures of {len(signed)} ledger(s) against the .pub beside each ledger: consistency only"
+        )
+        result.unavailable.append(
+            "independent public keys (--keys DIR): a ledger re-signed with a new key beside it would pass"
+        )
+    result.checked.append("every recorded ε re-derived with dp-accounting PLD and Opacus PRV/RDP; budgets, δ against 1/records")

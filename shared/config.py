@@ -30,9 +30,11 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "noise-multiplier": 1.0,
     "target-epsilon": 0.0,
     "max-grad-norm": 1.0,
-    "delta": 1e-5,
-    "max-epsilon": 10.0,
-    "accountant": "pld",
+    # What the run asks of each department's own policy (client/policy.py); 0 or
+    # "" asks nothing.  A department refuses an ask looser than its policy.
+    "delta": 0.0,
+    "max-epsilon": 0.0,
+    "accountant": "",
     "local-epochs": 1,
     "batch-size": 64,
     "learning-rate": 0.5,
@@ -61,6 +63,13 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     # it ("" = a key generated beside the ledger, as in a simulation).
     "central-ledger": "",
     "central-signing-key": "",
+    # The coordinator's signed record of the ledger heads it acknowledged, per
+    # department identity ("" = OUT/record/acknowledged.jsonl with a key beside it).
+    "record": "",
+    "record-signing-key": "",
+    # Simulation only: the simulated departments' own policy (JSON of
+    # client.policy.DepartmentPolicy).  A deployed department never reads it.
+    "simulated-policy": "",
 }
 
 
@@ -74,8 +83,11 @@ class RunSettings:
 
     Parameters mirror :data:`RUN_CONFIG_DEFAULTS` with ``-`` replaced by ``_``.
     ``target_epsilon`` of 0 means "use ``noise_multiplier`` as given"; a positive
-    value makes every department derive its own noise multiplier so that the
-    planned rounds spend exactly that whole-history ε.
+    value makes every department derive its own noise multiplier so that its
+    whole history — earlier runs included — reaches at most that ε by the run's
+    last planned round (within its own budget).  ``delta``, ``max_epsilon`` and
+    ``accountant`` are what the run *asks*; each department's own policy
+    (``client/policy.py``) decides.
     """
 
     num_server_rounds: int
@@ -112,6 +124,9 @@ class RunSettings:
     central_max_epsilon: float
     central_ledger: str
     central_signing_key: str
+    record: str
+    record_signing_key: str
+    simulated_policy: str
 
     def __post_init__(self) -> None:
         checks = [
@@ -121,11 +136,11 @@ class RunSettings:
             (self.learning_rate > 0, "learning-rate must be positive"),
             (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
             (self.max_grad_norm > 0, "max-grad-norm must be positive"),
-            (0 < self.delta < 1, "delta must be in (0, 1); use e.g. 1e-5"),
+            (self.delta == 0 or 0 < self.delta < 1, "delta must be 0 (ask nothing) or in (0, 1), e.g. 1e-5"),
             (self.noise_multiplier >= 0, "noise-multiplier must be >= 0"),
             (self.target_epsilon >= 0, "target-epsilon must be >= 0 (0 = off)"),
-            (self.max_epsilon > 0, "max-epsilon must be positive"),
-            (self.accountant in ACCOUNTANTS, f"accountant must be one of {ACCOUNTANTS}"),
+            (self.max_epsilon >= 0, "max-epsilon must be positive, or 0 to ask nothing"),
+            (self.accountant in ("", *ACCOUNTANTS), f"accountant must be one of {ACCOUNTANTS}, or empty to let each department choose"),
             (
                 self.grad_sample_mode in GRAD_SAMPLE_MODES,
                 f"grad-sample-mode must be one of {GRAD_SAMPLE_MODES}",
@@ -153,7 +168,7 @@ class RunSettings:
                 "central-noise-multiplier must be positive with --central-dp "
                 "(the noise is what makes the aggregate client-level private)"
             )
-        if self.dp and self.target_epsilon > self.max_epsilon:
+        if self.dp and self.max_epsilon and self.target_epsilon > self.max_epsilon:
             raise ConfigError(
                 f"target-epsilon ({self.target_epsilon}) is above max-epsilon "
                 f"({self.max_epsilon}): departments would refuse the last rounds; "

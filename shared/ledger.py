@@ -13,8 +13,17 @@ Entries are tamper-evident: each carries the hash of the entry before it
 (``prev_hash``; the first one the department's genesis hash) and an ECDSA
 signature by the department's key over everything else, so an edited, deleted,
 reordered or foreign entry breaks the chain or a signature.  Truncating whole
-entries off the end leaves a valid chain: that is caught by cross-checking the
-coordinator's record (``fedsilo audit``).
+entries off the end leaves a valid chain: that is caught by the coordinator's
+signed record of the heads it acknowledged (``shared/record.py``), at the next
+round and by ``fedsilo audit``.
+
+A ledger belongs to an **identity** — the fingerprint of the key that signs it
+— not to a display name or a file name (version 3): the chain starts from a
+genesis hash of that fingerprint, :func:`find_identity_ledger` finds the
+identity's file in a folder whatever it is called, and a department started
+under another name continues the same history.  Each entry also records the
+budget in force, whether the round was private, the size the department
+reported, and the fedsilo version that wrote it.
 """
 
 from __future__ import annotations
@@ -35,7 +44,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from .accounting import Mechanism
 from .signing import Signer, fingerprint, verify
 
-LEDGER_VERSION = 2
+LEDGER_VERSION = 3
+# Fields a version-2 entry (fedsilo 0.1) does not have: left out of its hash and
+# signature, so 0.1 ledgers still verify and continue.
+V3_FIELDS = ("budget", "private", "reported_size", "software")
 # The name the coordinator keeps its client-level DP ledger under.
 COORDINATOR = "coordinator"
 
@@ -62,20 +74,31 @@ class LedgerEntry:
     num_examples: int
     timestamp: float
     prev_hash: str = ""
-    signer: str = ""  # fingerprint of the signing key
+    signer: str = ""  # fingerprint of the signing key: the ledger's identity
     signature: str = ""
     version: int = LEDGER_VERSION
+    budget: float = 0.0  # the department's max-epsilon when this round ran (0: not recorded, v2)
+    private: bool = True  # False: trained without DP (the policy allowed it); ε is unbounded from here
+    reported_size: int = 0  # the size the department reported for itself (0: not recorded, v2)
+    software: str = ""  # the fedsilo version that wrote the entry
 
     @property
     def mechanism(self) -> Mechanism:
         return Mechanism(self.noise_multiplier, self.sample_rate, self.steps)
 
+    def _body(self) -> dict:
+        body = asdict(self)
+        if self.version < 3:
+            for name in V3_FIELDS:
+                body.pop(name)
+        return body
+
     def to_json(self) -> str:
-        return json.dumps(asdict(self), sort_keys=True, allow_nan=False)
+        return json.dumps(self._body(), sort_keys=True, allow_nan=False)
 
     def payload(self) -> bytes:
         """What the signature covers: every field but the signature, canonically."""
-        body = {k: v for k, v in asdict(self).items() if k != "signature"}
+        body = {k: v for k, v in self._body().items() if k != "signature"}
         return json.dumps(body, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
 
     @property
@@ -85,21 +108,30 @@ class LedgerEntry:
     @classmethod
     def from_dict(cls, raw: dict) -> "LedgerEntry":
         names = {f.name for f in fields(cls)}
-        missing = names - set(raw) - {"version"}
+        optional = {"version", *(V3_FIELDS if int(raw.get("version", 2)) < 3 else ())}
+        missing = names - set(raw) - optional
         if missing:
             raise ValueError(f"missing field(s) {', '.join(sorted(missing))}")
+        unknown = set(raw) - names
+        if unknown:
+            raise ValueError(f"unknown field(s) {', '.join(sorted(unknown))} (written by a newer fedsilo?)")
         entry = cls(**{k: raw[k] for k in names if k in raw})
-        for name in ("noise_multiplier", "sample_rate", "max_grad_norm", "delta", "epsilon"):
+        for name in ("noise_multiplier", "sample_rate", "max_grad_norm", "delta", "epsilon", "budget"):
             value = getattr(entry, name)
             if not isinstance(value, (int, float)) or not math.isfinite(value):
                 raise ValueError(f"field '{name}' is not a finite number: {value!r}")
-        entry.mechanism  # validates ranges
+        if entry.private:
+            entry.mechanism  # validates ranges
         return entry
 
 
-def genesis_hash(department: str) -> str:
-    """``prev_hash`` of a department's first entry."""
-    return hashlib.sha256(f"fedsilo-ledger-v{LEDGER_VERSION}:{department}".encode()).hexdigest()
+def genesis_hash(identity: str, version: int = LEDGER_VERSION) -> str:
+    """``prev_hash`` of a ledger's first entry: from its identity (v3) or its department name (v2)."""
+    return hashlib.sha256(f"fedsilo-ledger-v{version}:{identity}".encode()).hexdigest()
+
+
+def _genesis_of(entry: LedgerEntry) -> str:
+    return genesis_hash(entry.signer) if entry.version >= 3 else genesis_hash(entry.department, 2)
 
 
 @dataclass
@@ -116,26 +148,30 @@ class Verification:
 
 
 def verify_ledger(
-    path: Path | str, department: str, public_key: ec.EllipticCurvePublicKey | None = None
+    path: Path | str, public_key: ec.EllipticCurvePublicKey | None = None, identity: str | None = None
 ) -> Verification:
-    """Check a ledger's chain, order and (with ``public_key``) signatures.
+    """Check a ledger's chain, order, identity and (with ``public_key``) signatures.
 
-    Never raises on bad content: every problem is named with its line and the
-    likely tampering (edited, deleted, reordered, forged).  Entries after the
-    first problem are still read so that all problems are reported.
+    The ledger's identity is the key fingerprint its first entry is signed by;
+    every entry must be signed by that same identity, and by ``public_key``
+    (or ``identity``) when given.  Never raises on bad content: every problem
+    is named with its line and the likely tampering (edited, deleted,
+    reordered, forged).  Entries after the first problem are still read so
+    that all problems are reported.
     """
     path = Path(path)
     result = Verification(signatures_checked=public_key is not None)
     if not path.exists():
         return result
-    expected_signer = fingerprint(public_key) if public_key is not None else None
-    prev_hash, expected_seq, prev_eps = genesis_hash(department), 0, None
+    expected_signer = fingerprint(public_key) if public_key is not None else identity
     with open(path, encoding="utf-8") as fh:
         lines = fh.read().split("\n")
     if lines and lines[-1] == "":
         lines.pop()
     elif lines:
         result.problems.append(f"line {len(lines)}: no final newline (torn write or truncated?)")
+    prev_hash, expected_seq, owner = None, 0, None
+    last_eps: dict[tuple[float, str], float] = {}  # (δ, accountant) -> ε: same measure never shrinks
     for lineno, line in enumerate(lines, start=1):
         where = f"line {lineno}"
         try:
@@ -143,26 +179,37 @@ def verify_ledger(
         except (ValueError, TypeError) as err:
             result.problems.append(f"{where}: not a valid entry ({err}) (edited or torn?)")
             continue
-        if entry.department != department:
-            result.problems.append(f"{where}: belongs to department '{entry.department}', not '{department}'")
+        if owner is None:
+            owner = entry.signer
+            prev_hash = _genesis_of(entry) if entry.seq == 0 else None
+        if entry.signer != owner:
+            result.problems.append(
+                f"{where}: signed by key {entry.signer or 'none'}, but the ledger belongs to {owner} "
+                "(entries of another identity: forged, or two ledgers merged?)"
+            )
+        elif expected_signer is not None and entry.signer != expected_signer:
+            result.problems.append(
+                f"{where}: signed by key {entry.signer or 'none'}, not the department's {expected_signer} (forged?)"
+            )
+        elif public_key is not None and not verify(public_key, entry.payload(), entry.signature):
+            result.problems.append(f"{where}: signature does not match the content (edited?)")
         if entry.seq != expected_seq:
             kind = "missing before it (deleted?)" if entry.seq > expected_seq else "out of order (reordered or duplicated?)"
             result.problems.append(f"{where}: seq {entry.seq} where {expected_seq} was expected: entries {kind}")
-        if entry.prev_hash != prev_hash:
+        if prev_hash is not None and entry.prev_hash != prev_hash:
             result.problems.append(
                 f"{where}: prev_hash does not match the entry before it (an entry before it was edited, deleted or reordered)"
             )
-        if expected_signer is not None:
-            if entry.signer != expected_signer:
-                result.problems.append(
-                    f"{where}: signed by key {entry.signer or 'none'}, not the department's {expected_signer} (forged?)"
-                )
-            elif not verify(public_key, entry.payload(), entry.signature):  # type: ignore[arg-type]
-                result.problems.append(f"{where}: signature does not match the content (edited?)")
-        if prev_eps is not None and entry.epsilon < prev_eps - 1e-12 and entry.delta == result.entries[-1].delta:
-            result.problems.append(f"{where}: ε={entry.epsilon:.4f} is lower than the previous {prev_eps:.4f}")
+        measure = (entry.delta, entry.accountant)
+        if entry.private and measure in last_eps and entry.epsilon < last_eps[measure] - 1e-12:
+            result.problems.append(
+                f"{where}: ε={entry.epsilon:.4f} is lower than the earlier {last_eps[measure]:.4f} "
+                f"at the same δ and accountant ({entry.accountant})"
+            )
+        if entry.private:
+            last_eps[measure] = entry.epsilon
         result.entries.append(entry)
-        prev_hash, expected_seq, prev_eps = entry.hash, entry.seq + 1, entry.epsilon
+        prev_hash, expected_seq = entry.hash, entry.seq + 1
     return result
 
 
@@ -174,11 +221,12 @@ class PrivacyLedger:
     path : Path
         The ``.jsonl`` file; created (with its folder) on first append.
     department : str
-        The department this ledger belongs to; a file holding another
-        department's entries is refused.
+        The department's display name, written on new entries (it may change:
+        the ledger belongs to the key, not the name).
     signer : Signer, optional
-        The department's key: needed to append, and used to verify every
-        signature when the ledger is read.
+        The department's key: its identity.  Needed to append, and used to
+        verify every signature when the ledger is read; a file holding another
+        identity's history is refused.
     """
 
     def __init__(self, path: Path | str, department: str, signer: Signer | None = None) -> None:
@@ -196,12 +244,45 @@ class PrivacyLedger:
 
     @property
     def history(self) -> list[Mechanism]:
-        return [e.mechanism for e in self._entries]
+        return [e.mechanism for e in self._entries if e.private]
+
+    @property
+    def private(self) -> bool:
+        """False once any round ran without DP: no finite ε covers the history any more."""
+        return all(e.private for e in self._entries)
 
     @property
     def epsilon(self) -> float:
-        """ε recorded for the whole history so far (0 for an empty ledger)."""
+        """ε recorded for the whole history so far (0 for an empty ledger, ∞ after a non-private round)."""
+        if not self.private:
+            return math.inf
         return self._entries[-1].epsilon if self._entries else 0.0
+
+    @property
+    def head(self) -> tuple[int, str]:
+        """(number of entries, hash of the last one): what the department attests to the coordinator."""
+        return len(self._entries), (self._entries[-1].hash if self._entries else "")
+
+    def continues(self, seq: int, head: str) -> str:
+        """Empty when this ledger holds entry ``seq`` with hash ``head`` (what the coordinator
+        acknowledged), else why not: an older copy, a deleted ledger, a new folder, or a fork."""
+        if seq <= 0:
+            return ""
+        held = len(self._entries)
+        if held < seq:
+            what = "is empty" if held == 0 else f"holds only {held}"
+            return (
+                f"the coordinator acknowledged {seq} entries of this identity's ledger, but the ledger "
+                f"at {self.path} {what}: it was restored from an older copy, deleted, or a new folder "
+                "was given; point --ledger at the department's current ledger"
+            )
+        if self._entries[seq - 1].hash != head:
+            return (
+                f"entry {seq - 1} of the ledger at {self.path} differs from the one the coordinator "
+                "acknowledged: the ledger forked (an older copy that trained elsewhere?); audit it "
+                "with `fedsilo audit` before it trains again"
+            )
+        return ""
 
     @property
     def total_steps(self) -> int:
@@ -211,7 +292,7 @@ class PrivacyLedger:
         self._entries = self._read()
 
     def _read(self) -> list[LedgerEntry]:
-        found = verify_ledger(self.path, self.department, self.signer.public_key if self.signer else None)
+        found = verify_ledger(self.path, self.signer.public_key if self.signer else None)
         if not found.ok:
             raise LedgerError(
                 f"ledger '{self.path}' {found.problems[0]}; the budget cannot be known, so "
@@ -226,13 +307,16 @@ class PrivacyLedger:
         *,
         run_id: str,
         round: int,
-        mechanism: Mechanism,
+        mechanism: Mechanism | None,
         max_grad_norm: float,
         delta: float,
         accountant: str,
         epsilon: float,
         num_examples: int,
         expected_seq: int | None = None,
+        budget: float = 0.0,
+        private: bool = True,
+        reported_size: int = 0,
     ) -> LedgerEntry:
         """Append one signed round atomically and return the entry written.
 
@@ -253,51 +337,62 @@ class PrivacyLedger:
                 )
             self._entries = current
             last = current[-1] if current else None
-            if last is not None and epsilon < last.epsilon and delta == last.delta:
+            # Only the same measure must grow: another accountant (PLD after RDP)
+            # bounds the same history more tightly, and that is no shrinking.
+            same = [e for e in current if e.private and e.delta == delta and e.accountant == accountant]
+            if private and same and epsilon < same[-1].epsilon:
                 raise LedgerError(
                     f"ledger '{self.path}': new ε={epsilon:.4f} is lower than the recorded "
-                    f"ε={last.epsilon:.4f}: ε of a growing history cannot shrink"
+                    f"ε={same[-1].epsilon:.4f} at the same δ and accountant: ε of a growing history cannot shrink"
                 )
             unsigned = LedgerEntry(
                 seq=len(current),
                 department=self.department,
                 run_id=str(run_id),
                 round=int(round),
-                noise_multiplier=float(mechanism.noise_multiplier),
-                sample_rate=float(mechanism.sample_rate),
-                steps=int(mechanism.steps),
+                noise_multiplier=float(mechanism.noise_multiplier) if private else 0.0,
+                sample_rate=float(mechanism.sample_rate) if private else 0.0,
+                steps=int(mechanism.steps) if private else 0,
                 max_grad_norm=float(max_grad_norm),
                 delta=float(delta),
                 accountant=accountant,
                 epsilon=float(epsilon),
                 num_examples=int(num_examples),
                 timestamp=time.time(),
-                prev_hash=last.hash if last else genesis_hash(self.department),
+                prev_hash=last.hash if last else genesis_hash(self.signer.fingerprint),
                 signer=self.signer.fingerprint,
+                budget=float(budget),
+                private=bool(private),
+                reported_size=int(reported_size),
+                software=_software(),
             )
             entry = replace(unsigned, signature=self.signer.sign(unsigned.payload()))
             lines = [e.to_json() for e in [*current, entry]]
-            _atomic_write(self.path, "".join(line + "\n" for line in lines))
+            atomic_write(self.path, "".join(line + "\n" for line in lines))
             self._entries.append(entry)
             return entry
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[None]:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        lock_path = self.path.with_name(self.path.name + ".lock")
-        with open(lock_path, "a") as lock:
-            fcntl.flock(lock, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(lock, fcntl.LOCK_UN)
+    def _locked(self):
+        return file_lock(self.path)
 
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {"department": self.department, "entries": [asdict(e) for e in self._entries]}
 
 
-def _atomic_write(path: Path, text: str) -> None:
+@contextlib.contextmanager
+def file_lock(path: Path) -> Iterator[None]:
+    """An exclusive lock beside ``path`` (``PATH.lock``) for read-modify-write."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def atomic_write(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     with open(tmp, "w", encoding="utf-8") as fh:
         fh.write(text)
@@ -311,21 +406,59 @@ def _atomic_write(path: Path, text: str) -> None:
         os.close(dir_fd)
 
 
+def _software() -> str:
+    from fedsilo import __version__
+
+    return f"fedsilo {__version__}"
+
+
 def ledger_path(ledger_dir: Path | str, department: str) -> Path:
-    """Where a department's ledger lives inside a ledger folder."""
-    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in department)
-    return Path(ledger_dir) / f"{safe}.jsonl"
+    """``DIR/NAME.jsonl``: where a ledger kept by name lives (the coordinator's own)."""
+    return Path(ledger_dir) / f"{_safe(department)}.jsonl"
+
+
+def _safe(name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+
+
+def signer_of(path: Path) -> str:
+    """The identity (key fingerprint) a ledger file's first entry is signed by ("" if none)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            first = fh.readline()
+        return str(json.loads(first).get("signer", "")) if first.strip() else ""
+    except (OSError, ValueError, AttributeError):
+        return ""
+
+
+def find_identity_ledger(ledger_dir: Path | str, identity: str, name: str) -> Path:
+    """The ledger of ``identity`` in ``ledger_dir``, whatever its file is called.
+
+    A department renamed, a key file renamed, a fedsilo 0.1 ledger kept under
+    the old name: the same key finds the same history.  A new identity gets
+    ``NAME-<fingerprint prefix>.jsonl``.  Two files of one identity in one
+    folder is a fork: refused, naming both.
+    """
+    folder = Path(ledger_dir)
+    found = [p for p in sorted(folder.glob("*.jsonl")) if signer_of(p) == identity] if folder.is_dir() else []
+    if len(found) > 1:
+        raise LedgerError(
+            f"{len(found)} ledgers in {folder} belong to this department's key {identity}: "
+            f"{', '.join(p.name for p in found)}; a history must not fork. Audit them with "
+            "`fedsilo audit`, keep the one the coordinator's record confirms and move the other away"
+        )
+    if found:
+        return found[0]
+    tag = identity.split(":", 1)[-1][:10].replace("/", "_").replace("+", "-")
+    return folder / f"{_safe(name)}-{tag}.jsonl"
 
 
 def read_ledgers(folder: Path | str) -> dict[str, PrivacyLedger]:
-    """Every ledger in a folder, by department (read-only use)."""
+    """Every ledger in a folder, by the department name on its latest entry (read-only use)."""
     out: dict[str, PrivacyLedger] = {}
     for path in sorted(Path(folder).glob("*.jsonl")):
-        with open(path, encoding="utf-8") as fh:
-            first = fh.readline()
-        try:
-            department = json.loads(first)["department"] if first.strip() else path.stem
-        except (ValueError, KeyError, TypeError) as err:
-            raise LedgerError(f"ledger '{path}' line 1 is not a valid entry ({err})") from err
-        out[department] = PrivacyLedger(path, department)
+        ledger = PrivacyLedger(path, path.stem)
+        name = ledger.entries[-1].department if ledger.entries else path.stem
+        ledger.department = name
+        out[name] = ledger
     return out

@@ -3,13 +3,23 @@
 A department's train reply holds:
 
 * ``arrays``     (ArrayRecord)  — the updated weights; absent when it refused;
-* ``metrics``    (MetricRecord) — ``num-examples``, ``epsilon``
-  (whole-history ε at the run's δ; ∞ without DP), ``max-epsilon`` (the
-  department's own budget), ``steps``,
-  ``noise-multiplier``, ``sample-rate`` — the same keys from every department;
+* ``metrics``    (MetricRecord) — ``num-examples`` (the size the department
+  reports: a size it declared public or a power-of-two bucket, never the exact
+  count), ``epsilon`` (whole-history ε at ``delta``; ∞ without DP),
+  ``max-epsilon`` (the budget it grants this run), ``delta`` (its own δ),
+  ``steps``, ``noise-multiplier``, ``sample-rate`` — the same keys from every
+  department;
 * ``department`` (ConfigRecord) — ``name``, ``status`` (``trained``,
-  ``refused`` on budget grounds, or ``incompatible`` when the department's
-  executor would not accept the run's app) and ``reason``.
+  ``refused`` on budget grounds, ``declined`` when the run asks for something
+  looser than the department's policy, ``rolled-back`` when its ledger no
+  longer holds the head the coordinator acknowledged, or ``incompatible`` when
+  the department's executor would not accept the run's app) and ``reason``;
+* ``ledger-head`` (ConfigRecord) — the department's signed ledger head
+  (``shared/record.py``), except on ``incompatible`` replies.
+
+The train task's ``config`` carries ``acknowledged-seq`` and
+``acknowledged-head``: the head the coordinator last recorded for the
+department's identity.
 
 The app a coordinator submits carries no code: its ``pyproject.toml`` names
 :data:`APP_ID`, the two installed components and :data:`PROTOCOL_VERSION`
@@ -25,6 +35,8 @@ STATUS_KEY = "department"
 STATUS_TRAINED = "trained"
 STATUS_REFUSED = "refused"
 STATUS_INCOMPATIBLE = "incompatible"
+STATUS_DECLINED = "declined"
+STATUS_ROLLED_BACK = "rolled-back"
 
 # What a fedsilo app (FAB) must say to be answered by a department.
 APP_PUBLISHER = "fedsilo"
@@ -34,4 +46,6 @@ SERVERAPP = "fedsilo.server.app:app"
 CLIENTAPP = "fedsilo.client.app:app"
 # Bump when the message contract above changes in a way older departments cannot answer.
 # 2: train replies no longer carry `train-loss` (an unnoised statistic of private batches).
-PROTOCOL_VERSION = 2
+# 3: the department's policy decides (declined), signed ledger heads, acknowledged heads in
+#    the task, reported sizes instead of exact counts.
+PROTOCOL_VERSION = 3

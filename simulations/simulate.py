@@ -13,6 +13,7 @@ from typing import Annotated, Optional
 import typer
 from rich.console import Console
 
+from fedsilo.client.policy import DepartmentPolicy
 from fedsilo.server.report import print_run_report
 from fedsilo.server.summary import SUMMARY_FILE
 from fedsilo.shared.config import ACCOUNTANTS, DEVICES, GRAD_SAMPLE_MODES, MODELS, ConfigError, RunSettings
@@ -85,9 +86,10 @@ def simulate(
             noise_multiplier=noise_multiplier,
             target_epsilon=target_epsilon or 0.0,
             max_grad_norm=max_grad_norm,
-            delta=delta,
-            max_epsilon=max_epsilon,
-            accountant=accountant,
+            # The simulated departments' own policy decides; the run asks nothing beyond it.
+            delta=0.0,
+            max_epsilon=0.0,
+            accountant="",
             local_epochs=local_epochs,
             batch_size=batch_size,
             learning_rate=learning_rate,
@@ -108,6 +110,11 @@ def simulate(
             central_max_epsilon=central_max_epsilon,
             central_ledger="",
             central_signing_key="",
+            record="",
+            record_signing_key="",
+            simulated_policy=DepartmentPolicy(
+                max_epsilon=max_epsilon, delta=delta, accountants=(accountant,), allow_non_private=not dp,
+            ).to_json(),
         )
         if central_dp and central_delta >= 1.0 / departments:
             raise ConfigError(
@@ -119,7 +126,7 @@ def simulate(
             dataset, label_column, split_columns(feature_columns), departments, partition, seed
         )
         build_model(model, test.input_shape, test.num_classes, test.kind)
-    except (ConfigError, DataError, ValueError) as err:
+    except (ConfigError, DataError, ValueError) as err:  # PolicyError is a ValueError
         err_console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
 

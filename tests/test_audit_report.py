@@ -53,7 +53,9 @@ def test_report_of_a_verified_run(run, report):
         pixels = imread(folder / name)  # a valid PNG
         assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
     summary = json.loads((run / "summary.json").read_text())
-    for department in [p.stem for p in (run / "ledgers").glob("*.jsonl")] + list(summary["departments"]):
+    names = [json.loads(p.read_text().splitlines()[0])["department"] for p in (run / "ledgers").glob("*.jsonl")]
+    assert sorted(names) == sorted(summary["departments"])
+    for department in names:
         assert department in text
     assert f"{summary['final_accuracy']:.4f}" in text
     assert "Verified" in text and "FAILED" not in text
@@ -73,7 +75,7 @@ def test_a_tampered_run_still_gets_its_report_saying_failed(run, tmp_path):
     assert result.returncode == 1, result.stdout + result.stderr
     text = (tmp_path / "html" / "index.html").read_text(encoding="utf-8")
     assert "Verification FAILED" in text and "signature does not match" in text
-    assert f"<b>{ledger.stem}</b>" in text  # the problem is named with its department
+    assert f"<b>{entry['department']}</b>" in text  # the problem is named with its department
     for name in _images(tmp_path / "html" / "index.html"):
         assert (tmp_path / "html" / name).is_file()
 

@@ -74,8 +74,8 @@ def test_torn_or_edited_ledger_is_refused_with_a_clear_error(tmp_path):
         PrivacyLedger(path, "a")
 
     path.write_text(original)
-    with pytest.raises(LedgerError, match="belongs to department 'a'"):
-        PrivacyLedger(path, "b")
+    with pytest.raises(LedgerError, match="not the department's"):  # another identity's history
+        PrivacyLedger(path, "a", simulated_identity(tmp_path / "other", "b"))
 
 
 def test_a_failed_write_leaves_the_previous_ledger_intact(tmp_path, monkeypatch):

@@ -1,0 +1,205 @@
+"""The department's privacy policy: what this host allows, whatever a run asks.
+
+In the spirit of NVFlare's site policies, the policy is set on the department's
+own host (``fedsilo department start`` options, or the simulated departments'
+settings of ``fedsilo simulate``) and applies to every run.  A run's config only
+*asks* (:class:`RunRequest`); :meth:`DepartmentPolicy.terms_for` grants the
+request when it is as strict as the policy or stricter, and otherwise names
+every looser setting with both values, before anything trains.
+
+Who decides what:
+
+========================  ==============================================
+the department's policy   budget, δ, accountants, training without DP,
+                          smallest σ, largest sample rate, the size it
+                          declares public
+the run (the coordinator)  σ or a target ε, clipping norm, batch size,
+                          epochs, rounds — and optionally a lower budget,
+                          a smaller δ (ε is then stated at it), an
+                          accountant the policy accepts
+========================  ==============================================
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass
+
+from fedsilo.shared.accounting import ACCOUNTANTS, Mechanism
+from fedsilo.shared.config import RunSettings
+
+
+class PolicyError(ValueError):
+    """A policy setting is out of range; the message names it and what to use."""
+
+
+@dataclass(frozen=True)
+class RunRequest:
+    """What a run asks of a department (from its run config); 0 / "" = no ask."""
+
+    dp: bool
+    delta: float = 0.0
+    max_epsilon: float = 0.0
+    accountant: str = ""
+
+    @classmethod
+    def from_settings(cls, settings: RunSettings) -> "RunRequest":
+        return cls(settings.dp, settings.delta, settings.max_epsilon, settings.accountant)
+
+
+@dataclass(frozen=True)
+class Terms:
+    """What this department grants one run: the guard measures at exactly these."""
+
+    private: bool
+    max_epsilon: float
+    delta: float
+    accountant: str
+
+
+@dataclass(frozen=True)
+class DepartmentPolicy:
+    """A department's own privacy policy.
+
+    Parameters
+    ----------
+    max_epsilon : float
+        The budget for the department's whole history (every run, every restart).
+    delta : float
+        δ at which every ε of this department is measured; must be below
+        1/records (checked with :meth:`check_records`).
+    accountants : tuple of str
+        Accountants the department accepts; a run asking for none gets the first.
+    allow_non_private : bool
+        Whether a run may train here without DP.  Off unless the department's
+        operators opt in on this host; a non-private round voids the ε of the
+        whole ledger, and the ledger says so.
+    min_noise_multiplier : float
+        The smallest σ a round may use (0 = no limit beyond the budget).
+    max_sample_rate : float
+        The largest Poisson sample rate a round may use (1 = no limit).
+    public_size : int, optional
+        A record count the department declares public: it is what the
+        department reports as its size (the FedAvg weight) and what its
+        mechanism is planned from.  ``None`` reports and plans from the size
+        rounded down to a power of two (:func:`size_bucket`), never the exact count.
+    """
+
+    max_epsilon: float
+    delta: float = 1e-5
+    accountants: tuple[str, ...] = ACCOUNTANTS
+    allow_non_private: bool = False
+    min_noise_multiplier: float = 0.0
+    max_sample_rate: float = 1.0
+    public_size: int | None = None
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.max_epsilon, (int, float)) and self.max_epsilon > 0 and math.isfinite(self.max_epsilon)):
+            raise PolicyError(f"the department's max-epsilon must be a positive finite number, got {self.max_epsilon!r}")
+        if not 0 < self.delta < 1:
+            raise PolicyError(f"the department's delta must be in (0, 1) and below 1/records, e.g. 1e-5; got {self.delta!r}")
+        accountants = tuple(self.accountants)
+        unknown = [a for a in accountants if a not in ACCOUNTANTS]
+        if not accountants or unknown:
+            raise PolicyError(f"the department's accountants must be a non-empty subset of {', '.join(ACCOUNTANTS)}; got {', '.join(accountants) or 'none'}")
+        object.__setattr__(self, "accountants", accountants)
+        if not self.min_noise_multiplier >= 0:
+            raise PolicyError(f"min-noise-multiplier must be >= 0, got {self.min_noise_multiplier!r}")
+        if not 0 < self.max_sample_rate <= 1:
+            raise PolicyError(f"max-sample-rate must be in (0, 1], got {self.max_sample_rate!r}")
+        if self.public_size is not None and not (isinstance(self.public_size, int) and self.public_size >= 1):
+            raise PolicyError(f"public-size must be a positive whole number of records, got {self.public_size!r}")
+
+    # ------------------------------------------------------------------ decisions
+    def terms_for(self, request: RunRequest) -> tuple[Terms | None, list[str]]:
+        """Grant ``request`` (the terms the guard will use) or name each looser ask."""
+        looser: list[str] = []
+        if not request.dp and not self.allow_non_private:
+            looser.append(
+                "dp: the run asks to train without differential privacy; this department's policy "
+                "never allows it (its operators can opt in locally with --allow-non-private)"
+            )
+        if request.delta and request.delta > self.delta:
+            looser.append(
+                f"delta: the run asks δ={request.delta:g}; this department's policy is δ={self.delta:g} "
+                "and it states ε at no larger δ"
+            )
+        if request.max_epsilon and request.max_epsilon > self.max_epsilon:
+            looser.append(
+                f"max-epsilon: the run asks a budget of {request.max_epsilon:g}; this department's "
+                f"policy allows at most {self.max_epsilon:g}"
+            )
+        if request.accountant and request.accountant not in self.accountants:
+            looser.append(
+                f"accountant: the run asks {request.accountant}; this department's policy accepts "
+                f"{', '.join(self.accountants)}"
+            )
+        if looser:
+            return None, looser
+        budget = min(self.max_epsilon, request.max_epsilon) if request.max_epsilon else self.max_epsilon
+        # A smaller δ is stricter (ε at it is larger): granted, and ε is stated at it.
+        delta = min(self.delta, request.delta) if request.delta else self.delta
+        return Terms(request.dp, budget, delta, request.accountant or self.accountants[0]), []
+
+    def mechanism_limits(self, mechanism: Mechanism) -> list[str]:
+        """Each limit of the policy that a planned round's mechanism passes."""
+        out = []
+        if mechanism.noise_multiplier < self.min_noise_multiplier:
+            out.append(
+                f"noise-multiplier: the round would use σ={mechanism.noise_multiplier:.4g}; this "
+                f"department's policy requires σ ≥ {self.min_noise_multiplier:g}"
+            )
+        if mechanism.sample_rate > self.max_sample_rate:
+            out.append(
+                f"sample-rate: the round would sample q={mechanism.sample_rate:.4g}; this "
+                f"department's policy allows q ≤ {self.max_sample_rate:g} (lower --batch-size asks)"
+            )
+        return out
+
+    def check_records(self, num_records: int) -> None:
+        """δ must be below 1/records: at δ ≥ 1/N a mechanism may publish one record outright."""
+        if not self.delta < 1.0 / max(num_records, 1):
+            raise PolicyError(
+                f"the department's δ={self.delta:g} is not below 1/{num_records} records: at that δ one "
+                f"record could be published outright; use --delta below {1.0 / num_records:.2g}"
+            )
+
+    def reported_size(self, num_records: int) -> int:
+        """The size this department reports and plans from: public, or a power-of-two bucket."""
+        return self.public_size if self.public_size is not None else size_bucket(num_records)
+
+    # ------------------------------------------------------------------ state
+    def to_json(self) -> str:
+        body = asdict(self)
+        body["accountants"] = list(self.accountants)
+        return json.dumps(body, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DepartmentPolicy":
+        try:
+            raw = json.loads(text)
+        except ValueError as err:
+            raise PolicyError(f"the department policy is not valid JSON ({err})") from None
+        if not isinstance(raw, dict) or "max_epsilon" not in raw:
+            raise PolicyError("the department policy must be a JSON object with at least max_epsilon")
+        known = {"max_epsilon", "delta", "accountants", "allow_non_private", "min_noise_multiplier",
+                 "max_sample_rate", "public_size"}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise PolicyError(f"unknown department policy setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        if "accountants" in raw:
+            raw["accountants"] = tuple(raw["accountants"])
+        return cls(**raw)
+
+
+def size_bucket(num_records: int) -> int:
+    """``num_records`` rounded down to a power of two (1797 → 1024): what is reported by default.
+
+    Coarse, not private: a record added or removed can move the count across a
+    power of two.  A department for which even that is too much declares a
+    public size instead (``--public-size``).
+    """
+    if num_records < 1:
+        raise ValueError("a department needs at least one record")
+    return 1 << (int(num_records).bit_length() - 1)
