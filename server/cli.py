@@ -203,3 +203,5 @@ def run(
         summary = {"status": "failed"}
     if not outcome.ok or summary["status"] == "failed":
         _fail(f"run {outcome.run_id} ended as '{outcome.status}'; full log: {outcome.log_path}", 1)
+    if summary["status"] in ("declined", "app-refused"):
+        _fail(f"run {outcome.run_id}: no department would train it ({summary['status']}); see above", 1)

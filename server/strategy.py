@@ -136,8 +136,13 @@ class DepartmentFedAvg(FedAvg):
                 report.failed[self.node_names.get(node, f"node-{node}")] = msg.error.reason
                 continue
             name, status, reason = _status(msg)
+            # In a deployment the name it was registered under, not the one it reports.
+            name = self.node_names.get(msg.metadata.src_node_id, name)
             if status == STATUS_INCOMPATIBLE:
                 report.incompatible[name] = reason
+                continue
+            if status == STATUS_ROLLED_BACK:  # the department found it itself: its reason is the precise one
+                report.rolled_back[name] = reason
                 continue
             if self.heads is not None:
                 head, problem = self.heads.check(msg, trained=status == STATUS_TRAINED)
@@ -158,9 +163,6 @@ class DepartmentFedAvg(FedAvg):
                 continue
             if status == STATUS_DECLINED:
                 report.declined[name] = reason
-                continue
-            if status == STATUS_ROLLED_BACK:
-                report.rolled_back[name] = reason
                 continue
             problem = self._validate(msg)
             if problem:

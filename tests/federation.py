@@ -98,11 +98,14 @@ class Federation(dict):
     def control_address(self) -> str:
         return json.loads((self["state"] / "coordinator.json").read_text())["control"]
 
-    def start_department(self, name, key: str | None = None, ledger: str | None = None):
+    def start_department(self, name, key: str | None = None, ledger: str | None = None, policy=("--max-epsilon", "10"),
+                         as_name: str | None = None):
+        """Start ``name``'s department (optionally with another key, ledger folder, policy or --name)."""
         self["departments"][name] = spawn(
             ["department", "start", "--coordinator", self["address"], "--ca", str(self["certs"] / "ca.crt"),
              "--key", str(self["certs"] / "departments" / (key or name)), "--data", str(self["data"][name]),
-             "--label-column", "digit", "--ledger", str(self["root"] / "ledgers" / (ledger or name))],
+             "--label-column", "digit", "--ledger", str(self["root"] / "ledgers" / (ledger or name)), *policy,
+             *(("--name", as_name) if as_name else ())],
             self["root"] / f"{name}.log",
         )
 
@@ -123,13 +126,30 @@ class Federation(dict):
             time.sleep(1.0)
         raise AssertionError(f"fewer than {count} departments online: {result.stdout}{result.stderr}")
 
+    def restart_departments(self, names, before=None, **options) -> None:
+        """Stop ``names``, call ``before()``, and start them again (``options[name]``: start_department's
+        keywords) once the coordinator counts them offline: a restart it still counts online is refused."""
+        for name in names:
+            stop(self["departments"][name])
+        if before is not None:
+            before()
+        online = len(self["departments"]) - len(names)
+        deadline = time.monotonic() + 90
+        while self.control("departments").stdout.count("online") > online and time.monotonic() < deadline:
+            time.sleep(1.0)
+        for name in names:
+            self.start_department(name, **options.get(name, {}))
+        self.wait_online(len(self["departments"]))
+
     def run(self, *args, timeout=300):
         return self.control("run", "--test-data", str(self["data"]["test"]), "--label-column", "digit",
                             *args, timeout=timeout)
 
-    def ledger(self, name) -> list[dict]:
-        path = self["root"] / "ledgers" / name / f"{name}.jsonl"
-        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+    def ledger(self, name, folder: str | None = None) -> list[dict]:
+        """The entries of the one ledger in ``name``'s ledger folder (it is named after the key)."""
+        files = sorted((self["root"] / "ledgers" / (folder or name)).glob("*.jsonl"))
+        assert len(files) <= 1, files
+        return [json.loads(line) for line in files[0].read_text().splitlines()] if files else []
 
     def stop_all(self) -> None:
         for proc in self["departments"].values():

@@ -62,6 +62,77 @@ def test_two_rounds_over_tls_with_three_departments(fed):
     assert not (out / "ledgers").exists()  # ledgers never move to the coordinator
 
 
+@pytest.mark.parametrize("ask,named", [(("--delta", "0.9"), "δ=0.9"), (("--no-dp",), "without differential privacy")])
+def test_a_run_asking_looser_than_the_departments_policy_is_declined(fed, ask, named):
+    """δ = 0.9 or no DP: every department declines before training; nothing is released or charged."""
+    before = {name: fed.ledger(name) for name in DEPARTMENTS}
+    out = fed["root"] / "runs" / f"looser-{ask[0].strip('-')}"
+    result = fed.run("--rounds", "2", "--min-departments", "3", "--round-timeout", "60", *ask, "--out", str(out))
+    assert result.returncode == 1 and "no department would train it" in result.stderr, result.stdout + result.stderr
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["status"] == "declined" and len(summary["rounds"]) == 1
+    declined = summary["rounds"][0]["declined"]
+    assert sorted(declined) == list(DEPARTMENTS) and summary["rounds"][0]["trained"] == []
+    assert all(named in why for why in declined.values()), declined
+    if ask[0] == "--delta":
+        assert all("δ=1e-05" in why for why in declined.values())  # both values named
+    for name in DEPARTMENTS:
+        assert fed.ledger(name) == before[name]  # nothing trained, nothing charged
+
+
+def test_a_rolled_back_or_new_folder_ledger_is_refused_and_flagged_by_the_audit(fed):
+    """finance restores an older copy of its ledger, hr starts on a new folder: both refused at the next round."""
+    full = fed.ledger("finance")
+    assert len(full) >= 2, "needs the two rounds above"
+    (path,) = (fed["root"] / "ledgers" / "finance").glob("*.jsonl")
+    kept = path.read_bytes()
+    def restore_older_copy():
+        path.write_text("".join(line + "\n" for line in kept.decode().splitlines()[:1]))  # an older valid copy
+
+    fed.restart_departments(["finance", "hr"], hr={"ledger": "hr-new-folder"}, before=restore_older_copy)
+    out = fed["root"] / "runs" / "rolled-back"
+    result = fed.run("--rounds", "1", "--min-departments", "3", "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr  # sales trained
+    summary = json.loads((out / "summary.json").read_text())
+    (rnd,) = summary["rounds"]
+    assert rnd["trained"] == ["sales"] and sorted(rnd["rolled_back"]) == ["finance", "hr"], rnd
+    assert "holds only 1" in rnd["rolled_back"]["finance"] and "is empty" in rnd["rolled_back"]["hr"]
+    assert fed.ledger("finance") == full[:1] and fed.ledger("hr", folder="hr-new-folder") == []  # nothing trained
+    assert "restored from an older copy" in (fed["root"] / "ledgers" / "finance" / ".flower" / "department.log").read_text()
+    # The audit, given the coordinator's signed record, flags the restored copy.
+    record = fed["state"] / "record" / "acknowledged.jsonl"
+    keys = fed["root"] / "trusted-keys"
+    keys.mkdir(exist_ok=True)
+    for name in DEPARTMENTS:
+        (keys / f"{name}.pub").write_bytes((fed["certs"] / "departments" / f"{name}.pub").read_bytes())
+    (keys / "coordinator.crt").write_bytes((fed["certs"] / "coordinator.crt").read_bytes())
+    audit = _cli("audit", str(fed["root"] / "ledgers" / "finance"), "--keys", str(keys), "--record", str(record), "--json")
+    report = json.loads(audit.stdout)
+    assert audit.returncode == 1 and not report["ok"]
+    assert "rolled back" in " ".join(report["departments"][0]["problems"])
+    # Put the real ledger back: the audit passes against the same record.
+    fed.restart_departments(["finance", "hr"], before=lambda: path.write_bytes(kept))
+    audit = _cli("audit", str(fed["root"] / "ledgers" / "finance"), "--keys", str(keys), "--record", str(record), "--json")
+    assert audit.returncode == 0 and json.loads(audit.stdout)["departments"][0]["acknowledged"] >= 2, audit.stdout
+
+
+def test_a_department_under_another_name_and_key_file_continues_its_epsilon(fed):
+    before = fed.ledger("finance")
+    renamed = fed["certs"] / "departments" / "finance-key-renamed"
+    renamed.write_bytes((fed["certs"] / "departments" / "finance").read_bytes())
+    renamed.chmod(0o600)
+    fed.restart_departments(["finance"], finance={"key": renamed.name, "as_name": "finance-renamed"})
+    out = fed["root"] / "runs" / "renamed"
+    result = fed.run("--rounds", "1", "--min-departments", "3", "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    after = fed.ledger("finance")
+    assert after[: len(before)] == before and len(after) == len(before) + 1  # the same history, continued
+    assert after[-1]["department"] == "finance-renamed" and after[-1]["epsilon"] > before[-1]["epsilon"]
+    summary = json.loads((out / "summary.json").read_text())
+    assert "finance" in summary["rounds"][0]["trained"]  # the coordinator names it by its registration
+    fed.restart_departments(["finance"])
+
+
 def _altered_app(folder, marker, variant: str):
     """A copy of the fedsilo app that a coordinator could submit: code of its own, or another protocol."""
     from fedsilo.shared.flower_cli import write_app

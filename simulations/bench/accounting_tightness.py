@@ -20,8 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from fedsilo.shared import accounting
-from fedsilo.shared.accounting import Mechanism
-from fedsilo.shared.config import RUN_CONFIG_DEFAULTS
+from fedsilo.shared.accounting import ACCOUNTANTS, Mechanism
 
 from .common import BenchResult, Table, Target
 
@@ -40,7 +39,7 @@ CENTRAL_ROUNDS = (20, 100)
 TOLERANCE = 0.01  # "tightest within 1 %"
 FINE_EPS_ERROR = 1e-3  # a 10× finer PRV than Opacus' default eps_error 0.01
 SMALL_FRACTION = 0.10  # ε computation counts as small at ≤ 10 % of a round's wall time
-DEPARTMENT_DEFAULT = str(RUN_CONFIG_DEFAULTS["accountant"])
+DEPARTMENT_DEFAULT = ACCOUNTANTS[0]  # a department policy's default accountant
 # The department default first, then the others it is compared with.
 DEPARTMENT_ORDER = (DEPARTMENT_DEFAULT, *(a for a in ("pld", "prv", "rdp") if a != DEPARTMENT_DEFAULT))
 CENTRAL_DEFAULT = "pld"  # server/central_dp.py
@@ -147,6 +146,7 @@ def tightness(rows: list[dict[str, Any]], default: str, others: tuple[str, ...],
 def department_plans(targets: tuple[float, ...]) -> tuple[list[int], list[dict[str, Any]]]:
     """Department sizes and each department's planned mechanism per target ε, as a run plans them."""
     from fedsilo.client import budget_guard
+    from fedsilo.client.policy import Terms
     from fedsilo.shared.config import RUN_CONFIG_DEFAULTS, RunSettings
     from fedsilo.shared.data import federation_data
 
@@ -163,7 +163,8 @@ def department_plans(targets: tuple[float, ...]) -> tuple[list[int], list[dict[s
             started = time.perf_counter()
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                mechanism = budget_guard.plan_round(settings, n)
+                terms = Terms(True, max(10.0, target), DELTA, "pld")
+                mechanism = budget_guard.plan_round(settings, terms, n)
             plans.append({
                 "target": target, "department": dept, "examples": n, "mechanism": mechanism,
                 "plan_seconds": time.perf_counter() - started,

@@ -602,6 +602,7 @@ def probe(department_csv: Path, test_csv: Path) -> dict[str, float]:
     import torch
 
     from fedsilo.client.budget_guard import plan_round
+    from fedsilo.client.policy import DepartmentPolicy, RunRequest
     from fedsilo.client.trainer import train_dp
     from fedsilo.shared import accounting
     from fedsilo.shared.config import RunSettings
@@ -614,9 +615,10 @@ def probe(department_csv: Path, test_csv: Path) -> dict[str, float]:
     data = load_table(department_csv, LABEL, schema=local)
     t4 = time.perf_counter()
     settings = RunSettings.from_run_config({"model": "mlp"})
-    mechanism = plan_round(settings, len(data))
+    terms, _ = DepartmentPolicy(max_epsilon=10.0).terms_for(RunRequest.from_settings(settings))
+    mechanism = plan_round(settings, terms, len(data))
     t5 = time.perf_counter()
-    accounting.epsilon([mechanism], settings.delta, settings.accountant)
+    accounting.epsilon([mechanism], terms.delta, terms.accountant)
     t6 = time.perf_counter()
     torch.set_num_threads(1)
     times = []

@@ -256,6 +256,7 @@ def department_round(settings, pid: int, total: int, global_state: dict, run_id:
 
     from fedsilo.client.budget_guard import plan_round
     from fedsilo.client.department import department_from_context
+    from fedsilo.client.policy import RunRequest
     from fedsilo.client.trainer import train_dp
     from fedsilo.shared.budget import BudgetGuard
     from fedsilo.shared.ledger import PrivacyLedger
@@ -264,11 +265,13 @@ def department_round(settings, pid: int, total: int, global_state: dict, run_id:
     t0 = time.perf_counter()
     department = department_from_context({"partition-id": pid, "num-partitions": total}, settings)
     ledger = PrivacyLedger(department.ledger_path, department.name, department.signer)
-    mechanism = plan_round(settings, len(department.data))
+    terms, _ = department.policy.terms_for(RunRequest.from_settings(settings))
+    size = department.policy.reported_size(len(department.data))
+    mechanism = plan_round(settings, terms, size)
     t1 = time.perf_counter()
-    guard = BudgetGuard(department.max_epsilon, settings.delta, settings.accountant)
+    guard = BudgetGuard(terms.max_epsilon, terms.delta, terms.accountant)
     last = ledger.entries[-1] if ledger.entries else None
-    known = last.epsilon if last and last.delta == settings.delta and last.accountant == settings.accountant else None
+    known = last.epsilon if last and last.delta == terms.delta and last.accountant == terms.accountant else None
     decision = guard.would_exceed(ledger.history, mechanism, epsilon_before=known)
     t2 = time.perf_counter()
     clock["setup"] += t1 - t0
@@ -290,13 +293,13 @@ def department_round(settings, pid: int, total: int, global_state: dict, run_id:
     t3 = time.perf_counter()
     ledger.append(
         run_id=run_id, round=rnd, mechanism=mechanism, max_grad_norm=settings.max_grad_norm,
-        delta=settings.delta, accountant=settings.accountant, epsilon=decision.epsilon_after,
-        num_examples=len(data), expected_seq=len(ledger.entries),
+        delta=terms.delta, accountant=terms.accountant, epsilon=decision.epsilon_after,
+        num_examples=len(data), expected_seq=len(ledger.entries), budget=terms.max_epsilon, reported_size=size,
     )
     t4 = time.perf_counter()
     clock["training"] += t3 - t2
     clock["ledger"] += t4 - t3
-    return state, result.num_examples
+    return state, size
 
 
 def _chunk_round(args: tuple) -> dict[str, Any]:

@@ -41,8 +41,9 @@ import numpy as np
 import torch
 
 from fedsilo.client.trainer import plan_mechanism, train_dp, train_plain
+from fedsilo.client.department import SIMULATED_DEFAULT_POLICY
 from fedsilo.shared import accounting
-from fedsilo.shared.accounting import Mechanism
+from fedsilo.shared.accounting import ACCOUNTANTS, Mechanism
 from fedsilo.shared.config import RUN_CONFIG_DEFAULTS
 from fedsilo.shared.data import Dataset, federation_data
 from fedsilo.shared.ledger import read_ledgers
@@ -50,8 +51,8 @@ from fedsilo.shared.models import build_model, evaluate, to_tensor_dataset
 
 from .common import BenchResult, Table, Target
 
-DELTA = float(RUN_CONFIG_DEFAULTS["delta"])
-ACCOUNTANT = str(RUN_CONFIG_DEFAULTS["accountant"])  # what fedsilo runs with
+DELTA = SIMULATED_DEFAULT_POLICY.delta  # a simulated department's δ
+ACCOUNTANT = ACCOUNTANTS[0]  # what a department runs with by default
 GAP_POINTS = 3.0  # the target: fedsilo within 3 points of centralized DP-SGD at ε = 8
 PLOT = "utility.png"
 
