@@ -150,7 +150,7 @@ def privacy_budget_mod(msg: Message, context: Context, call_next: ClientAppCalla
     )
     _set_privacy_metrics(metrics, size, entry.epsilon, terms)
     _attach_head(reply, department, ledger, str(msg.metadata.run_id), server_round, terms)
-    log.info("[%s] round %s: ε=%.3f (δ=%g, %s)", department.name, server_round, entry.epsilon, entry.delta, entry.accountant)
+    log.info("[%s] round %s: ε=%.3f (δ=%g)", department.name, server_round, entry.epsilon, entry.delta)
     return reply
 
 

@@ -114,3 +114,27 @@ def test_the_page_renders_in_a_headless_browser(report, tmp_path):
     blue = (np.abs(rgb - [31, 119, 180]).max(axis=2) < 30).sum()
     orange = (np.abs(rgb - [255, 127, 14]).max(axis=2) < 30).sum()
     assert blue > 500 and orange > 100, (blue, orange)
+
+
+def test_the_coordinators_record_catches_a_truncated_ledger_and_an_edited_record(run, tmp_path):
+    """A real simulated run: its signed record of acknowledged heads is what exposes a ledger cut short."""
+    copy = tmp_path / "run"
+    shutil.copytree(run, copy)
+    honest = subprocess.run([*FEDSILO, "audit", str(copy), "--json"], capture_output=True, text=True, timeout=300)
+    report = json.loads(honest.stdout)
+    assert honest.returncode == 0 and all(d["acknowledged"] == 2 for d in report["departments"]), honest.stdout
+    assert any("coordinator's record" in line for line in report["checked"])
+    ledger = sorted((copy / "ledgers").glob("*.jsonl"))[0]
+    ledger.write_text(ledger.read_text().splitlines()[0] + "\n")  # a valid chain, one round short
+    cut = subprocess.run([*FEDSILO, "audit", str(copy), "--json"], capture_output=True, text=True, timeout=300)
+    assert cut.returncode == 1
+    problems = " ".join(p for d in json.loads(cut.stdout)["departments"] for p in d["problems"])
+    assert "the coordinator acknowledged 2 entries" in problems and "rolled back" in problems
+    record = copy / "record" / "acknowledged.jsonl"
+    lines = record.read_text().splitlines()
+    entry = json.loads(lines[0])
+    entry["epsilon"] = 0.01  # the coordinator's record edited to hide a spend
+    lines[0] = json.dumps(entry, sort_keys=True)
+    record.write_text("\n".join(lines) + "\n")
+    edited = subprocess.run([*FEDSILO, "audit", str(copy), "--json"], capture_output=True, text=True, timeout=300)
+    assert "the coordinator's signature does not match" in " ".join(json.loads(edited.stdout)["problems"])

@@ -174,7 +174,7 @@ def test_tightness_allows_one_percent_and_flags_more():
 def test_department_plans_follow_plan_round(monkeypatch):
     from fedsilo.client import budget_guard
 
-    def fake_noise(target, delta, q, steps, accountant):
+    def fake_noise(prior, target, delta, q, steps, accountant):
         return 1.0 + target
 
     fake_noise.cache_clear = lambda: None
@@ -190,7 +190,7 @@ def test_department_plans_follow_plan_round(monkeypatch):
 def test_accounting_run_end_to_end(tmp_path, monkeypatch):
     from fedsilo.client import budget_guard
 
-    def fake_noise(target, delta, q, steps, accountant):
+    def fake_noise(prior, target, delta, q, steps, accountant):
         return 2.0 + target  # planning σ by binary search is slow; the rest is real
 
     fake_noise.cache_clear = lambda: None

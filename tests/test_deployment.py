@@ -193,6 +193,7 @@ def test_unregistered_department_is_refused(fed):
         "department", "start", "--coordinator", fed["address"], "--ca", str(fed["certs"] / "ca.crt"),
         "--key", str(fed["certs"] / "departments" / "intruder"), "--data", str(fed["data"]["finance"]),
         "--label-column", "digit", "--ledger", str(fed["root"] / "ledgers" / "intruder"), "--activation-wait", "0",
+        "--max-epsilon", "10",
         timeout=120,
     )
     assert result.returncode != 0
@@ -223,7 +224,7 @@ def test_department_trusting_another_ca_is_refused(fed):
     result = _cli(
         "department", "start", "--coordinator", fed["address"], "--ca", str(fed["root"] / "other-ca" / "ca.crt"),
         "--key", str(fed["certs"] / "departments" / "finance"), "--data", str(fed["data"]["finance"]),
-        "--label-column", "digit", "--ledger", str(fed["root"] / "ledgers" / "elsewhere"),
+        "--label-column", "digit", "--ledger", str(fed["root"] / "ledgers" / "elsewhere"), "--max-epsilon", "10",
     )
     assert result.returncode == 2
     assert "does not vouch" in result.stderr and "Traceback" not in result.stderr
@@ -231,7 +232,7 @@ def test_department_trusting_another_ca_is_refused(fed):
 
 def test_bad_department_inputs_fail_before_connecting(fed, tmp_path):
     base = ["department", "start", "--coordinator", fed["address"], "--ca", str(fed["certs"] / "ca.crt"),
-            "--ledger", str(tmp_path / "ledger")]
+            "--ledger", str(tmp_path / "ledger"), "--max-epsilon", "10"]
     key = str(fed["certs"] / "departments" / "finance")
     missing = _cli(*base, "--key", key, "--data", str(tmp_path / "none.csv"), "--label-column", "digit")
     assert missing.returncode == 2 and "does not exist" in missing.stderr
@@ -250,6 +251,12 @@ def test_bad_department_inputs_fail_before_connecting(fed, tmp_path):
     unreachable = _cli(*base[:3], f"127.0.0.1:{free_port()}", *base[4:], "--key", key,
                        "--data", str(fed["data"]["finance"]), "--label-column", "digit")
     assert unreachable.returncode == 2 and "unreachable" in unreachable.stderr
+    # The department's policy: a budget of its own is required, and δ must be below 1/records.
+    data = ("--key", key, "--data", str(fed["data"]["finance"]), "--label-column", "digit")
+    no_budget = _cli(*base[:-2], *data)
+    assert no_budget.returncode == 2 and "--max-epsilon is required" in no_budget.stderr
+    loose_delta = _cli(*base, *data, "--delta", "0.01")
+    assert loose_delta.returncode == 2 and "is not below 1/" in loose_delta.stderr and "records" in loose_delta.stderr
 
 
 def test_too_few_departments_stops_with_a_clear_message(fed):

@@ -7,10 +7,12 @@ from typer.testing import CliRunner
 
 from fedsilo.cli import app
 from fedsilo.client.budget_guard import plan_round
+from fedsilo.client.department import SIMULATED_DEFAULT_POLICY
+from fedsilo.client.policy import Terms
 from fedsilo.client.planner import PlanError, plan_privacy, shown_rounds
 from fedsilo.shared import accounting
 from fedsilo.shared.accounting import Mechanism
-from fedsilo.shared.config import RUN_CONFIG_DEFAULTS, RunSettings
+from fedsilo.shared.config import RunSettings
 
 DELTA = 1e-5
 
@@ -32,7 +34,7 @@ def test_planned_noise_is_the_noise_a_run_uses(target_plan):
         {"target-epsilon": 3.0, "delta": DELTA, "num-server-rounds": 8, "batch-size": 32,
          "local-epochs": 2, "max-epsilon": 3.0}
     )
-    m = plan_round(settings, num_examples=300)
+    m = plan_round(settings, Terms(True, 3.0, DELTA, "pld"), 300)
     assert (target_plan.noise_multiplier, target_plan.sample_rate, target_plan.steps_per_round) == (
         m.noise_multiplier, m.sample_rate, m.steps)
     assert m.steps == 2 * 10 and m.sample_rate == pytest.approx(1 / 10)
@@ -100,7 +102,7 @@ def test_cli_json_matches_the_planner(target_plan):
     out = json.loads(result.output)
     assert out["noise_multiplier"] == target_plan.noise_multiplier
     assert out["sample_rate"] == target_plan.sample_rate and out["steps_per_round"] == 20
-    assert out["delta"] == DELTA and out["accountant"] == RUN_CONFIG_DEFAULTS["accountant"] == "pld"
+    assert out["delta"] == DELTA and out["accountant"] == SIMULATED_DEFAULT_POLICY.accountants[0] == "pld"
     assert out["curve"] == [{"round": r, "epsilon": e} for r, e in target_plan.curve]
 
 

@@ -26,10 +26,12 @@ def _simulate(*args, timeout=600):
 
 
 def _ledgers(run_dir: Path) -> dict[str, list[dict]]:
-    return {
-        p.stem: [json.loads(line) for line in p.read_text().splitlines()]
-        for p in sorted((run_dir / "ledgers").glob("*.jsonl"))
-    }
+    """Entries of every ledger, by the department name written in it (files are named after the key)."""
+    out = {}
+    for p in sorted((run_dir / "ledgers").glob("*.jsonl")):
+        entries = [json.loads(line) for line in p.read_text().splitlines()]
+        out[entries[-1]["department"]] = entries
+    return out
 
 
 def _independent_epsilon(entries, accountant_cls, delta):

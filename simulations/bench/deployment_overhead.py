@@ -386,7 +386,7 @@ def run_deployment(root: Path, data: dict[str, Path], rounds: int, logs: Path) -
             departments[name], readers[name] = _spawn_stamped(
                 ["department", "start", "--coordinator", address, "--ca", str(certs / "ca.crt"),
                  "--key", str(certs / "departments" / name), "--data", str(data[name]), "--label-column", LABEL,
-                 "--ledger", str(root / "ledgers" / name)],
+                 "--ledger", str(root / "ledgers" / name), "--max-epsilon", "10"],
                 logs / f"{name}.log",
             )
         wait_online(certs, address, state, len(DEPARTMENTS))
