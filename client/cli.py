@@ -42,7 +42,7 @@ def start(
     allow_non_private: Annotated[bool, typer.Option("--allow-non-private", help="INSECURE: let runs train here without DP. Voids the ε of this department's whole ledger, for good.")] = False,
     min_noise_multiplier: Annotated[float, typer.Option(help="The smallest σ a round may use (0: only the budget limits it).")] = 0.0,
     max_sample_rate: Annotated[float, typer.Option(help="The largest Poisson sample rate a round may use.")] = 1.0,
-    public_size: Annotated[Optional[int], typer.Option(help="A record count this department declares public: reported as its size (FedAvg weight) and planned from. Default: the count rounded down to a power of two, never the exact count.")] = None,
+    public_size: Annotated[Optional[int], typer.Option(help="A record count this department declares public: reported as its size (FedAvg weight) and planned from. Default: the count rounded down to its two leading binary digits (1797 → 1536), never the exact count.")] = None,
     port: Annotated[Optional[int], typer.Option(help="Local port for the SuperNode's loopback API (default: a free one).")] = None,
     activation_wait: Annotated[float, typer.Option(min=0, help="Seconds to keep retrying when the coordinator does not accept this department yet (after a crash it counts the old start online for up to a minute).")] = 75.0,
 ) -> None:
@@ -88,7 +88,7 @@ def start(
         f"department [bold]{node.name}[/bold]: {rows} records in {data}, ledger {node.ledger_file} "
         f"(identity {node.identity}), policy ε ≤ {policy.max_epsilon:g} at δ={policy.delta:g} "
         f"({', '.join(policy.accountants)}), reports size {policy.reported_size(rows)}"
-        f"{' (declared public)' if policy.public_size is not None else ' (power-of-two bucket)'}, "
+        f"{' (declared public)' if policy.public_size is not None else ' (bucketed: two leading binary digits)'}, "
         f"coordinator {coordinator} (TLS verified)"
     )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -83,7 +83,8 @@ class DepartmentPolicy:
         A record count the department declares public: it is what the
         department reports as its size (the FedAvg weight) and what its
         mechanism is planned from.  ``None`` reports and plans from the size
-        rounded down to a power of two (:func:`size_bucket`), never the exact count.
+        rounded down to its two leading binary digits (:func:`size_bucket`),
+        never the exact count.
     """
 
     max_epsilon: float
@@ -166,7 +167,7 @@ class DepartmentPolicy:
             )
 
     def reported_size(self, num_records: int) -> int:
-        """The size this department reports and plans from: public, or a power-of-two bucket."""
+        """The size this department reports and plans from: public, or :func:`size_bucket`."""
         return self.public_size if self.public_size is not None else size_bucket(num_records)
 
     # ------------------------------------------------------------------ state
@@ -194,12 +195,16 @@ class DepartmentPolicy:
 
 
 def size_bucket(num_records: int) -> int:
-    """``num_records`` rounded down to a power of two (1797 → 1024): what is reported by default.
+    """``num_records`` rounded down to its two leading binary digits (1797 → 1536): what is reported by default.
 
-    Coarse, not private: a record added or removed can move the count across a
-    power of two.  A department for which even that is too much declares a
-    public size instead (``--public-size``).
+    Always more than two thirds of the count, so FedAvg weights and the planned sample rate
+    stay close to the truth, while the count itself is never released: only
+    which of the buckets 1, 2, 3, 4, 6, 8, 12, 16, 24, … it falls in.  Coarse,
+    not private: a record added or removed can move the count across a bucket
+    edge.  A department for which even that is too much declares a public size
+    instead (``--public-size``).
     """
     if num_records < 1:
         raise ValueError("a department needs at least one record")
-    return 1 << (int(num_records).bit_length() - 1)
+    step = 1 << max(int(num_records).bit_length() - 2, 0)
+    return (int(num_records) // step) * step

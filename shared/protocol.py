@@ -4,7 +4,7 @@ A department's train reply holds:
 
 * ``arrays``     (ArrayRecord)  — the updated weights; absent when it refused;
 * ``metrics``    (MetricRecord) — ``num-examples`` (the size the department
-  reports: a size it declared public or a power-of-two bucket, never the exact
+  reports: a size it declared public or its count rounded down to two binary digits, never the exact
   count), ``epsilon`` (whole-history ε at ``delta``; ∞ without DP),
   ``max-epsilon`` (the budget it grants this run), ``delta`` (its own δ),
   ``steps``, ``noise-multiplier``, ``sample-rate`` — the same keys from every

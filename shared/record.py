@@ -230,7 +230,12 @@ class CoordinatorRecord:
     def __init__(self, path: Path | str, signer: Signer | None = None) -> None:
         self.path = Path(path)
         self.signer = signer
-        self._latest = self._read().latest()
+        found = self._read()
+        self._entries, self._latest = found.entries, found.latest()
+        self._text = self._current_text()
+
+    def _current_text(self) -> str:
+        return self.path.read_text(encoding="utf-8") if self.path.exists() else ""
 
     def _read(self) -> RecordVerification:
         found = verify_record(self.path, self.signer.public_key if self.signer else None)
@@ -249,7 +254,9 @@ class CoordinatorRecord:
         if self.signer is None:
             raise ValueError("appending needs the coordinator's key (signer=...)")
         with file_lock(self.path):
-            current = self._read().entries
+            # Re-verify every signature only if someone else changed the file since
+            # this process last read or wrote it (one ServerApp per record, normally).
+            current = self._entries if self._current_text() == self._text else self._read().entries
             last = current[-1] if current else None
             unsigned = Acknowledgement(
                 seq=len(current), department=department, identity=head.identity, public_key=head.public_key,
@@ -258,6 +265,8 @@ class CoordinatorRecord:
                 timestamp=time.time(), prev_hash=last.hash if last else GENESIS, signer=self.signer.fingerprint,
             )
             ack = replace(unsigned, signature=self.signer.sign(unsigned.payload()))
-            atomic_write(self.path, "".join(e.to_json() + "\n" for e in [*current, ack]))
-        self._latest[ack.identity] = ack
+            text = "".join(e.to_json() + "\n" for e in [*current, ack])
+            atomic_write(self.path, text)
+        self._entries, self._text = [*current, ack], text
+        self._latest = RecordVerification(self._entries).latest()
         return ack

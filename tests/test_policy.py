@@ -98,7 +98,8 @@ def test_the_policy_grants_stricter_asks_and_names_every_looser_one():
     with pytest.raises(PolicyError, match="unknown department policy setting"):
         DepartmentPolicy.from_json('{"max_epsilon": 1, "max_epsilonn": 2}')
     assert DepartmentPolicy.from_json(strict.to_json()) == strict
-    assert [size_bucket(n) for n in (1, 2, 3, 300, 1797, 2048)] == [1, 2, 2, 256, 1024, 2048]
+    assert [size_bucket(n) for n in (1, 2, 3, 5, 7, 300, 1797, 2048)] == [1, 2, 3, 4, 6, 256, 1536, 2048]
+    assert all(2 / 3 * n < size_bucket(n) <= n for n in range(1, 5000))
 
 
 @pytest.mark.parametrize("ask", [{"delta": 0.9}, {"dp": False}, {"max-epsilon": 50.0}, {"accountant": "prv"}])
