@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import html
 import json
-import time
 from pathlib import Path
 
 import matplotlib
@@ -25,7 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
-from fedsilo.shared.audit import AuditResult, DepartmentAudit  # noqa: E402
+from fedsilo.shared.audit import AuditResult, DepartmentAudit, format_date  # noqa: E402
 
 from .report import AUDIT_COLUMNS, audit_cells  # noqa: E402
 from .summary import SUMMARY_FILE  # noqa: E402
@@ -155,7 +154,7 @@ def _identities(result: AuditResult) -> str:
     body = "".join(
         "<tr>" + "".join(f"<td>{_e(c)}</td>" for c in (
             r.id, ", ".join(r.names), r.identity, r.key or "– (no key)", r.records if r.records is not None else "–",
-            _when(r.first), _when(r.last), ", ".join(r.software), r.acknowledged,
+            format_date(r.first), format_date(r.last), ", ".join(r.software), r.acknowledged,
         )) + "</tr>"
         for r in rows
     )
@@ -164,10 +163,6 @@ def _identities(result: AuditResult) -> str:
         "a department renamed keeps its history.</p>"
         '<table class="grid facts"><tr>' + "".join(f"<th>{_e(h)}</th>" for h in head) + "</tr>" + body + "</table>"
     )
-
-
-def _when(timestamp: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(timestamp)) if timestamp else "–"
 
 
 def _run(result: AuditResult, summary: dict | None) -> str:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import json
 import math
-import time
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
+from fedsilo.shared.audit import format_date
 from fedsilo.shared.ledger import read_ledgers
 
 from .summary import SUMMARY_FILE
@@ -140,7 +140,7 @@ def print_audit(result, console: Console | None = None) -> None:
                 f"{row.id}: identity {row.identity}"
                 + (f", key {row.key}" if row.key else "")
                 + (f", {row.records} records" if row.records else "")
-                + (f", entries {_date(row.first)} – {_date(row.last)}" if row.first else "")
+                + (f", entries {format_date(row.first)} – {format_date(row.last)}" if row.first else "")
                 + (f", written by {', '.join(row.software)}" if row.software else ""),
                 soft_wrap=True, highlight=False,
             )
@@ -169,7 +169,3 @@ def audit_verdict(result) -> str:
     if result.unavailable:
         return "[green]All ledgers verified[/green] — for what was available (see 'not available')."
     return "[green]All ledgers verified.[/green]"
-
-
-def _date(timestamp: float | None) -> str:
-    return time.strftime("%Y-%m-%d %H:%M", time.gmtime(timestamp)) if timestamp else "-"

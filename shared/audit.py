@@ -250,7 +250,7 @@ def _check_epsilon(row: DepartmentAudit, entries: list[LedgerEntry], every_entry
 def _check_terms(row: DepartmentAudit, entries: list[LedgerEntry]) -> None:
     """Budgets, δ and privacy over the history: failures and findings, each named."""
     for prev, entry in zip([None, *entries], entries):
-        when = f"entry seq {entry.seq} ({_date(entry.timestamp)})"
+        when = f"entry seq {entry.seq} ({format_date(entry.timestamp)})"
         if entry.num_examples and not entry.delta < 1.0 / entry.num_examples:
             row.problems.append(f"{when}: δ={entry.delta:g} is not below 1/{entry.num_examples} records")
         if entry.private and entry.budget and entry.epsilon > entry.budget * (1 + TOLERANCE):
@@ -273,8 +273,9 @@ def _check_terms(row: DepartmentAudit, entries: list[LedgerEntry]) -> None:
         )
 
 
-def _date(timestamp: float) -> str:
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(timestamp))
+def format_date(timestamp: float | None) -> str:
+    """A ledger timestamp as the audit shows it (UTC), "–" when unknown."""
+    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(timestamp)) if timestamp else "–"
 
 
 def _certificate_key(path: Path):
@@ -346,7 +347,7 @@ def cross_check_record(record: RecordVerification, rows: list[DepartmentAudit], 
         if held < ack.ledger_seq:
             row.problems.append(
                 f"the coordinator acknowledged {ack.ledger_seq} entries (run {ack.run_id}, round {ack.round}, "
-                f"{_date(ack.timestamp)}), but this ledger holds {held}: truncated, restored from an older copy, "
+                f"{format_date(ack.timestamp)}), but this ledger holds {held}: truncated, restored from an older copy, "
                 "or replaced (rolled back)"
             )
             continue

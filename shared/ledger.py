@@ -147,6 +147,16 @@ class Verification:
         return not self.problems
 
 
+def read_lines(path: Path, problems: list[str], label: str = "line") -> list[str]:
+    """The lines of a JSON-lines file; a missing final newline (a torn write) goes into ``problems``."""
+    lines = path.read_text(encoding="utf-8").split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    elif lines:
+        problems.append(f"{label} {len(lines)}: no final newline (torn write or truncated?)")
+    return lines
+
+
 def verify_ledger(
     path: Path | str, public_key: ec.EllipticCurvePublicKey | None = None, identity: str | None = None
 ) -> Verification:
@@ -164,12 +174,7 @@ def verify_ledger(
     if not path.exists():
         return result
     expected_signer = fingerprint(public_key) if public_key is not None else identity
-    with open(path, encoding="utf-8") as fh:
-        lines = fh.read().split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    elif lines:
-        result.problems.append(f"line {len(lines)}: no final newline (torn write or truncated?)")
+    lines = read_lines(path, result.problems)
     prev_hash, expected_seq, owner = None, 0, None
     last_eps: dict[tuple[float, str], float] = {}  # (δ, accountant) -> ε: same measure never shrinks
     for lineno, line in enumerate(lines, start=1):

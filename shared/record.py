@@ -26,7 +26,7 @@ from typing import Any, Mapping
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
-from .ledger import atomic_write, file_lock
+from .ledger import atomic_write, file_lock, read_lines
 from .signing import Signer, fingerprint, verify
 
 HEAD_KEY = "ledger-head"  # the ConfigRecord in a train reply
@@ -179,11 +179,7 @@ def verify_record(path: Path | str, public_key: ec.EllipticCurvePublicKey | None
     result = RecordVerification()
     if not path.exists():
         return result
-    lines = path.read_text(encoding="utf-8").split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    elif lines:
-        result.problems.append(f"record line {len(lines)}: no final newline (torn write or truncated?)")
+    lines = read_lines(path, result.problems, "record line")
     prev, expected = GENESIS, 0
     for lineno, line in enumerate(lines, start=1):
         where = f"record line {lineno}"
