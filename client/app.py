@@ -38,7 +38,8 @@ def train(msg: Message, context: Context) -> Message:
     # oversubscription (Ray gives every department one CPU by default).
     torch.set_num_threads(1)
     data = department.data
-    model = build_model(settings.model, data.input_shape, data.num_classes, data.kind)
+    model = build_model(settings.model, data.input_shape, data.num_outputs, data.kind, task=data.task,
+                        embeddings=data.embeddings, fix=settings.fix_model)
     model.load_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict())
     device = resolve_device(settings.device)
     if bool(plan["private"]):

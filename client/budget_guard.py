@@ -30,6 +30,7 @@ from fedsilo.shared.accounting import Mechanism
 from fedsilo.shared.budget import BudgetDecision, BudgetGuard
 from fedsilo.shared.config import RunSettings
 from fedsilo.shared.ledger import PrivacyLedger
+from fedsilo.shared.model_factory import ModelError, is_factory, load_factory
 from fedsilo.shared.protocol import (
     CONFIG_KEY, METRICS_KEY, STATUS_DECLINED, STATUS_KEY, STATUS_REFUSED, STATUS_ROLLED_BACK,
 )
@@ -97,6 +98,11 @@ def privacy_budget_mod(msg: Message, context: Context, call_next: ClientAppCalla
     terms, looser = policy.terms_for(RunRequest.from_settings(settings))
     if terms is None:
         return refuse(STATUS_DECLINED, "; ".join(looser))
+    if is_factory(settings.model):
+        try:
+            load_factory(settings.model)  # from this host's own installed environment only
+        except ModelError as err:
+            return refuse(STATUS_DECLINED, f"model: {err}")
     try:
         policy.check_records(len(department.data))
     except PolicyError as err:

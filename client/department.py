@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from fedsilo.shared.config import RunSettings
-from fedsilo.shared.data import Dataset, TableSchema, federation_data, load_table, split_columns
+from fedsilo.shared.data import Dataset, load_table, simulated_federation, split_columns
+from fedsilo.shared.schema import DataSchema
 from fedsilo.shared.ledger import find_identity_ledger
 from fedsilo.shared.signing import Signer, simulated_identity
 
@@ -54,11 +55,6 @@ def _signer(path: str) -> Signer:
     return Signer.from_file(path)
 
 
-def simulated_department_name(partition_id: int, num_partitions: int) -> str:
-    width = max(2, len(str(max(num_partitions - 1, 0))))
-    return f"dept-{partition_id:0{width}d}"
-
-
 def department_from_context(
     node_config: Mapping[str, Any], settings: RunSettings
 ) -> Department:
@@ -71,18 +67,22 @@ def department_from_context(
             "fedsilo's simulated departments need them (Flower's simulation sets them)"
         )
     pid, total = int(node_config["partition-id"]), int(node_config["num-partitions"])
-    parts, _ = federation_data(
+    federation = simulated_federation(
         settings.dataset,
         settings.label_column,
         split_columns(settings.feature_columns),
         total,
         settings.partition,
         settings.seed,
+        schema_json=settings.data_schema,
+        test_data=settings.test_data,
+        task=settings.task,
     )
-    name = simulated_department_name(pid, total)
+    part = federation.parts[pid]
     ledger_dir = Path(settings.out).expanduser().resolve() / "ledgers"
-    simulated_identity(ledger_dir, name)  # a key of its own, kept beside its ledger
-    return Department(name, parts[pid], ledger_dir, simulated_policy(settings.simulated_policy), ledger_dir / f"{name}.key")
+    simulated_identity(ledger_dir, part.name)  # a key of its own, kept beside its ledger
+    policy = simulated_policy(settings.simulated_policy)
+    return Department(part.name, part, ledger_dir, policy, ledger_dir / f"{part.name}.key")
 
 
 def simulated_policy(text: str) -> DepartmentPolicy:
@@ -118,7 +118,7 @@ def _policy(text: str) -> DepartmentPolicy:
 
 @functools.lru_cache(maxsize=4)
 def _load_own_table(path: str, label_column: str, schema_json: str) -> Dataset:
-    schema = TableSchema.from_json(schema_json)
-    # The department's own label column name may differ from the coordinator's.
-    local = TableSchema(label_column, schema.features, schema.classes, schema.mean, schema.scale)
-    return load_table(Path(path), label_column, schema=local)
+    # The run's public schema decides every encoding; the department's own label
+    # column name may differ from the coordinator's.
+    schema = DataSchema.from_json(schema_json, "the run's data schema").with_label_column(label_column)
+    return load_table(Path(path), label_column, schema=schema)

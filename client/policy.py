@@ -12,7 +12,7 @@ Who decides what:
 ========================  ==============================================
 the department's policy   budget, δ, accountants, training without DP,
                           smallest σ, largest sample rate, the size it
-                          declares public
+                          declares public, the model factories it runs
 the run (the coordinator)  σ or a target ε, clipping norm, batch size,
                           epochs, rounds — and optionally a lower budget,
                           a smaller δ (ε is then stated at it), an
@@ -27,7 +27,7 @@ import math
 from dataclasses import asdict, dataclass
 
 from fedsilo.shared.accounting import ACCOUNTANTS, Mechanism
-from fedsilo.shared.config import RunSettings
+from fedsilo.shared.config import FACTORY, MODELS, RunSettings
 
 
 class PolicyError(ValueError):
@@ -42,10 +42,11 @@ class RunRequest:
     delta: float = 0.0
     max_epsilon: float = 0.0
     accountant: str = ""
+    model: str = "auto"
 
     @classmethod
     def from_settings(cls, settings: RunSettings) -> "RunRequest":
-        return cls(settings.dp, settings.delta, settings.max_epsilon, settings.accountant)
+        return cls(settings.dp, settings.delta, settings.max_epsilon, settings.accountant, settings.model)
 
 
 @dataclass(frozen=True)
@@ -85,6 +86,10 @@ class DepartmentPolicy:
         mechanism is planned from.  ``None`` reports and plans from the size
         rounded down to its two leading binary digits (:func:`size_bucket`),
         never the exact count.
+    models : tuple of str
+        Model factories (``package.module:callable``) this department runs, from
+        its own installed environment; the built-in models are always allowed.
+        A run asking for any other factory is declined.
     """
 
     max_epsilon: float
@@ -94,6 +99,7 @@ class DepartmentPolicy:
     min_noise_multiplier: float = 0.0
     max_sample_rate: float = 1.0
     public_size: int | None = None
+    models: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_epsilon, (int, float)) and self.max_epsilon > 0 and math.isfinite(self.max_epsilon)):
@@ -111,6 +117,11 @@ class DepartmentPolicy:
             raise PolicyError(f"max-sample-rate must be in (0, 1], got {self.max_sample_rate!r}")
         if self.public_size is not None and not (isinstance(self.public_size, int) and self.public_size >= 1):
             raise PolicyError(f"public-size must be a positive whole number of records, got {self.public_size!r}")
+        models = tuple(self.models)
+        malformed = [m for m in models if not FACTORY.match(m)]
+        if malformed:
+            raise PolicyError(f"allowed models must be factories written package.module:callable; got {', '.join(malformed)}")
+        object.__setattr__(self, "models", models)
 
     # ------------------------------------------------------------------ decisions
     def terms_for(self, request: RunRequest) -> tuple[Terms | None, list[str]]:
@@ -135,6 +146,13 @@ class DepartmentPolicy:
             looser.append(
                 f"accountant: the run asks {request.accountant}; this department's policy accepts "
                 f"{', '.join(self.accountants)}"
+            )
+        if request.model not in MODELS and request.model not in self.models:
+            allowed = ", ".join(self.models) if self.models else "none"
+            looser.append(
+                f"model: the run asks for the model factory '{request.model}'; this department runs the "
+                f"built-in models and the factories its operators allowed ({allowed}); they can allow it "
+                f"with --allow-model {request.model} once it is installed on this host"
             )
         if looser:
             return None, looser
@@ -174,6 +192,7 @@ class DepartmentPolicy:
     def to_json(self) -> str:
         body = asdict(self)
         body["accountants"] = list(self.accountants)
+        body["models"] = list(self.models)
         return json.dumps(body, sort_keys=True)
 
     @classmethod
@@ -185,12 +204,13 @@ class DepartmentPolicy:
         if not isinstance(raw, dict) or "max_epsilon" not in raw:
             raise PolicyError("the department policy must be a JSON object with at least max_epsilon")
         known = {"max_epsilon", "delta", "accountants", "allow_non_private", "min_noise_multiplier",
-                 "max_sample_rate", "public_size"}
+                 "max_sample_rate", "public_size", "models"}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise PolicyError(f"unknown department policy setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        if "accountants" in raw:
-            raw["accountants"] = tuple(raw["accountants"])
+        for key in ("accountants", "models"):
+            if key in raw:
+                raw[key] = tuple(raw[key])
         return cls(**raw)
 
 

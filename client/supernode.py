@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedsilo.certs.authority import CertError, load_certificate, load_department_key
-from fedsilo.shared.data import load_table
+from fedsilo.shared.data import count_rows
+from fedsilo.shared.model_factory import load_factory
 from fedsilo.shared.flower_cli import flower_executable, free_port, offline_env, write_runtime_secret
 from fedsilo.shared.ledger import PrivacyLedger, find_identity_ledger
 from fedsilo.shared.signing import Signer
@@ -58,7 +59,9 @@ class DepartmentNode:
             load_department_key(self.key)
         except CertError as err:
             raise DepartmentStartError(str(err)) from None
-        rows = len(load_table(self.data, self.label_column, self.feature_columns))  # DataError names file/column
+        rows = count_rows(self.data, self.label_column, self.feature_columns)  # DataError names file/column
+        for factory in self.policy.models:
+            load_factory(factory)  # ModelError: an allowed factory must be installed here
         self.policy.check_records(rows)  # PolicyError: δ must be below 1/records
         self.ledger.mkdir(parents=True, exist_ok=True)
         # LedgerError if unreadable, broken, forked or not signed by this department's key

@@ -23,7 +23,8 @@ from fedsilo.shared.accounting import Mechanism
 # Opacus' hooks fire on inputs that need no gradient; harmless and very noisy.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 from fedsilo.shared.data import Dataset
-from fedsilo.shared.models import resolve_device, to_tensor_dataset
+from fedsilo.shared.model_factory import ghost_norm_coverage, resolve_grad_sample_mode  # noqa: F401 (re-exported)
+from fedsilo.shared.models import loss_function, resolve_device, to_tensor_dataset
 
 
 @dataclass(frozen=True)
@@ -32,33 +33,6 @@ class TrainResult:
     num_examples: int
     train_loss: float
     grad_sample_mode: str = ""  # the Opacus mode that ran ("" for plain SGD)
-
-
-def resolve_grad_sample_mode(mode: str, model: nn.Module) -> str:
-    """``auto``: ghost clipping where it pays off for ``model``, else Opacus' hooks.
-
-    Ghost clipping avoids per-sample gradients only for layers that have a ghost
-    norm in Opacus (Linear and Embedding in 1.6).  For any other trainable layer
-    it materializes them anyway and adds a second backward pass, so hooks is
-    faster there (fedsilo's CNN: 2.4× against 3.0× non-private, BENCHMARKS.md).
-    Any other mode is returned as given.
-    """
-    if mode != "auto":
-        return mode
-    return "hooks" if ghost_norm_coverage(model)[1] else "ghost"
-
-
-def ghost_norm_coverage(model: nn.Module) -> tuple[list[str], list[str]]:
-    """Trainable layer types of ``model`` with an Opacus ghost norm, and those without one."""
-    from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
-        GradSampleModuleFastGradientClipping,
-    )
-
-    ghost_norms = tuple(GradSampleModuleFastGradientClipping.NORM_SAMPLERS)
-    trainable = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
-    covered = sorted({type(m).__name__ for m in trainable if isinstance(m, ghost_norms)})
-    missing = sorted({type(m).__name__ for m in trainable if not isinstance(m, ghost_norms)})
-    return covered, missing
 
 
 def plan_mechanism(
@@ -106,7 +80,7 @@ def train_dp(
     chunks = [chunk.tolist() for chunk in np.array_split(np.arange(len(data)), batches)]
     loader = DataLoader(to_tensor_dataset(data), batch_sampler=chunks)
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
-    criterion = nn.CrossEntropyLoss()
+    criterion = loss_function(data.task)
     # DP noise must be unpredictable: draw it from a generator seeded with fresh OS
     # entropy every round, never from a seeded global RNG.
     noise = torch.Generator(device=device).manual_seed(secrets.randbits(63))
@@ -171,7 +145,7 @@ def train_plain(
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(to_tensor_dataset(data), batch_size=batch_size, shuffle=True, generator=generator)
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
-    criterion = nn.CrossEntropyLoss()
+    criterion = loss_function(data.task)
     steps, losses = 0, []
     for _ in range(epochs):
         for xb, yb in loader:

@@ -1,9 +1,11 @@
 """The coordinator's Flower ServerApp: weighted FedAvg, evaluation, summary, model.
 
 Each round: send the global model to the sampled departments, average the
-updates of those that trained, evaluate on the coordinator's held-out test set,
-and rewrite ``RUN_DIR/summary.json``.  The run ends early — cleanly — when every
-department that answered refused on budget grounds.
+updates of those that trained, score it on the coordinator's held-out table
+with the task's metrics, and rewrite ``RUN_DIR/summary.json``.  The run ends
+early — cleanly — when every department that answered refused on budget
+grounds.  At the end the model is written as safetensors with a model card
+signed by the coordinator (:mod:`fedsilo.server.model_card`).
 """
 
 from __future__ import annotations
@@ -12,21 +14,25 @@ import time
 from logging import INFO, WARNING
 from pathlib import Path
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
 from fedsilo.shared.config import RunSettings
-from fedsilo.shared.data import Dataset, TableSchema, federation_data_test, load_table, split_columns
-from fedsilo.shared.models import build_model, evaluate
+from fedsilo.shared.data import Dataset, load_table, simulated_federation, split_columns
+from fedsilo.shared.metrics import format_metrics, headline, score
+from fedsilo.shared.model_factory import describe_grad_sample_mode
+from fedsilo.shared.models import build_model
+from fedsilo.shared.record import verify_record
+from fedsilo.shared.schema import DataSchema
 
 from .acknowledgements import HeadKeeper, open_record, registered_keys
 from .central_dp import ClientLevelDP, CoordinatorBudgetExhausted, client_level_dp
+from .model_card import CARD_FILE, WEIGHTS_FILE, build_card, save_weights, sign_card, write_card
 from .strategy import DepartmentFedAvg
 from .summary import RunSummary
 
-MODEL_FILE = "model.pt"
+MODEL_FILE = WEIGHTS_FILE
 # Lines the `fedsilo simulate` CLI shows from the streamed log start with this tag.
 PROGRESS_TAG = "fedsilo:"
 
@@ -44,7 +50,9 @@ def main(grid: Grid, context: Context) -> None:
 def run_federation(grid: Grid, settings: RunSettings, out_dir: Path, run_id: str) -> RunSummary:
     """The round loop; returns the finished summary (also written to ``out_dir``)."""
     test = coordinator_test_set(settings)
-    model = build_model(settings.model, test.input_shape, test.num_classes, test.kind, seed=settings.seed)
+    model = build_model(settings.model, test.input_shape, test.num_outputs, test.kind, seed=settings.seed,
+                        task=test.task, embeddings=test.embeddings, fix=settings.fix_model)
+    dp_path = describe_grad_sample_mode(settings.grad_sample_mode, model) if settings.dp else "none (no DP)"
     arrays = ArrayRecord(model.state_dict())
     departments = DepartmentFedAvg(
         # With client-level DP the wrapper Poisson-samples at fraction-train itself.
@@ -58,14 +66,17 @@ def run_federation(grid: Grid, settings: RunSettings, out_dir: Path, run_id: str
         out_dir,
         run_id,
         settings.to_run_config(),
-        {"name": test.name, "num_test": len(test), "num_classes": test.num_classes},
+        {"name": test.name, "num_test": len(test), "num_classes": test.num_classes, "task": test.task},
         record=departments.heads.record.path,
     )
-    loss, accuracy = evaluate(model, test)
-    summary.set_initial(accuracy, loss)
+    metrics = score(model, test)
+    summary.set_initial(metrics, test.task)
+    summary.data["dp_path"] = dp_path
     if isinstance(strategy, ClientLevelDP):
         summary.set_central(strategy)
-    log(INFO, "%s run %s -> %s (initial accuracy %.4f)", PROGRESS_TAG, run_id, out_dir, accuracy)
+    key = headline(test.task)
+    log(INFO, "%s run %s -> %s (%s, model %s, per-sample gradients: %s; initial %s %.4f)", PROGRESS_TAG,
+        run_id, out_dir, test.task, settings.model, dp_path, key, metrics[key])
 
     status, reason = "completed", ""
     exhausted: set[str] = set()  # departments that refused on budget grounds
@@ -102,17 +113,16 @@ def run_federation(grid: Grid, settings: RunSettings, out_dir: Path, run_id: str
         if new_arrays is not None:
             arrays = new_arrays
             model.load_state_dict(arrays.to_torch_state_dict())
-            loss, accuracy = evaluate(model, test)
-        summary.add_round(rnd, accuracy, loss, report, time.time() - started, release)
+            metrics = score(model, test)
+        summary.add_round(rnd, metrics, report, time.time() - started, release)
         eps = [e for e in report.epsilon.values() if e != float("inf")]
         log(
             INFO,
-            "%s round %d/%d accuracy=%.4f loss=%.4f trained=%d refused=%d failed=%d%s",
+            "%s round %d/%d %s trained=%d refused=%d failed=%d%s",
             PROGRESS_TAG,
             rnd,
             settings.num_server_rounds,
-            accuracy,
-            loss,
+            format_metrics(metrics, test.task),
             len(report.trained),
             len(report.refused),
             len(report.failed) + len(report.rejected),
@@ -135,22 +145,62 @@ def run_federation(grid: Grid, settings: RunSettings, out_dir: Path, run_id: str
         summary.finish("failed", f"round {rnd}: no department trained: {report.failed or report.rejected}")
         raise RuntimeError(f"round {rnd}: no department produced a usable update")
 
-    torch.save(model.state_dict(), out_dir / MODEL_FILE)
-    summary.finish(status, reason, MODEL_FILE)
-    log(INFO, "%s finished: %s, final accuracy %.4f", PROGRESS_TAG, status, accuracy)
+    write_model(out_dir, model, settings, test, metrics, summary, departments, strategy, status, run_id, dp_path)
+    summary.finish(status, reason, MODEL_FILE, CARD_FILE)
+    log(INFO, "%s finished: %s, final %s %.4f", PROGRESS_TAG, status, key, metrics[key])
     return summary
+
+
+def write_model(out_dir: Path, model, settings: RunSettings, test: Dataset, metrics: dict, summary: RunSummary,
+                departments: DepartmentFedAvg, strategy, status: str, run_id: str, dp_path: str) -> None:
+    """``model.safetensors`` and ``model-card.json``, signed with the key that signs the record."""
+    sha = save_weights(model.state_dict(), out_dir / WEIGHTS_FILE)
+    record = departments.heads.record
+    acknowledged = {}
+    for ack in verify_record(record.path).entries if record.path.exists() else []:
+        if ack.run_id == run_id:
+            acknowledged[ack.identity] = ack  # the latest of this run, per identity
+    privacy = [
+        {"department": ack.department, "identity": ack.identity, "epsilon": ack.epsilon if ack.epsilon >= 0 else None,
+         "private": ack.epsilon >= 0, "delta": ack.delta, "budget": ack.budget,
+         "ledger_seq": ack.ledger_seq, "ledger_head": ack.ledger_head}
+        for ack in sorted(acknowledged.values(), key=lambda a: a.department)
+    ]
+    central = summary.data.get("central")
+    client_level = ({"epsilon": central["epsilon"], "delta": central["delta"], "accountant": central["accountant"],
+                     "noise_multiplier": central["noise_multiplier"], "clip_norm": central["clip_norm"]}
+                    if central else None)
+    card = build_card(
+        run_id=run_id, model=settings.model, fix_model=settings.fix_model, input_shape=test.input_shape,
+        num_outputs=test.num_outputs, task=test.task, classes=test.classes,
+        schema=test.schema.to_dict() if test.schema is not None else None, dataset=settings.dataset,
+        held_out={"name": test.name, "rows": len(test), "source": settings.test_data or "split off the dataset"},
+        metrics=metrics, departments=privacy, client_level=client_level, weights_sha256=sha,
+        grad_sample_mode=dp_path, status=status, rounds=len(summary.data["rounds"]),
+    )
+    write_card(sign_card(card, record.signer), out_dir / CARD_FILE)
 
 
 def coordinator_test_set(settings: RunSettings) -> Dataset:
     """The held-out set the coordinator scores the global model on.
 
-    Deployed: the coordinator's own table (``test-data``), read with the run's
-    schema.  Simulated: the fixed held-out split of the simulated dataset.
+    With ``test-data`` (a deployment, or a simulation given one): the
+    coordinator's own table, read with the run's schema.  Otherwise the fixed
+    held-out split of the simulated dataset.
     """
-    if settings.test_data:
-        schema = TableSchema.from_json(settings.data_schema)
-        return load_table(Path(settings.test_data), schema.label_column, schema=schema)
-    return federation_data_test(settings.dataset, settings.label_column, split_columns(settings.feature_columns))
+    if settings.test_data and settings.data_schema:
+        schema = DataSchema.from_json(settings.data_schema, "the run's data schema")
+        return load_table(Path(settings.test_data), schema.label.column, schema=schema)
+    return simulated_federation(
+        settings.dataset, settings.label_column, split_columns(settings.feature_columns), 0 if _named(settings) else 1,
+        settings.partition if _named(settings) else "iid", settings.seed, schema_json=settings.data_schema,
+        test_data=settings.test_data, task=settings.task,
+    ).test
+
+
+def _named(settings: RunSettings) -> bool:
+    """Partitions whose count the data decides (by:COLUMN, a folder): the test split depends on them."""
+    return settings.partition.strip().lower().startswith("by:") or Path(settings.dataset).expanduser().is_dir()
 
 
 def exchange(grid: Grid, messages: list, timeout: float, first: float = 0.05, most: float = 0.5) -> list:

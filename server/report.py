@@ -15,6 +15,7 @@ from rich.table import Table
 
 from fedsilo.shared.audit import format_date
 from fedsilo.shared.ledger import read_ledgers
+from fedsilo.shared.metrics import format_metrics, headline
 
 from .summary import SUMMARY_FILE
 
@@ -29,12 +30,21 @@ def print_run_report(run_dir: Path, console: Console | None = None) -> dict:
         f"\n[bold]Run {summary['run_id']}[/bold] — {summary['status']}"
         + (f": {summary['stop_reason']}" if summary.get("stop_reason") else "")
     )
-    if accuracy is not None:
+    final = summary.get("final_metrics") or {}
+    task = summary.get("task") or "multiclass"
+    if final:
+        head = headline(task)
+        initial = (summary.get("initial") or {}).get(head)
         console.print(
-            f"Final test accuracy [bold]{accuracy:.4f}[/bold] after {len(rounds)} round(s) "
-            f"on {summary['dataset']['num_test']} held-out examples "
-            f"(initial {summary['initial'].get('accuracy', float('nan')):.4f})"
+            f"Final held-out {head} [bold]{final[head]:.4f}[/bold] after {len(rounds)} round(s) "
+            f"on {summary['dataset']['num_test']} held-out examples"
+            + (f" (initial {initial:.4f})" if initial is not None else "")
+            + f"; {task}: {format_metrics(final, task)}"
         )
+    elif accuracy is not None:
+        console.print(f"Final test accuracy [bold]{accuracy:.4f}[/bold] after {len(rounds)} round(s)")
+    if summary.get("model_card"):
+        console.print(f"Model: {Path(run_dir) / summary['model']} with its signed card {Path(run_dir) / summary['model_card']}")
     if not summary["dp"]:
         console.print("[yellow]No record-level DP at the departments: ε is unbounded (∞) for each department's examples.[/yellow]")
         print_central(summary, console)

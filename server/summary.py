@@ -58,8 +58,10 @@ class RunSummary:
             "initial": {},
             "rounds": [],
             "departments": {},
+            "task": None,
             "final_accuracy": None,
             "final_loss": None,
+            "final_metrics": {},
             "model": None,
             "ledgers": "ledgers",
             # The coordinator's signed record of acknowledged ledger heads (fedsilo audit reads it).
@@ -68,8 +70,10 @@ class RunSummary:
         }
         self._epsilon: dict[str, float | None] = {}
 
-    def set_initial(self, accuracy: float, loss: float) -> None:
-        self.data["initial"] = {"accuracy": accuracy, "loss": loss}
+    def set_initial(self, metrics: dict[str, float], task: str) -> None:
+        """The untrained model's held-out metrics (``accuracy`` is None for regression)."""
+        self.data["task"] = task
+        self.data["initial"] = {"accuracy": metrics.get("accuracy"), **metrics}
         self.write()
 
     def set_central(self, central) -> None:
@@ -88,8 +92,9 @@ class RunSummary:
         self.write()
 
     def add_round(
-        self, rnd: int, accuracy: float, loss: float, report: RoundReport, seconds: float, release=None
+        self, rnd: int, metrics: dict[str, float], report: RoundReport, seconds: float, release=None
     ) -> None:
+        accuracy, loss = metrics.get("accuracy"), metrics["loss"]
         for name, eps in report.epsilon.items():
             self._epsilon[name] = _finite(eps)
         departments = self.data["departments"]
@@ -117,6 +122,8 @@ class RunSummary:
                 "round": rnd,
                 "accuracy": accuracy,
                 "loss": loss,
+                # Every held-out metric of the task (accuracy, f1, roc_auc; r2, rmse, mae; loss).
+                "metrics": dict(metrics),
                 # Whole-history ε of every department known so far, at `delta`.
                 "epsilon": dict(sorted(self._epsilon.items())),
                 "trained": sorted(report.trained),
@@ -139,12 +146,14 @@ class RunSummary:
             self.data["central"]["epsilon"] = release.epsilon
         self.data["final_accuracy"] = accuracy
         self.data["final_loss"] = loss
+        self.data["final_metrics"] = dict(metrics)
         self.write()
 
-    def finish(self, status: str, reason: str = "", model_file: str | None = None) -> None:
+    def finish(self, status: str, reason: str = "", model_file: str | None = None, card_file: str | None = None) -> None:
         self.data["status"] = status
         self.data["stop_reason"] = reason
         self.data["model"] = model_file
+        self.data["model_card"] = card_file
         self.write()
 
     def write(self) -> None:

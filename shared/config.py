@@ -9,6 +9,7 @@ keeps the two equal) and ``fedsilo simulate`` writes it into the app it launches
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
@@ -17,6 +18,8 @@ from .accounting import ACCOUNTANTS
 GRAD_SAMPLE_MODES = ("auto", "ghost", "hooks", "functorch", "ew")
 DEVICES = ("auto", "cpu", "cuda")
 MODELS = ("auto", "mlp", "cnn")
+TASKS = ("auto", "binary", "multiclass", "regression")
+FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "num-server-rounds": 3,
@@ -25,7 +28,12 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "feature-columns": "",
     "partition": "iid",
     "seed": 42,
+    # auto | mlp | cnn | package.module:factory (imported from each party's own environment).
     "model": "auto",
+    # Let Opacus' ModuleValidator.fix replace layers DP-SGD cannot train (BatchNorm -> GroupNorm).
+    "fix-model": False,
+    # auto | binary | multiclass | regression (auto refuses to guess a many-valued number).
+    "task": "auto",
     "dp": True,
     "noise-multiplier": 1.0,
     "target-epsilon": 0.0,
@@ -47,8 +55,9 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "round-timeout": 600.0,
     "connect-timeout": 120.0,
     "out": "runs/latest",
-    # Deployment only: the coordinator's own test table, and the schema every
-    # department reads its table with (JSON of shared.data.TableSchema).
+    # The coordinator's own held-out table ("" in a simulation: split off the data), and the
+    # public schema every department encodes its table with (JSON of shared.schema.DataSchema;
+    # "" in a simulation: inferred from the held-out rows).
     "test-data": "",
     "data-schema": "",
     # Client-level DP at the coordinator (off by default): each department's
@@ -97,6 +106,8 @@ class RunSettings:
     partition: str
     seed: int
     model: str
+    fix_model: bool
+    task: str
     dp: bool
     noise_multiplier: float
     target_epsilon: float
@@ -146,7 +157,8 @@ class RunSettings:
                 f"grad-sample-mode must be one of {GRAD_SAMPLE_MODES}",
             ),
             (self.device in DEVICES, f"device must be one of {DEVICES}"),
-            (self.model in MODELS, f"model must be one of {MODELS}"),
+            (self.model in MODELS or bool(FACTORY.match(self.model)), f"model must be one of {MODELS} or a factory package.module:callable"),
+            (self.task in TASKS, f"task must be one of {TASKS}"),
             (0 < self.fraction_train <= 1, "fraction-train must be in (0, 1]"),
             (self.min_departments >= 1, "min-departments must be at least 1"),
             (self.round_timeout > 0, "round-timeout must be positive (seconds)"),

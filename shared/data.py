@@ -8,34 +8,34 @@ departments can build their own partition without any data being shipped.
 from __future__ import annotations
 
 import functools
-import json
 import math
+import re
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 
+from .schema import TABLE_SUFFIXES, DataError, DataSchema, Label, infer_label, infer_schema, read_table
+
 EMBEDDED_DATASETS = ("digits", "mnist5k", "breast-cancer")
-TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
 # The held-out test split is fixed (not tied to --seed) so runs with different seeds
 # are scored on the same examples.
 TEST_FRACTION = 0.2
 TEST_SPLIT_SEED = 20240229
 
 
-class DataError(ValueError):
-    """Input data cannot be used; the message names the file/column and the fix."""
-
-
 @dataclass(frozen=True)
 class Dataset:
-    """Features ``x`` (float32, one row per example) and integer labels ``y``.
+    """Features ``x`` (float32, one row per example) and targets ``y``.
 
     ``input_shape`` is the shape of one example as the model sees it: ``(C, H, W)``
-    for images, ``(F,)`` for tabular data.  ``classes`` holds the original label
-    values in the order of their integer codes.
+    for images, ``(F,)`` for tabular data.  ``y`` holds integer class codes
+    (``classes`` holds the original label values in code order), or for
+    regression the target standardized with the schema's public scaling, shape
+    ``(N, 1)``.  ``schema`` is how a table was encoded (None for the embedded
+    datasets).
     """
 
     name: str
@@ -44,17 +44,29 @@ class Dataset:
     input_shape: tuple[int, ...]
     classes: tuple
     kind: str  # "image" | "tabular"
+    task: str = "multiclass"  # "binary" | "multiclass" | "regression"
+    schema: DataSchema | None = None
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
+    @property
+    def num_outputs(self) -> int:
+        """K: the model's outputs — one per class, or one prediction for regression."""
+        return 1 if self.task == "regression" else len(self.classes)
+
+    @property
+    def embeddings(self) -> tuple[tuple[int, int], ...]:
+        return self.schema.embeddings if self.schema is not None else ()
+
     def __len__(self) -> int:
         return int(self.y.shape[0])
 
-    def subset(self, indices: np.ndarray) -> "Dataset":
+    def subset(self, indices: np.ndarray, name: str | None = None) -> "Dataset":
         return Dataset(
-            self.name, self.x[indices], self.y[indices], self.input_shape, self.classes, self.kind
+            name or self.name, self.x[indices], self.y[indices], self.input_shape, self.classes, self.kind,
+            self.task, self.schema,
         )
 
 
@@ -62,15 +74,15 @@ class Dataset:
 
 
 def load_dataset(
-    spec: str, label_column: str = "label", feature_columns: Sequence[str] | None = None
+    spec: str, label_column: str = "label", feature_columns: Sequence[str] | None = None, task: str = "auto"
 ) -> Dataset:
     """Load an embedded dataset by name, or a CSV/Parquet file by path.
 
     Raises
     ------
     DataError
-        Unknown name, missing/unreadable file, missing label column, non-numeric or
-        missing feature values, fewer than two classes.
+        Unknown name, missing/unreadable file, missing label column, values that do
+        not fit the schema, fewer than two classes, a label whose task is unclear.
     """
     key = spec.strip()
     if key in EMBEDDED_DATASETS:
@@ -81,7 +93,7 @@ def load_dataset(
             f"dataset '{spec}' is neither an embedded dataset "
             f"({', '.join(EMBEDDED_DATASETS)}) nor a .csv/.parquet file path"
         )
-    return load_table(path, label_column, tuple(feature_columns or ()))
+    return load_table(path, label_column, tuple(feature_columns or ()), task=task)
 
 
 @functools.lru_cache(maxsize=4)
@@ -103,7 +115,7 @@ def _load_embedded(name: str) -> Dataset:
 
     bunch = load_breast_cancer()
     x = _standardize(bunch.data)
-    return Dataset(name, x, bunch.target.astype(np.int64), (x.shape[1],), (0, 1), "tabular")
+    return Dataset(name, x, bunch.target.astype(np.int64), (x.shape[1],), (0, 1), "tabular", "binary")
 
 
 def _standardize(x: np.ndarray) -> np.ndarray:
@@ -119,148 +131,49 @@ def _standardize(x: np.ndarray) -> np.ndarray:
     return ((x - x.mean(axis=0)) / std).astype(np.float32)
 
 
-@dataclass(frozen=True)
-class TableSchema:
-    """What every party of a deployment must agree on to read its own table.
+def load_table(path: Path, label_column: str = "label", feature_columns: tuple[str, ...] = (),
+               schema: DataSchema | None = None, task: str = "auto") -> Dataset:
+    """Read a CSV or Parquet table, encoded with ``schema``.
 
-    The coordinator derives it from its reference (test) table and sends it with
-    the run, so each department selects the same feature columns in the same
-    order, encodes labels with the same integer codes, and scales features the
-    same way — whatever subset of classes its own data happens to hold.
-    """
-
-    label_column: str
-    features: tuple[str, ...]
-    classes: tuple[str, ...]
-    mean: tuple[float, ...]
-    scale: tuple[float, ...]
-
-    def to_json(self) -> str:
-        return json.dumps(
-            {"label_column": self.label_column, "features": self.features, "classes": self.classes,
-             "mean": self.mean, "scale": self.scale}
-        )
-
-    @classmethod
-    def from_json(cls, text: str) -> "TableSchema":
-        raw = json.loads(text)
-        return cls(
-            raw["label_column"], tuple(raw["features"]), tuple(raw["classes"]),
-            tuple(float(v) for v in raw["mean"]), tuple(float(v) for v in raw["scale"]),
-        )
-
-
-def _read_table(path: Path, label_column: str, feature_columns: tuple[str, ...]):
-    """Validated (features float64, labels as strings, feature names) of a table."""
-    import pandas as pd
-
-    if not path.exists():
-        raise DataError(f"data file '{path}' does not exist; check the path")
-    if not path.is_file():
-        raise DataError(f"data path '{path}' is not a file")
-    if path.suffix.lower() not in TABLE_SUFFIXES:
-        raise DataError(f"data file '{path}' must be .csv or .parquet")
-    try:
-        if path.suffix.lower() == ".csv":
-            frame = pd.read_csv(path)
-        else:
-            frame = pd.read_parquet(path)
-    except Exception as err:  # pandas/pyarrow raise many types for a bad file
-        raise DataError(
-            f"cannot read '{path}' as {path.suffix.lstrip('.').upper()}: {err}. "
-            "Check that the file is a valid, non-empty table"
-        ) from err
-    if frame.empty:
-        raise DataError(f"data file '{path}' has no rows")
-    if label_column not in frame.columns:
-        raise DataError(
-            f"label column '{label_column}' not found in '{path}' "
-            f"(columns: {', '.join(map(str, frame.columns[:20]))}); "
-            "pass the right one with --label-column"
-        )
-    if feature_columns:
-        missing = [c for c in feature_columns if c not in frame.columns]
-        if missing:
-            raise DataError(
-                f"feature column(s) {', '.join(missing)} not found in '{path}'; "
-                "fix --feature-columns (in a deployment: the coordinator's table decides them)"
-            )
-        features = frame[list(feature_columns)]
-    else:
-        features = frame.drop(columns=[label_column])
-    if features.shape[1] == 0:
-        raise DataError(f"'{path}' has no feature columns besides '{label_column}'")
-    non_numeric = [str(c) for c in features.columns if not pd.api.types.is_numeric_dtype(features[c])]
-    if non_numeric:
-        raise DataError(
-            f"non-numeric feature column(s) in '{path}': {', '.join(non_numeric[:10])}; "
-            "encode them as numbers or leave them out with --feature-columns"
-        )
-    values = features.to_numpy(dtype=np.float64)
-    bad = ~np.isfinite(values)
-    if bad.any():
-        cols = sorted({str(features.columns[j]) for j in np.nonzero(bad)[1]})
-        rows = np.nonzero(bad.any(axis=1))[0]
-        raise DataError(
-            f"missing or infinite values in '{path}' column(s) {', '.join(cols[:10])} "
-            f"(first bad row {int(rows[0]) + 2} counting the header as row 1); "
-            "impute or drop them first"
-        )
-    labels = frame[label_column]
-    if labels.isna().any():
-        row = int(np.nonzero(labels.isna().to_numpy())[0][0]) + 2
-        raise DataError(f"label column '{label_column}' in '{path}' is empty at row {row}")
-    return values, labels.astype(str).to_numpy(), tuple(str(c) for c in features.columns)
-
-
-def table_schema(path: Path | str, label_column: str, feature_columns: tuple[str, ...] = ()) -> TableSchema:
-    """The schema of a reference table (the coordinator's)."""
-    path = Path(path).expanduser()
-    values, labels, names = _read_table(path, label_column, tuple(feature_columns))
-    classes = tuple(sorted(set(labels.tolist()), key=_natural))
-    if len(classes) < 2:
-        raise DataError(
-            f"label column '{label_column}' in '{path}' has a single class "
-            f"({classes[0]!r}); a classifier needs at least two"
-        )
-    std = values.std(axis=0)
-    std[std == 0] = 1.0
-    return TableSchema(label_column, names, classes, tuple(values.mean(axis=0).tolist()), tuple(std.tolist()))
-
-
-def _natural(value: str):
-    """Numbers in numeric order, then text: label codes stable across tables."""
-    try:
-        return (0, float(value), value)
-    except ValueError:
-        return (1, 0.0, value)
-
-
-def load_table(
-    path: Path,
-    label_column: str,
-    feature_columns: tuple[str, ...] = (),
-    schema: TableSchema | None = None,
-) -> Dataset:
-    """Read a CSV or Parquet table with one label column and numeric features.
-
-    Without ``schema`` the table describes itself (simulation on one file).  With
-    one, the table is read the federation's way: its features, label codes and
-    scaling; a label outside its classes is an error naming the value and row.
+    Without ``schema`` the table describes itself (:func:`~fedsilo.shared.schema.infer_schema`
+    on the table itself: for a table whose contents are public, such as the
+    coordinator's own).  With one, the table is read the federation's way: its
+    columns, encodings, label codes and scaling.
     """
     path = Path(path).expanduser()
-    own = schema or table_schema(path, label_column, feature_columns)
-    values, labels, _ = _read_table(path, own.label_column, own.features)
-    codes = {c: i for i, c in enumerate(own.classes)}
-    unknown = [i for i, v in enumerate(labels) if v not in codes]
-    if unknown:
+    frame = read_table(path)
+    own = schema or infer_schema(frame, label_column, task, f"'{path}'", feature_columns=feature_columns)
+    return encode_frame(frame, own, path.stem, f"'{path}'")
+
+
+def count_rows(path: Path, label_column: str, feature_columns: tuple[str, ...] = ()) -> int:
+    """Rows of a department's table, once its label and feature columns are there (checked before a run)."""
+    frame = read_table(path)
+    needed = [label_column, *feature_columns]
+    missing = [c for c in needed if c not in frame.columns]
+    if missing:
         raise DataError(
-            f"label '{labels[unknown[0]]}' in '{path}' row {unknown[0] + 2} is not one of the "
-            f"federation's classes ({', '.join(own.classes[:20])}); fix the data or ask the coordinator"
+            f"column(s) {', '.join(missing)} not found in '{path}' (columns: {', '.join(list(frame.columns)[:20])}); "
+            "pass the right --label-column (the run's schema decides the feature columns)"
         )
-    y = np.array([codes[v] for v in labels], dtype=np.int64)
-    x = ((values - np.array(own.mean)) / np.array(own.scale)).astype(np.float32)
-    return Dataset(path.stem, x, y, (x.shape[1],), own.classes, "tabular")
+    if frame[label_column].isna().any():
+        raise DataError(f"label column '{label_column}' in '{path}' is empty at row {int(np.nonzero(frame[label_column].isna().to_numpy())[0][0]) + 2}")
+    return len(frame)
+
+
+def encode_frame(frame, schema: DataSchema, name: str, source: str) -> Dataset:
+    """A :class:`Dataset` of ``frame``'s rows, encoded with ``schema``."""
+    x = schema.encode(frame, source)
+    y = schema.encode_labels(frame, source)
+    if schema.task == "regression":
+        y = y.reshape(-1, 1)
+    return Dataset(name, x, y, (x.shape[1],), schema.label.classes, "tabular", schema.task, schema)
+
+
+def table_schema(path: Path | str, label_column: str, feature_columns: tuple[str, ...] = (), task: str = "auto") -> DataSchema:
+    """A schema drafted from a reference table (the coordinator's), as `fedsilo schema infer` does."""
+    path = Path(path).expanduser()
+    return infer_schema(read_table(path), label_column, task, f"'{path}'", feature_columns=feature_columns)
 
 
 # --------------------------------------------------------------------------- splits
@@ -270,8 +183,10 @@ def train_test_split(data: Dataset) -> tuple[Dataset, Dataset]:
     """Fixed, stratified held-out split; the test part never reaches a department."""
     from sklearn.model_selection import train_test_split as sk_split
 
-    counts = np.bincount(data.y, minlength=data.num_classes)
-    stratify = data.y if counts.min() >= 2 else None
+    stratify = None
+    if data.task != "regression":
+        counts = np.bincount(data.y, minlength=data.num_classes)
+        stratify = data.y if counts.min() >= 2 else None
     idx = np.arange(len(data))
     train_idx, test_idx = sk_split(
         idx, test_size=TEST_FRACTION, random_state=TEST_SPLIT_SEED, stratify=stratify
@@ -280,10 +195,14 @@ def train_test_split(data: Dataset) -> tuple[Dataset, Dataset]:
 
 
 def parse_partition(scheme: str) -> tuple[str, float | None]:
-    """``"iid"`` -> ("iid", None); ``"dirichlet:0.5"`` -> ("dirichlet", 0.5)."""
+    """``"iid"`` -> ("iid", None); ``"dirichlet:0.5"`` -> ("dirichlet", 0.5); ``"by:region"`` -> ("by", None)."""
     text = scheme.strip().lower()
     if text == "iid":
         return "iid", None
+    if text.startswith("by:"):
+        if not scheme.split(":", 1)[1].strip():
+            raise DataError(f"partition '{scheme}': name the column, e.g. by:region")
+        return "by", None
     if text.startswith("dirichlet:"):
         try:
             alpha = float(text.split(":", 1)[1])
@@ -294,7 +213,7 @@ def parse_partition(scheme: str) -> tuple[str, float | None]:
                 f"partition '{scheme}': ALPHA must be a positive number, e.g. dirichlet:0.5"
             )
         return "dirichlet", alpha
-    raise DataError(f"unknown partition '{scheme}'; use 'iid' or 'dirichlet:ALPHA'")
+    raise DataError(f"unknown partition '{scheme}'; use 'iid', 'dirichlet:ALPHA' or 'by:COLUMN'")
 
 
 def partition_indices(
@@ -316,7 +235,8 @@ def partition_indices(
             f"{num_departments} departments but only {len(train)} training examples "
             f"in '{train.name}': every department needs data; use fewer departments"
         )
-    table = hf.Dataset.from_dict({"row": np.arange(len(train)), "label": train.y})
+    labels = train.y if train.task != "regression" else np.zeros(len(train), dtype=np.int64)
+    table = hf.Dataset.from_dict({"row": np.arange(len(train)), "label": labels})
     if kind == "iid":
         partitioner = IidPartitioner(num_partitions=num_departments)
         # IidPartitioner takes contiguous shards: shuffle first so shards are random.
@@ -352,29 +272,191 @@ def partition_indices(
     return parts
 
 
+@dataclass(frozen=True)
+class Federation:
+    """A simulated federation: each department's training set (named), the held-out set, the schema."""
+
+    parts: tuple[Dataset, ...]
+    test: Dataset
+    schema: DataSchema | None  # None for the embedded datasets (fixed encodings)
+
+    @property
+    def names(self) -> list[str]:
+        return [p.name for p in self.parts]
+
+
 @functools.lru_cache(maxsize=8)
-def federation_data(
+def simulated_federation(
     spec: str,
-    label_column: str,
-    feature_columns: tuple[str, ...],
-    num_departments: int,
-    scheme: str,
-    seed: int,
-) -> tuple[list[Dataset], Dataset]:
+    label_column: str = "label",
+    feature_columns: tuple[str, ...] = (),
+    num_departments: int = 0,
+    scheme: str = "iid",
+    seed: int = 42,
+    schema_json: str = "",
+    test_data: str = "",
+    task: str = "auto",
+) -> Federation:
     """Departments' training sets and the held-out test set for a simulation.
 
+    ``spec`` is an embedded dataset, a table, or a folder with one table per
+    department.  The held-out set is ``test_data`` when given, else a fixed
+    fraction split off (of each department's table, for a folder).  Without
+    ``schema_json`` the schema is inferred from the held-out rows only — the
+    coordinator's table — except the label's classes, which come from the whole
+    table (which classes the task has is treated as public).
+    ``num_departments`` of 0 means "as the data says" (``by:COLUMN``, a folder).
     Cached per process: a simulated department process builds it once.
     """
-    data = load_dataset(spec, label_column, feature_columns)
-    train, test = train_test_split(data)
+    path = Path(spec).expanduser()
+    kind, _ = parse_partition(scheme)
+    if spec.strip() in EMBEDDED_DATASETS:
+        if test_data or schema_json or kind == "by":
+            raise DataError(
+                f"the embedded dataset '{spec}' has fixed encodings and no columns: --test-data, --schema and "
+                "--partition by:COLUMN need a table (.csv/.parquet)"
+            )
+        train, test = train_test_split(load_dataset(spec))
+        return Federation(_partition(train, num_departments or 10, scheme, seed), test, None)
+    if path.is_dir():
+        frames = _folder_tables(path)
+        if kind == "by":
+            raise DataError(f"'{path}' is a folder of one table per department: leave --partition out (by:COLUMN splits one table)")
+        _check_count(num_departments, len(frames), f"the folder '{path}' holds {len(frames)} tables")
+        whole = _concat([f for _, f in frames])
+        label = infer_label(_column(whole, label_column, path), label_column, task, f"'{path}'")
+        if test_data:
+            held_out, kept = read_table(test_data), frames
+        else:
+            splits = [(name, *split_frame(frame, label)) for name, frame in frames]
+            held_out, kept = _concat([t for _, _, t in splits]), [(name, tr) for name, tr, _ in splits]
+        schema = _schema_for(schema_json, held_out, whole, label, feature_columns, f"'{test_data or path}'")
+        parts = tuple(encode_frame(frame, schema, name, f"'{path / name}'") for name, frame in kept)
+        return Federation(parts, encode_frame(held_out, schema, "held-out", f"'{test_data or path}'"), schema)
+    frame = read_table(path)
+    label = infer_label(_column(frame, label_column, path), label_column, task, f"'{path}'")
+    if test_data:
+        train_frame, held_out = frame, read_table(test_data)
+    else:
+        train_frame, held_out = split_frame(frame, label)
+    schema = _schema_for(schema_json, held_out, frame, label, feature_columns, f"'{test_data or path}'")
+    test = encode_frame(held_out, schema, "held-out", f"'{test_data or path}'")
+    if kind == "by":
+        column = scheme.split(":", 1)[1].strip()
+        groups = _groups(train_frame, column, path)
+        _check_count(num_departments, len(groups), f"column '{column}' of '{path}' has {len(groups)} values")
+        parts = tuple(encode_frame(g, schema, name, f"'{path}' ({column}={name})") for name, g in groups)
+        return Federation(parts, test, schema)
+    train = encode_frame(train_frame, schema, path.stem, f"'{path}'")
+    return Federation(_partition(train, num_departments or 10, scheme, seed), test, schema)
+
+
+def federation_data(
+    spec: str, label_column: str, feature_columns: tuple[str, ...], num_departments: int, scheme: str, seed: int,
+    **options,
+) -> tuple[list[Dataset], Dataset]:
+    """(departments' training sets, held-out set): :func:`simulated_federation` as a pair."""
+    federation = simulated_federation(spec, label_column, tuple(feature_columns), num_departments, scheme, seed, **options)
+    return list(federation.parts), federation.test
+
+
+def federation_data_test(spec: str, label_column: str, feature_columns: tuple[str, ...], **options) -> Dataset:
+    """The coordinator's held-out test set for a simulation."""
+    return federation_data(spec, label_column, feature_columns, options.pop("num_departments", 0) or 1,
+                           options.pop("scheme", "iid"), options.pop("seed", 42), **options)[1]
+
+
+def department_name(partition_id: int, num_partitions: int) -> str:
+    """``dept-03``: the name of a simulated department cut out of one table."""
+    width = max(2, len(str(max(num_partitions - 1, 0))))
+    return f"dept-{partition_id:0{width}d}"
+
+
+def split_frame(frame, label: Label):
+    """Fixed held-out split of a raw table (stratified by class where every class has two rows)."""
+    from sklearn.model_selection import train_test_split as sk_split
+
+    stratify = None
+    if label.task != "regression":
+        text = frame[label.column].astype(str)
+        if text.value_counts().min() >= 2 and len(frame) * TEST_FRACTION >= text.nunique():
+            stratify = text
+    if len(frame) < 5:
+        raise DataError(f"a table of {len(frame)} rows is too small to split off a held-out part; pass --test-data")
+    train_idx, test_idx = sk_split(np.arange(len(frame)), test_size=TEST_FRACTION, random_state=TEST_SPLIT_SEED, stratify=stratify)
+    return frame.iloc[np.sort(train_idx)].reset_index(drop=True), frame.iloc[np.sort(test_idx)].reset_index(drop=True)
+
+
+def _schema_for(schema_json: str, held_out, whole, label: Label, feature_columns, source: str) -> DataSchema:
+    if schema_json:
+        return DataSchema.from_json(schema_json)
+    drafted = infer_schema(held_out, label.column, label.task, source, feature_columns=feature_columns)
+    if label.task == "regression":
+        return drafted
+    return DataSchema(label, drafted.columns)  # every class of the task, in the same code order
+
+
+def _partition(train: Dataset, num_departments: int, scheme: str, seed: int) -> tuple[Dataset, ...]:
+    if train.task == "regression" and parse_partition(scheme)[0] == "dirichlet":
+        raise DataError("dirichlet partitions by class, and this is a regression task: use --partition iid or by:COLUMN")
     parts = partition_indices(train, num_departments, scheme, seed)
-    return [train.subset(p) for p in parts], test
+    return tuple(train.subset(p, department_name(i, num_departments)) for i, p in enumerate(parts))
 
 
-@functools.lru_cache(maxsize=4)
-def federation_data_test(spec: str, label_column: str, feature_columns: tuple[str, ...]) -> Dataset:
-    """The coordinator's held-out test set for a simulation (cached per process)."""
-    return train_test_split(load_dataset(spec, label_column, feature_columns))[1]
+def _folder_tables(path: Path) -> list[tuple[str, Any]]:
+    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in TABLE_SUFFIXES)
+    if not files:
+        raise DataError(f"the folder '{path}' holds no .csv or .parquet table; put one table per department in it")
+    names = [safe_name(p.stem) for p in files]
+    if len(set(names)) != len(names):
+        raise DataError(f"two tables in '{path}' give one department name ({', '.join(p.name for p in files)}); rename one")
+    return [(name, read_table(p)) for name, p in zip(names, files)]
+
+
+def _groups(frame, column: str, path: Path) -> list[tuple[str, Any]]:
+    if column not in frame.columns:
+        raise DataError(f"--partition by:{column}: no column '{column}' in '{path}' (columns: {', '.join(map(str, list(frame.columns)[:20]))})")
+    values = frame[column]
+    if values.isna().any():
+        raise DataError(f"--partition by:{column}: column '{column}' of '{path}' is empty at row {int(np.nonzero(values.isna().to_numpy())[0][0]) + 2}; every row needs a department")
+    groups = sorted(frame.groupby(values.astype(str), sort=False), key=lambda kv: _natural_key(kv[0]))
+    names = [safe_name(str(k)) for k, _ in groups]
+    if len(set(names)) != len(names):
+        raise DataError(f"--partition by:{column}: two values of '{column}' give one department name; rename them")
+    return [(name, g.reset_index(drop=True)) for name, (_, g) in zip(names, groups)]
+
+
+def safe_name(value: str) -> str:
+    """A department name usable in file names: letters, digits, '.', '_' and '-'."""
+    name = re.sub(r"[^A-Za-z0-9_.-]+", "-", value).strip("-.")
+    return name or "dept"
+
+
+def _natural_key(value: str):
+    try:
+        return (0, float(value), value)
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def _check_count(requested: int, actual: int, what: str) -> None:
+    if requested and requested != actual:
+        raise DataError(f"--departments {requested}, but {what}: one department each; leave --departments out")
+
+
+def _column(frame, column: str, path: Path):
+    if column not in frame.columns:
+        raise DataError(
+            f"label column '{column}' not found in '{path}' (columns: {', '.join(map(str, list(frame.columns)[:20]))}); "
+            "pass the right one with --label-column"
+        )
+    return frame[column]
+
+
+def _concat(frames):
+    import pandas as pd
+
+    return pd.concat(frames, ignore_index=True)
 
 
 def split_columns(text: str) -> tuple[str, ...]:

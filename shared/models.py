@@ -1,7 +1,10 @@
-"""Models both sides build identically: an MLP for tabular data, a small CNN for images.
+"""Models both sides build identically: built-in ones, or the user's own factory.
 
-Both are valid for Opacus as they stand: no BatchNorm (it mixes examples, which
-breaks per-example gradients); the CNN normalizes with GroupNorm instead.
+The built-ins — an MLP for tabular data, a small CNN for images — are valid for
+Opacus as they stand: no BatchNorm (it mixes examples, which breaks per-example
+gradients); the CNN normalizes with GroupNorm instead.  A factory model
+(``package.module:factory``, :mod:`fedsilo.shared.model_factory`) is checked
+with Opacus' ``ModuleValidator`` before any round.
 """
 
 from __future__ import annotations
@@ -17,21 +20,43 @@ from .data import Dataset
 
 
 class MLP(nn.Module):
-    """``in -> hidden -> classes`` with ReLU; flattens image inputs."""
+    """``in -> hidden -> outputs`` with ReLU; flattens image inputs.
 
-    def __init__(self, in_features: int, num_classes: int, hidden: int = 128) -> None:
+    ``embeddings`` lists (feature index, number of slots) of categorical columns
+    the schema encodes as one index column each: those are embedded (Opacus has
+    a ghost norm for ``nn.Embedding``, so ghost clipping still applies).
+    """
+
+    def __init__(self, in_features: int, num_classes: int, hidden: int = 128,
+                 embeddings: tuple[tuple[int, int], ...] = ()) -> None:
         super().__init__()
-        if in_features < 1 or num_classes < 2 or hidden < 1:
+        if in_features < 1 or num_classes < 1 or hidden < 1:
             raise ValueError(
-                f"MLP needs in_features >= 1, num_classes >= 2, hidden >= 1; got "
+                f"MLP needs in_features >= 1, outputs >= 1, hidden >= 1; got "
                 f"{in_features}, {num_classes}, {hidden}"
             )
+        self.index_columns = [int(i) for i, _ in embeddings]
+        self.dense_columns = [i for i in range(in_features) if i not in set(self.index_columns)]
+        self.embed = nn.ModuleList(nn.Embedding(slots, embedding_width(slots)) for _, slots in embeddings)
+        width = len(self.dense_columns) + sum(e.embedding_dim for e in self.embed)
         self.net = nn.Sequential(
-            nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+            nn.Flatten(), nn.Linear(width, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.net(x)
+        if not self.index_columns:
+            return self.net(x)
+        x = x.flatten(1)
+        parts = [x[:, self.dense_columns]]
+        for column, embed in zip(self.index_columns, self.embed):
+            index = x[:, column].round().long().clamp(0, embed.num_embeddings - 1)
+            parts.append(embed(index))
+        return self.net(torch.cat(parts, dim=1))
+
+
+def embedding_width(slots: int) -> int:
+    """A common rule of thumb: about half the categories, at most 16."""
+    return max(2, min(16, (slots + 1) // 2))
 
 
 class SmallCNN(nn.Module):
@@ -74,25 +99,47 @@ def default_model_name(kind: str, input_shape: tuple[int, ...]) -> str:
 
 
 def build_model(
-    name: str, input_shape: tuple[int, ...], num_classes: int, kind: str = "tabular", seed: int = 0
+    name: str, input_shape: tuple[int, ...], num_classes: int, kind: str = "tabular", seed: int = 0,
+    task: str = "multiclass", embeddings: tuple[tuple[int, int], ...] = (), fix: bool = False,
 ) -> nn.Module:
-    """Build the named model (``auto``, ``mlp`` or ``cnn``), seeded for reproducibility."""
-    chosen = default_model_name(kind, input_shape) if name == "auto" else name
-    if chosen not in ("mlp", "cnn"):
-        raise ValueError(f"unknown model '{name}'; use auto, mlp or cnn")
-    if chosen == "cnn" and len(input_shape) != 3:
-        raise ValueError(
-            f"model 'cnn' needs image data; this dataset has tabular shape {input_shape}; "
-            "use --model mlp"
-        )
+    """Build the named model, seeded for reproducibility, checked for DP-SGD.
+
+    ``name`` is ``auto``, ``mlp``, ``cnn`` or a factory ``package.module:callable``
+    (called as ``factory(input_shape=..., num_outputs=..., task=...)``).
+    ``num_classes`` is the number of outputs K (1 for regression).  With ``fix``
+    Opacus' ``ModuleValidator.fix`` replaces layers DP-SGD cannot train (BatchNorm
+    becomes GroupNorm, ...); without it such a model is a :class:`ModelError`
+    naming the layer.
+    """
+    from .model_factory import ModelError, check_model, is_factory, load_factory, make_trainable
+
+    if is_factory(name):
+        factory = load_factory(name)
+    else:
+        chosen = default_model_name(kind, input_shape) if name == "auto" else name
+        if chosen not in ("mlp", "cnn"):
+            raise ModelError(f"unknown model '{name}'; use auto, mlp, cnn or a factory package.module:callable")
+        if chosen == "cnn" and len(input_shape) != 3:
+            raise ModelError(
+                f"model 'cnn' needs image data; this dataset has tabular shape {input_shape}; "
+                "use --model mlp"
+            )
+        factory = None
     # Seed a forked RNG only: reseeding the global one would make every later
     # draw — DP noise and Poisson sampling included — predictable and identical
     # across departments.
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        if chosen == "mlp":
-            return MLP(math.prod(input_shape), num_classes)
-        return SmallCNN(input_shape, num_classes)  # type: ignore[arg-type]
+        if factory is not None:
+            model = factory(input_shape=tuple(input_shape), num_outputs=int(num_classes), task=task)
+        elif chosen == "mlp":
+            model = MLP(math.prod(input_shape), num_classes, embeddings=embeddings)
+        else:
+            model = SmallCNN(input_shape, num_classes)  # type: ignore[arg-type]
+        if fix:
+            model, _ = make_trainable(model, name)
+    check_model(model, name, tuple(input_shape), int(num_classes))
+    return model
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -110,15 +157,39 @@ def to_tensor_dataset(data: Dataset) -> TensorDataset:
     return TensorDataset(x, torch.from_numpy(data.y))
 
 
+class FlatMSELoss(nn.MSELoss):
+    """MSE on ``(B, 1)`` predictions against ``(B, 1)`` targets, one loss value per example.
+
+    Flattened so that Opacus' ghost clipping, which reweights a per-example loss
+    of shape ``(B,)``, sees one value per example and not a ``(B, 1)`` column.
+    """
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> torch.Tensor:  # noqa: A002
+        return super().forward(input.reshape(-1), target.reshape(-1))
+
+
+def loss_function(task: str) -> nn.Module:
+    """Cross-entropy on K logits for classification, MSE on the standardized target for regression."""
+    return FlatMSELoss() if task == "regression" else nn.CrossEntropyLoss()
+
+
 @torch.no_grad()
-def evaluate(model: nn.Module, data: Dataset, device: torch.device | None = None) -> tuple[float, float]:
-    """(mean cross-entropy loss, accuracy) of ``model`` on ``data``."""
+def predict_outputs(model: nn.Module, x: np.ndarray, input_shape: tuple[int, ...],
+                    device: torch.device | None = None) -> np.ndarray:
+    """The model's raw outputs (logits, or standardized predictions) for rows ``x``, shape (N, K)."""
     device = device or resolve_device()
     model.to(device).eval()
-    loss_sum, correct = 0.0, 0
-    for xb, yb in DataLoader(to_tensor_dataset(data), batch_size=1024):
-        xb, yb = xb.to(device), yb.to(device)
-        logits = model(xb)
-        loss_sum += float(nn.functional.cross_entropy(logits, yb, reduction="sum"))
-        correct += int((logits.argmax(dim=1) == yb).sum())
-    return loss_sum / len(data), correct / len(data)
+    tensor = torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)).view(-1, *input_shape)
+    outs = [model(tensor[i:i + 1024].to(device)).float().cpu() for i in range(0, len(tensor), 1024)]
+    return torch.cat(outs).numpy() if outs else np.zeros((0, 1), np.float32)
+
+
+def evaluate(model: nn.Module, data: Dataset, device: torch.device | None = None) -> tuple[float, float]:
+    """(mean loss, accuracy) of ``model`` on ``data``; accuracy is NaN for regression.
+
+    :func:`fedsilo.shared.metrics.score` gives every metric of the task.
+    """
+    from .metrics import score
+
+    metrics = score(model, data, device)
+    return metrics["loss"], metrics.get("accuracy", float("nan"))

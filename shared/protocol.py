@@ -48,4 +48,6 @@ CLIENTAPP = "fedsilo.client.app:app"
 # 2: train replies no longer carry `train-loss` (an unnoised statistic of private batches).
 # 3: the department's policy decides (declined), signed ledger heads, acknowledged heads in
 #    the task, reported sizes instead of exact counts.
-PROTOCOL_VERSION = 3
+# 4: the data schema is a shared.schema.DataSchema (column kinds, encodings, task); models may be
+#    factories a department must allow; replies unchanged.
+PROTOCOL_VERSION = 4

@@ -16,9 +16,11 @@ from rich.console import Console
 from fedsilo.client.policy import DepartmentPolicy
 from fedsilo.server.report import print_run_report
 from fedsilo.server.summary import SUMMARY_FILE
-from fedsilo.shared.config import ACCOUNTANTS, DEVICES, GRAD_SAMPLE_MODES, MODELS, ConfigError, RunSettings
-from fedsilo.shared.data import DataError, federation_data, split_columns
+from fedsilo.shared.config import ACCOUNTANTS, DEVICES, GRAD_SAMPLE_MODES, TASKS, ConfigError, RunSettings
+from fedsilo.shared.data import DataError, simulated_federation, split_columns
+from fedsilo.shared.model_factory import check_spec, describe_grad_sample_mode, is_factory, model_changes
 from fedsilo.shared.models import build_model
+from fedsilo.shared.schema import DataSchema
 
 from fedsilo.shared.flower_cli import ANSI, FlowerError, progress_filter
 
@@ -36,14 +38,18 @@ def _choice(value: str, allowed: tuple[str, ...], option: str) -> str:
 
 
 def simulate(
-    departments: Annotated[int, typer.Option(min=1, help="Number of simulated departments.")] = 10,
+    departments: Annotated[Optional[int], typer.Option(min=1, help="Number of simulated departments (default 10; by:COLUMN and a folder decide it themselves).")] = None,
     rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 20,
-    dataset: Annotated[str, typer.Option(help="digits | mnist5k | breast-cancer | PATH to .csv/.parquet.")] = "digits",
+    dataset: Annotated[str, typer.Option(help="digits | mnist5k | breast-cancer | PATH to .csv/.parquet | a FOLDER with one table per department.")] = "digits",
     label_column: Annotated[str, typer.Option(help="Label column of a CSV/Parquet dataset.")] = "label",
     feature_columns: Annotated[str, typer.Option(help="Comma-separated feature columns (default: all but the label).")] = "",
-    partition: Annotated[str, typer.Option(help="iid | dirichlet:ALPHA (label skew; smaller = more skewed).")] = "dirichlet:0.5",
+    partition: Annotated[str, typer.Option(help="iid | dirichlet:ALPHA (label skew; smaller = more skewed) | by:COLUMN (one department per value).")] = "dirichlet:0.5",
+    task: Annotated[str, typer.Option(help="auto | binary | multiclass | regression (auto refuses to guess a many-valued number).")] = "auto",
+    schema: Annotated[Optional[Path], typer.Option(help="The data schema (JSON from `fedsilo schema infer`); default: inferred from the held-out rows.")] = None,
+    test_data: Annotated[Optional[Path], typer.Option(help="The coordinator's held-out table (default: a fixed 20 % split off the data).")] = None,
     seed: Annotated[int, typer.Option(help="Seed for partitioning and model initialization.")] = 42,
-    model: Annotated[str, typer.Option(help="auto | mlp | cnn.")] = "auto",
+    model: Annotated[str, typer.Option(help="auto | mlp | cnn | package.module:factory (your own; see the README's contract).")] = "auto",
+    fix_model: Annotated[bool, typer.Option("--fix-model", help="Let Opacus' ModuleValidator.fix replace layers DP-SGD cannot train (BatchNorm → GroupNorm), and say what changed.")] = False,
     dp: Annotated[bool, typer.Option("--dp/--no-dp", help="DP-SGD at every department (on by default).")] = True,
     noise_multiplier: Annotated[float, typer.Option(min=0.0, help="σ: Gaussian noise / clipping norm.")] = 1.0,
     target_epsilon: Annotated[Optional[float], typer.Option(help="Derive σ so the planned rounds spend this whole-history ε (overrides --noise-multiplier).")] = None,
@@ -71,17 +77,38 @@ def simulate(
     _choice(accountant, ACCOUNTANTS, "--accountant")
     _choice(grad_sample_mode, GRAD_SAMPLE_MODES, "--grad-sample-mode")
     _choice(device, DEVICES, "--device")
-    _choice(model, MODELS, "--model")
+    _choice(task, TASKS, "--task")
     out = out.expanduser().resolve()
     try:
+        check_spec(model)
+        spec = str(Path(dataset).expanduser().resolve()) if Path(dataset).expanduser().exists() else dataset
+        named = partition.strip().lower().startswith("by:") or Path(spec).is_dir()
+        if named and Path(spec).is_dir() and partition == "dirichlet:0.5":
+            partition = "iid"  # the default scheme means nothing for a folder of tables
+        count = departments if departments is not None else (0 if named else 10)
+        given = DataSchema.load(schema).to_json() if schema is not None else ""
+        held_out = str(test_data.expanduser().resolve()) if test_data is not None else ""
+        # Validate the data and model here, before any process starts.
+        federation = simulated_federation(
+            spec, label_column, split_columns(feature_columns), count, partition, seed,
+            schema_json=given, test_data=held_out, task=task,
+        )
+        parts, test = list(federation.parts), federation.test
+        departments = len(parts)
+        changes = model_changes(model, test.input_shape, test.num_outputs, test.task) if fix_model else []
+        built = build_model(model, test.input_shape, test.num_outputs, test.kind, seed=seed, task=test.task,
+                            embeddings=test.embeddings, fix=fix_model)
+        dp_path = describe_grad_sample_mode(grad_sample_mode, built) if dp else ""
         settings = RunSettings(
             num_server_rounds=rounds,
-            dataset=dataset,
+            dataset=spec,
             label_column=label_column,
             feature_columns=feature_columns,
             partition=partition,
             seed=seed,
             model=model,
+            fix_model=fix_model,
+            task=test.task,
             dp=dp,
             noise_multiplier=noise_multiplier,
             target_epsilon=target_epsilon or 0.0,
@@ -101,8 +128,9 @@ def simulate(
             round_timeout=600.0,
             connect_timeout=120.0,
             out=str(out),
-            test_data="",
-            data_schema="",
+            test_data=held_out,
+            # Every simulated department encodes with exactly the schema shown below.
+            data_schema=federation.schema.to_json() if federation.schema is not None else "",
             central_dp=central_dp,
             central_noise_multiplier=central_noise_multiplier,
             central_clip_norm=central_clip_norm,
@@ -114,6 +142,7 @@ def simulate(
             record_signing_key="",
             simulated_policy=DepartmentPolicy(
                 max_epsilon=max_epsilon, delta=delta, accountants=(accountant,), allow_non_private=not dp,
+                models=(model,) if is_factory(model) else (),
             ).to_json(),
         )
         if central_dp and central_delta >= 1.0 / departments:
@@ -121,20 +150,21 @@ def simulate(
                 f"--central-delta {central_delta:g} must be below 1/{departments} departments "
                 "(at δ ≥ 1/N one department's update could be published outright)"
             )
-        # Validate the data and model here, before any process starts.
-        parts, test = federation_data(
-            dataset, label_column, split_columns(feature_columns), departments, partition, seed
-        )
-        build_model(model, test.input_shape, test.num_classes, test.kind)
-    except (ConfigError, DataError, ValueError) as err:  # PolicyError is a ValueError
+    except (ConfigError, DataError, ValueError) as err:  # PolicyError, ModelError are ValueErrors
         err_console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
 
     _keep_previous_summary(out)
+    if federation.schema is not None:
+        _show_schema(federation.schema, out, given=bool(given))
+    if fix_model:
+        console.print("--fix-model: " + ("; ".join(changes) if changes else "nothing to change, the model is valid for DP-SGD as it is"))
+    if dp:
+        console.print(f"Model {model} ({sum(p.numel() for p in built.parameters())} parameters, {test.task}), per-sample gradients: {dp_path}")
     resumed = sorted((out / "ledgers").glob("*.jsonl")) if (out / "ledgers").exists() else []
     sizes = [len(p) for p in parts]
     console.print(
-        f"[bold]fedsilo[/bold]: {departments} departments × {rounds} rounds on '{test.name}' "
+        f"[bold]fedsilo[/bold]: {departments} departments × {rounds} rounds on '{Path(dataset).name if federation.schema is not None else test.name}' "
         f"({sum(sizes)} training examples, {min(sizes)}–{max(sizes)} per department, "
         f"{len(test)} held out), partition {partition}, "
         + (
@@ -189,6 +219,31 @@ def simulate(
     if summary["status"] == "failed":
         raise typer.Exit(1)
     console.print(f"Summary: {summary_path}")
+
+
+def _show_schema(schema: DataSchema, out: Path, given: bool) -> None:
+    """Print the schema every department encodes with, and keep it in the run folder."""
+    (out / "schema.json").write_text(schema.to_json(indent=2) + "\n", encoding="utf-8")
+    label = schema.label
+    what = f"{label.task}, classes {', '.join(label.classes)}" if label.classes else f"{label.task}, scaled by mean {label.mean:.4g} and {label.scale:.4g}"
+    console.print(
+        f"Schema ({'given' if given else 'inferred from the held-out rows'}; saved to {out / 'schema.json'}): "
+        f"label '{label.column}' ({what}); {schema.num_features} features from"
+    )
+    for column in schema.columns:
+        console.print(f"  {column.name}: {describe_column(column)}", markup=False, highlight=False)
+
+
+def describe_column(column) -> str:
+    if column.kind == "numeric":
+        return (f"numeric, scaled (mean {column.mean:.4g}, scale {column.scale:.4g}), missing → {column.impute} {column.fill:.4g}"
+                + (" + indicator" if column.indicator else ""))
+    if column.kind == "categorical":
+        shown = ", ".join(column.categories[:6]) + (", …" if len(column.categories) > 6 else "")
+        return f"categorical ({len(column.categories)}: {shown} + other), {column.encoding}"
+    if column.kind == "text":
+        return f"text, {column.features} hashed {column.analyzer} {column.ngrams[0]}–{column.ngrams[1]}-grams"
+    return "ignored"
 
 
 def _keep_previous_summary(out: Path) -> None:

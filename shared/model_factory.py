@@ -1,0 +1,167 @@
+"""Bring your own model: ``package.module:factory``, checked for DP-SGD before any round.
+
+The contract (also in the README)::
+
+    factory(input_shape=(F,) or (C, H, W), num_outputs=K, task="binary"|"multiclass"|"regression")
+        -> torch.nn.Module mapping a batch (B, *input_shape) of float32 to (B, K)
+
+K is the number of classes (two for binary: logits for cross-entropy), or 1 for
+regression (the prediction of the standardized target, trained with MSE).  The
+factory is imported from the environment of whoever builds the model: the
+coordinator's, and each department's own installed code — a department never
+imports code the coordinator sends, and its policy names the factories it
+allows.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Callable
+
+import torch
+from torch import nn
+
+from .config import FACTORY as SPEC
+
+
+class ModelError(ValueError):
+    """A model that cannot be built or trained with DP-SGD; the message names the layer and the fix."""
+
+
+def is_factory(spec: str) -> bool:
+    return ":" in spec
+
+
+def check_spec(spec: str) -> str:
+    """``spec`` itself when it is a built-in name or a well-formed ``package.module:callable``."""
+    if spec in ("auto", "mlp", "cnn"):
+        return spec
+    if not SPEC.match(spec):
+        raise ModelError(
+            f"model '{spec}' is neither a built-in (auto, mlp, cnn) nor a factory written "
+            "package.module:callable (e.g. acme_models.tabular:residual_mlp)"
+        )
+    return spec
+
+
+def load_factory(spec: str) -> Callable[..., nn.Module]:
+    """Import the factory named by ``spec`` from this environment."""
+    check_spec(spec)
+    module_name, _, attr = spec.partition(":")
+    try:
+        target = importlib.import_module(module_name)
+    except ImportError as err:
+        raise ModelError(
+            f"model factory '{spec}' is not installed here ({type(err).__name__}: {err}); "
+            f"install the package that provides '{module_name}' in this environment"
+        ) from None
+    for part in attr.split("."):
+        if not hasattr(target, part):
+            raise ModelError(f"model factory '{spec}': module '{module_name}' has no '{attr}'")
+        target = getattr(target, part)
+    if not callable(target):
+        raise ModelError(f"model factory '{spec}' is not callable")
+    return target
+
+
+def dp_problems(model: nn.Module) -> list[str]:
+    """Every layer Opacus cannot train with per-example gradients, by its path in ``model``."""
+    from opacus.utils.module_utils import trainable_modules
+    from opacus.validators import ModuleValidator
+
+    problems = []
+    for name, module in trainable_modules(model):
+        validator = ModuleValidator.VALIDATORS.get(type(module))
+        for error in validator(module) if validator else ():
+            problems.append(f"layer '{name or '<root>'}' ({type(module).__name__}): {error}")
+    return problems
+
+
+def make_trainable(model: nn.Module, spec: str) -> tuple[nn.Module, list[str]]:
+    """``ModuleValidator.fix``, and what it changed (``net.1: BatchNorm1d → GroupNorm``)."""
+    from opacus.validators import ModuleValidator
+
+    before = {name: type(m).__name__ for name, m in model.named_modules()}
+    fixed = ModuleValidator.fix(model)
+    after = {name: type(m).__name__ for name, m in fixed.named_modules()}
+    changes = [f"{name or '<root>'}: {before[name]} → {after.get(name, 'removed')}"
+               for name in before if after.get(name) != before[name] and name in after]
+    return fixed, changes
+
+
+def check_model(model: nn.Module, spec: str, input_shape: tuple[int, ...], num_outputs: int) -> None:
+    """A module DP-SGD can train, mapping ``(B, *input_shape)`` to ``(B, num_outputs)``."""
+    if not isinstance(model, nn.Module):
+        raise ModelError(f"model factory '{spec}' returned {type(model).__name__}, not a torch.nn.Module")
+    problems = dp_problems(model)
+    if problems:
+        raise ModelError(
+            f"model '{spec}' cannot be trained with DP-SGD: " + "; ".join(problems)
+            + ". Pass --fix-model to let Opacus' ModuleValidator.fix replace such layers (e.g. BatchNorm → GroupNorm)"
+        )
+    if not any(p.requires_grad for p in model.parameters()):
+        raise ModelError(f"model '{spec}' has no trainable parameters")
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            out = model(torch.zeros((2, *input_shape)))
+    except Exception as err:  # a user's forward pass may raise anything
+        raise ModelError(
+            f"model '{spec}' fails on a batch of shape (2, {', '.join(map(str, input_shape))}): "
+            f"{type(err).__name__}: {err}"
+        ) from None
+    finally:
+        model.train(was_training)
+    if not isinstance(out, torch.Tensor) or tuple(out.shape) != (2, num_outputs):
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(
+            f"model '{spec}' maps a batch of 2 to {shape}; fedsilo needs (2, {num_outputs}): "
+            "one output per class, or one prediction for regression"
+        )
+
+
+def resolve_grad_sample_mode(mode: str, model: nn.Module) -> str:
+    """``auto``: ghost clipping where it pays off for ``model``, else Opacus' hooks.
+
+    Ghost clipping avoids per-sample gradients only for layers that have a ghost
+    norm in Opacus (Linear and Embedding in 1.6).  For any other trainable layer
+    it materializes them anyway and adds a second backward pass, so hooks is
+    faster there (fedsilo's CNN: 2.4× against 3.0× non-private, BENCHMARKS.md).
+    Any other mode is returned as given.
+    """
+    if mode != "auto":
+        return mode
+    return "hooks" if ghost_norm_coverage(model)[1] else "ghost"
+
+
+def describe_grad_sample_mode(mode: str, model: nn.Module) -> str:
+    """What the DP path will run for ``model``, and why (shown before a run)."""
+    chosen = resolve_grad_sample_mode(mode, model)
+    covered, missing = ghost_norm_coverage(model)
+    if mode != "auto":
+        return f"{chosen} (as asked)"
+    if chosen == "ghost":
+        return f"ghost clipping (every trainable layer has a ghost norm: {', '.join(covered)})"
+    return f"hooks (no ghost norm in Opacus for {', '.join(missing)})"
+
+
+def ghost_norm_coverage(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Trainable layer types of ``model`` with an Opacus ghost norm, and those without one."""
+    from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
+        GradSampleModuleFastGradientClipping,
+    )
+
+    ghost_norms = tuple(GradSampleModuleFastGradientClipping.NORM_SAMPLERS)
+    trainable = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
+    covered = sorted({type(m).__name__ for m in trainable if isinstance(m, ghost_norms)})
+    missing = sorted({type(m).__name__ for m in trainable if not isinstance(m, ghost_norms)})
+    return covered, missing
+
+
+def model_changes(spec: str, input_shape: tuple[int, ...], num_outputs: int, task: str) -> list[str]:
+    """What ``--fix-model`` changes in this model, for the operator to read before the run."""
+    if not is_factory(spec):
+        return []  # the built-ins need no fixing
+    raw = load_factory(spec)(input_shape=tuple(input_shape), num_outputs=int(num_outputs), task=task)
+    return make_trainable(raw, spec)[1]

@@ -1,0 +1,537 @@
+"""The federation's public data schema: how every party turns its own table into features.
+
+A :class:`DataSchema` is drafted once from a table the coordinator may look at
+(``fedsilo schema infer``), edited by hand if need be, and sent with the run, so
+every department encodes its private table the same way: the same columns in
+the same order, the same category lists, the same imputation values and scaling,
+the same hashed text features, the same label codes.  A department computes
+nothing from its records to encode them: every statistic here comes from the
+schema, which is public.
+
+Column kinds
+------------
+``numeric``      ``(value - mean) / scale``; a missing value becomes ``fill``
+                 (``impute`` says where it came from: median, mean, zero) or is
+                 an error (``impute: "error"``); ``indicator`` adds a 0/1 column.
+``categorical``  the declared ``categories``; anything else — missing or unseen —
+                 goes to one extra "other" slot.  ``encoding: "onehot"`` gives one
+                 column per slot; ``"embedding"`` gives one column holding the slot
+                 index, which the built-in MLP embeds (a factory model gets it as
+                 a float).
+``text``         hashed word or character n-grams (scikit-learn's
+                 ``HashingVectorizer``: stateless, no vocabulary, no downloads),
+                 ``features`` columns, L2-normalized per row.
+``ignore``       read from nobody's table (identifiers, free-form dates, ...).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+TASKS = ("binary", "multiclass", "regression")
+KINDS = ("numeric", "categorical", "text", "ignore")
+ENCODINGS = ("onehot", "embedding")
+IMPUTATIONS = ("median", "mean", "zero", "error")
+ANALYZERS = ("word", "char_wb")
+SCHEMA_FORMAT = "fedsilo-schema"
+SCHEMA_VERSION = 1
+TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
+# Inference thresholds (documented in the README): a text column with at most
+# MAX_CATEGORIES distinct values is categorical; a label with more distinct
+# numbers than MAX_CLASSES is not guessed to be a class label.
+MAX_CATEGORIES = 50
+MAX_CLASSES = 20
+TEXT_FEATURES = 64
+
+
+class DataError(ValueError):
+    """Input data cannot be used; the message names the file/column and the fix."""
+
+
+class SchemaError(DataError):
+    """A schema file, or a table that does not fit it; the message names the column and the fix."""
+
+
+# --------------------------------------------------------------------------- columns
+
+
+@dataclass(frozen=True)
+class Column:
+    """One input column of the schema (see the module docstring for the kinds)."""
+
+    name: str
+    kind: str
+    # numeric
+    mean: float = 0.0
+    scale: float = 1.0
+    impute: str = "median"
+    fill: float = 0.0
+    indicator: bool = False
+    # categorical
+    categories: tuple[str, ...] = ()
+    encoding: str = "onehot"
+    # text
+    features: int = TEXT_FEATURES
+    ngrams: tuple[int, int] = (1, 2)
+    analyzer: str = "word"
+
+    def __post_init__(self) -> None:
+        where = f"schema column '{self.name}'"
+        if not self.name:
+            raise SchemaError("every schema column needs a name")
+        if self.kind not in KINDS:
+            raise SchemaError(f"{where}: kind '{self.kind}' is not one of {', '.join(KINDS)}")
+        if self.kind == "numeric":
+            if not (math.isfinite(self.mean) and math.isfinite(self.scale) and self.scale > 0):
+                raise SchemaError(f"{where}: mean must be finite and scale positive (got {self.mean}, {self.scale})")
+            if self.impute not in IMPUTATIONS:
+                raise SchemaError(f"{where}: impute '{self.impute}' is not one of {', '.join(IMPUTATIONS)}")
+            if not math.isfinite(self.fill):
+                raise SchemaError(f"{where}: fill must be a finite number")
+        if self.kind == "categorical":
+            object.__setattr__(self, "categories", tuple(str(c) for c in self.categories))
+            if not self.categories:
+                raise SchemaError(f"{where}: a categorical column needs its categories listed")
+            if len(set(self.categories)) != len(self.categories):
+                raise SchemaError(f"{where}: categories must be distinct")
+            if self.encoding not in ENCODINGS:
+                raise SchemaError(f"{where}: encoding '{self.encoding}' is not one of {', '.join(ENCODINGS)}")
+        if self.kind == "text":
+            object.__setattr__(self, "ngrams", tuple(int(n) for n in self.ngrams))
+            if not (isinstance(self.features, int) and 1 <= self.features <= 1 << 20):
+                raise SchemaError(f"{where}: features must be a whole number in [1, 1048576]")
+            if len(self.ngrams) != 2 or not 1 <= self.ngrams[0] <= self.ngrams[1] <= 8:
+                raise SchemaError(f"{where}: ngrams must be [MIN, MAX] with 1 <= MIN <= MAX <= 8")
+            if self.analyzer not in ANALYZERS:
+                raise SchemaError(f"{where}: analyzer '{self.analyzer}' is not one of {', '.join(ANALYZERS)}")
+
+    @property
+    def width(self) -> int:
+        """How many feature columns this column encodes to."""
+        if self.kind == "numeric":
+            return 1 + int(self.indicator)
+        if self.kind == "categorical":
+            return len(self.categories) + 1 if self.encoding == "onehot" else 1
+        if self.kind == "text":
+            return self.features
+        return 0
+
+    def feature_names(self) -> list[str]:
+        if self.kind == "numeric":
+            return [self.name] + ([f"{self.name} missing"] if self.indicator else [])
+        if self.kind == "categorical":
+            if self.encoding == "embedding":
+                return [f"{self.name} (index)"]
+            return [f"{self.name}={c}" for c in self.categories] + [f"{self.name}=<other>"]
+        if self.kind == "text":
+            return [f"{self.name}#{i}" for i in range(self.features)]
+        return []
+
+    def to_dict(self) -> dict[str, Any]:
+        """Only the fields of its kind: the file stays short and editable."""
+        keep = {
+            "numeric": ("mean", "scale", "impute", "fill", "indicator"),
+            "categorical": ("categories", "encoding"),
+            "text": ("features", "ngrams", "analyzer"),
+            "ignore": (),
+        }[self.kind]
+        body = asdict(self)
+        out = {"name": self.name, "kind": self.kind}
+        out.update({k: (list(body[k]) if isinstance(body[k], tuple) else body[k]) for k in keep})
+        return out
+
+    @classmethod
+    def from_dict(cls, raw: Any) -> "Column":
+        if not isinstance(raw, dict) or "name" not in raw or "kind" not in raw:
+            raise SchemaError(f"each schema column must be an object with 'name' and 'kind', got {raw!r}")
+        known = {f for f in cls.__dataclass_fields__}
+        unknown = sorted(set(raw) - known)
+        if unknown:
+            raise SchemaError(f"schema column '{raw['name']}': unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        try:
+            return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()})
+        except TypeError as err:
+            raise SchemaError(f"schema column '{raw['name']}': {err}") from None
+
+
+@dataclass(frozen=True)
+class Label:
+    """The target: class labels in code order, or a regression target's public scaling."""
+
+    column: str
+    task: str
+    classes: tuple[str, ...] = ()
+    mean: float = 0.0
+    scale: float = 1.0
+
+    def __post_init__(self) -> None:
+        if self.task not in TASKS:
+            raise SchemaError(f"label task '{self.task}' is not one of {', '.join(TASKS)}")
+        object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
+        if self.task == "regression":
+            if self.classes:
+                raise SchemaError("a regression label has no classes; remove 'classes' or change the task")
+            if not (math.isfinite(self.mean) and math.isfinite(self.scale) and self.scale > 0):
+                raise SchemaError("a regression label needs a finite mean and a positive scale")
+        else:
+            if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
+                raise SchemaError(f"label '{self.column}': a classifier needs at least two distinct classes, got {list(self.classes)}")
+            if self.task == "binary" and len(self.classes) != 2:
+                raise SchemaError(f"label '{self.column}': task binary needs exactly two classes, got {len(self.classes)}; use multiclass")
+
+    @property
+    def num_outputs(self) -> int:
+        return 1 if self.task == "regression" else len(self.classes)
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"column": self.column, "task": self.task}
+        if self.task == "regression":
+            out.update(mean=self.mean, scale=self.scale)
+        else:
+            out["classes"] = list(self.classes)
+        return out
+
+
+# --------------------------------------------------------------------------- schema
+
+
+@dataclass(frozen=True)
+class DataSchema:
+    """The label and the input columns, in feature order."""
+
+    label: Label
+    columns: tuple[Column, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        names = [c.name for c in self.columns]
+        if len(set(names)) != len(names):
+            raise SchemaError("schema columns must have distinct names")
+        if self.label.column in names:
+            raise SchemaError(f"the label column '{self.label.column}' cannot also be an input column")
+        if self.num_features < 1:
+            raise SchemaError("the schema has no input column (every column is 'ignore'); keep at least one")
+
+    # ---------------------------------------------------------------- shape
+    @property
+    def inputs(self) -> tuple[Column, ...]:
+        return tuple(c for c in self.columns if c.kind != "ignore")
+
+    @property
+    def num_features(self) -> int:
+        return sum(c.width for c in self.inputs)
+
+    @property
+    def feature_names(self) -> list[str]:
+        return [n for c in self.inputs for n in c.feature_names()]
+
+    @property
+    def task(self) -> str:
+        return self.label.task
+
+    @property
+    def embeddings(self) -> tuple[tuple[int, int], ...]:
+        """(feature index, number of slots) of every embedding-encoded column."""
+        out, at = [], 0
+        for column in self.inputs:
+            if column.kind == "categorical" and column.encoding == "embedding":
+                out.append((at, len(column.categories) + 1))
+            at += column.width
+        return tuple(out)
+
+    # ---------------------------------------------------------------- encoding
+    def encode(self, frame, source: str = "the table") -> np.ndarray:
+        """The feature matrix (float32) of ``frame``, in schema order.
+
+        Raises
+        ------
+        SchemaError
+            A schema column is missing from the table, a numeric column holds text
+            or infinite values, or a missing value where ``impute`` is ``error``.
+        """
+        missing = [c.name for c in self.inputs if c.name not in frame.columns]
+        if missing:
+            raise SchemaError(
+                f"{source} lacks the schema's column(s) {', '.join(missing)} "
+                f"(it has: {', '.join(map(str, list(frame.columns)[:20]))}); "
+                "rename them to match, or edit the schema"
+            )
+        blocks = [_encode_column(c, frame[c.name], source) for c in self.inputs]
+        return np.concatenate(blocks, axis=1).astype(np.float32) if blocks else np.zeros((len(frame), 0), np.float32)
+
+    def encode_labels(self, frame, source: str = "the table") -> np.ndarray:
+        """Integer codes (classification) or the standardized target (regression)."""
+        label = self.label
+        if label.column not in frame.columns:
+            raise SchemaError(f"label column '{label.column}' not found in {source}; pass the right one with --label-column")
+        values = frame[label.column]
+        empty = values.isna().to_numpy()
+        if empty.any():
+            raise SchemaError(f"label column '{label.column}' in {source} is empty at row {_row(empty)}")
+        if label.task == "regression":
+            target = _numbers(values, label.column, source)
+            return ((target - label.mean) / label.scale).astype(np.float32)
+        codes = {c: i for i, c in enumerate(label.classes)}
+        text = _label_text(values)
+        unknown = [i for i, v in enumerate(text) if v not in codes]
+        if unknown:
+            raise SchemaError(
+                f"label '{text[unknown[0]]}' in {source} row {unknown[0] + 2} is not one of the "
+                f"federation's classes ({', '.join(label.classes[:20])}); fix the data or the schema"
+            )
+        return np.array([codes[v] for v in text], dtype=np.int64)
+
+    def decode_predictions(self, outputs: np.ndarray) -> np.ndarray:
+        """Regression outputs back in the target's units (classification: unchanged)."""
+        if self.task == "regression":
+            return outputs.reshape(-1) * self.label.scale + self.label.mean
+        return outputs
+
+    # ---------------------------------------------------------------- files
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": SCHEMA_FORMAT, "version": SCHEMA_VERSION, "label": self.label.to_dict(),
+                "columns": [c.to_dict() for c in self.columns]}
+
+    def to_json(self, indent: int | None = None) -> str:
+        return json.dumps(self.to_dict(), indent=indent, sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, raw: Any, source: str = "the schema") -> "DataSchema":
+        if not isinstance(raw, dict) or raw.get("format") != SCHEMA_FORMAT:
+            raise SchemaError(f"{source} is not a fedsilo schema (no \"format\": \"{SCHEMA_FORMAT}\"); draft one with `fedsilo schema infer`")
+        if raw.get("version") != SCHEMA_VERSION:
+            raise SchemaError(f"{source} has schema version {raw.get('version')!r}; this fedsilo reads version {SCHEMA_VERSION}")
+        unknown = sorted(set(raw) - {"format", "version", "label", "columns"})
+        if unknown:
+            raise SchemaError(f"{source}: unknown field(s) {', '.join(unknown)}")
+        label = raw.get("label")
+        if not isinstance(label, dict) or "column" not in label or "task" not in label:
+            raise SchemaError(f"{source}: 'label' must be an object with 'column' and 'task'")
+        extra = sorted(set(label) - {"column", "task", "classes", "mean", "scale"})
+        if extra:
+            raise SchemaError(f"{source}: unknown label field(s) {', '.join(extra)}")
+        columns = raw.get("columns")
+        if not isinstance(columns, list):
+            raise SchemaError(f"{source}: 'columns' must be a list")
+        return cls(Label(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in label.items()}),
+                   tuple(Column.from_dict(c) for c in columns))
+
+    @classmethod
+    def from_json(cls, text: str, source: str = "the schema") -> "DataSchema":
+        try:
+            raw = json.loads(text)
+        except ValueError as err:
+            raise SchemaError(f"{source} is not valid JSON ({err})") from None
+        return cls.from_dict(raw, source)
+
+    @classmethod
+    def load(cls, path: Path | str) -> "DataSchema":
+        path = Path(path).expanduser()
+        try:
+            text = path.read_text(encoding="utf-8")
+        except OSError as err:
+            raise SchemaError(f"cannot read schema file '{path}': {err.strerror or err}") from None
+        return cls.from_json(text, f"schema file '{path}'")
+
+    def with_label_column(self, column: str) -> "DataSchema":
+        """The same schema for a table whose label column has another name (a department's own)."""
+        label = Label(column, self.label.task, self.label.classes, self.label.mean, self.label.scale)
+        return DataSchema(label, tuple(c for c in self.columns if c.name != column))
+
+
+# --------------------------------------------------------------------------- inference
+
+
+def infer_schema(
+    frame, label_column: str, task: str = "auto", source: str = "the table",
+    max_categories: int = MAX_CATEGORIES, text_features: int = TEXT_FEATURES,
+    feature_columns: Sequence[str] = (),
+) -> DataSchema:
+    """Draft a schema from a table the coordinator may look at.
+
+    Every statistic it holds (category lists, medians, means, scales, the label's
+    classes or scaling) comes from ``frame``: pass only a table whose contents are
+    public to the federation — the coordinator's own held-out table.
+    """
+    if label_column not in frame.columns:
+        raise SchemaError(
+            f"label column '{label_column}' not found in {source} "
+            f"(columns: {', '.join(map(str, list(frame.columns)[:20]))}); pass the right one with --label-column"
+        )
+    label = infer_label(frame[label_column], label_column, task, source)
+    names = list(feature_columns) or [c for c in frame.columns if c != label_column]
+    absent = [c for c in names if c not in frame.columns]
+    if absent:
+        raise SchemaError(f"feature column(s) {', '.join(absent)} not found in {source}")
+    columns = tuple(_infer_column(str(c), frame[c], max_categories, text_features) for c in names)
+    return DataSchema(label, columns)
+
+
+def infer_label(values, column: str, task: str, source: str) -> Label:
+    """The task and classes of a label column; refuses to guess a many-valued number."""
+    import pandas as pd
+
+    if task not in ("auto", *TASKS):
+        raise SchemaError(f"task '{task}' is not one of auto, {', '.join(TASKS)}")
+    present = values.dropna()
+    if present.empty:
+        raise SchemaError(f"label column '{column}' in {source} is empty")
+    numeric = pd.api.types.is_numeric_dtype(present) and not pd.api.types.is_bool_dtype(present)
+    if task == "regression":
+        if not numeric:
+            raise SchemaError(f"label column '{column}' in {source} is not numeric; a regression target must be a number")
+        target = present.to_numpy(dtype=np.float64)
+        scale = float(target.std()) or 1.0
+        return Label(column, "regression", (), float(target.mean()), scale)
+    classes = tuple(sorted(set(_label_text(present)), key=_natural))
+    if task == "auto" and numeric:
+        integral = bool(np.all(np.mod(present.to_numpy(dtype=np.float64), 1) == 0))
+        if len(classes) > MAX_CLASSES or not integral:
+            raise SchemaError(
+                f"label column '{column}' in {source} holds {len(classes)} distinct "
+                f"{'numbers' if integral else 'non-integer numbers'}; fedsilo will not guess the task: "
+                "pass --task regression, or --task multiclass to treat each value as a class"
+            )
+    if len(classes) < 2:
+        raise SchemaError(f"label column '{column}' in {source} has a single class ({classes[0]!r}); a classifier needs at least two")
+    chosen = task if task != "auto" else ("binary" if len(classes) == 2 else "multiclass")
+    return Label(column, chosen, classes)
+
+
+def _infer_column(name: str, values, max_categories: int, text_features: int) -> Column:
+    import pandas as pd
+
+    present = values.dropna()
+    if pd.api.types.is_bool_dtype(values) or (pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)):
+        numbers = present.to_numpy(dtype=np.float64)
+        numbers = numbers[np.isfinite(numbers)]
+        if numbers.size == 0:
+            return Column(name, "ignore")
+        mean, std = float(numbers.mean()), float(numbers.std())
+        return Column(name, "numeric", mean=mean, scale=std if std > 0 else 1.0, impute="median",
+                      fill=float(np.median(numbers)), indicator=bool(values.isna().any()))
+    text = present.astype(str)
+    distinct = text.nunique()
+    if distinct == 0:
+        return Column(name, "ignore")
+    words = text.str.split().str.len().mean()
+    if distinct <= max_categories and words < 4:
+        return Column(name, "categorical", categories=tuple(sorted(set(text), key=_natural)))
+    if words < 1.5 and distinct == len(text):
+        return Column(name, "ignore")  # one token, unique per row: an identifier, not a feature
+    return Column(name, "text", features=text_features, ngrams=(1, 2), analyzer="word")
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _encode_column(column: Column, values, source: str) -> np.ndarray:
+    n = len(values)
+    if column.kind == "numeric":
+        numbers = _numbers(values, column.name, source, allow_missing=True)
+        gaps = np.isnan(numbers)
+        if gaps.any() and column.impute == "error":
+            raise SchemaError(
+                f"column '{column.name}' in {source} is empty at row {_row(gaps)}, and the schema's impute is "
+                "'error'; fill it in, or set impute to median/mean/zero with a fill value in the schema"
+            )
+        filled = np.where(gaps, column.fill, numbers)
+        out = ((filled - column.mean) / column.scale).reshape(n, 1)
+        return np.concatenate([out, gaps.reshape(n, 1).astype(np.float64)], axis=1) if column.indicator else out
+    text = values.astype("string")
+    if column.kind == "categorical":
+        slots = {c: i for i, c in enumerate(column.categories)}
+        other = len(column.categories)
+        index = np.array([slots.get(v, other) if isinstance(v, str) else other for v in _category_text(values)], dtype=np.int64)
+        if column.encoding == "embedding":
+            return index.reshape(n, 1).astype(np.float64)
+        onehot = np.zeros((n, other + 1))
+        onehot[np.arange(n), index] = 1.0
+        return onehot
+    from sklearn.feature_extraction.text import HashingVectorizer
+
+    hasher = HashingVectorizer(n_features=column.features, ngram_range=tuple(column.ngrams),
+                               analyzer=column.analyzer, alternate_sign=False, norm="l2", lowercase=True)
+    docs = text.fillna("").tolist()
+    return hasher.transform(docs).toarray()
+
+
+def _numbers(values, column: str, source: str, allow_missing: bool = False) -> np.ndarray:
+    import pandas as pd
+
+    numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+    bad = np.isnan(numbers) & ~values.isna().to_numpy()
+    if bad.any():
+        raise SchemaError(
+            f"column '{column}' in {source} is numeric in the schema but holds text at row {_row(bad)}; "
+            "fix the value, or declare the column categorical or text in the schema"
+        )
+    if np.isinf(numbers).any():
+        raise SchemaError(f"column '{column}' in {source} holds an infinite value at row {_row(np.isinf(numbers))}")
+    if not allow_missing and np.isnan(numbers).any():
+        raise SchemaError(f"column '{column}' in {source} is empty at row {_row(np.isnan(numbers))}")
+    return numbers
+
+
+def _category_text(values) -> list:
+    """Category values as text, numbers without a spurious '.0' (1.0 and 1 are the same category)."""
+    return [None if _missing(v) else _plain(v) for v in values.tolist()]
+
+
+def _label_text(values) -> list[str]:
+    return [_plain(v) for v in values.tolist()]
+
+
+def _plain(value) -> str:
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    return str(value)
+
+
+def _missing(value) -> bool:
+    try:
+        return value is None or bool(value != value)
+    except (TypeError, ValueError):
+        return False
+
+
+def _row(mask: np.ndarray) -> int:
+    """The first flagged row, counting the header as row 1 (as a spreadsheet shows it)."""
+    return int(np.nonzero(mask)[0][0]) + 2
+
+
+def _natural(value: str):
+    """Numbers in numeric order, then text: codes stable across tables."""
+    try:
+        return (0, float(value), value)
+    except ValueError:
+        return (1, 0.0, value)
+
+
+def read_table(path: Path | str):
+    """A CSV or Parquet file as a pandas DataFrame, with clear errors."""
+    import pandas as pd
+
+    path = Path(path).expanduser()
+    if not path.exists():
+        raise SchemaError(f"data file '{path}' does not exist; check the path")
+    if not path.is_file():
+        raise SchemaError(f"data path '{path}' is not a file")
+    if path.suffix.lower() not in TABLE_SUFFIXES:
+        raise SchemaError(f"data file '{path}' must be .csv or .parquet")
+    try:
+        frame = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
+    except Exception as err:  # pandas/pyarrow raise many types for a bad file
+        raise SchemaError(
+            f"cannot read '{path}' as {path.suffix.lstrip('.').upper()}: {err}. "
+            "Check that the file is a valid, non-empty table"
+        ) from err
+    if frame.empty:
+        raise SchemaError(f"data file '{path}' has no rows")
+    frame.columns = [str(c) for c in frame.columns]
+    return frame
