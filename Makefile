@@ -17,6 +17,8 @@ $(STAMP): pyproject.toml constraints.txt
 	# torch first, pinned: a looser spec would pull a multi-GB CUDA build.
 	$(PY) -m pip install --quiet -c constraints.txt torch==2.13.0
 	$(PY) -m pip install --quiet -c constraints.txt -e ".[test]"
+	# The example model package the README and the tests bring as "your own model".
+	$(PY) -m pip install --quiet -c constraints.txt -e examples/acme-models
 	touch $(STAMP)
 
 demo: $(STAMP)

@@ -39,6 +39,99 @@ app.add_typer(department_app, name="department")
 app.add_typer(bench_app, name="bench")
 
 
+schema_app = typer.Typer(help="The federation's public data schema: draft it, check a table against it.", no_args_is_help=True)
+app.add_typer(schema_app, name="schema")
+
+
+@schema_app.command("infer")
+def schema_infer(
+    table: Annotated[Path, typer.Argument(help="A table the coordinator may look at (.csv/.parquet): its own held-out table. Every statistic in the schema comes from it.")],
+    label_column: Annotated[str, typer.Option(help="The label column.")] = "label",
+    task: Annotated[str, typer.Option(help="auto | binary | multiclass | regression (auto refuses to guess a many-valued number).")] = "auto",
+    feature_columns: Annotated[str, typer.Option(help="Comma-separated input columns (default: all but the label).")] = "",
+    max_categories: Annotated[int, typer.Option(min=1, help="A text column with at most this many distinct values is categorical.")] = 50,
+    text_features: Annotated[int, typer.Option(min=1, help="Hashed n-gram features per text column.")] = 64,
+    out: Annotated[Optional[Path], typer.Option(help="Write the schema here (default: print it).")] = None,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
+) -> None:
+    """Draft the schema every department encodes its table with; edit it by hand as needed."""
+    from fedsilo.shared.data import split_columns
+    from fedsilo.shared.schema import DataError, infer_schema, read_table
+    from fedsilo.simulations.simulate import describe_column
+
+    try:
+        schema = infer_schema(read_table(table), label_column, task, f"'{table}'", max_categories, text_features,
+                              split_columns(feature_columns))
+        if out is not None and out.exists() and not force:
+            raise FileExistsError(f"'{out}' already exists; choose another --out or pass --force to replace it")
+    except (DataError, FileExistsError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    text = schema.to_json(indent=2) + "\n"
+    if out is None:
+        typer.echo(text, nl=False)
+        return
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(text, encoding="utf-8")
+    label = schema.label
+    typer.echo(f"wrote {out}: label '{label.column}' ({label.task}"
+               + (f", classes {', '.join(label.classes)}" if label.classes else "") + f"), {schema.num_features} features from:")
+    for column in schema.columns:
+        typer.echo(f"  {column.name}: {describe_column(column)}")
+    typer.echo("Every value above comes from the table given: it is public to the federation once the schema is sent.")
+
+
+@schema_app.command("check")
+def schema_check(
+    schema_file: Annotated[Path, typer.Argument(help="The schema (JSON).")],
+    data: Annotated[Path, typer.Option(help="A table to encode with it.")],
+    label_column: Annotated[Optional[str], typer.Option(help="The table's label column, if named differently.")] = None,
+) -> None:
+    """Encode a table with the schema, as a department would; say what does not fit."""
+    from fedsilo.shared.data import load_table
+    from fedsilo.shared.schema import DataError, DataSchema
+
+    try:
+        schema = DataSchema.load(schema_file)
+        if label_column:
+            schema = schema.with_label_column(label_column)
+        encoded = load_table(data, schema.label.column, schema=schema)
+    except DataError as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(1) from None
+    typer.echo(f"{data}: {len(encoded)} rows encode to {schema.num_features} features ({schema.task}); it fits the schema")
+
+
+@app.command("predict")
+def predict(
+    model: Annotated[Path, typer.Option(help="A run folder (model.safetensors and model-card.json).")],
+    data: Annotated[Path, typer.Option(help="New rows (.csv/.parquet) with the schema's columns.")],
+    out: Annotated[Path, typer.Option(help="Where to write the rows with their predictions (.csv/.parquet).")],
+    keys: Annotated[Optional[Path], typer.Option(help="Folder with the coordinator's key you trust (coordinator.crt or .pub) to check the card's signer.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
+) -> None:
+    """Apply a run's model to new rows: checks the signed card, encodes with its schema, writes predictions."""
+    from fedsilo.server.model_card import CardError
+    from fedsilo.server.predict import predict_file, write_predictions
+    from fedsilo.shared.metrics import format_metrics
+    from fedsilo.shared.model_factory import ModelError
+    from fedsilo.shared.schema import DataError
+
+    try:
+        if out.exists() and not overwrite:
+            raise FileExistsError(f"'{out}' already exists; choose another --out, or pass --overwrite to replace it")
+        result = predict_file(model, data, keys)
+        write_predictions(result.frame, out, overwrite)
+    except (CardError, DataError, ModelError, FileExistsError) as err:
+        typer.echo(f"error: {err}", err=True)
+        raise typer.Exit(2) from None
+    card = result.card
+    typer.echo(f"model of run {card['run_id']} ({card['model']['architecture']}, {card['task']}); card verified with {result.trusted}")
+    typer.echo(f"wrote {len(result.frame)} predictions to {out}")
+    if result.metrics is not None:
+        typer.echo(f"metrics on these rows: {format_metrics(result.metrics, card['task'])}")
+
+
 @app.command("audit")
 def audit(
     path: Annotated[Path, typer.Argument(help="A run directory, a ledger directory, or one .jsonl ledger.")],

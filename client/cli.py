@@ -16,6 +16,7 @@ from rich.console import Console
 from fedsilo.shared.data import DataError, split_columns
 from fedsilo.shared.flower_cli import FlowerError, stop_group, stop_tree, wait_for_port
 from fedsilo.shared.ledger import LedgerError
+from fedsilo.shared.model_factory import ModelError
 
 from .executor import DepartmentExecutor
 from .policy import DepartmentPolicy, PolicyError
@@ -42,6 +43,7 @@ def start(
     allow_non_private: Annotated[bool, typer.Option("--allow-non-private", help="INSECURE: let runs train here without DP. Voids the ε of this department's whole ledger, for good.")] = False,
     min_noise_multiplier: Annotated[float, typer.Option(help="The smallest σ a round may use (0: only the budget limits it).")] = 0.0,
     max_sample_rate: Annotated[float, typer.Option(help="The largest Poisson sample rate a round may use.")] = 1.0,
+    allow_model: Annotated[Optional[list[str]], typer.Option(help="A model factory package.module:callable this department runs, from its own installed environment (repeat for several). Built-in models are always allowed.")] = None,
     public_size: Annotated[Optional[int], typer.Option(help="A record count this department declares public: reported as its size (FedAvg weight) and planned from. Default: the count rounded down to its two leading binary digits (1797 → 1536), never the exact count.")] = None,
     port: Annotated[Optional[int], typer.Option(help="Local port for the SuperNode's loopback API (default: a free one).")] = None,
     activation_wait: Annotated[float, typer.Option(min=0, help="Seconds to keep retrying when the coordinator does not accept this department yet (after a crash it counts the old start online for up to a minute).")] = 75.0,
@@ -57,7 +59,7 @@ def start(
         policy = DepartmentPolicy(
             max_epsilon=max_epsilon, delta=delta, accountants=tuple(split_columns(accountants)),
             allow_non_private=allow_non_private, min_noise_multiplier=min_noise_multiplier,
-            max_sample_rate=max_sample_rate, public_size=public_size,
+            max_sample_rate=max_sample_rate, public_size=public_size, models=tuple(allow_model or ()),
         )
     except PolicyError as err:
         err_console.print(f"[red]error:[/red] {err}")
@@ -76,7 +78,7 @@ def start(
     )
     try:
         rows = node.preflight()
-    except (DepartmentStartError, DataError, LedgerError, PolicyError) as err:
+    except (DepartmentStartError, DataError, LedgerError, PolicyError, ModelError) as err:
         err_console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
     if allow_non_private:

@@ -13,7 +13,10 @@ from rich.table import Table
 
 from fedsilo.certs.authority import CertError, CertPaths
 from fedsilo.shared.config import ConfigError, RunSettings
-from fedsilo.shared.data import DataError, table_schema, split_columns
+from fedsilo.shared.data import DataError, load_table, table_schema, split_columns
+from fedsilo.shared.model_factory import check_spec, describe_grad_sample_mode, model_changes
+from fedsilo.shared.models import build_model
+from fedsilo.shared.schema import DataSchema
 from fedsilo.shared.flower_cli import FlowerError, progress_filter
 
 from . import coordinator as coord
@@ -122,6 +125,10 @@ def run(
     min_departments: Annotated[int, typer.Option(min=1, help="Stop if fewer departments are connected.")] = 2,
     label_column: Annotated[str, typer.Option(help="Label column of --test-data.")] = "label",
     feature_columns: Annotated[str, typer.Option(help="Comma-separated features (default: all but the label).")] = "",
+    schema: Annotated[Optional[Path], typer.Option(help="The public data schema every department encodes with (from `fedsilo schema infer`, edited as needed). Default: inferred from --test-data.")] = None,
+    task: Annotated[str, typer.Option(help="auto | binary | multiclass | regression, when the schema is inferred.")] = "auto",
+    model: Annotated[str, typer.Option(help="auto | mlp | cnn | package.module:factory — installed here and on every department that allows it (--allow-model).")] = "auto",
+    fix_model: Annotated[bool, typer.Option("--fix-model", help="Let Opacus' ModuleValidator.fix replace layers DP-SGD cannot train (BatchNorm → GroupNorm).")] = False,
     dp: Annotated[bool, typer.Option("--dp/--no-dp")] = True,
     noise_multiplier: Annotated[float, typer.Option(min=0.0)] = 1.0,
     target_epsilon: Annotated[Optional[float], typer.Option(help="Each department derives σ to spend this over the rounds.")] = None,
@@ -143,24 +150,31 @@ def run(
     central_delta: Annotated[float, typer.Option(help="δ of the client-level guarantee; must be below 1/departments.")] = 1e-3,
     central_max_epsilon: Annotated[float, typer.Option(help="The coordinator's client-level budget over its whole ledger (all runs).")] = 10.0,
     central_ledger: Annotated[Path, typer.Option(help="Folder of the coordinator's ledger; keep it across runs so ε covers them all.")] = Path("central-ledger"),
-    out: Annotated[Path, typer.Option(help="Run directory for summary.json and model.pt.")] = Path("runs/latest"),
+    out: Annotated[Path, typer.Option(help="Run directory for summary.json, model.safetensors and model-card.json.")] = Path("runs/latest"),
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's full log.")] = False,
 ) -> None:
     """Train across the connected departments; write RUN_DIR/summary.json."""
     out = out.expanduser().resolve()
     try:
-        schema = table_schema(test_data, label_column, split_columns(feature_columns))
+        check_spec(model)
+        schema = (DataSchema.load(schema) if schema is not None
+                  else table_schema(test_data, label_column, split_columns(feature_columns), task))
+        # The coordinator's own table must fit the schema, and the model must be trainable with DP-SGD.
+        held_out = load_table(test_data, schema.label.column, schema=schema)
+        changes = model_changes(model, held_out.input_shape, held_out.num_outputs, held_out.task) if fix_model else []
+        built = build_model(model, held_out.input_shape, held_out.num_outputs, "tabular", seed=seed, task=held_out.task,
+                            embeddings=held_out.embeddings, fix=fix_model)
         settings = RunSettings.from_run_config(
             {
-                "num-server-rounds": rounds, "dataset": str(test_data.resolve()), "label-column": label_column,
-                "feature-columns": ",".join(schema.features), "seed": seed, "dp": dp,
+                "num-server-rounds": rounds, "dataset": str(test_data.resolve()), "label-column": schema.label.column,
+                "seed": seed, "dp": dp, "task": schema.task, "fix-model": fix_model,
                 "noise-multiplier": noise_multiplier, "target-epsilon": target_epsilon or 0.0,
                 "max-grad-norm": max_grad_norm, "delta": delta or 0.0, "max-epsilon": max_epsilon or 0.0,
                 "accountant": accountant or "",
                 "local-epochs": local_epochs, "batch-size": batch_size, "learning-rate": learning_rate,
                 "momentum": momentum, "min-departments": min_departments, "round-timeout": round_timeout,
                 "connect-timeout": connect_timeout, "out": str(out), "test-data": str(test_data.resolve()),
-                "data-schema": schema.to_json(), "model": "mlp", "fraction-train": fraction_train,
+                "data-schema": schema.to_json(), "model": model, "fraction-train": fraction_train,
                 "central-dp": central_dp, "central-noise-multiplier": central_noise_multiplier,
                 "central-clip-norm": central_clip_norm, "central-delta": central_delta,
                 "central-max-epsilon": central_max_epsilon,
@@ -186,10 +200,17 @@ def run(
     except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
         _fail(err)
     out.mkdir(parents=True, exist_ok=True)
+    (out / "schema.json").write_text(schema.to_json(indent=2) + "\n", encoding="utf-8")
     console.print(
         f"[bold]fedsilo[/bold]: {rounds} rounds at {address}, at least {min_departments} departments, "
-        f"{len(schema.features)} features, {len(schema.classes)} classes, evaluated on {test_data}"
+        f"{schema.task} on {schema.num_features} features"
+        + (f" ({len(schema.label.classes)} classes)" if schema.label.classes else "")
+        + f", model {model}, evaluated on {test_data}; schema in {out / 'schema.json'}"
     )
+    if fix_model:
+        console.print("--fix-model: " + ("; ".join(changes) if changes else "nothing to change"))
+    if dp:
+        console.print(f"per-sample gradients: {describe_grad_sample_mode('auto', built)}")
     show = progress_filter(lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True), verbose)
 
     try:

@@ -73,7 +73,8 @@ def dp_problems(model: nn.Module) -> list[str]:
     for name, module in trainable_modules(model):
         validator = ModuleValidator.VALIDATORS.get(type(module))
         for error in validator(module) if validator else ():
-            problems.append(f"layer '{name or '<root>'}' ({type(module).__name__}): {error}")
+            first = str(error).split(". ")[0].rstrip(".")  # Opacus' first sentence names the reason
+            problems.append(f"layer '{name or '<root>'}' ({type(module).__name__}): {first}")
     return problems
 
 

@@ -70,7 +70,7 @@ def simulate(
     central_delta: Annotated[float, typer.Option(help="δ of the client-level guarantee; must be below 1/departments.")] = 1e-3,
     central_max_epsilon: Annotated[float, typer.Option(help="The coordinator's client-level budget over its whole ledger.")] = 10.0,
     cpus_per_department: Annotated[int, typer.Option(min=1, help="CPU cores Ray reserves per department.")] = 1,
-    out: Annotated[Path, typer.Option(help="Run directory: summary.json, model.pt, ledgers/.")] = Path("runs/latest"),
+    out: Annotated[Path, typer.Option(help="Run directory: summary.json, model.safetensors, model-card.json, schema.json, ledgers/.")] = Path("runs/latest"),
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's full log.")] = False,
 ) -> None:
     """Simulate a federation of departments on embedded data, then print a privacy report."""

@@ -204,7 +204,7 @@ def test_audit_catches_a_truncated_coordinator_ledger(central_run, tmp_path):
 
     out, _ = central_run
     copy = tmp_path / "copy"
-    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("model.pt", "flower.log"))
+    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("model.safetensors", "flower.log"))
     ledger = copy / "central" / "coordinator.jsonl"
     ledger.write_text("".join(ledger.read_text().splitlines(keepends=True)[:-1]))
     result = subprocess.run([sys.executable, "-m", "fedsilo", "audit", str(copy), "--json"], capture_output=True, text=True, timeout=120)

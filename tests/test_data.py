@@ -3,6 +3,10 @@
 import numpy as np
 import pandas as pd
 import pytest
+from dataclasses import replace
+
+from fedsilo.shared.data import load_table, table_schema
+from fedsilo.shared.schema import DataSchema
 
 from fedsilo.shared.data import (
     DataError,
@@ -75,19 +79,28 @@ def test_bad_inputs_name_the_problem(tmp_path, digits_csv):
     with pytest.raises(DataError, match="neither an embedded dataset"):
         load_dataset("imagenet")
 
+    # A table that no longer fits the federation's schema is named, column and row.
+    schema = table_schema(digits_csv, "label")
     frame = pd.read_csv(digits_csv)
     frame["px3"] = frame["px3"].astype(str) + "x"
     bad = tmp_path / "text.csv"
     frame.to_csv(bad, index=False)
-    with pytest.raises(DataError, match="non-numeric feature column.*px3"):
-        load_dataset(str(bad))
+    with pytest.raises(DataError, match="column 'px3' .* numeric in the schema but holds text at row 2"):
+        load_table(bad, "label", schema=schema)
 
     frame = pd.read_csv(digits_csv)
     frame.loc[5, "px7"] = None
     holes = tmp_path / "holes.csv"
     frame.to_csv(holes, index=False)
-    with pytest.raises(DataError, match="missing or infinite values.*px7.*row 7"):
-        load_dataset(str(holes))
+    strict = DataSchema(schema.label, tuple(
+        replace(c, impute="error") if c.name == "px7" else c for c in schema.columns))
+    with pytest.raises(DataError, match="column 'px7' .* empty at row 7.*impute is 'error'"):
+        load_table(holes, "label", schema=strict)
+    # The default imputation fills it with the schema's value (scaled like any other).
+    filled = load_table(holes, "label", schema=schema)
+    px7 = next(c for c in schema.columns if c.name == "px7")
+    column = schema.feature_names.index("px7")
+    assert filled.x[5, column] == pytest.approx((px7.fill - px7.mean) / px7.scale, abs=1e-6)
 
     garbage = tmp_path / "garbage.parquet"
     garbage.write_bytes(b"not parquet")

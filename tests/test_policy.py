@@ -181,7 +181,7 @@ def test_an_error_reply_carries_no_data_value(site, serverapp_identity, caplog):
         reply = _ask(site, POLICY, table=bad)
     assert reply.has_error()
     assert "HIV+" not in reply.error.reason and "19" not in reply.error.reason
-    assert reply.error.reason.startswith("the department's ClientApp failed (DataError)")
+    assert reply.error.reason.startswith("the department's ClientApp failed (SchemaError)")
     assert "HIV+" in caplog.text  # the full text stays in the department's own log
 
 

@@ -63,7 +63,7 @@ def test_simulation_writes_summary_with_growing_epsilon(demo_run):
     for name in departments:
         eps = [r["epsilon"][name] for r in summary["rounds"]]
         assert eps[0] < eps[1] < eps[2], (name, eps)
-    assert (out / "model.pt").exists()
+    assert (out / "model.safetensors").exists() and (out / "model-card.json").exists()
     assert "Privacy report" in result.stdout and "round 3/3" in result.stdout
 
 

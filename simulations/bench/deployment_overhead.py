@@ -606,13 +606,12 @@ def probe(department_csv: Path, test_csv: Path) -> dict[str, float]:
     from fedsilo.client.trainer import train_dp
     from fedsilo.shared import accounting
     from fedsilo.shared.config import RunSettings
-    from fedsilo.shared.data import TableSchema, load_table, table_schema
+    from fedsilo.shared.data import load_table, table_schema
     from fedsilo.shared.models import build_model, evaluate
 
     schema = table_schema(test_csv, LABEL)
     t3 = time.perf_counter()
-    local = TableSchema(LABEL, schema.features, schema.classes, schema.mean, schema.scale)
-    data = load_table(department_csv, LABEL, schema=local)
+    data = load_table(department_csv, LABEL, schema=schema)
     t4 = time.perf_counter()
     settings = RunSettings.from_run_config({"model": "mlp"})
     terms, _ = DepartmentPolicy(max_epsilon=10.0).terms_for(RunRequest.from_settings(settings))
@@ -623,7 +622,7 @@ def probe(department_csv: Path, test_csv: Path) -> dict[str, float]:
     torch.set_num_threads(1)
     times = []
     for _ in range(2):
-        model = build_model("mlp", data.input_shape, data.num_classes, data.kind)
+        model = build_model("mlp", data.input_shape, data.num_outputs, data.kind, task=data.task)
         started = time.perf_counter()
         train_dp(model, data, mechanism, max_grad_norm=settings.max_grad_norm, learning_rate=settings.learning_rate,
                  momentum=settings.momentum, grad_sample_mode=settings.grad_sample_mode)
