@@ -111,7 +111,7 @@ def predict(
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
 ) -> None:
     """Apply a run's model to new rows: checks the signed card, encodes with its schema, writes predictions."""
-    from fedsilo.server.model_card import CardError
+    from fedsilo.shared.model_card import CardError
     from fedsilo.server.predict import predict_file, write_predictions
     from fedsilo.shared.metrics import format_metrics
     from fedsilo.shared.model_factory import ModelError

@@ -91,6 +91,7 @@ def start(
         f"(identity {node.identity}), policy ε ≤ {policy.max_epsilon:g} at δ={policy.delta:g} "
         f"({', '.join(policy.accountants)}), reports size {policy.reported_size(rows)}"
         f"{' (declared public)' if policy.public_size is not None else ' (bucketed: two leading binary digits)'}, "
+        f"models: built-in{''.join(', ' + m for m in policy.models)}, "
         f"coordinator {coordinator} (TLS verified)"
     )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))

@@ -28,7 +28,7 @@ from fedsilo.shared.schema import DataSchema
 
 from .acknowledgements import HeadKeeper, open_record, registered_keys
 from .central_dp import ClientLevelDP, CoordinatorBudgetExhausted, client_level_dp
-from .model_card import CARD_FILE, WEIGHTS_FILE, build_card, save_weights, sign_card, write_card
+from fedsilo.shared.model_card import CARD_FILE, WEIGHTS_FILE, build_card, save_weights, sign_card, write_card
 from .strategy import DepartmentFedAvg
 from .summary import RunSummary
 

@@ -18,7 +18,7 @@ from fedsilo.shared.metrics import metrics_from_outputs
 from fedsilo.shared.models import build_model, predict_outputs
 from fedsilo.shared.schema import DataSchema, SchemaError, read_table
 
-from .model_card import CardError, card_problems, load_weights, read_card
+from fedsilo.shared.model_card import CardError, card_problems, load_weights, read_card
 
 
 @dataclass

@@ -34,6 +34,7 @@ from opacus.accountants import PRVAccountant, RDPAccountant
 
 from . import accounting
 from .ledger import COORDINATOR, LedgerEntry, signer_of, verify_ledger
+from .model_card import CARD_FILE, CardError, card_problems, read_card
 from .record import RECORD_FILE, RecordVerification, verify_record
 from .signing import SigningKeyError, fingerprint, load_public_key
 
@@ -480,7 +481,61 @@ def audit_path(path: Path | str, keys: Path | str | None = None, record: Path | 
         if row.budget is None and summary is not None:
             budget = summary.get("departments", {}).get(row.id, {}).get("max_epsilon") or summary.get("max_epsilon")
             row.budget = float(budget) if budget is not None else None
+    if path.is_dir() and (path / CARD_FILE).exists():
+        verification = verify_record(record) if record is not None and record.exists() else None
+        key, where = _record_key(record, keys) if record is not None else (None, "")
+        cross_check_card(path, verification, result, key, where)
     return result
+
+
+def _same_epsilon(stated: float | None, acknowledged: float) -> bool:
+    """The card's ε (None: trained without DP) against an acknowledged head's (-1: without DP)."""
+    if stated is None or acknowledged < 0:
+        return stated is None and acknowledged < 0
+    return abs(stated - acknowledged) <= 1e-9 * max(1.0, acknowledged)
+
+
+def cross_check_card(run_dir: Path, record: RecordVerification | None, result: "AuditResult",
+                     key, where: str) -> None:
+    """The run's model card: its signature and weights, and that every ε it states is what was recorded.
+
+    Each department's ε in the card must be a head the coordinator acknowledged
+    (same identity, entry count, head hash and ε) and, where that ledger is
+    audited here, the ε of that ledger entry; the client-level ε must be the
+    coordinator's ledger's at the end of the run.
+    """
+    try:
+        card = read_card(run_dir)
+    except CardError as err:
+        result.problems.append(f"model card: {err}")
+        return
+    problems = [f"model card: {p}" for p in card_problems(card, run_dir, key)]
+    acks = record.entries if record is not None else []
+    by_identity = {row.identity: row for row in result.departments if row.identity}
+    for stated in card.get("privacy", {}).get("record_level", []):
+        name, identity, seq = stated.get("department"), stated.get("identity"), int(stated.get("ledger_seq", 0))
+        epsilon = stated.get("epsilon")
+        match = [a for a in acks if a.identity == identity and a.ledger_seq == seq and a.ledger_head == stated.get("ledger_head")]
+        if record is not None and not match:
+            problems.append(f"model card: {name}'s ε (ledger entry {seq}) is not a head the coordinator acknowledged")
+        elif match and not _same_epsilon(epsilon, match[-1].epsilon):
+            problems.append(f"model card: {name}: the card states ε={epsilon}, the department stated ε={match[-1].epsilon:.6g}")
+        row = by_identity.get(identity)
+        if row is not None and 0 < seq <= len(row.entries) and epsilon is not None:
+            entry = row.entries[seq - 1]
+            if abs(entry.epsilon - epsilon) > 1e-9 * max(1.0, epsilon):
+                problems.append(f"model card: {name}: the card states ε={epsilon:.6g}, its ledger entry {seq} says {entry.epsilon:.6g}")
+    central = card.get("privacy", {}).get("client_level")
+    if central and result.central is not None:
+        mine = [e for e in result.central.entries if e.run_id == card.get("run_id")]
+        if mine and abs(mine[-1].epsilon - float(central["epsilon"])) > 1e-9 * max(1.0, mine[-1].epsilon):
+            problems.append(f"model card: the client-level ε it states ({central['epsilon']:.6g}) is not the coordinator ledger's ({mine[-1].epsilon:.6g})")
+    result.problems += problems
+    result.checked.append(
+        f"the model card {run_dir / CARD_FILE}: its signature ("
+        + (f"against {where}" if key is not None else "against the key it names: consistency only")
+        + "), the weights' SHA-256, and every ε it states against the coordinator's record and the ledgers"
+    )
 
 
 def _say_what_was_checked(result: AuditResult, keys: Path | None) -> None:

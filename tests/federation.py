@@ -98,13 +98,18 @@ class Federation(dict):
     def control_address(self) -> str:
         return json.loads((self["state"] / "coordinator.json").read_text())["control"]
 
-    def start_department(self, name, key: str | None = None, ledger: str | None = None, policy=("--max-epsilon", "10"),
+    def start_department(self, name, key: str | None = None, ledger: str | None = None, policy=None,
                          as_name: str | None = None):
-        """Start ``name``'s department (optionally with another key, ledger folder, policy or --name)."""
+        """Start ``name``'s department (optionally with another key, ledger folder, policy or --name).
+
+        The policy defaults to the one given to :func:`federation` for ``name``, else ``--max-epsilon 10``.
+        """
+        if policy is None:
+            policy = self.get("policies", {}).get(name, ("--max-epsilon", "10"))
         self["departments"][name] = spawn(
             ["department", "start", "--coordinator", self["address"], "--ca", str(self["certs"] / "ca.crt"),
              "--key", str(self["certs"] / "departments" / (key or name)), "--data", str(self["data"][name]),
-             "--label-column", "digit", "--ledger", str(self["root"] / "ledgers" / (ledger or name)), *policy,
+             "--label-column", self.get("label_column", "digit"), "--ledger", str(self["root"] / "ledgers" / (ledger or name)), *policy,
              *(("--name", as_name) if as_name else ())],
             self["root"] / f"{name}.log",
         )
@@ -142,7 +147,8 @@ class Federation(dict):
         self.wait_online(len(self["departments"]))
 
     def run(self, *args, timeout=300):
-        return self.control("run", "--test-data", str(self["data"]["test"]), "--label-column", "digit",
+        return self.control("run", "--test-data", str(self["data"]["test"]), "--label-column",
+                            self.get("label_column", "digit"),
                             *args, timeout=timeout)
 
     def ledger(self, name, folder: str | None = None) -> list[dict]:
@@ -160,15 +166,21 @@ class Federation(dict):
 
 
 @contextmanager
-def federation(root: Path, departments: tuple[str, ...], extra_keys: tuple[str, ...] = ()):
-    """Certificates, a coordinator, registered and started departments; all stopped after."""
-    data = digits_tables(root, departments)
+def federation(root: Path, departments: tuple[str, ...], extra_keys: tuple[str, ...] = (), tables=None,
+               label_column: str = "digit", policies: dict | None = None):
+    """Certificates, a coordinator, registered and started departments; all stopped after.
+
+    ``tables(root, departments)`` gives ``{"test": path, name: path, ...}`` (default: :func:`digits_tables`),
+    with ``label_column`` their label; ``policies[name]``: that department's policy options.
+    """
+    data = (tables or digits_tables)(root, departments)
     certs = root / "certs"
     assert cli("certs", "init", "--out", str(certs)).returncode == 0
     for name in (*departments, *extra_keys):
         assert cli("certs", "add-department", name, "--dir", str(certs)).returncode == 0
     fed = Federation(root=root, certs=certs, data=data, state=root / "state",
-                     address=f"127.0.0.1:{free_port()}", departments={})
+                     address=f"127.0.0.1:{free_port()}", departments={}, label_column=label_column,
+                     policies=dict(policies or {}))
     try:
         fed.start_coordinator()
         registered = fed.control("register", *departments)

@@ -19,8 +19,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from fedsilo.shared.record import public_key_line, load_any_public_key
-from fedsilo.shared.signing import Signer, fingerprint, verify
+from .record import load_any_public_key, public_key_line
+from .signing import Signer, fingerprint, verify
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model-card.json"
