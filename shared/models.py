@@ -131,7 +131,12 @@ def build_model(
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         if factory is not None:
-            model = factory(input_shape=tuple(input_shape), num_outputs=int(num_classes), task=task)
+            try:
+                model = factory(input_shape=tuple(input_shape), num_outputs=int(num_classes), task=task)
+            except TypeError as err:
+                raise ModelError(
+                    f"model '{name}' could not be called as factory(input_shape=..., num_outputs=..., task=...): {err}"
+                ) from None
         elif chosen == "mlp":
             model = MLP(math.prod(input_shape), num_classes, embeddings=embeddings)
         else:
