@@ -4,7 +4,8 @@ Deterministic (seed 7), so the committed file can be rebuilt bit for bit:
 ``python examples/make_customers.py``.  Columns: an identifier, two categorical
 columns (``region`` — the business unit that holds the row — and ``plan``),
 numeric columns with missing values, a free-text support note, a binary label
-``churned`` and a numeric target ``annual_value`` for regression.
+``churned`` and a numeric target ``annual_value`` for regression.  ``new_customers.csv`` holds
+200 more rows without ``churned``, to predict for.
 """
 
 from __future__ import annotations
@@ -60,4 +61,8 @@ def customers(rows: int = ROWS, seed: int = 7) -> pd.DataFrame:
 if __name__ == "__main__":
     out = Path(__file__).with_name("customers.csv")
     customers().to_csv(out, index=False)
-    print(f"wrote {out}")
+    # New customers to predict for: another draw, without the label.
+    fresh = customers(200, seed=8).drop(columns=["churned"])
+    fresh["customer_id"] = [f"N{200000 + i}" for i in range(len(fresh))]
+    fresh.to_csv(out.with_name("new_customers.csv"), index=False)
+    print(f"wrote {out} and {out.with_name('new_customers.csv')}")
