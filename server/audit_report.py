@@ -24,6 +24,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
+from fedsilo.shared.metrics import format_metrics, headline
 from fedsilo.shared.audit import AuditResult, DepartmentAudit, format_date  # noqa: E402
 
 from .report import AUDIT_COLUMNS, audit_cells  # noqa: E402
@@ -177,7 +178,10 @@ def _run(result: AuditResult, summary: dict | None) -> str:
         ("status", status),
         ("dataset", (summary.get("dataset") or {}).get("name", "–")),
         ("rounds (this run)", len(summary.get("rounds", []))),
-        ("final accuracy", _num(summary.get("final_accuracy"), ".4f")),
+        ("task", summary.get("task") or "–"),
+        ("final held-out metrics", format_metrics(summary["final_metrics"], summary.get("task") or "multiclass")
+         if summary.get("final_metrics") else _num(summary.get("final_accuracy"), ".4f")),
+        ("model card", summary.get("model_card") or "–"),
         ("record-level δ", "no record-level DP" if summary.get("dp") is False else _num(summary.get("delta"), "g")),
         ("accountant", (summary.get("accountant") or "–").upper()),
     ]
@@ -230,20 +234,22 @@ def _accuracy_plot(summary: dict | None, out: Path) -> str:
             "<h2>Accuracy and privacy–utility</h2><p>Not shown: these come from the run's summary.json, "
             "and only ledgers were audited. Audit the run directory for them.</p>"
         )
-    rounds = [r for r in summary.get("rounds", []) if r.get("accuracy") is not None]
+    key = headline(summary.get("task") or "multiclass")
+    rounds = [r for r in summary.get("rounds", []) if (r.get("metrics") or r).get(key) is not None]
     if not rounds:
         return "<h2>Accuracy over rounds</h2><p>The run finished no round.</p>"
-    xs, ys = [r["round"] for r in rounds], [r["accuracy"] for r in rounds]
-    initial = (summary.get("initial") or {}).get("accuracy")
+    xs, ys = [r["round"] for r in rounds], [(r.get("metrics") or r)[key] for r in rounds]
+    initial = (summary.get("initial") or {}).get(key)
     if initial is not None:
         xs, ys = [0, *xs], [initial, *ys]
     fig, ax = plt.subplots(figsize=(8, 4))
     ax.plot(xs, ys, marker="o", markersize=4)
     ax.set_xlabel("round (this run; 0 = initial model)")
-    ax.set_ylabel("test accuracy")
-    ax.set_ylim(0, 1)
+    ax.set_ylabel(f"held-out {key}")
+    if key == "accuracy":
+        ax.set_ylim(0, 1)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_title("Global model accuracy on the coordinator's held-out set")
+    ax.set_title(f"Global model {key} on the coordinator's held-out set")
     _save(fig, out / ACCURACY_PLOT)
     return "<h2>Accuracy over rounds</h2>" + _img(ACCURACY_PLOT, "global test accuracy over rounds")
 
@@ -253,6 +259,8 @@ def _tradeoff_plot(result: AuditResult, summary: dict | None, out: Path) -> str:
         return ""  # said in the accuracy section
     title = "<h2>Privacy–utility</h2>"
     accuracy = summary.get("final_accuracy")
+    if accuracy is None and summary.get("task") == "regression":
+        return title + "<p>A regression run: its R² over rounds is plotted above; the ε of each department is in the table.</p>"
     if accuracy is None:
         return title + "<p>The run finished no round: there is no final accuracy.</p>"
     if summary.get("dp") is False:
