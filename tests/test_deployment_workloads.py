@@ -146,11 +146,9 @@ def test_predict_applies_the_signed_model_and_reproduces_the_held_out_metrics(wo
 
 
 def test_predict_refuses_a_card_not_signed_by_the_trusted_key(workload, summary, tmp_path):
-    other = tmp_path / "other"
-    assert cli("certs", "init", "--out", str(other)).returncode == 0
-    keys = tmp_path / "trusted"
+    keys = tmp_path / "trusted"  # a key, but not the one that signed the card
     keys.mkdir()
-    shutil.copy(other / "coordinator.crt", keys / "coordinator.crt")
+    shutil.copy(workload["fed"]["certs"] / "departments" / "north.pub", keys / "north.pub")
     done = cli("predict", "--model", str(workload["out"]), "--data", str(workload["fed"]["data"]["test"]),
                "--out", str(tmp_path / "p.csv"), "--keys", str(keys))
     assert done.returncode == 2 and "not among the keys" in done.stderr, done.stdout + done.stderr
