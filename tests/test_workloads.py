@@ -97,8 +97,6 @@ def test_churn_run_departments_schema_and_fix_model(churn_run, tables):
         # σ was derived for ε=6 over the 4 planned rounds (measured 5.987–5.991); the budget is 8.
         assert eps[-1] == pytest.approx(6.0, abs=0.05) and eps[-1] <= 8.0
         assert summary["departments"][name]["epsilon"] == pytest.approx(eps[-1], rel=1e-12)
-    sizes = sum(len(e) for e in ledgers.values())
-    assert sizes == 16
 
     # The schema, inferred from the held-out rows, is shown and kept in the run folder.
     schema = json.loads((out / "schema.json").read_text())
@@ -135,7 +133,7 @@ def test_churn_model_beats_majority_and_card_matches_ledgers(churn_run, tables):
     assert set(final) >= {"accuracy", "f1", "roc_auc"}
     held = pd.read_csv(tables[1])
     majority = held["churned"].value_counts(normalize=True).max()  # 0.5175 for this split
-    # Measured: accuracy 0.681, roc_auc 0.735, f1 0.686 (initial accuracy 0.499).
+    # Measured over 3 runs: accuracy 0.664–0.681, roc_auc 0.728–0.737, f1 0.661–0.697 (initial accuracy 0.499).
     assert final["accuracy"] > majority + 0.07, (final, majority)
     assert final["roc_auc"] > 0.62 and final["f1"] > 0.5, final
     assert summary["final_accuracy"] == final["accuracy"]
@@ -279,7 +277,7 @@ def test_regression_over_a_folder_of_tables(regression_run):
     final = summary["final_metrics"]
     assert set(final) >= {"r2", "rmse", "mae"} and "accuracy" not in final
     assert summary["final_accuracy"] is None and summary["initial"]["accuracy"] is None
-    # Measured: r2 0.922, rmse 88.5, mae 61.5 (initial r2 -0.03; the target's std is ~330).
+    # Measured over 2 runs: r2 0.922–0.925, rmse 86.7–88.5, mae 59.1–61.5 (initial r2 -0.03; the target's std is ~330).
     assert final["r2"] > 0.6, final
     assert final["r2"] > summary["initial"]["r2"] + 0.5
     assert 0 < final["mae"] <= final["rmse"] < summary["initial"]["rmse"]
