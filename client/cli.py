@@ -36,6 +36,7 @@ def start(
     ledger: Annotated[Path, typer.Option(help="Folder for this department's privacy ledger (stays on this host).")],
     label_column: Annotated[str, typer.Option(help="The label column of --data.")] = "label",
     feature_columns: Annotated[str, typer.Option(help="Comma-separated feature columns to check (default: all but the label).")] = "",
+    schema: Annotated[Optional[Path], typer.Option(help="The coordinator's published data schema: check that --data encodes with it before joining (each run still sends its own).")] = None,
     name: Annotated[Optional[str], typer.Option(help="Department name shown to the coordinator (default: the key's file name). The ledger belongs to the key, whatever the name.")] = None,
     max_epsilon: Annotated[Optional[float], typer.Option(help="This department's budget: the whole-history ε it will never pass, whatever a run asks. Required.")] = None,
     delta: Annotated[float, typer.Option(help="This department's δ: every ε it states is at this δ; must be below 1/records.")] = 1e-5,
@@ -75,6 +76,7 @@ def start(
         policy=policy,
         local_port=port,
         feature_columns=split_columns(feature_columns),
+        schema=schema,
     )
     try:
         rows = node.preflight()

@@ -12,7 +12,7 @@ its policy stay on its host, whatever the run asks for.
 from __future__ import annotations
 
 import functools
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
@@ -20,6 +20,7 @@ from fedsilo.shared.config import RunSettings
 from fedsilo.shared.data import Dataset, load_table, simulated_federation, split_columns
 from fedsilo.shared.schema import DataSchema
 from fedsilo.shared.ledger import find_identity_ledger
+from fedsilo.shared.model_factory import is_factory
 from fedsilo.shared.signing import Signer, simulated_identity
 
 from .policy import DepartmentPolicy
@@ -81,13 +82,19 @@ def department_from_context(
     part = federation.parts[pid]
     ledger_dir = Path(settings.out).expanduser().resolve() / "ledgers"
     simulated_identity(ledger_dir, part.name)  # a key of its own, kept beside its ledger
-    policy = simulated_policy(settings.simulated_policy)
+    policy = simulated_policy(settings.simulated_policy, settings.model)
     return Department(part.name, part, ledger_dir, policy, ledger_dir / f"{part.name}.key")
 
 
-def simulated_policy(text: str) -> DepartmentPolicy:
-    """The simulated departments' policy (the user of a simulation runs every side)."""
-    return _policy(text) if text else SIMULATED_DEFAULT_POLICY
+def simulated_policy(text: str, model: str = "auto") -> DepartmentPolicy:
+    """The simulated departments' policy (the user of a simulation runs every side).
+
+    Without one (`flwr run .`), the defaults, allowing the run's own model
+    factory: whoever simulates installed it for every simulated department.
+    """
+    if text:
+        return _policy(text)
+    return replace(SIMULATED_DEFAULT_POLICY, models=(model,)) if is_factory(model) else SIMULATED_DEFAULT_POLICY
 
 
 def _deployed_department(node_config: Mapping[str, Any], settings: RunSettings) -> Department:

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from fedsilo.certs.authority import CertError, load_certificate, load_department_key
-from fedsilo.shared.data import count_rows
+from fedsilo.shared.data import count_rows, load_table
+from fedsilo.shared.schema import DataSchema
 from fedsilo.shared.model_factory import load_factory
 from fedsilo.shared.flower_cli import flower_executable, free_port, offline_env, write_runtime_secret
 from fedsilo.shared.ledger import PrivacyLedger, find_identity_ledger
@@ -46,6 +47,7 @@ class DepartmentNode:
     policy: DepartmentPolicy  # the department's own: the runs only ask
     local_port: int | None = None
     feature_columns: tuple[str, ...] = ()
+    schema: Path | None = None  # the coordinator's published schema, to check the table against before joining
 
     @property
     def home(self) -> Path:
@@ -60,6 +62,9 @@ class DepartmentNode:
         except CertError as err:
             raise DepartmentStartError(str(err)) from None
         rows = count_rows(self.data, self.label_column, self.feature_columns)  # DataError names file/column
+        if self.schema is not None:  # encoded here, on this host, as every run with that schema will
+            schema = DataSchema.load(self.schema).with_label_column(self.label_column)
+            load_table(self.data, self.label_column, schema=schema)
         for factory in self.policy.models:
             load_factory(factory)  # ModelError: an allowed factory must be installed here
         self.policy.check_records(rows)  # PolicyError: δ must be below 1/records

@@ -158,3 +158,33 @@ def test_schema_infer_cli_writes_an_editable_file_and_never_overwrites(tmp_path)
     assert again.returncode == 2 and "already exists" in again.stderr and out.read_text() == before
     check = run("schema", "check", str(out), "--data", "examples/customers.csv")
     assert check.returncode == 0 and "4000 rows" in check.stdout
+
+
+def test_flwr_runs_simulated_departments_allow_the_runs_own_factory_but_a_deployed_one_does_not():
+    from fedsilo.client.department import simulated_policy
+    from fedsilo.client.policy import DepartmentPolicy, RunRequest
+
+    factory = "acme_models.tabular:residual_mlp"
+    assert simulated_policy("", factory).models == (factory,)  # `flwr run .` with no simulated-policy
+    assert simulated_policy("", "auto").models == ()
+    terms, looser = DepartmentPolicy(max_epsilon=8.0).terms_for(RunRequest(dp=True, model=factory))
+    assert terms is None and f"--allow-model {factory}" in looser[0]
+    terms, looser = DepartmentPolicy(max_epsilon=8.0, models=(factory,)).terms_for(RunRequest(dp=True, model=factory))
+    assert terms is not None and not looser
+
+
+def test_a_department_checks_its_table_against_the_published_schema_before_joining(tmp_path):
+    run = lambda *a: subprocess.run([sys.executable, "-m", "fedsilo", *a], capture_output=True, text=True, env=offline_env(), timeout=120)
+    certs = tmp_path / "certs"
+    assert run("certs", "init", "--out", str(certs)).returncode == 0
+    assert run("certs", "add-department", "finance", "--dir", str(certs)).returncode == 0
+    schema = tmp_path / "schema.json"
+    assert run("schema", "infer", "examples/customers.csv", "--label-column", "churned", "--out", str(schema)).returncode == 0
+    mine = tmp_path / "finance.csv"
+    pd.read_csv("examples/customers.csv").iloc[:500].assign(support_calls="many").to_csv(mine, index=False)
+    start = run("department", "start", "--coordinator", "127.0.0.1:9", "--ca", str(certs / "ca.crt"),
+                "--key", str(certs / "departments" / "finance"), "--data", str(mine), "--label-column", "churned",
+                "--ledger", str(tmp_path / "ledger"), "--max-epsilon", "8", "--schema", str(schema))
+    assert start.returncode == 2
+    assert "column 'support_calls'" in start.stderr and "holds text at row 2" in start.stderr
+    assert not (tmp_path / "ledger").exists()  # refused before anything was written or sent
