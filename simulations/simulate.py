@@ -43,7 +43,7 @@ def simulate(
     dataset: Annotated[str, typer.Option(help="digits | mnist5k | breast-cancer | PATH to .csv/.parquet | a FOLDER with one table per department.")] = "digits",
     label_column: Annotated[str, typer.Option(help="Label column of a CSV/Parquet dataset.")] = "label",
     feature_columns: Annotated[str, typer.Option(help="Comma-separated feature columns (default: all but the label).")] = "",
-    partition: Annotated[str, typer.Option(help="iid | dirichlet:ALPHA (label skew; smaller = more skewed) | by:COLUMN (one department per value).")] = "dirichlet:0.5",
+    partition: Annotated[Optional[str], typer.Option(help="iid | dirichlet:ALPHA (label skew; smaller = more skewed) | by:COLUMN (one department per value). Default: dirichlet:0.5, or iid for regression and a folder of tables.")] = None,
     task: Annotated[str, typer.Option(help="auto | binary | multiclass | regression (auto refuses to guess a many-valued number).")] = "auto",
     schema: Annotated[Optional[Path], typer.Option(help="The data schema (JSON from `fedsilo schema infer`); default: inferred from the held-out rows.")] = None,
     test_data: Annotated[Optional[Path], typer.Option(help="The coordinator's held-out table (default: a fixed 20 % split off the data).")] = None,
@@ -82,9 +82,9 @@ def simulate(
     try:
         check_spec(model)
         spec = str(Path(dataset).expanduser().resolve()) if Path(dataset).expanduser().exists() else dataset
+        if partition is None:  # label skew needs classes, and a folder is split already
+            partition = "iid" if Path(spec).is_dir() or task == "regression" else "dirichlet:0.5"
         named = partition.strip().lower().startswith("by:") or Path(spec).is_dir()
-        if named and Path(spec).is_dir() and partition == "dirichlet:0.5":
-            partition = "iid"  # the default scheme means nothing for a folder of tables
         count = departments if departments is not None else (0 if named else 10)
         given = DataSchema.load(schema).to_json() if schema is not None else ""
         held_out = str(test_data.expanduser().resolve()) if test_data is not None else ""
