@@ -149,12 +149,12 @@ def load_table(path: Path, label_column: str = "label", feature_columns: tuple[s
 def count_rows(path: Path, label_column: str, feature_columns: tuple[str, ...] = ()) -> int:
     """Rows of a department's table, once its label and feature columns are there (checked before a run)."""
     frame = read_table(path)
-    needed = [label_column, *feature_columns]
-    missing = [c for c in needed if c not in frame.columns]
+    _column(frame, label_column, path)  # names the label column and the columns there are
+    missing = [c for c in feature_columns if c not in frame.columns]
     if missing:
         raise DataError(
-            f"column(s) {', '.join(missing)} not found in '{path}' (columns: {', '.join(list(frame.columns)[:20])}); "
-            "pass the right --label-column (the run's schema decides the feature columns)"
+            f"feature column(s) {', '.join(missing)} not found in '{path}' (columns: {', '.join(list(frame.columns)[:20])}); "
+            "fix --feature-columns (the run's schema decides the feature columns)"
         )
     if frame[label_column].isna().any():
         raise DataError(f"label column '{label_column}' in '{path}' is empty at row {int(np.nonzero(frame[label_column].isna().to_numpy())[0][0]) + 2}")
