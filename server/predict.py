@@ -43,7 +43,7 @@ def load_run_model(run_dir: Path, keys: Path | None = None):
         index, _ = key_index(Path(run_dir) / "record")
         if card.get("signer") in index:
             trusted = index[card["signer"]][1]
-            where = "the simulated coordinator's key beside the run (record/coordinator.pub)"
+            where = "the coordinator key beside the run (record/coordinator.pub: consistency only; pass --keys to check who signed it)"
     problems = card_problems(card, run_dir, trusted)
     if problems:
         raise CardError("; ".join(problems))
