@@ -94,6 +94,8 @@ def simulate(
             schema_json=given, test_data=held_out, task=task,
         )
         parts, test = list(federation.parts), federation.test
+        if task not in ("auto", test.task):
+            raise ConfigError(f"--task {task}: the embedded dataset '{dataset}' is a {test.task} task; leave --task out")
         departments = len(parts)
         changes = model_changes(model, test.input_shape, test.num_outputs, test.task) if fix_model else []
         built = build_model(model, test.input_shape, test.num_outputs, test.kind, seed=seed, task=test.task,
