@@ -95,7 +95,8 @@ def simulate(
         )
         parts, test = list(federation.parts), federation.test
         if task not in ("auto", test.task):
-            raise ConfigError(f"--task {task}: the embedded dataset '{dataset}' is a {test.task} task; leave --task out")
+            raise ConfigError(f"--task {task}, but '{dataset}'" + (" with the given --schema" if given else "")
+                              + f" is a {test.task} task; leave --task out or change the schema's label task")
         departments = len(parts)
         changes = model_changes(model, test.input_shape, test.num_outputs, test.task) if fix_model else []
         built = build_model(model, test.input_shape, test.num_outputs, test.kind, seed=seed, task=test.task,
