@@ -192,3 +192,11 @@ def federation(root: Path, departments: tuple[str, ...], extra_keys: tuple[str, 
     finally:
         fed.stop_all()
 
+
+def run_ledgers(run_dir: Path) -> dict[str, list[dict]]:
+    """Entries of every ledger of a simulated run, by the department name written in it (files are named after the key)."""
+    out = {}
+    for p in sorted((Path(run_dir) / "ledgers").glob("*.jsonl")):
+        entries = [json.loads(line) for line in p.read_text().splitlines()]
+        out[entries[-1]["department"]] = entries
+    return out

@@ -10,6 +10,7 @@ import uuid
 from pathlib import Path
 
 import pytest
+from federation import run_ledgers
 from independent_accounting import pld_epsilon
 from opacus.accountants import PRVAccountant, RDPAccountant
 
@@ -23,15 +24,6 @@ def _simulate(*args, timeout=600):
     return subprocess.run(
         [*FEDSILO, "simulate", *args], capture_output=True, text=True, timeout=timeout
     )
-
-
-def _ledgers(run_dir: Path) -> dict[str, list[dict]]:
-    """Entries of every ledger, by the department name written in it (files are named after the key)."""
-    out = {}
-    for p in sorted((run_dir / "ledgers").glob("*.jsonl")):
-        entries = [json.loads(line) for line in p.read_text().splitlines()]
-        out[entries[-1]["department"]] = entries
-    return out
 
 
 def _independent_epsilon(entries, accountant_cls, delta):
@@ -69,7 +61,7 @@ def test_simulation_writes_summary_with_growing_epsilon(demo_run):
 
 def test_recorded_epsilon_matches_independent_recomputation(demo_run):
     out, _ = demo_run
-    ledgers = _ledgers(out)
+    ledgers = run_ledgers(out)
     assert len(ledgers) == 4
     summary = json.loads((out / "summary.json").read_text())
     for name, entries in ledgers.items():
@@ -100,11 +92,11 @@ def test_audit_verifies_a_real_run(demo_run):
 
 def test_rerun_in_same_directory_resumes_ledgers(demo_run):
     out, _ = demo_run
-    before = {k: v[-1]["epsilon"] for k, v in _ledgers(out).items()}
+    before = {k: v[-1]["epsilon"] for k, v in run_ledgers(out).items()}
     result = _simulate("--departments", "4", "--rounds", "1", "--dataset", "digits", "--out", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
     assert "Resuming 4 department ledger(s)" in result.stdout
-    after = _ledgers(out)
+    after = run_ledgers(out)
     for name, entries in after.items():
         assert len(entries) == 4 and [e["seq"] for e in entries] == [0, 1, 2, 3]
         assert entries[-1]["epsilon"] > before[name]
@@ -124,7 +116,7 @@ def test_budget_is_never_exceeded_and_the_run_ends_cleanly(tmp_path, digits_csv)
     assert summary["status"] == "budget-exhausted"
     assert len(summary["rounds"]) < 12
     assert any(r["refused"] for r in summary["rounds"])
-    for entries in _ledgers(out).values():
+    for entries in run_ledgers(out).values():
         assert entries and all(e["epsilon"] <= 2.0 for e in entries)
         assert pld_epsilon(entries, 1e-5) <= 2.0 + 1e-9
     last = summary["rounds"][-1]
@@ -181,7 +173,7 @@ def test_flwr_run_from_the_repo_root(tmp_path):
         assert "Successfully started run" in result.stdout, result.stdout + result.stderr
         summary = json.loads((out / "summary.json").read_text())
         assert summary["status"] == "completed" and len(summary["rounds"]) == 2
-        assert len(_ledgers(out)) == 3
+        assert len(run_ledgers(out)) == 3
     finally:
         # `flwr run` leaves its local SuperLink running: end it by PID.
         pids = _superlink_pids(port)

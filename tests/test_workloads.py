@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from federation import run_ledgers
 from fedsilo.shared.metrics import format_metrics
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,15 +44,6 @@ def _simulate(*args, timeout=600):
 def _flat(text: str) -> str:
     """Rich wraps long lines at 80 columns when not on a terminal: compare with whitespace collapsed."""
     return " ".join(text.split())
-
-
-def _ledgers(run_dir: Path) -> dict[str, list[dict]]:
-    """Entries of every ledger, by the department name written in it."""
-    out = {}
-    for p in sorted((run_dir / "ledgers").glob("*.jsonl")):
-        entries = [json.loads(line) for line in p.read_text().splitlines()]
-        out[entries[-1]["department"]] = entries
-    return out
 
 
 # --------------------------------------------------------------------------- binary, by:region
@@ -89,7 +81,7 @@ def test_churn_run_departments_schema_and_fix_model(churn_run, tables):
     # One department per region value, named after it.
     assert sorted(summary["departments"]) == REGIONS
     assert all(sorted(r["epsilon"]) == REGIONS and sorted(r["trained"]) == REGIONS for r in summary["rounds"])
-    ledgers = _ledgers(out)
+    ledgers = run_ledgers(out)
     assert sorted(ledgers) == REGIONS
     for name, entries in ledgers.items():
         eps = [e["epsilon"] for e in entries]
@@ -145,7 +137,7 @@ def test_churn_model_beats_majority_and_card_matches_ledgers(churn_run, tables):
     assert card["model"]["grad_sample_mode"] == summary["dp_path"]
     assert card["metrics"] == pytest.approx(final, rel=1e-12)
     assert card["held_out"]["rows"] == len(held)
-    ledgers = _ledgers(out)
+    ledgers = run_ledgers(out)
     record_level = card["privacy"]["record_level"]
     assert [d["department"] for d in record_level] == REGIONS
     for row in record_level:
@@ -272,7 +264,7 @@ def test_regression_over_a_folder_of_tables(regression_run):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["task"] == "regression"
     names = ["finance", "hr", "sales"]
-    assert sorted(summary["departments"]) == names and sorted(_ledgers(out)) == names
+    assert sorted(summary["departments"]) == names and sorted(run_ledgers(out)) == names
     assert "3 departments × 5 rounds" in _flat(result.stdout)
     final = summary["final_metrics"]
     assert set(final) >= {"r2", "rmse", "mae"} and "accuracy" not in final
@@ -281,7 +273,7 @@ def test_regression_over_a_folder_of_tables(regression_run):
     assert final["r2"] > 0.6, final
     assert final["r2"] > summary["initial"]["r2"] + 0.5
     assert 0 < final["mae"] <= final["rmse"] < summary["initial"]["rmse"]
-    for entries in _ledgers(out).values():
+    for entries in run_ledgers(out).values():
         assert len(entries) == 5 and entries[-1]["epsilon"] <= 10.0
     schema = json.loads((out / "schema.json").read_text())
     assert schema["label"]["column"] == "annual_value" and schema["label"]["task"] == "regression"
