@@ -57,7 +57,6 @@ def schema_infer(
     """Draft the schema every department encodes its table with; edit it by hand as needed."""
     from fedsilo.shared.data import split_columns
     from fedsilo.shared.schema import DataError, infer_schema, read_table
-    from fedsilo.simulations.simulate import describe_column
 
     try:
         schema = infer_schema(read_table(table), label_column, task, f"'{table}'", max_categories, text_features,
@@ -77,7 +76,7 @@ def schema_infer(
     typer.echo(f"wrote {out}: label '{label.column}' ({label.task}"
                + (f", classes {', '.join(label.classes)}" if label.classes else "") + f"), {schema.num_features} features from:")
     for column in schema.columns:
-        typer.echo(f"  {column.name}: {describe_column(column)}")
+        typer.echo(f"  {column.name}: {column.describe()}")
     typer.echo("Every value above comes from the table given: it is public to the federation once the schema is sent.")
 
 

@@ -17,7 +17,7 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .schema import TABLE_SUFFIXES, DataError, DataSchema, Label, infer_label, infer_schema, read_table
+from .schema import TABLE_SUFFIXES, DataError, DataSchema, Label, infer_label, infer_schema, natural_order, read_table
 
 EMBEDDED_DATASETS = ("digits", "mnist5k", "breast-cancer")
 # The held-out test split is fixed (not tied to --seed) so runs with different seeds
@@ -419,7 +419,7 @@ def _groups(frame, column: str, path: Path) -> list[tuple[str, Any]]:
     values = frame[column]
     if values.isna().any():
         raise DataError(f"--partition by:{column}: column '{column}' of '{path}' is empty at row {int(np.nonzero(values.isna().to_numpy())[0][0]) + 2}; every row needs a department")
-    groups = sorted(frame.groupby(values.astype(str), sort=False), key=lambda kv: _natural_key(kv[0]))
+    groups = sorted(frame.groupby(values.astype(str), sort=False), key=lambda kv: natural_order(kv[0]))
     names = [safe_name(str(k)) for k, _ in groups]
     if len(set(names)) != len(names):
         raise DataError(f"--partition by:{column}: two values of '{column}' give one department name; rename them")
@@ -430,13 +430,6 @@ def safe_name(value: str) -> str:
     """A department name usable in file names: letters, digits, '.', '_' and '-'."""
     name = re.sub(r"[^A-Za-z0-9_.-]+", "-", value).strip("-.")
     return name or "dept"
-
-
-def _natural_key(value: str):
-    try:
-        return (0, float(value), value)
-    except ValueError:
-        return (1, 0.0, value)
 
 
 def _check_count(requested: int, actual: int, what: str) -> None:

@@ -133,6 +133,18 @@ class Column:
             return [f"{self.name}#{i}" for i in range(self.features)]
         return []
 
+    def describe(self) -> str:
+        """One line for people: kind, encoding, fill (shown by simulate and `schema infer`)."""
+        if self.kind == "numeric":
+            return (f"numeric, scaled (mean {self.mean:.4g}, scale {self.scale:.4g}), missing → {self.impute} {self.fill:.4g}"
+                    + (" + indicator" if self.indicator else ""))
+        if self.kind == "categorical":
+            shown = ", ".join(self.categories[:6]) + (", …" if len(self.categories) > 6 else "")
+            return f"categorical ({len(self.categories)}: {shown} + other), {self.encoding}"
+        if self.kind == "text":
+            return f"text, {self.features} hashed {self.analyzer} {self.ngrams[0]}–{self.ngrams[1]}-grams"
+        return "ignored"
+
     def to_dict(self) -> dict[str, Any]:
         """Only the fields of its kind: the file stays short and editable."""
         keep = {
@@ -388,7 +400,7 @@ def infer_label(values, column: str, task: str, source: str) -> Label:
         target = present.to_numpy(dtype=np.float64)
         scale = float(target.std()) or 1.0
         return Label(column, "regression", (), float(target.mean()), scale)
-    classes = tuple(sorted(set(_label_text(present)), key=_natural))
+    classes = tuple(sorted(set(_label_text(present)), key=natural_order))
     if task == "auto" and numeric:
         integral = bool(np.all(np.mod(present.to_numpy(dtype=np.float64), 1) == 0))
         if len(classes) > MAX_CLASSES or not integral:
@@ -421,7 +433,7 @@ def _infer_column(name: str, values, max_categories: int, text_features: int) ->
         return Column(name, "ignore")
     words = text.str.split().str.len().mean()
     if distinct <= max_categories and words < 4:
-        return Column(name, "categorical", categories=tuple(sorted(set(text), key=_natural)))
+        return Column(name, "categorical", categories=tuple(sorted(set(text), key=natural_order)))
     if words < 1.5 and distinct == len(text):
         return Column(name, "ignore")  # one token, unique per row: an identifier, not a feature
     return Column(name, "text", features=text_features, ngrams=(1, 2), analyzer="word")
@@ -505,7 +517,7 @@ def _row(mask: np.ndarray) -> int:
     return int(np.nonzero(mask)[0][0]) + 2
 
 
-def _natural(value: str):
+def natural_order(value: str):
     """Numbers in numeric order, then text: codes stable across tables."""
     try:
         return (0, float(value), value)

@@ -234,19 +234,7 @@ def _show_schema(schema: DataSchema, out: Path, given: bool) -> None:
         f"label '{label.column}' ({what}); {schema.num_features} features from"
     )
     for column in schema.columns:
-        console.print(f"  {column.name}: {describe_column(column)}", markup=False, highlight=False)
-
-
-def describe_column(column) -> str:
-    if column.kind == "numeric":
-        return (f"numeric, scaled (mean {column.mean:.4g}, scale {column.scale:.4g}), missing → {column.impute} {column.fill:.4g}"
-                + (" + indicator" if column.indicator else ""))
-    if column.kind == "categorical":
-        shown = ", ".join(column.categories[:6]) + (", …" if len(column.categories) > 6 else "")
-        return f"categorical ({len(column.categories)}: {shown} + other), {column.encoding}"
-    if column.kind == "text":
-        return f"text, {column.features} hashed {column.analyzer} {column.ngrams[0]}–{column.ngrams[1]}-grams"
-    return "ignored"
+        console.print(f"  {column.name}: {column.describe()}", markup=False, highlight=False)
 
 
 def _keep_previous_summary(out: Path) -> None:
