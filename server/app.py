@@ -5,7 +5,7 @@ updates of those that trained, score it on the coordinator's held-out table
 with the task's metrics, and rewrite ``RUN_DIR/summary.json``.  The run ends
 early — cleanly — when every department that answered refused on budget
 grounds.  At the end the model is written as safetensors with a model card
-signed by the coordinator (:mod:`fedsilo.server.model_card`).
+signed by the coordinator (:mod:`fedsilo.shared.model_card`).
 """
 
 from __future__ import annotations
@@ -145,14 +145,14 @@ def run_federation(grid: Grid, settings: RunSettings, out_dir: Path, run_id: str
         summary.finish("failed", f"round {rnd}: no department trained: {report.failed or report.rejected}")
         raise RuntimeError(f"round {rnd}: no department produced a usable update")
 
-    write_model(out_dir, model, settings, test, metrics, summary, departments, strategy, status, run_id, dp_path)
+    write_model(out_dir, model, settings, test, metrics, summary, departments, status, run_id, dp_path)
     summary.finish(status, reason, MODEL_FILE, CARD_FILE)
     log(INFO, "%s finished: %s, final %s %.4f", PROGRESS_TAG, status, key, metrics[key])
     return summary
 
 
 def write_model(out_dir: Path, model, settings: RunSettings, test: Dataset, metrics: dict, summary: RunSummary,
-                departments: DepartmentFedAvg, strategy, status: str, run_id: str, dp_path: str) -> None:
+                departments: DepartmentFedAvg, status: str, run_id: str, dp_path: str) -> None:
     """``model.safetensors`` and ``model-card.json``, signed with the key that signs the record."""
     sha = save_weights(model.state_dict(), out_dir / WEIGHTS_FILE)
     record = departments.heads.record
@@ -191,16 +191,15 @@ def coordinator_test_set(settings: RunSettings) -> Dataset:
     if settings.test_data and settings.data_schema:
         schema = DataSchema.from_json(settings.data_schema, "the run's data schema")
         return load_table(Path(settings.test_data), schema.label.column, schema=schema)
+    # The held-out rows do not depend on how the rest is partitioned: one iid
+    # department is the cheapest split to build, except where the data names the
+    # departments itself (by:COLUMN, a folder of tables).
+    named = settings.partition.strip().lower().startswith("by:") or Path(settings.dataset).expanduser().is_dir()
     return simulated_federation(
-        settings.dataset, settings.label_column, split_columns(settings.feature_columns), 0 if _named(settings) else 1,
-        settings.partition if _named(settings) else "iid", settings.seed, schema_json=settings.data_schema,
+        settings.dataset, settings.label_column, split_columns(settings.feature_columns), 0 if named else 1,
+        settings.partition if named else "iid", settings.seed, schema_json=settings.data_schema,
         test_data=settings.test_data, task=settings.task,
     ).test
-
-
-def _named(settings: RunSettings) -> bool:
-    """Partitions whose count the data decides (by:COLUMN, a folder): the test split depends on them."""
-    return settings.partition.strip().lower().startswith("by:") or Path(settings.dataset).expanduser().is_dir()
 
 
 def exchange(grid: Grid, messages: list, timeout: float, first: float = 0.05, most: float = 0.5) -> list:
