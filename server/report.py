@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from fedsilo.shared.audit import format_date
 from fedsilo.shared.ledger import read_ledgers
@@ -51,11 +54,8 @@ def print_run_report(run_dir: Path, console: Console | None = None) -> dict:
         return summary
 
     ledgers = read_ledgers(Path(run_dir) / "ledgers") if (Path(run_dir) / "ledgers").exists() else {}
-    source = "ledgers" if ledgers else "reported by the departments (their ledgers stay on their hosts)"
-    table = Table(title=f"Privacy report — whole-history ε of each department at its own δ, {source}")
-    rounds_label = "rounds (ledger)" if ledgers else "rounds (this run)"
-    for column in ("department", rounds_label, "refused", "steps", "σ", "q", "ε", "δ", "budget", "left"):
-        table.add_column(column, justify="left" if column == "department" else "right")
+    source = "from the ledgers" if ledgers else "as reported by the departments (their ledgers stay on their hosts)"
+    rows = []
     departments = summary["departments"]
     for name in sorted(set(departments) | set(ledgers)):
         info = departments.get(name, {})
@@ -70,8 +70,8 @@ def print_run_report(run_dir: Path, console: Console | None = None) -> dict:
         # The budget the department's own policy granted (its ledger records it), else what it reported.
         own = (last.budget if last and last.budget else None) or info.get("max_epsilon") or summary.get("max_epsilon") or math.inf
         delta = last.delta if last else info.get("delta")
-        table.add_row(
-            name,
+        rows.append([
+            escape(name),
             str(rounds),
             str(info.get("rounds_refused", 0)),
             str(steps),
@@ -81,7 +81,23 @@ def print_run_report(run_dir: Path, console: Console | None = None) -> dict:
             f"{delta:g}" if delta else "-",
             f"{own:g}",
             f"{max(own - eps, 0.0):.3f}" if math.isfinite(own) and math.isfinite(eps) else "-",
-        )
+        ])
+    refused = any(row[2] != "0" for row in rows)
+    columns = [
+        Column("department", "left", wrap=True),
+        Column("rounds (ledger)" if ledgers else "rounds (this run)", drop=2),
+        Column("refused", drop=1 if refused else 6),  # all zeros say little: the first to go
+        Column("steps", drop=5),
+        Column("σ", drop=4),
+        Column("q", drop=5),
+        Column("ε"),
+        Column("δ", drop=3),
+        Column("budget", drop=2),
+        Column("left", drop=1),
+    ]
+    table = fitted_table(
+        console, f"Privacy report — whole-history ε of each department at its own δ, {source}", columns, rows,
+    )
     console.print(table)
     console.print(
         "ε covers each department's entire history (all rounds, all runs) at the stated δ: "
@@ -109,7 +125,107 @@ def print_central(summary: dict, console: Console) -> None:
     )
 
 
+@dataclass(frozen=True)
+class Column:
+    """One column of a terminal table that has to stay readable at 80 columns.
+
+    ``drop`` 0: always shown; otherwise the column may be hidden on a narrow
+    terminal, the highest ``drop`` first.  ``wrap``: the cells may wrap at spaces
+    (and fold a word longer than the column, never cut it); other cells keep one
+    line.  Headers always wrap between words.
+    """
+
+    header: str
+    justify: str = "right"
+    drop: int = 0
+    wrap: bool = False
+
+
+# A rich Table's box: one bar either side of every column, one space of padding each side.
+def _table_width(widths) -> int:
+    return sum(widths) + 3 * len(widths) + 1
+
+
+def fitted_table(console: Console, title: str, columns: list[Column], rows: list[list[str]],
+                 sections: frozenset[int] = frozenset(), hidden_hint: str = "") -> Table:
+    """A table sized for ``console.width``: every kept cell whole, never ``…``.
+
+    Rich alone shrinks every column of a table too wide for the terminal, and
+    cuts each cell (``depart…``, ``0.33…``).  Here a column is as wide as its widest
+    cell, headers wrap between words, and when even that does not fit the least
+    important columns (highest ``drop``) are left out, named in the caption.
+    ``sections``: indexes of rows that start a new section.
+    """
+    def length(cell: str) -> int:
+        return Text.from_markup(cell).cell_len
+
+    def words(text: str) -> int:
+        return max((length(w) for w in text.split()), default=0)
+
+    cells = [[length(row[i]) for row in rows] for i in range(len(columns))]
+    natural, minimum = [], []
+    for i, column in enumerate(columns):
+        widest = max(cells[i], default=0)
+        longest_word = max((words(row[i]) for row in rows), default=0)
+        natural.append(max(widest, length(column.header)))
+        minimum.append(max(longest_word if column.wrap else widest, words(column.header), 1))
+    # A droppable column with nothing in it ("-" in every row) goes before any other.
+    empty = [bool(rows) and all(Text.from_markup(row[i]).plain.strip() in ("", "-", "–") for row in rows)
+             for i in range(len(columns))]
+    rank = lambda i: (empty[i], columns[i].drop, i)  # noqa: E731 - the higher, the sooner dropped
+    kept = list(range(len(columns)))
+    while _table_width([minimum[i] for i in kept]) > console.width:
+        droppable = [i for i in kept if columns[i].drop]
+        if not droppable:
+            break
+        kept.remove(max(droppable, key=rank))
+    for i in sorted(set(range(len(columns))) - set(kept), key=rank):
+        if not empty[i] and _table_width([minimum[k] for k in kept] + [minimum[i]]) <= console.width:
+            kept = sorted([*kept, i])  # a less important column that still fits comes back
+    widths = {i: minimum[i] for i in kept}
+    spare = console.width - _table_width(list(widths.values()))
+    if spare < 0:  # even the columns always shown are too wide: the wrapping ones fold
+        for i in kept:
+            if columns[i].wrap and spare < 0:
+                give = max(min(widths[i] - max(words(columns[i].header), 4), -spare), 0)
+                widths[i] -= give
+                spare += give
+    # What is left puts headers (and wrapping cells) on one line, the smallest need first;
+    # a column that cannot get all it needs stays as narrow as it is.
+    for i in sorted(kept, key=lambda i: natural[i] - widths[i]):
+        if 0 < natural[i] - widths[i] <= spare:
+            spare -= natural[i] - widths[i]
+            widths[i] = natural[i]
+    hidden = [columns[i].header for i in range(len(columns)) if i not in kept]
+    caption = None
+    if hidden:
+        full = _table_width(minimum)
+        caption = (f"Hidden to fit {console.width} columns: {', '.join(hidden)} "
+                   f"({full} columns show all{', ' + hidden_hint if hidden_hint else ''}).")
+    table = Table(title=title, caption=caption)
+    for i in kept:
+        column = columns[i]
+        # Every column may wrap: its header between words; a cell only where ``wrap`` left it
+        # narrower than the cell (the other columns are at least as wide as their widest cell).
+        table.add_column(column.header, justify=column.justify, width=widths[i], overflow="fold")
+    for r, row in enumerate(rows):
+        if r in sections:
+            table.add_section()
+        table.add_row(*(row[i] for i in kept))
+    return table
+
+
 AUDIT_COLUMNS = ("department", "rounds", "steps", "σ", "q", "ε recorded", "PRV", "RDP", "PLD", "δ", "budget", "left", "signatures", "verified")
+
+
+# How each audit column behaves in the terminal: ``drop`` (hidden first on a narrow terminal,
+# highest first), a shorter header.  δ outranks the re-derived ε: an ε without its δ says nothing.
+AUDIT_TERMINAL = {
+    "department": {"justify": "left", "wrap": True}, "rounds": {"drop": 3}, "steps": {"drop": 5},
+    "σ": {"drop": 5}, "q": {"drop": 6}, "ε recorded": {}, "PRV": {"drop": 4}, "RDP": {"drop": 4},
+    "PLD": {"drop": 2}, "δ": {"drop": 1}, "budget": {"drop": 1}, "left": {"drop": 1},
+    "signatures": {"justify": "left", "header": "signed"}, "verified": {"justify": "left"},
+}
 
 
 def audit_cells(row) -> list[str]:
@@ -128,16 +244,18 @@ def audit_cells(row) -> list[str]:
 def print_audit(result, console: Console | None = None) -> None:
     """The privacy officer's table: one row per department, then every problem."""
     console = console or Console()
-    table = Table(title="Privacy audit — ε re-derived from the recorded mechanisms")
-    for column in AUDIT_COLUMNS:
-        table.add_column(column, justify="left" if column in ("department", "signatures", "verified") else "right")
+    rows, sections = [], set()
     for row in result.rows:
         cells = audit_cells(row)
+        cells[0] = escape(cells[0])
         if row is result.central:
-            table.add_section()
+            sections.add(len(rows))
             cells[0] += " (client-level)"
         cells[-1] = "[green]yes[/green]" if row.verified else "[red]NO[/red]"
-        table.add_row(*cells)
+        rows.append(cells)
+    columns = [Column(**{"header": header, **AUDIT_TERMINAL.get(header, {"drop": 7})}) for header in AUDIT_COLUMNS]
+    table = fitted_table(console, "Privacy audit — ε re-derived from the recorded mechanisms", columns, rows,
+                         frozenset(sections), hidden_hint="as do --json and --report")
     console.print(table)
     for row in result.rows:
         for problem in row.problems:

@@ -241,24 +241,54 @@ def toml_value(value: Any) -> str:
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _PROGRESS = re.compile(r"fedsilo: (.*)$")  # the ServerApp's progress lines (server/app.py)
+# Its first line, once it has its data and model: "run ID -> OUT (...)" or "run ID resumed ...".
+_RUN_HEADER = re.compile(r"^run \S+ (->|resumed) ")
 
 
-def progress_filter(emit: Callable[[str], None], verbose: bool = False) -> Callable[[str], None]:
+def progress_text(line: str) -> str | None:
+    """The text of a ServerApp ``fedsilo:`` progress line in a Flower log line, else None."""
+    match = _PROGRESS.search(ANSI.sub("", line))
+    return match.group(1) if match else None
+
+
+def is_run_header(text: str) -> bool:
+    """True for the ServerApp's first progress line (the run is set up; no round has run yet)."""
+    return bool(_RUN_HEADER.match(text))
+
+
+class ProgressFilter:
     """A line handler for a streamed Flower log: every line when ``verbose``, else
     only the ServerApp's ``fedsilo:`` progress lines, once each (Flower prints
-    every log record twice: to the console and in its own format)."""
-    last = [""]
+    every log record twice: to the console and in its own format).
 
-    def handle(line: str) -> None:
-        if verbose:
-            emit(line)
+    :meth:`shows` says, without handling it, whether a line would be emitted:
+    whoever draws on the terminal meanwhile (the startup progress) steps aside first.
+    """
+
+    def __init__(self, emit: Callable[[str], None], verbose: bool = False) -> None:
+        self.emit = emit
+        self.verbose = verbose
+        self._last = ""
+
+    def shows(self, line: str) -> bool:
+        if self.verbose:
+            return True
+        text = progress_text(line)
+        return text is not None and text != self._last
+
+    def __call__(self, line: str) -> None:
+        if self.verbose:
+            self.emit(line)
             return
-        match = _PROGRESS.search(ANSI.sub("", line))
-        if match and match.group(1) != last[0]:
-            last[0] = match.group(1)
-            emit(f"  {match.group(1)}")
+        text = progress_text(line)
+        if text is not None and text != self._last:
+            self._last = text
+            self.emit(f"  {text}")
 
-    return handle
+
+def progress_filter(emit: Callable[[str], None], verbose: bool = False) -> ProgressFilter:
+    """See :class:`ProgressFilter`."""
+    return ProgressFilter(emit, verbose)
 
 
 def config_arg(values: dict[str, Any]) -> str:

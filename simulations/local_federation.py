@@ -6,14 +6,20 @@ free loopback port, with its own ``FLWR_HOME`` (the user's Flower configuration
 is untouched), submits runs through :class:`~fedsilo.shared.flower_cli.FlowerConnection`,
 and stops the SuperLink and everything it spawned (simulation, Ray), whatever
 happened.  Its API is plain HTTP bound to 127.0.0.1: it never leaves the machine.
+
+Starting all that takes a while (on 2 cores: ~3 s the SuperLink, ~8 s the ServerApp,
+~10 s Ray's workers and the first round): :class:`StartupProgress` says so meanwhile.
 """
 
 from __future__ import annotations
 
 import os
 import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import IO, Any, Callable
 
 from fedsilo.shared.flower_cli import (
     FlowerConnection,
@@ -21,10 +27,189 @@ from fedsilo.shared.flower_cli import (
     RunOutcome,
     flower_executable,
     free_port,
+    is_run_header,
+    progress_text,
     stop_tree,
     wait_for_port,
 )
 
+
+def _isatty(stream: Any) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):  # no isatty, or closed
+        return False
+
+
+class StartupProgress:
+    """What the user sees while the simulation engine starts, until the run's first progress line.
+
+    On a terminal, one line redrawn in place (a rich spinner, erased when it stops)::
+
+        ⠋ starting the simulation engine (Flower SuperLink)… 2 s
+
+    Elsewhere (CI logs, pipes) a line at the start, one every ``every`` seconds,
+    and one at the end::
+
+        starting the simulation engine (Flower SuperLink)…
+        still starting the simulation engine (ServerApp and Ray): 10 s
+        still starting the simulation engine (4 departments in Ray, first round): 20 s
+        simulation engine started in 23 s
+
+    It draws on ``stream`` (stderr: stdout stays the run's own output).  Wrap
+    the run's line handler with :meth:`handler`: before a line that handler
+    shows, the progress steps aside; the ServerApp's first line (the run is set
+    up) moves it to its last stage, any other shown line ends it.  ``clock``,
+    ``live`` and ``thread=False`` (then call :meth:`tick` yourself) are for tests.
+    """
+
+    WHAT = "starting the simulation engine"
+
+    def __init__(
+        self,
+        stream: IO[str] | None = None,
+        *,
+        clock: Callable[[], float] = time.monotonic,
+        every: float = 10.0,
+        live: bool | None = None,
+        thread: bool = True,
+        interval: float = 0.5,
+    ) -> None:
+        self.stream = stream if stream is not None else sys.stderr
+        # In place only when both streams are the terminal: a line printed to a piped
+        # stdout would reach the screen behind the redrawn one.
+        self.live = (_isatty(self.stream) and _isatty(sys.stdout)) if live is None else live
+        self.clock = clock
+        self.every = every
+        self.interval = interval
+        self.threaded = thread
+        self.active = False
+        self.stage_text = ""
+        self._started_at = 0.0
+        self._reported = 0.0  # the last multiple of `every` written (plain lines)
+        self._spinner = None  # the rich Spinner while drawn (live)
+        self._live = None
+        self._lock = threading.RLock()
+        self._done = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- what it says
+    def elapsed(self) -> int:
+        return int(self.clock() - self._started_at)
+
+    def text(self) -> str:
+        return f"{self.WHAT} ({self.stage_text})… {self.elapsed()} s"
+
+    def _write(self, line: str) -> None:
+        self.stream.write(line + "\n")
+        self.stream.flush()
+
+    # -- its life
+    def start(self, stage: str) -> None:
+        with self._lock:
+            if self.active:
+                self.stage(stage)
+                return
+            self.active, self.stage_text = True, stage
+            self._started_at, self._reported = self.clock(), 0.0
+            if self.live:
+                self._draw()
+            else:
+                self._write(f"{self.WHAT} ({stage})…")
+        if self.threaded:
+            self._done.clear()
+            self._thread = threading.Thread(target=self._tick_until_done, name="startup-progress", daemon=True)
+            self._thread.start()
+
+    def stage(self, stage: str) -> None:
+        """What is starting now (the elapsed time counts on from :meth:`start`)."""
+        with self._lock:
+            self.stage_text = stage
+            self.tick()
+
+    def tick(self) -> None:
+        """Redraw the line (terminal), or write the next ``still …`` line when one is due."""
+        with self._lock:
+            if not self.active:
+                return
+            if self._spinner is not None:
+                self._spinner.update(text=self.text())  # the Live redraws it
+                return
+            if self.live:
+                return  # paused
+            due = (self.clock() - self._started_at) // self.every * self.every
+            if due > self._reported:
+                self._reported = due
+                self._write(f"still {self.WHAT} ({self.stage_text}): {due:g} s")
+
+    def pause(self) -> None:
+        """Step aside while someone else prints a line (terminal: the line is erased)."""
+        with self._lock:
+            live, self._live, self._spinner = self._live, None, None
+            if live is not None:
+                live.stop()
+
+    def resume(self) -> None:
+        with self._lock:
+            if self.active and self.live and self._spinner is None:
+                self._draw()
+
+    def stop(self, done: bool = False) -> None:
+        """End it; ``done``: the run has said its first word, write how long starting took."""
+        with self._lock:
+            if not self.active:
+                return
+            self.pause()
+            self.active = False
+            if done:
+                self._write(f"simulation engine started in {self.elapsed()} s")
+        self._done.set()
+        thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=5)
+
+    def handler(
+        self, on_line: Callable[[str], None] | None, set_up: str = "the departments in Ray, first round"
+    ) -> Callable[[str], None]:
+        """``on_line`` with the progress stepping aside for the lines it shows.
+
+        A handler with a ``shows(line)`` method (a :class:`~fedsilo.shared.flower_cli.ProgressFilter`)
+        is asked; any other is taken to show every line.  ``set_up``: the stage after
+        the ServerApp's first line.
+        """
+        shows = getattr(on_line, "shows", None) or (lambda line: True)
+
+        def handle(line: str) -> None:
+            if self.active and on_line is not None and shows(line):
+                text = progress_text(line)
+                if text is not None and is_run_header(text):
+                    self.pause()
+                    on_line(line)
+                    self.stage(set_up)
+                    self.resume()
+                    return
+                self.stop(done=text is not None)
+            if on_line is not None:
+                on_line(line)
+
+        return handle
+
+    def _draw(self) -> None:
+        from rich.console import Console
+        from rich.live import Live
+        from rich.spinner import Spinner
+
+        console = Console(file=self.stream, force_terminal=True, highlight=False)
+        self._spinner = Spinner("dots", self.text())
+        # Transient: erased when it stops.  What this process writes to stderr meanwhile
+        # (a warning) is printed above it; stdout is left alone.
+        self._live = Live(self._spinner, console=console, transient=True, refresh_per_second=12.5,
+                          redirect_stdout=False, redirect_stderr=True)
+        self._live.start()
+
+    def _tick_until_done(self) -> None:
+        while not self._done.wait(self.interval):
+            self.tick()
 
 
 class LocalFederation:
@@ -36,13 +221,21 @@ class LocalFederation:
         Folder for the SuperLink's ``FLWR_HOME`` and log.
     startup_timeout : float
         Seconds to wait for the SuperLink to answer.
+    progress : StartupProgress or bool
+        What to show while the engine starts, until the run's first progress
+        line: ``True`` (default) a :class:`StartupProgress` on stderr, ``False`` nothing.
     """
 
-    def __init__(self, workdir: Path, startup_timeout: float = 60.0) -> None:
+    def __init__(
+        self, workdir: Path, startup_timeout: float = 60.0, progress: StartupProgress | bool = True
+    ) -> None:
         self.workdir = Path(workdir)
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen | None = None
         self.connection: FlowerConnection | None = None
+        self.progress: StartupProgress | None = (
+            StartupProgress() if progress is True else (progress or None)
+        )
 
     def __enter__(self) -> "LocalFederation":
         self.start()
@@ -52,6 +245,8 @@ class LocalFederation:
         self.stop()
 
     def start(self) -> None:
+        if self.progress is not None:
+            self.progress.start("Flower SuperLink")
         port = free_port()
         self.connection = FlowerConnection(self.workdir / "flwr-home", f"127.0.0.1:{port}", insecure=True)
         log = self.workdir / "superlink.log"
@@ -68,9 +263,13 @@ class LocalFederation:
         except FlowerError:
             self.stop()
             raise
+        if self.progress is not None:
+            self.progress.stage("ServerApp and Ray")
 
     def stop(self) -> None:
         """End the SuperLink and every process it spawned."""
+        if self.progress is not None:
+            self.progress.stop()
         proc, self.process = self.process, None
         stop_tree(proc)
 
@@ -89,6 +288,12 @@ class LocalFederation:
             f"num-supernodes={int(num_supernodes)} client-resources-num-cpus={int(cpus_per_department)} "
             f"init-args-num-cpus={os.cpu_count() or 1}"
         )
-        return self.connection.run(
-            run_config, log_path or self.workdir / "flower.log", federation, on_line
-        )
+        progress = self.progress
+        if progress is None:
+            return self.connection.run(run_config, log_path or self.workdir / "flower.log", federation, on_line)
+        progress.start("ServerApp and Ray")  # already running since start(): only the stage
+        handler = progress.handler(on_line, set_up=f"{int(num_supernodes)} departments in Ray, first round")
+        try:
+            return self.connection.run(run_config, log_path or self.workdir / "flower.log", federation, handler)
+        finally:
+            progress.stop()  # the run ended (or failed) before its first progress line
