@@ -20,16 +20,26 @@ of reply, and only one of them may reach the average:
   (:mod:`fedsilo.server.acknowledgements`): its update, if any, is not used.
 
 :attr:`DepartmentFedAvg.last_report` tells the ServerApp who did what.
+
+With ``max_update_norm`` > 0 every accepted update is bounded before anything
+combines it: where ``‖w_dept − w_global‖₂`` (all layers together) exceeds the
+bound, the delta is scaled down to exactly the bound and the department's
+norm before scaling goes into :attr:`RoundReport.clipped`.  The bound is
+applied in :meth:`DepartmentFedAvg.classify`, so it also holds under the
+client-level DP wrapper (``central_dp``), which combines the classified
+updates itself.  The robust rules (trimmed mean, median, Krum) are subclasses
+in :mod:`fedsilo.server.robust`.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import WARNING
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -54,25 +64,43 @@ class RoundReport:
     incompatible: dict[str, str] = field(default_factory=dict)  # name -> why it refused the app
     declined: dict[str, str] = field(default_factory=dict)  # name -> the looser asks, both values
     rolled_back: dict[str, str] = field(default_factory=dict)  # name -> how its ledger went backwards
+    # Trained departments that sent again the update they had released for this
+    # round before the coordinator restarted (no new ε): name -> ledger seq.
+    replayed: dict[str, int] = field(default_factory=dict)
     epsilon: dict[str, float] = field(default_factory=dict)
     delta: dict[str, float] = field(default_factory=dict)
     budget: dict[str, float] = field(default_factory=dict)
     steps: dict[str, int] = field(default_factory=dict)
+    # Updates scaled down to max-update-norm: name -> the update's L2 norm before scaling.
+    clipped: dict[str, float] = field(default_factory=dict)
 
 
 class DepartmentFedAvg(FedAvg):
     """FedAvg over the departments that trained, with per-department reporting.
 
-    Parameters are those of :class:`flwr.serverapp.strategy.FedAvg`.  Federated
+    Parameters are those of :class:`flwr.serverapp.strategy.FedAvg`, plus
+    ``max_update_norm``: the largest L2 norm of an update's delta from the
+    round's global model (0, the default, is no bound).  Federated
     (client-side) evaluation is off by default: the coordinator evaluates the
     global model on its own held-out test set.
+
+    The average is weighted by the ``num-examples`` each department reports
+    about itself: a department that lies about its size moves the average
+    further (with the bound, at most ``max_update_norm`` per round, but in the
+    direction it chooses).  The rules of :mod:`fedsilo.server.robust` do not
+    weight the model by it.
     """
 
-    def __init__(self, **kwargs) -> None:
+    def __init__(self, *, max_update_norm: float = 0.0, **kwargs) -> None:
+        if not (isinstance(max_update_norm, (int, float)) and math.isfinite(max_update_norm) and max_update_norm >= 0):
+            raise ValueError(f"max-update-norm must be a finite number >= 0 (0 = no bound), got {max_update_norm!r}")
         kwargs.setdefault("fraction_evaluate", 0.0)
         super().__init__(**kwargs)
+        self.max_update_norm = float(max_update_norm)
         self.last_report = RoundReport()
         self._reference: dict[str, tuple[int, ...]] = {}
+        # A copy of the round's global model (only kept when updates are bounded).
+        self._global: dict[str, np.ndarray] = {}
         # node id -> registered department name, to name departments that fail
         self.node_names: dict[int, str] = {}
         self._asked: list[int] = []
@@ -100,6 +128,8 @@ class DepartmentFedAvg(FedAvg):
         # Remember the global model's layout to validate what comes back, and who
         # was asked, to name those who never answer.
         self._reference = {k: tuple(v.shape) for k, v in arrays.items()}
+        if self.max_update_norm > 0:
+            self._global = {k: np.array(v.numpy(), dtype=np.float64) for k, v in arrays.items()}
         messages = list(super().configure_train(server_round, arrays, config, grid))
         self._asked = [m.metadata.dst_node_id for m in messages]
         return messages
@@ -122,7 +152,11 @@ class DepartmentFedAvg(FedAvg):
         return super().aggregate_train(server_round, accepted)
 
     def classify(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
-        """Sort the replies into :attr:`last_report`; return the usable updates."""
+        """Sort the replies into :attr:`last_report`; return the usable updates.
+
+        With ``max_update_norm`` set, each returned update is already bounded
+        (its message's ArrayRecord replaced by the scaled one).
+        """
         report = RoundReport()
         accepted: list[Message] = []
         replies = list(replies)
@@ -171,9 +205,36 @@ class DepartmentFedAvg(FedAvg):
                 continue
             report.trained[name] = int(metrics["num-examples"])
             report.steps[name] = int(metrics["steps"])
+            if self.max_update_norm > 0:
+                norm = self._bound(msg)
+                if norm is not None:
+                    report.clipped[name] = norm
+                    log(WARNING, "round %s: update from %s has norm %.4g > max-update-norm %g: scaled down to it",
+                        server_round, name, norm, self.max_update_norm)
             accepted.append(msg)
         self.last_report = report
         return accepted
+
+    def _bound(self, msg: Message) -> float | None:
+        """Scale ``msg``'s update so that ‖update − global‖₂ ≤ max_update_norm.
+
+        Returns the norm before scaling when it was scaled, else ``None``.  The
+        norm is over all layers together, computed in float64; the scaled layers
+        keep their dtype.
+        """
+        if not self._global:
+            raise RuntimeError("max-update-norm needs the round's global model: call configure_train first")
+        ((key, update),) = msg.content.array_records.items()
+        deltas = {k: update[k].numpy().astype(np.float64) - self._global[k] for k in update.keys()}
+        norm = math.sqrt(sum(float(np.sum(d * d)) for d in deltas.values()))
+        if norm <= self.max_update_norm:
+            return None
+        scale = self.max_update_norm / norm
+        dtypes = {k: update[k].numpy().dtype for k in update.keys()}
+        msg.content[key] = ArrayRecord(
+            {k: Array(np.ascontiguousarray((self._global[k] + scale * d).astype(dtypes[k]))) for k, d in deltas.items()}
+        )
+        return norm
 
     def _validate(self, msg: Message) -> str:
         """Empty string when the update is usable, else what is wrong with it."""

@@ -15,7 +15,7 @@ from .common import load_average
 from .report import render
 
 console = Console()
-app = typer.Typer(help="Benchmarks: DP cost, simulation scale, privacy–utility, accounting, deployment.", no_args_is_help=True)
+app = typer.Typer(help="Benchmarks: DP cost, simulation scale, privacy–utility, accounting, robustness, deployment.", no_args_is_help=True)
 
 # name -> module in this package; run in this order (cheap ones first).
 SUITE = {
@@ -23,6 +23,7 @@ SUITE = {
     "accounting": "accounting_tightness",
     "scale": "scale",
     "utility": "utility",
+    "robustness": "robustness",
     "deployment": "deployment_overhead",
 }
 
