@@ -1,3 +1,3 @@
 """fedsilo: privacy-preserving federated learning across the departments of one enterprise."""
 
-__version__ = "0.3.0"
+__version__ = "0.4.0"

@@ -133,7 +133,7 @@ def predict(
 
 @app.command("audit")
 def audit(
-    path: Annotated[Path, typer.Argument(help="A run directory, a ledger directory, or one .jsonl ledger.")],
+    path: Annotated[Path, typer.Argument(help="A run folder (or an output folder: its latest run), a ledger directory, or one .jsonl ledger.")],
     json_out: Annotated[bool, typer.Option("--json", help="Print the result as JSON.")] = False,
     keys: Annotated[Optional[Path], typer.Option(help="Folder of the public keys you trust (*.pub, coordinator.crt), matched by fingerprint. Without it, keys beside the ledgers prove only consistency.")] = None,
     record: Annotated[Optional[Path], typer.Option(help="The coordinator's record of acknowledged ledger heads (STATE/record/acknowledged.jsonl); a run folder names its own.")] = None,
@@ -142,7 +142,9 @@ def audit(
     """Verify ledgers (chain, signatures, coordinator record) and re-derive every ε; exit 1 on any failure."""
     from fedsilo.server.report import print_audit
     from fedsilo.shared.audit import audit_path
+    from fedsilo.shared.runs import resolve_run_dir
 
+    path = resolve_run_dir(path)
     try:
         result = audit_path(path, keys, record)
     except FileNotFoundError as err:

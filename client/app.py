@@ -81,6 +81,8 @@ def train(msg: Message, context: Context) -> Message:
             "steps": result.steps,
             "noise-multiplier": noise,
             "sample-rate": rate,
+            # 0: trained now; else the ledger entry that charged an update sent again (client/replay.py).
+            "replayed-seq": 0,
         }
     )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}

@@ -14,7 +14,15 @@ wraps the department's train handler like middleware:
    accountant — whether the whole history plus this round would pass the budget;
 4. otherwise it hands the plan to the handler (``dp-plan``), checks that the
    handler ran exactly that mechanism, appends the round to the ledger with the
-   whole-history ε and the budget in force, and attaches the signed ledger head.
+   whole-history ε and the budget in force, keeps the update
+   (:mod:`fedsilo.client.replay`) and attaches the signed ledger head.
+
+A request for a round this department already trained and released — the same
+run, round and global model, after the coordinator restarted — gets the kept
+update again and no new ledger entry: one round is never charged twice.
+
+The run is named by the message's ``run-key`` (the coordinator's run name, the
+same across its resumes), else Flower's run id.
 """
 
 from __future__ import annotations
@@ -32,12 +40,13 @@ from fedsilo.shared.config import RunSettings
 from fedsilo.shared.ledger import PrivacyLedger
 from fedsilo.shared.model_factory import ModelError, is_factory, load_factory
 from fedsilo.shared.protocol import (
-    CONFIG_KEY, METRICS_KEY, STATUS_DECLINED, STATUS_KEY, STATUS_REFUSED, STATUS_ROLLED_BACK,
+    ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, RUN_KEY, STATUS_TRAINED, STATUS_DECLINED, STATUS_KEY, STATUS_REFUSED, STATUS_ROLLED_BACK,
 )
 from fedsilo.shared.record import ACK_HEAD_KEY, ACK_SEQ_KEY, HEAD_KEY, LedgerHead, public_key_line
 
 from .department import Department, department_from_context
 from .policy import PolicyError, RunRequest, Terms
+from .replay import LastUpdate, request_digest
 from .trainer import plan_mechanism
 
 PLAN_KEY = "dp-plan"
@@ -45,7 +54,14 @@ log = logging.getLogger("fedsilo.department")
 
 
 class PlanError(ValueError):
-    """No mechanism fits what the run asks within the department's terms; says the plan's numbers."""
+    """No mechanism fits what the run asks within the department's terms; says the plan's numbers.
+
+    ``spent`` is true when the history alone already reaches the target: a budget matter.
+    """
+
+    def __init__(self, message: str, spent: bool = False) -> None:
+        super().__init__(message)
+        self.spent = spent
 
 
 @functools.lru_cache(maxsize=64)
@@ -61,20 +77,23 @@ def plan_round(settings: RunSettings, terms: Terms, size: int, prior: list[Mecha
     With ``target-epsilon`` set, σ is the smallest noise that keeps the
     department's whole history — ``prior``, its rounds before this run — plus
     all ``num-server-rounds`` planned rounds within the target (capped at its
-    budget); the budget guard still has the last word.
+    budget).  With neither σ nor a target (the default) the target is the
+    department's own budget: the run's planned rounds spend what is left of it.
+    The budget guard still has the last word.
     """
     mechanism = plan_mechanism(size, settings.batch_size, settings.local_epochs, settings.noise_multiplier or 1.0)
-    if settings.target_epsilon <= 0:
+    if settings.target_epsilon <= 0 and settings.noise_multiplier > 0:
         return mechanism
-    target = min(settings.target_epsilon, terms.max_epsilon)
+    target = min(settings.target_epsilon, terms.max_epsilon) if settings.target_epsilon > 0 else terms.max_epsilon
     merged = tuple(accounting.merge_history(prior))
     steps = mechanism.steps * settings.num_server_rounds
     try:
         sigma = _noise_for_target(merged, target, terms.delta, mechanism.sample_rate, steps, terms.accountant)
     except ValueError as err:
+        what = f"target-epsilon {target:g}" if settings.target_epsilon > 0 else f"its budget ε={target:g}"
         raise PlanError(
-            f"target-epsilon {target:g} over {settings.num_server_rounds} rounds cannot be planned: {err}; "
-            "this department has nothing left to spend under that target"
+            f"{what} over {settings.num_server_rounds} rounds cannot be planned: {err}; "
+            "this department has nothing left to spend under that target", spent=True,
         ) from None
     return Mechanism(sigma, mechanism.sample_rate, mechanism.steps)
 
@@ -87,7 +106,8 @@ def privacy_budget_mod(msg: Message, context: Context, call_next: ClientAppCalla
     ledger = PrivacyLedger(department.ledger_path, department.name, department.signer)
     config = msg.content.config_records.get(CONFIG_KEY) or ConfigRecord()
     server_round = int(config.get("server-round", 0))
-    refuse = functools.partial(_refusal, msg, department, ledger, server_round)
+    run_id = str(config.get(RUN_KEY, "")) or str(msg.metadata.run_id)
+    refuse = functools.partial(_refusal, msg, department, ledger, run_id, server_round)
 
     # 1. The coordinator's acknowledged head must still be in this ledger.
     behind = ledger.continues(int(config.get(ACK_SEQ_KEY, 0)), str(config.get(ACK_HEAD_KEY, "")))
@@ -110,16 +130,24 @@ def privacy_budget_mod(msg: Message, context: Context, call_next: ClientAppCalla
         return refuse(STATUS_DECLINED, "delta: this department's δ is not below 1/records; its operators must lower --delta")
     size = policy.reported_size(len(department.data))
     if not terms.private:
-        return _train_without_dp(msg, context, call_next, department, ledger, terms, settings, size, server_round)
+        return _train_without_dp(msg, context, call_next, department, ledger, terms, settings, size, run_id, server_round)
     if not ledger.private:
         return refuse(STATUS_REFUSED, "budget: this department trained without DP before (its ledger says so); no finite ε covers its history, so it trains no more")
 
+    # A round already released (the coordinator restarted): the same update again, no new charge.
+    kept = LastUpdate(department.ledger_path)
+    digest = request_digest(run_id, server_round, msg.content[ARRAYS_KEY]) if ARRAYS_KEY in msg.content else ""
+    replay = kept.find(digest, ledger) if digest else None
+    if replay is not None:
+        return _replay(msg, department, ledger, replay, terms, run_id, server_round)
+
     # 3. Plan the round from the reported size; the guard decides at the department's δ.
+    prior = [e.mechanism for e in ledger.entries if e.private and e.run_id != run_id]
     try:
-        prior = [e.mechanism for e in ledger.entries if e.private and e.run_id != str(msg.metadata.run_id)]
         mechanism = plan_round(settings, terms, size, prior)
     except PlanError as err:
-        return refuse(STATUS_DECLINED, str(err))
+        # Nothing left to spend under the target is a budget matter, like the guard's refusal.
+        return refuse(STATUS_REFUSED if err.spent else STATUS_DECLINED, str(err))
     limits = policy.mechanism_limits(mechanism)
     if limits:
         return refuse(STATUS_DECLINED, "; ".join(limits))
@@ -141,8 +169,12 @@ def privacy_budget_mod(msg: Message, context: Context, call_next: ClientAppCalla
             f"trainer ran {metrics['steps']} steps but the guard planned {mechanism.steps}; "
             "refusing to release an unaccounted update"
         )
+    _set_privacy_metrics(metrics, size, decision.epsilon_after, terms)
+    seen = len(ledger.entries)  # ε above was computed from exactly these
+    if digest:  # kept first: an update whose charge is in the ledger can always be sent again
+        kept.keep(digest, run_id, server_round, seen + 1, reply.content[ARRAYS_KEY], dict(metrics))
     entry = ledger.append(
-        run_id=str(msg.metadata.run_id),
+        run_id=run_id,
         round=server_round,
         mechanism=mechanism,
         max_grad_norm=settings.max_grad_norm,
@@ -150,18 +182,30 @@ def privacy_budget_mod(msg: Message, context: Context, call_next: ClientAppCalla
         accountant=terms.accountant,
         epsilon=decision.epsilon_after,
         num_examples=len(department.data),
-        expected_seq=len(ledger.entries),  # ε above was computed from exactly these
+        expected_seq=seen,
         budget=terms.max_epsilon,
         reported_size=size,
     )
-    _set_privacy_metrics(metrics, size, entry.epsilon, terms)
-    _attach_head(reply, department, ledger, str(msg.metadata.run_id), server_round, terms)
+    _attach_head(reply, department, ledger, run_id, server_round, terms)
     log.info("[%s] round %s: ε=%.3f (δ=%g)", department.name, server_round, entry.epsilon, entry.delta)
     return reply
 
 
+def _replay(msg: Message, department: Department, ledger: PrivacyLedger, replay, terms: Terms,
+            run_id: str, server_round: int) -> Message:
+    """The update released for this very request before, charged once (by ``replay.entry``)."""
+    metrics = MetricRecord(dict(replay.metrics))
+    metrics["replayed-seq"] = replay.entry.seq + 1  # as a head counts: entries up to and including it
+    status = ConfigRecord({"name": department.name, "status": STATUS_TRAINED, "reason": "replayed"})
+    reply = Message(RecordDict({ARRAYS_KEY: replay.arrays, METRICS_KEY: metrics, STATUS_KEY: status}), reply_to=msg)
+    _attach_head(reply, department, ledger, run_id, server_round, terms)
+    log.info("[%s] round %s: sent again the update released for it (ledger entry %d); no new charge",
+             department.name, server_round, replay.entry.seq)
+    return reply
+
+
 def _train_without_dp(msg, context, call_next, department: Department, ledger: PrivacyLedger,
-                      terms: Terms, settings: RunSettings, size: int, server_round: int) -> Message:
+                      terms: Terms, settings: RunSettings, size: int, run_id: str, server_round: int) -> Message:
     """Only when the department's own policy opts in: trained, and the ledger says so for good."""
     msg.content[PLAN_KEY] = _plan_record(False, None, settings.max_grad_norm, size)
     reply = call_next(msg, context)
@@ -169,14 +213,14 @@ def _train_without_dp(msg, context, call_next, department: Department, ledger: P
         return reply
     metrics = reply.content[METRICS_KEY]
     ledger.append(
-        run_id=str(msg.metadata.run_id), round=server_round,
+        run_id=run_id, round=server_round,
         mechanism=None,  # a non-private round is no mechanism: the entry voids every finite ε
         max_grad_norm=settings.max_grad_norm, delta=terms.delta, accountant=terms.accountant,
         epsilon=ledger.epsilon if ledger.private else 0.0, num_examples=len(department.data),
         expected_seq=len(ledger.entries), budget=terms.max_epsilon, private=False, reported_size=size,
     )
     _set_privacy_metrics(metrics, size, float("inf"), terms)
-    _attach_head(reply, department, ledger, str(msg.metadata.run_id), server_round, terms)
+    _attach_head(reply, department, ledger, run_id, server_round, terms)
     log.warning("[%s] round %s trained WITHOUT differential privacy (the policy allows it)", department.name, server_round)
     return reply
 
@@ -216,7 +260,7 @@ def _attach_head(reply: Message, department: Department, ledger: PrivacyLedger, 
     reply.content[HEAD_KEY] = ConfigRecord(statement.to_record())
 
 
-def _refusal(msg: Message, department: Department, ledger: PrivacyLedger, server_round: int,
+def _refusal(msg: Message, department: Department, ledger: PrivacyLedger, run_id: str, server_round: int,
              status: str, reason: str, decision: BudgetDecision | None = None) -> Message:
     """A reply without weights, saying why this department did not train (and where its ledger stands)."""
     log.warning("[%s] round %s %s: %s", department.name, server_round, status, reason)
@@ -236,5 +280,5 @@ def _refusal(msg: Message, department: Department, ledger: PrivacyLedger, server
     status_record = ConfigRecord({"name": department.name, "status": status, "reason": reason})
     reply = Message(RecordDict({METRICS_KEY: metrics, STATUS_KEY: status_record}), reply_to=msg)
     terms = Terms(True, decision.max_epsilon, decision.delta, "") if decision else None
-    _attach_head(reply, department, ledger, str(msg.metadata.run_id), server_round, terms)
+    _attach_head(reply, department, ledger, run_id, server_round, terms)
     return reply

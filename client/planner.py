@@ -255,3 +255,75 @@ def _quiet(fn: Any, *args: Any) -> Any:
 
 def _positive(x: float) -> bool:
     return x > 0 and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class Forecast:
+    """What one department can still do in a run, from its own ledger, before the run starts.
+
+    ``rounds`` of the run's remaining rounds fit its budget (all of them when it
+    trains without DP); ``reason`` says why it trains none.
+    """
+
+    department: str
+    rounds: int
+    remaining: int
+    noise_multiplier: float | None
+    epsilon_before: float
+    budget: float
+    reason: str = ""
+
+
+def forecast_department(name: str, settings, policy, num_records: int, entries, completed: int = 0,
+                        run_id: str = "") -> Forecast:
+    """Plan the run for one department exactly as its budget guard will, against its ledger.
+
+    ``entries`` is its ledger.  For a resumed run (``run_id``, ``completed``
+    rounds) its entries of that run count as spent but not as prior history for
+    the target, as in the guard, and a round it already trained is not charged
+    again (it sends that update again).
+    """
+    done = max([completed] + [e.round for e in entries if run_id and e.run_id == run_id])
+    remaining = max(settings.num_server_rounds - done, 0)
+    from .budget_guard import PlanError as GuardPlanError, plan_round
+    from .policy import RunRequest
+
+    terms, looser = policy.terms_for(RunRequest.from_settings(settings))
+    if terms is None:
+        return Forecast(name, 0, remaining, None, 0.0, policy.max_epsilon, "declines: " + "; ".join(looser))
+    history = [e.mechanism for e in entries if e.private]
+    before = _quiet(accounting.epsilon, history, terms.delta, terms.accountant) if history else 0.0
+    if not terms.private:
+        return Forecast(name, remaining, remaining, None, before, terms.max_epsilon)
+    if any(not e.private for e in entries):
+        return Forecast(name, 0, remaining, None, math.inf, terms.max_epsilon, "trained without DP before: no finite ε is left")
+    size = policy.reported_size(num_records)
+    prior = [e.mechanism for e in entries if e.private and e.run_id != run_id]
+    planned = settings.target_epsilon > 0 or settings.noise_multiplier <= 0
+    if planned and not history:
+        # σ is searched so that every planned round fits: nothing to forecast (the department
+        # searches it itself; doing it here too would only delay the start).
+        return Forecast(name, remaining, remaining, None, 0.0, terms.max_epsilon)
+    try:
+        mechanism = _quiet(plan_round, settings, terms, size, prior)
+    except GuardPlanError as err:
+        return Forecast(name, 0, remaining, None, before, terms.max_epsilon, str(err))
+
+    from fedsilo.shared.budget import BudgetGuard
+
+    guard = BudgetGuard(terms.max_epsilon, terms.delta, terms.accountant)
+
+    def fits(k: int) -> bool:  # the guard's own check for round k, after k - 1 planned rounds
+        return k == 0 or _quiet(guard.would_exceed, history + [mechanism] * (k - 1), mechanism, before).allowed
+
+    lo, hi = 0, remaining
+    if not fits(hi):  # ε grows with rounds: bisect for the last round that fits
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        hi = lo
+    reason = "" if hi else (
+        f"one more round at σ={mechanism.noise_multiplier:.3g} would pass its budget ε={terms.max_epsilon:g} "
+        f"(its history holds ε={before:.3f} at δ={terms.delta:g})"
+    )
+    return Forecast(name, hi, remaining, mechanism.noise_multiplier, before, terms.max_epsilon, reason)

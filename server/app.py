@@ -14,6 +14,8 @@ import time
 from logging import INFO, WARNING
 from pathlib import Path
 
+import torch
+
 from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
@@ -24,11 +26,15 @@ from fedsilo.shared.metrics import format_metrics, headline, score
 from fedsilo.shared.model_factory import describe_grad_sample_mode
 from fedsilo.shared.models import build_model
 from fedsilo.shared.record import verify_record
+from fedsilo.shared.runs import create_run_folder, link_ledgers, new_run_name
 from fedsilo.shared.schema import DataSchema
+from fedsilo.shared.protocol import RUN_KEY
 
 from .acknowledgements import HeadKeeper, open_record, registered_keys
 from .central_dp import ClientLevelDP, CoordinatorBudgetExhausted, client_level_dp
 from fedsilo.shared.model_card import CARD_FILE, WEIGHTS_FILE, build_card, save_weights, sign_card, write_card
+from .checkpoint import Checkpoint, resumable
+from .robust import TooFewUpdates, department_strategy
 from .strategy import DepartmentFedAvg
 from .summary import RunSummary
 
@@ -42,45 +48,64 @@ app = ServerApp()
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     settings = RunSettings.from_run_config(context.run_config)
-    out_dir = Path(settings.out).expanduser().resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    run_federation(grid, settings, out_dir, run_id=str(context.run_id))
+    out = Path(settings.out).expanduser().resolve()
+    # The run's name is its folder and its id in every ledger, the same across resumes.
+    name = settings.run_name or new_run_name()
+    run_dir = out / name if settings.resume else create_run_folder(out, name)
+    run_federation(grid, settings, out, run_dir, run_id=name, flower_run_id=str(context.run_id))
 
 
-def run_federation(grid: Grid, settings: RunSettings, out_dir: Path, run_id: str) -> RunSummary:
-    """The round loop; returns the finished summary (also written to ``out_dir``)."""
+def run_federation(grid: Grid, settings: RunSettings, out: Path, run_dir: Path, run_id: str,
+                   flower_run_id: str = "") -> RunSummary:
+    """The round loop; returns the finished summary (also written to ``run_dir``).
+
+    ``out`` holds what outlives the run (a simulation's ledgers, the record, the
+    client-level ledger); ``run_dir`` is this run's own folder.  With
+    ``settings.resume`` the run continues from ``run_dir``'s checkpoint.
+    """
+    checkpoint = resume_point(settings, run_dir) if settings.resume else None
     test = coordinator_test_set(settings)
     model = build_model(settings.model, test.input_shape, test.num_outputs, test.kind, seed=settings.seed,
                         task=test.task, embeddings=test.embeddings, fix=settings.fix_model)
     dp_path = describe_grad_sample_mode(settings.grad_sample_mode, model) if settings.dp else "none (no DP)"
+    if checkpoint is not None:
+        model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in checkpoint.arrays.items()})
     arrays = ArrayRecord(model.state_dict())
-    departments = DepartmentFedAvg(
+    departments = department_strategy(
+        settings,
         # With client-level DP the wrapper Poisson-samples at fraction-train itself.
         fraction_train=1.0 if settings.central_dp else settings.fraction_train,
         min_train_nodes=settings.min_departments,
         min_available_nodes=settings.min_departments,
     )
-    departments.heads = HeadKeeper(open_record(settings, out_dir))
-    strategy = client_level_dp(settings, departments, out_dir, run_id) if settings.central_dp else departments
-    summary = RunSummary(
-        out_dir,
-        run_id,
-        settings.to_run_config(),
-        {"name": test.name, "num_test": len(test), "num_classes": test.num_classes, "task": test.task},
-        record=departments.heads.record.path,
-    )
+    departments.heads = HeadKeeper(open_record(settings, out))
+    strategy = client_level_dp(settings, departments, out, run_id) if settings.central_dp else departments
     metrics = score(model, test)
-    summary.set_initial(metrics, test.task)
-    summary.data["dp_path"] = dp_path
-    if isinstance(strategy, ClientLevelDP):
-        summary.set_central(strategy)
     key = headline(test.task)
-    log(INFO, "%s run %s -> %s (%s, model %s, per-sample gradients: %s; initial %s %.4f)", PROGRESS_TAG,
-        run_id, out_dir, test.task, settings.model, dp_path, key, metrics[key])
+    if checkpoint is None:
+        summary = RunSummary(
+            run_dir, run_id, settings.to_run_config(),
+            {"name": test.name, "num_test": len(test), "num_classes": test.num_classes, "task": test.task},
+            record=departments.heads.record.path,
+        )
+        summary.set_initial(metrics, test.task)
+        summary.data["dp_path"] = dp_path
+        if isinstance(strategy, ClientLevelDP):
+            summary.set_central(strategy)
+        log(INFO, "%s run %s -> %s (%s, model %s, per-sample gradients: %s; initial %s %.4f)", PROGRESS_TAG,
+            run_id, run_dir, test.task, settings.model, dp_path, key, metrics[key])
+    else:
+        summary = RunSummary.restore(run_dir, checkpoint.summary)
+        summary.resumed(checkpoint.round, flower_run_id)
+        log(INFO, "%s run %s resumed from its checkpoint after round %d/%d (%s %.4f)", PROGRESS_TAG, run_id,
+            checkpoint.round, settings.num_server_rounds, key, metrics[key])
+    summary.data.setdefault("flower_run_ids", []).append(flower_run_id)
+    link_ledgers(out, run_dir)
 
     status, reason = "completed", ""
-    exhausted: set[str] = set()  # departments that refused on budget grounds
-    for rnd in range(1, settings.num_server_rounds + 1):
+    exhausted: set[str] = set(checkpoint.exhausted) if checkpoint else set()  # refused on budget grounds
+    first = checkpoint.round + 1 if checkpoint else 1
+    for rnd in range(first, settings.num_server_rounds + 1):
         started = time.time()
         connected = wait_for_departments(grid, settings.min_departments, settings.connect_timeout)
         if connected < settings.min_departments:
@@ -101,13 +126,20 @@ def run_federation(grid: Grid, settings: RunSettings, out_dir: Path, run_id: str
             raise RuntimeError(reason)
         departments.node_names, departments.heads.registered = node_registry(grid)
         try:
-            messages = list(strategy.configure_train(rnd, arrays, ConfigRecord(), grid))
+            # The run's name, not Flower's run id, names the run in the departments' ledgers.
+            messages = list(strategy.configure_train(rnd, arrays, ConfigRecord({RUN_KEY: run_id}), grid))
         except CoordinatorBudgetExhausted as err:
             status, reason = "central-budget-exhausted", f"round {rnd}: {err}; the run ends here"
             log(WARNING, "%s %s", PROGRESS_TAG, reason)
             break
         replies = exchange(grid, messages, settings.round_timeout) if messages else []
-        new_arrays, _ = strategy.aggregate_train(rnd, replies)
+        try:
+            new_arrays, _ = strategy.aggregate_train(rnd, replies)
+        except TooFewUpdates as err:  # a robust rule without its guarantee: keep the model, end cleanly
+            summary.add_round(rnd, metrics, departments.last_report, time.time() - started)
+            status, reason = "too-few-updates", f"{err}; the run ends here"
+            log(WARNING, "%s %s", PROGRESS_TAG, reason)
+            break
         report = departments.last_report
         release = strategy.last_release if isinstance(strategy, ClientLevelDP) else None
         if new_arrays is not None:
@@ -115,6 +147,7 @@ def run_federation(grid: Grid, settings: RunSettings, out_dir: Path, run_id: str
             model.load_state_dict(arrays.to_torch_state_dict())
             metrics = score(model, test)
         summary.add_round(rnd, metrics, report, time.time() - started, release)
+        link_ledgers(out, run_dir)
         eps = [e for e in report.epsilon.values() if e != float("inf")]
         log(
             INFO,
@@ -129,11 +162,16 @@ def run_federation(grid: Grid, settings: RunSettings, out_dir: Path, run_id: str
             (f" refused-app={len(report.incompatible)}" if report.incompatible else "")
             + (f" declined={len(report.declined)}" if report.declined else "")
             + (f" rolled-back={len(report.rolled_back)}" if report.rolled_back else "")
+            + (f" replayed={len(report.replayed)}" if report.replayed else "")
+            + (f" bounded={len(report.clipped)}" if report.clipped else "")
             + (f" max-epsilon-spent={max(eps):.3f}" if eps else "")
             + (f" sampled={release.sampled}/{release.population} client-level-epsilon={release.epsilon:.3f}" if release else ""),
         )
         exhausted |= set(report.refused)
         exhausted -= set(report.trained)
+        # The round is complete: from here a restart resumes after it.
+        Checkpoint(run_id, rnd, settings.to_run_config(), summary.data,
+                   {k: v.numpy() for k, v in arrays.items()}, sorted(exhausted)).save(run_dir)
         if report.trained or (release is not None and not messages):
             continue  # a Poisson sample may be empty: the noisy release still happened
         if release is not None and report.refused and len(exhausted) < release.population:
@@ -145,10 +183,17 @@ def run_federation(grid: Grid, settings: RunSettings, out_dir: Path, run_id: str
         summary.finish("failed", f"round {rnd}: no department trained: {report.failed or report.rejected}")
         raise RuntimeError(f"round {rnd}: no department produced a usable update")
 
-    write_model(out_dir, model, settings, test, metrics, summary, departments, status, run_id, dp_path)
+    write_model(run_dir, model, settings, test, metrics, summary, departments, status, run_id, dp_path)
     summary.finish(status, reason, MODEL_FILE, CARD_FILE)
     log(INFO, "%s finished: %s, final %s %.4f", PROGRESS_TAG, status, key, metrics[key])
     return summary
+
+
+def resume_point(settings: RunSettings, run_dir: Path) -> Checkpoint:
+    """The checkpoint to continue from, once the run may continue and its settings are the same."""
+    _, checkpoint = resumable(run_dir)
+    checkpoint.check_settings(settings.to_run_config())
+    return checkpoint
 
 
 def write_model(out_dir: Path, model, settings: RunSettings, test: Dataset, metrics: dict, summary: RunSummary,

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedsilo.certs.authority import CertError, CertPaths
-from fedsilo.shared.config import ConfigError, RunSettings
+from fedsilo.shared.config import RUN_CONFIG_DEFAULTS, ConfigError, RunSettings
 from fedsilo.shared.data import DataError, load_table, table_schema, split_columns
 from fedsilo.shared.model_factory import check_spec, describe_grad_sample_mode, model_changes
 from fedsilo.shared.models import build_model
@@ -23,7 +23,11 @@ from . import coordinator as coord
 from .proxy import ProxyError
 from fedsilo.shared.record import RECORD_FILE
 
+from fedsilo.shared.runs import create_run_folder, link_latest, new_run_name
+
+from .checkpoint import CHECKPOINT_FILE, CheckpointError, resumable
 from .report import print_run_report
+from .robust import department_strategy
 from .summary import SUMMARY_FILE
 
 app = typer.Typer(help="The enterprise coordinator: TLS, registered departments, training runs.", no_args_is_help=True)
@@ -122,7 +126,7 @@ def run(
     address: Annotated[str, typer.Option(help="The coordinator's public HOST:PORT (shown; Control is reached on loopback via --state).")] = "127.0.0.1:9443",
     state: Annotated[Path, typer.Option(help=STATE_HELP)] = Path("state"),
     rounds: Annotated[int, typer.Option(min=1)] = 20,
-    min_departments: Annotated[int, typer.Option(min=1, help="Stop if fewer departments are connected.")] = 2,
+    min_departments: Annotated[int, typer.Option(min=1, help="Stop if fewer departments are connected.")] = RUN_CONFIG_DEFAULTS["min-departments"],
     label_column: Annotated[str, typer.Option(help="Label column of --test-data.")] = "label",
     feature_columns: Annotated[str, typer.Option(help="Comma-separated features (default: all but the label).")] = "",
     schema: Annotated[Optional[Path], typer.Option(help="The public data schema every department encodes with (from `fedsilo schema infer`, edited as needed). Default: inferred from --test-data.")] = None,
@@ -130,7 +134,7 @@ def run(
     model: Annotated[str, typer.Option(help="auto | mlp | cnn | package.module:factory — installed here and on every department that allows it (--allow-model).")] = "auto",
     fix_model: Annotated[bool, typer.Option("--fix-model", help="Let Opacus' ModuleValidator.fix replace layers DP-SGD cannot train (BatchNorm → GroupNorm).")] = False,
     dp: Annotated[bool, typer.Option("--dp/--no-dp")] = True,
-    noise_multiplier: Annotated[float, typer.Option(min=0.0)] = 1.0,
+    noise_multiplier: Annotated[Optional[float], typer.Option(min=0.0, help="σ. Default: each department plans σ so the planned rounds spend its own budget.")] = None,
     target_epsilon: Annotated[Optional[float], typer.Option(help="Each department derives σ to spend this over the rounds.")] = None,
     max_grad_norm: Annotated[float, typer.Option()] = 1.0,
     delta: Annotated[Optional[float], typer.Option(help="Ask each department to state ε at no larger δ; one whose own δ is larger declines. Default: ask nothing (each department's δ).")] = None,
@@ -140,20 +144,27 @@ def run(
     batch_size: Annotated[int, typer.Option(min=1)] = 64,
     learning_rate: Annotated[float, typer.Option(help="SGD learning rate.")] = 0.5,
     momentum: Annotated[float, typer.Option()] = 0.5,
-    round_timeout: Annotated[float, typer.Option(help="Seconds a round waits for replies; late departments are left out.")] = 300.0,
-    connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for --min-departments to be connected.")] = 120.0,
+    round_timeout: Annotated[float, typer.Option(help="Seconds a round waits for replies; late departments are left out.")] = RUN_CONFIG_DEFAULTS["round-timeout"],
+    connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for --min-departments to be connected.")] = RUN_CONFIG_DEFAULTS["connect-timeout"],
     seed: Annotated[int, typer.Option()] = 42,
     fraction_train: Annotated[float, typer.Option(help="Fraction of departments sampled each round (with --central-dp: each one's Poisson sampling probability).")] = 1.0,
+    aggregation: Annotated[str, typer.Option(help="fedavg | trimmed-mean | median | krum: how the coordinator combines updates (robust rules resist a bad department).")] = "fedavg",
+    trim_fraction: Annotated[float, typer.Option(help="trimmed-mean: share of updates cut at each end, per coordinate.")] = 0.2,
+    byzantine: Annotated[int, typer.Option(min=0, help="krum: how many malicious departments to tolerate (needs more than 2f+2 updates).")] = 1,
+    max_update_norm: Annotated[float, typer.Option(min=0.0, help="Scale down any update that moves the global model by more than this L2 norm (0: no bound).")] = 0.0,
     central_dp: Annotated[bool, typer.Option("--central-dp", help="Client-level DP: clip each department's update, noise the sum, own budget and signed ledger.")] = False,
     central_noise_multiplier: Annotated[float, typer.Option(help="Client-level σ: noise on the sum / --central-clip-norm.")] = 1.0,
     central_clip_norm: Annotated[float, typer.Option(help="Largest L2 norm of one department's model update.")] = 1.0,
     central_delta: Annotated[float, typer.Option(help="δ of the client-level guarantee; must be below 1/departments.")] = 1e-3,
     central_max_epsilon: Annotated[float, typer.Option(help="The coordinator's client-level budget over its whole ledger (all runs).")] = 10.0,
     central_ledger: Annotated[Path, typer.Option(help="Folder of the coordinator's ledger; keep it across runs so ε covers them all.")] = Path("central-ledger"),
-    out: Annotated[Path, typer.Option(help="Run directory for summary.json, model.safetensors and model-card.json.")] = Path("runs/latest"),
+    out: Annotated[Path, typer.Option(help="Output folder: each run gets OUT/<run-name>/ (summary.json, checkpoint, model, card, schema.json); OUT/latest points at the newest.")] = Path("runs"),
+    resume: Annotated[Optional[Path], typer.Option(help="Continue this run folder (or OUT, for its latest run) from its last completed round, with its own settings.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's full log.")] = False,
 ) -> None:
     """Train across the connected departments; write RUN_DIR/summary.json."""
+    if resume is not None:
+        return _resume(resume, certs, state, verbose)
     out = out.expanduser().resolve()
     try:
         check_spec(model)
@@ -168,12 +179,15 @@ def run(
             {
                 "num-server-rounds": rounds, "dataset": str(test_data.resolve()), "label-column": schema.label.column,
                 "seed": seed, "dp": dp, "task": schema.task, "fix-model": fix_model,
-                "noise-multiplier": noise_multiplier, "target-epsilon": target_epsilon or 0.0,
+                "noise-multiplier": noise_multiplier or 0.0, "target-epsilon": target_epsilon or 0.0,
                 "max-grad-norm": max_grad_norm, "delta": delta or 0.0, "max-epsilon": max_epsilon or 0.0,
                 "accountant": accountant or "",
                 "local-epochs": local_epochs, "batch-size": batch_size, "learning-rate": learning_rate,
                 "momentum": momentum, "min-departments": min_departments, "round-timeout": round_timeout,
-                "connect-timeout": connect_timeout, "out": str(out), "test-data": str(test_data.resolve()),
+                "connect-timeout": connect_timeout, "out": str(out), "run-name": new_run_name(),
+                "test-data": str(test_data.resolve()),
+                "aggregation": aggregation, "trim-fraction": trim_fraction, "byzantine": byzantine,
+                "max-update-norm": max_update_norm,
                 "data-schema": schema.to_json(), "model": model, "fraction-train": fraction_train,
                 "central-dp": central_dp, "central-noise-multiplier": central_noise_multiplier,
                 "central-clip-norm": central_clip_norm, "central-delta": central_delta,
@@ -186,6 +200,7 @@ def run(
                 "record-signing-key": str(CertPaths(certs).coordinator_key.resolve()),
             }
         )
+        department_strategy(settings, min_train_nodes=min_departments)  # the rule fits --min-departments
         if not CertPaths(certs).coordinator_key.exists():
             raise FileNotFoundError(
                 f"the coordinator signs its record of the departments' ledger heads with "
@@ -199,30 +214,54 @@ def run(
         connection = coord.connect(certs, state)
     except (ConfigError, DataError, FileNotFoundError, ValueError) as err:
         _fail(err)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "schema.json").write_text(schema.to_json(indent=2) + "\n", encoding="utf-8")
+    run_dir = create_run_folder(out, settings.run_name)
+    (run_dir / "schema.json").write_text(schema.to_json(indent=2) + "\n", encoding="utf-8")
     console.print(
         f"[bold]fedsilo[/bold]: {rounds} rounds at {address}, at least {min_departments} departments, "
         f"{schema.task} on {schema.num_features} features"
         + (f" ({len(schema.label.classes)} classes)" if schema.label.classes else "")
-        + f", model {model}, evaluated on {test_data}; schema in {out / 'schema.json'}"
+        + f", model {model}, aggregation {aggregation}, evaluated on {test_data}; run {settings.run_name} in {run_dir}"
     )
     if fix_model:
         console.print("--fix-model: " + ("; ".join(changes) if changes else "nothing to change"))
     if dp:
-        console.print(f"per-sample gradients: {describe_grad_sample_mode('auto', built)}")
-    show = progress_filter(lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True), verbose)
+        console.print(f"per-sample gradients: {describe_grad_sample_mode('auto', built)}"
+                      + ("" if noise_multiplier or target_epsilon else "; σ: each department plans it to spend its own budget over the rounds"))
+    _submit(connection, settings, run_dir, verbose)
 
+
+def _resume(run: Path, certs: Path, state: Path, verbose: bool) -> None:
+    """``--resume RUN_DIR``: the same run, with its own settings, from its last checkpoint."""
     try:
-        outcome = coord.submit(connection, settings.to_run_config(), out / "flower.log", show)
+        run_dir, checkpoint = resumable(run)
+        settings = RunSettings.from_run_config({**checkpoint.settings, "resume": True})
+        connection = coord.connect(certs, state)
+    except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as err:
+        _fail(err)
+    console.print(
+        f"[bold]fedsilo[/bold]: resuming {run_dir.name} after round {checkpoint.round} of {settings.num_server_rounds}, "
+        "with its own settings; a department that already trained the interrupted round sends that update "
+        "again instead of training twice"
+    )
+    link_latest(run_dir.parent, run_dir.name)
+    _submit(connection, settings, run_dir, verbose)
+
+
+def _submit(connection, settings: RunSettings, run_dir: Path, verbose: bool) -> None:
+    """Submit the run through loopback Control, stream its progress, print the report."""
+    show = progress_filter(lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True), verbose)
+    try:
+        outcome = coord.submit(connection, settings.to_run_config(), run_dir / "flower.log", show)
     except FlowerError as err:
         _fail(err, 1)
-    summary_path = out / SUMMARY_FILE
+    summary_path = run_dir / SUMMARY_FILE
     if summary_path.exists():
-        summary = print_run_report(out, console)
+        summary = print_run_report(run_dir, console)
     else:
         summary = {"status": "failed"}
     if not outcome.ok or summary["status"] == "failed":
+        if (run_dir / CHECKPOINT_FILE).exists():
+            err_console.print(f"Its completed rounds are kept: continue with `fedsilo coordinator run --resume {run_dir}`")
         _fail(f"run {outcome.run_id} ended as '{outcome.status}'; full log: {outcome.log_path}", 1)
     if summary["status"] in ("declined", "app-refused"):
         _fail(f"run {outcome.run_id}: no department would train it ({summary['status']}); see above", 1)

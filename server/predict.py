@@ -16,6 +16,7 @@ import numpy as np
 from fedsilo.shared.audit import key_index
 from fedsilo.shared.metrics import metrics_from_outputs
 from fedsilo.shared.models import build_model, predict_outputs
+from fedsilo.shared.runs import resolve_run_dir
 from fedsilo.shared.schema import DataSchema, SchemaError, read_table
 
 from fedsilo.shared.model_card import CardError, card_problems, load_weights, read_card
@@ -30,7 +31,8 @@ class Prediction:
 
 
 def load_run_model(run_dir: Path, keys: Path | None = None):
-    """(card, schema, model, what the card was checked against) of a finished run."""
+    """(card, schema, model, what the card was checked against) of a finished run (or an output folder's latest)."""
+    run_dir = resolve_run_dir(run_dir)
     card = read_card(run_dir)
     trusted, where = None, "the key named in the card (consistency only: pass --keys to check who signed it)"
     if keys is not None:

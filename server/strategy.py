@@ -178,14 +178,18 @@ class DepartmentFedAvg(FedAvg):
             if status == STATUS_ROLLED_BACK:  # the department found it itself: its reason is the precise one
                 report.rolled_back[name] = reason
                 continue
+            metrics = msg.content.metric_records.get(METRICS_KEY)
+            # An update released before the coordinator restarted: charged once, by an earlier entry.
+            replayed = int(metrics.get("replayed-seq", 0)) if metrics is not None and status == STATUS_TRAINED else 0
             if self.heads is not None:
-                head, problem = self.heads.check(msg, trained=status == STATUS_TRAINED)
+                head, problem = self.heads.check(msg, trained=status == STATUS_TRAINED and not replayed)
+                if not problem and replayed and not 0 < replayed <= head.seq:
+                    problem = f"it replayed an update charged by ledger entry {replayed}, which its head of {head.seq} entries does not hold"
                 if problem:
                     log(WARNING, "round %s: %s refused: %s", server_round, name, problem)
                     report.rolled_back[name] = problem
                     continue
                 self.heads.acknowledge(head, name)
-            metrics = msg.content.metric_records.get(METRICS_KEY)
             if metrics is not None and "epsilon" in metrics:
                 report.epsilon[name] = float(metrics["epsilon"])
             if metrics is not None and "max-epsilon" in metrics:
@@ -205,6 +209,8 @@ class DepartmentFedAvg(FedAvg):
                 continue
             report.trained[name] = int(metrics["num-examples"])
             report.steps[name] = int(metrics["steps"])
+            if replayed:
+                report.replayed[name] = replayed
             if self.max_update_norm > 0:
                 norm = self._bound(msg)
                 if norm is not None:

@@ -23,11 +23,11 @@ def _finite(value: float) -> float | None:
 
 
 def _relative(path: Path, base: Path) -> str:
-    """``path`` relative to the run directory when inside it, so the run can move."""
-    try:
-        return str(Path(path).resolve().relative_to(Path(base).resolve()))
-    except ValueError:
-        return str(path)
+    """``path`` relative to the run directory when inside its output folder, so the folder can move."""
+    path, base = Path(path).resolve(), Path(base).resolve()
+    if path.is_relative_to(base.parent):
+        return os.path.relpath(path, base)
+    return str(path)
 
 
 class RunSummary:
@@ -69,6 +69,28 @@ class RunSummary:
             "wall_time_s": 0.0,
         }
         self._epsilon: dict[str, float | None] = {}
+
+    @classmethod
+    def restore(cls, out_dir: Path, data: dict[str, Any]) -> "RunSummary":
+        """The summary as a checkpoint left it, to continue a resumed run."""
+        summary = cls.__new__(cls)
+        summary.path = Path(out_dir) / SUMMARY_FILE
+        summary.data = json.loads(json.dumps(data))
+        summary.started = time.time() - float(data.get("wall_time_s", 0.0))
+        rounds = summary.data.get("rounds") or []
+        summary._epsilon = dict(rounds[-1]["epsilon"]) if rounds else {}
+        return summary
+
+    def resumed(self, after_round: int, flower_run_id: str) -> None:
+        """Say that the run continues after ``after_round`` (a restarted coordinator)."""
+        self.data["status"], self.data["stop_reason"] = "running", ""
+        self.data.setdefault("resumes", []).append({
+            "after_round": after_round, "flower_run_id": flower_run_id, "at": time.time(),
+            # Filled in when the first resumed round completes: who sent again the
+            # update it had released before the restart (no new ε), who trained it.
+            "replayed": None, "trained": None,
+        })
+        self.write()
 
     def set_initial(self, metrics: dict[str, float], task: str) -> None:
         """The untrained model's held-out metrics (``accuracy`` is None for regression)."""
@@ -136,9 +158,18 @@ class RunSummary:
                 "declined": dict(sorted(report.declined.items())),
                 # Departments whose ledger no longer holds the head the coordinator acknowledged.
                 "rolled_back": dict(sorted(report.rolled_back.items())),
+                # Departments that sent again the update they had released for this round
+                # before the coordinator restarted, with the ledger entry that charged it.
+                "replayed": dict(sorted(report.replayed.items())),
+                # Updates scaled down to max-update-norm: name -> their norm before scaling.
+                "bounded": dict(sorted(report.clipped.items())),
                 "seconds": round(seconds, 3),
             }
         )
+        resumes = self.data.get("resumes") or []
+        if resumes and resumes[-1]["replayed"] is None and resumes[-1]["after_round"] == rnd - 1:
+            resumes[-1]["replayed"] = sorted(report.replayed)
+            resumes[-1]["trained"] = sorted(set(report.trained) - set(report.replayed))
         if release is not None:  # a CentralRelease
             self.data["rounds"][-1]["central"] = {
                 "epsilon": release.epsilon, "sampled": release.sampled, "population": release.population,

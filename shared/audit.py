@@ -36,6 +36,7 @@ from . import accounting
 from .ledger import COORDINATOR, LedgerEntry, signer_of, verify_ledger
 from .model_card import CARD_FILE, CardError, card_problems, read_card
 from .record import RECORD_FILE, RecordVerification, verify_record
+from .runs import resolve_run_dir
 from .signing import SigningKeyError, fingerprint, load_public_key
 
 # Relative slack when comparing a recorded ε with a re-derived one.
@@ -311,7 +312,8 @@ def cross_check_central(summary: dict, row: DepartmentAudit) -> None:
         release = rnd.get("central")
         if release is None:
             continue
-        entry = next((e for e in row.entries if e.run_id == run_id and e.round == rnd["round"]), None)
+        # The last: a release charged just before the coordinator died stays in the ledger, before the re-run's.
+        entry = next((e for e in reversed(row.entries) if e.run_id == run_id and e.round == rnd["round"]), None)
         if entry is None:
             row.problems.append(
                 f"the run released a client-level DP model in round {rnd['round']} of run {run_id}, "
@@ -411,12 +413,12 @@ def _record_key(record_path: Path, keys: Path | None) -> tuple[object | None, st
 
 
 def audit_path(path: Path | str, keys: Path | str | None = None, record: Path | str | None = None) -> AuditResult:
-    """Audit a run directory, a ledger directory, or one ledger file.
+    """Audit a run directory (or an output folder's latest run), a ledger directory, or one ledger file.
 
     ``record`` is the coordinator's record of acknowledged heads; a run
     directory names its own in ``summary.json``.
     """
-    path = Path(path)
+    path = resolve_run_dir(path)  # an output folder stands for its latest run
     keys = Path(keys) if keys else None
     if not path.exists():
         raise FileNotFoundError(f"'{path}' does not exist; give a run directory, a ledger directory or a .jsonl ledger")

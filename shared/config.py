@@ -19,6 +19,8 @@ GRAD_SAMPLE_MODES = ("auto", "ghost", "hooks", "functorch", "ew")
 DEVICES = ("auto", "cpu", "cuda")
 MODELS = ("auto", "mlp", "cnn")
 TASKS = ("auto", "binary", "multiclass", "regression")
+AGGREGATIONS = ("fedavg", "trimmed-mean", "median", "krum")
+RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
 
 RUN_CONFIG_DEFAULTS: dict[str, Any] = {
@@ -35,7 +37,9 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     # auto | binary | multiclass | regression (auto refuses to guess a many-valued number).
     "task": "auto",
     "dp": True,
-    "noise-multiplier": 1.0,
+    # σ as given; 0 with target-epsilon 0 (the default): each department plans σ so
+    # that the planned rounds spend its own budget (its whole history included).
+    "noise-multiplier": 0.0,
     "target-epsilon": 0.0,
     "max-grad-norm": 1.0,
     # What the run asks of each department's own policy (client/policy.py); 0 or
@@ -51,10 +55,24 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "grad-sample-mode": "auto",
     "device": "auto",
     "fraction-train": 1.0,
-    "min-departments": 1,
+    # How the coordinator combines the updates: fedavg | trimmed-mean | median | krum
+    # (server/robust.py), and the largest L2 norm an update may move the global
+    # model (0 = no bound; a larger update is scaled down to it).
+    "aggregation": "fedavg",
+    "trim-fraction": 0.2,
+    "byzantine": 1,
+    "max-update-norm": 0.0,
+    "min-departments": 2,
     "round-timeout": 600.0,
     "connect-timeout": 120.0,
-    "out": "runs/latest",
+    # The output folder: one folder per run (OUT/<run-name>/, OUT/latest points at
+    # the newest) beside what outlives a run (a simulation's ledgers/, record/, central/).
+    "out": "runs",
+    # The run's folder under `out` and its id in every ledger, kept across resumes
+    # ("" = the ServerApp names it run-<UTC time>-<random>).
+    "run-name": "",
+    # Continue `run-name` from its last checkpoint (RUN_DIR/checkpoint.safetensors).
+    "resume": False,
     # The coordinator's own held-out table ("" in a simulation: split off the data), and the
     # public schema every department encodes its table with (JSON of shared.schema.DataSchema;
     # "" in a simulation: inferred from the held-out rows).
@@ -91,7 +109,8 @@ class RunSettings:
     """Typed, validated view of a run's ``run_config``.
 
     Parameters mirror :data:`RUN_CONFIG_DEFAULTS` with ``-`` replaced by ``_``.
-    ``target_epsilon`` of 0 means "use ``noise_multiplier`` as given"; a positive
+    ``target_epsilon`` of 0 means "use ``noise_multiplier`` as given" (and with
+    ``noise_multiplier`` 0 too: "spend each department's budget"); a positive
     value makes every department derive its own noise multiplier so that its
     whole history — earlier runs included — reaches at most that ε by the run's
     last planned round (within its own budget).  ``delta``, ``max_epsilon`` and
@@ -122,10 +141,16 @@ class RunSettings:
     grad_sample_mode: str
     device: str
     fraction_train: float
+    aggregation: str
+    trim_fraction: float
+    byzantine: int
+    max_update_norm: float
     min_departments: int
     round_timeout: float
     connect_timeout: float
     out: str
+    run_name: str
+    resume: bool
     test_data: str
     data_schema: str
     central_dp: bool
@@ -160,6 +185,13 @@ class RunSettings:
             (self.model in MODELS or bool(FACTORY.match(self.model)), f"model must be one of {MODELS} or a factory package.module:callable"),
             (self.task in TASKS, f"task must be one of {TASKS}"),
             (0 < self.fraction_train <= 1, "fraction-train must be in (0, 1]"),
+            (self.aggregation in AGGREGATIONS, f"aggregation must be one of {', '.join(AGGREGATIONS)}"),
+            (0 <= self.trim_fraction < 0.5, "trim-fraction must be in [0, 0.5): the share of updates cut at each end"),
+            (self.byzantine >= 0, "byzantine (Krum's assumed number of malicious departments) must be >= 0"),
+            (self.max_update_norm >= 0, "max-update-norm must be >= 0 (0 = no bound)"),
+            (self.run_name == "" or bool(RUN_NAME.match(self.run_name)),
+             "run-name must be letters, digits, '.', '_' or '-' (a folder name), at most 100 characters"),
+            (not self.resume or bool(self.run_name), "resume needs the run-name of the run to continue"),
             (self.min_departments >= 1, "min-departments must be at least 1"),
             (self.round_timeout > 0, "round-timeout must be positive (seconds)"),
             (self.connect_timeout > 0, "connect-timeout must be positive (seconds)"),
@@ -170,11 +202,6 @@ class RunSettings:
         for ok, message in checks:
             if not ok:
                 raise ConfigError(message)
-        if self.dp and self.target_epsilon == 0 and self.noise_multiplier <= 0:
-            raise ConfigError(
-                "noise-multiplier must be positive with DP on; "
-                "use --no-dp to train without privacy"
-            )
         if self.central_dp and self.central_noise_multiplier <= 0:
             raise ConfigError(
                 "central-noise-multiplier must be positive with --central-dp "
@@ -202,7 +229,7 @@ class RunSettings:
                 raise ConfigError(
                     f"run config '{key}' = {raw!r} is not a {type(default).__name__}"
                 ) from err
-        for name in ("noise_multiplier", "max_epsilon", "delta", "learning_rate",
+        for name in ("noise_multiplier", "max_epsilon", "delta", "learning_rate", "max_update_norm", "trim_fraction",
                      "central_noise_multiplier", "central_clip_norm", "central_delta", "central_max_epsilon"):
             if not math.isfinite(values[name]):
                 raise ConfigError(f"{name.replace('_', '-')} must be a finite number")

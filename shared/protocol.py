@@ -19,7 +19,10 @@ A department's train reply holds:
 
 The train task's ``config`` carries ``acknowledged-seq`` and
 ``acknowledged-head``: the head the coordinator last recorded for the
-department's identity.
+department's identity, and ``run-key``: the run's name, the same across the
+coordinator's resumes, which names the run in the department's ledger.  A train
+reply's metrics say ``replayed-seq``: 0 for an update trained now, else the
+ledger entry (counted from 1) that charged the update it sends again.
 
 The app a coordinator submits carries no code: its ``pyproject.toml`` names
 :data:`APP_ID`, the two installed components and :data:`PROTOCOL_VERSION`
@@ -30,6 +33,8 @@ its own installed fedsilo speaks (``fedsilo.client.app_check``).
 ARRAYS_KEY = "arrays"
 CONFIG_KEY = "config"
 METRICS_KEY = "metrics"
+# In a train message's config: the coordinator's run name, its id in the ledgers across resumes.
+RUN_KEY = "run-key"
 STATUS_KEY = "department"
 
 STATUS_TRAINED = "trained"
@@ -50,4 +55,6 @@ CLIENTAPP = "fedsilo.client.app:app"
 #    the task, reported sizes instead of exact counts.
 # 4: the data schema is a shared.schema.DataSchema (column kinds, encodings, task); models may be
 #    factories a department must allow; replies unchanged.
-PROTOCOL_VERSION = 4
+# 5: the task's config names the run (`run-key`, the same across a coordinator's resumes); a
+#    train reply says `replayed-seq` (an update released before, sent again with no new charge).
+PROTOCOL_VERSION = 5

@@ -52,7 +52,7 @@ def test_report_of_a_verified_run(run, report):
     for name in PLOTS:
         pixels = imread(folder / name)  # a valid PNG
         assert pixels.ndim == 3 and pixels.shape[0] > 100 and pixels.shape[1] > 100
-    summary = json.loads((run / "summary.json").read_text())
+    summary = json.loads((run / "latest" / "summary.json").read_text())
     names = [json.loads(p.read_text().splitlines()[0])["department"] for p in (run / "ledgers").glob("*.jsonl")]
     assert sorted(names) == sorted(summary["departments"])
     for department in names:

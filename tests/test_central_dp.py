@@ -185,7 +185,7 @@ def central_run(tmp_path_factory):
 def test_simulation_with_central_dp_records_and_audits_both_guarantees(central_run):
     out, result = central_run
     assert "Client-level DP at the coordinator" in result.stdout
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "latest" / "summary.json").read_text())
     releases = [r["central"] for r in summary["rounds"]]
     assert len(releases) == 3 and all(r["population"] == 3 for r in releases)
     for r, trained in zip(releases, (r["trained"] for r in summary["rounds"])):

@@ -24,5 +24,5 @@ def test_a_train_reply_carries_no_unnoised_statistic(tmp_path, serverapp_identit
     reply = app(message=request, context=context)
     assert not reply.has_error() and reply.content[STATUS_KEY]["status"] == "trained"
     metrics = dict(reply.content[METRICS_KEY])
-    assert set(metrics) == {"num-examples", "epsilon", "max-epsilon", "delta", "steps", "noise-multiplier", "sample-rate"}
+    assert set(metrics) == {"num-examples", "epsilon", "max-epsilon", "delta", "steps", "noise-multiplier", "sample-rate", "replayed-seq"}
     assert 0 < metrics["epsilon"] < float("inf")  # the whole-history ε the guard wrote to the ledger

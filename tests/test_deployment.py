@@ -43,7 +43,7 @@ def test_two_rounds_over_tls_with_three_departments(fed):
     out = fed["root"] / "runs" / "two"
     result = fed.run("--rounds", "2", "--min-departments", "3", "--out", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "latest" / "summary.json").read_text())
     assert summary["status"] == "completed" and len(summary["rounds"]) == 2
     assert all(sorted(r["trained"]) == list(DEPARTMENTS) for r in summary["rounds"])
     assert summary["final_accuracy"] > summary["initial"]["accuracy"] + 0.3
@@ -69,7 +69,7 @@ def test_a_run_asking_looser_than_the_departments_policy_is_declined(fed, ask, n
     out = fed["root"] / "runs" / f"looser-{ask[0].strip('-')}"
     result = fed.run("--rounds", "2", "--min-departments", "3", "--round-timeout", "60", *ask, "--out", str(out))
     assert result.returncode == 1 and "no department would train it" in result.stderr, result.stdout + result.stderr
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "latest" / "summary.json").read_text())
     assert summary["status"] == "declined" and len(summary["rounds"]) == 1
     declined = summary["rounds"][0]["declined"]
     assert sorted(declined) == list(DEPARTMENTS) and summary["rounds"][0]["trained"] == []
@@ -96,7 +96,7 @@ def test_a_rolled_back_or_deleted_ledger_is_refused_and_flagged_by_the_audit(fed
     out = fed["root"] / "runs" / "rolled-back"
     result = fed.run("--rounds", "1", "--min-departments", "3", "--out", str(out))
     assert result.returncode == 0, result.stdout + result.stderr  # sales trained
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "latest" / "summary.json").read_text())
     (rnd,) = summary["rounds"]
     assert rnd["trained"] == ["sales"] and sorted(rnd["rolled_back"]) == ["finance", "hr"], rnd
     assert "holds only 1" in rnd["rolled_back"]["finance"] and "is empty" in rnd["rolled_back"]["hr"]
@@ -134,7 +134,7 @@ def test_a_department_under_another_name_and_key_file_continues_its_epsilon(fed)
     after = fed.ledger("finance")
     assert after[: len(before)] == before and len(after) == len(before) + 1  # the same history, continued
     assert after[-1]["department"] == "finance-renamed" and after[-1]["epsilon"] > before[-1]["epsilon"]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "latest" / "summary.json").read_text())
     # The coordinator names it by its registration (the later tests rely on "finance" too).
     assert "finance" in summary["rounds"][0]["trained"]
 
@@ -169,7 +169,7 @@ def _altered_app(folder, marker, variant: str):
 @pytest.mark.parametrize("variant", ["ships-code", "other-protocol"])
 def test_altered_app_is_refused_by_every_department(fed, variant):
     """The coordinator's operators submit a changed app: no department runs it, the run ends cleanly."""
-    legit = fed["root"] / "runs" / "two" / "summary.json"
+    legit = fed["root"] / "runs" / "two" / "latest" / "summary.json"
     assert legit.exists(), "needs the run of test_two_rounds_over_tls_with_three_departments"
     settings = json.loads(legit.read_text())["settings"]
     out = fed["root"] / "runs" / f"altered-{variant}"
@@ -181,7 +181,7 @@ def test_altered_app_is_refused_by_every_department(fed, variant):
     app = _altered_app(fed["root"] / f"app-{variant}", marker, variant)
     outcome = connection.run(settings, fed["root"] / f"altered-{variant}.log", app_dir=app)
     assert outcome.ok, outcome  # ended cleanly, not crashed
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "latest" / "summary.json").read_text())
     assert summary["status"] == "app-refused" and len(summary["rounds"]) == 1
     refused = summary["rounds"][0]["incompatible"]
     assert sorted(refused) == list(DEPARTMENTS) and summary["rounds"][0]["trained"] == []
@@ -269,7 +269,7 @@ def test_too_few_departments_stops_with_a_clear_message(fed):
     out = fed["root"] / "runs" / "few"
     result = fed.run("--rounds", "1", "--min-departments", "5", "--connect-timeout", "3", "--out", str(out))
     assert result.returncode != 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "latest" / "summary.json").read_text())
     assert summary["status"] == "failed" and "fewer than --min-departments 5" in summary["stop_reason"]
 
 
@@ -293,7 +293,7 @@ def test_department_killed_mid_round_does_not_stop_the_run(fed):
             proc.kill()
     assert proc.returncode == 0
     assert time.monotonic() - started < 400
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "latest" / "summary.json").read_text())
     assert summary["status"] == "completed" and len(summary["rounds"]) == 3
     assert "sales" in summary["rounds"][0]["trained"]
     for later in summary["rounds"][1:]:
@@ -317,7 +317,7 @@ def test_restarted_department_neither_resets_nor_double_counts_epsilon(fed):
     summaries = [json.loads(p.read_text()) for p in (fed["root"] / "runs").glob("*/summary.json")]
     seen_training = sum("sales" in r["trained"] for s in summaries for r in s["rounds"])
     # One entry per round the coordinator saw sales train, across every run: none lost, none twice.
-    assert len(after) == seen_training == len(before) + sum("sales" in r["trained"] for r in json.loads((out / "summary.json").read_text())["rounds"])
+    assert len(after) == seen_training == len(before) + sum("sales" in r["trained"] for r in json.loads((out / "latest" / "summary.json").read_text())["rounds"])
     assert after[: len(before)] == before and [e["seq"] for e in after] == list(range(len(after)))
     assert len({(e["run_id"], e["round"]) for e in after}) == len(after)
     from independent_accounting import pld_epsilon

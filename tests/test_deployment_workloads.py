@@ -77,7 +77,7 @@ def workload(tmp_path_factory):
 def summary(workload):
     result = workload["result"]
     assert result.returncode == 0, result.stdout + result.stderr
-    return json.loads((workload["out"] / "summary.json").read_text())
+    return json.loads((workload["out"] / "latest" / "summary.json").read_text())
 
 
 def test_the_departments_factory_trains_on_a_mixed_table_over_tls(workload, summary):
@@ -99,11 +99,11 @@ def test_the_departments_factory_trains_on_a_mixed_table_over_tls(workload, summ
         assert len(entries) == len(workload["before"][name]) + ROUNDS  # charged once per round, on its host
         assert 0 < entries[-1]["epsilon"] <= 10
         assert summary["rounds"][-1]["epsilon"][name] == pytest.approx(entries[-1]["epsilon"])
-    assert (out / "model.safetensors").stat().st_size > 0
-    card = json.loads((out / "model-card.json").read_text())
+    assert (out / "latest" / "model.safetensors").stat().st_size > 0
+    card = json.loads((out / "latest" / "model-card.json").read_text())
     assert card["model"]["architecture"] == FACTORY and card["task"] == "binary"
     # --schema was used as given, the edit included: 78 inputs, not the 79 an inferred schema has.
-    assert json.loads((out / "schema.json").read_text()) == workload["schema"]
+    assert json.loads((out / "latest" / "schema.json").read_text()) == workload["schema"]
     assert card["schema"] == workload["schema"] and card["model"]["input_shape"] == [78]
     assert "78 features" in workload["result"].stdout
 

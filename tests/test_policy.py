@@ -48,7 +48,7 @@ def site(tmp_path):
 def _ask(site, policy: DepartmentPolicy, run=None, rnd=1, name="finance", ledgers=None, key=None, ack=None,
          run_id=1, table=None):
     """Send one train task to the department; returns the reply."""
-    run_config = {**RUN_CONFIG_DEFAULTS, "data-schema": site["schema"], "out": str(site["root"] / "run"),
+    run_config = {**RUN_CONFIG_DEFAULTS, "data-schema": site["schema"], "out": str(site["root"] / "run"), "noise-multiplier": 1.0,
                   "model": "mlp", **(run or {})}
     data = load_table(site["table"], "label")
     model = build_model("mlp", data.input_shape, 10, "tabular", seed=1)

@@ -45,7 +45,7 @@ def demo_run(tmp_path_factory):
 
 def test_simulation_writes_summary_with_growing_epsilon(demo_run):
     out, result = demo_run
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "latest" / "summary.json").read_text())
     assert summary["status"] == "completed"
     assert [r["round"] for r in summary["rounds"]] == [1, 2, 3]
     assert summary["delta"] == 1e-5 and 0 < summary["final_accuracy"] <= 1
@@ -55,7 +55,7 @@ def test_simulation_writes_summary_with_growing_epsilon(demo_run):
     for name in departments:
         eps = [r["epsilon"][name] for r in summary["rounds"]]
         assert eps[0] < eps[1] < eps[2], (name, eps)
-    assert (out / "model.safetensors").exists() and (out / "model-card.json").exists()
+    assert (out / "latest" / "model.safetensors").exists() and (out / "latest" / "model-card.json").exists()
     assert "Privacy report" in result.stdout and "round 3/3" in result.stdout
 
 
@@ -63,7 +63,7 @@ def test_recorded_epsilon_matches_independent_recomputation(demo_run):
     out, _ = demo_run
     ledgers = run_ledgers(out)
     assert len(ledgers) == 4
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "latest" / "summary.json").read_text())
     for name, entries in ledgers.items():
         assert len(entries) == 3
         for i in range(1, len(entries) + 1):
@@ -112,7 +112,7 @@ def test_budget_is_never_exceeded_and_the_run_ends_cleanly(tmp_path, digits_csv)
         "--noise-multiplier", "1.0", "--max-epsilon", "2", "--out", str(out),
     )
     assert result.returncode == 0, result.stdout + result.stderr
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "latest" / "summary.json").read_text())
     assert summary["status"] == "budget-exhausted"
     assert len(summary["rounds"]) < 12
     assert any(r["refused"] for r in summary["rounds"])
@@ -171,7 +171,7 @@ def test_flwr_run_from_the_repo_root(tmp_path):
             cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
         )
         assert "Successfully started run" in result.stdout, result.stdout + result.stderr
-        summary = json.loads((out / "summary.json").read_text())
+        summary = json.loads((out / "latest" / "summary.json").read_text())
         assert summary["status"] == "completed" and len(summary["rounds"]) == 2
         assert len(run_ledgers(out)) == 3
     finally:

@@ -76,7 +76,7 @@ def churn_run(tables, tmp_path_factory):
 def test_churn_run_departments_schema_and_fix_model(churn_run, tables):
     out, result = churn_run
     stdout = _flat(result.stdout)
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "latest" / "summary.json").read_text())
     assert summary["status"] == "completed" and [r["round"] for r in summary["rounds"]] == [1, 2, 3, 4]
     # One department per region value, named after it.
     assert sorted(summary["departments"]) == REGIONS
@@ -91,7 +91,7 @@ def test_churn_run_departments_schema_and_fix_model(churn_run, tables):
         assert summary["departments"][name]["epsilon"] == pytest.approx(eps[-1], rel=1e-12)
 
     # The schema, inferred from the held-out rows, is shown and kept in the run folder.
-    schema = json.loads((out / "schema.json").read_text())
+    schema = json.loads((out / "latest" / "schema.json").read_text())
     assert schema["label"] == {"column": "churned", "task": "binary", "classes": ["no", "yes"]}
     kinds = {c["name"]: c["kind"] for c in schema["columns"]}
     assert kinds == {
@@ -119,7 +119,7 @@ def test_churn_run_departments_schema_and_fix_model(churn_run, tables):
 
 def test_churn_model_beats_majority_and_card_matches_ledgers(churn_run, tables):
     out, _ = churn_run
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "latest" / "summary.json").read_text())
     assert summary["task"] == "binary"
     final = summary["final_metrics"]
     assert set(final) >= {"accuracy", "f1", "roc_auc"}
@@ -130,8 +130,8 @@ def test_churn_model_beats_majority_and_card_matches_ledgers(churn_run, tables):
     assert final["roc_auc"] > 0.62 and final["f1"] > 0.5, final
     assert summary["final_accuracy"] == final["accuracy"]
 
-    assert (out / "model.safetensors").stat().st_size > 0
-    card = json.loads((out / "model-card.json").read_text())
+    assert (out / "latest" / "model.safetensors").stat().st_size > 0
+    card = json.loads((out / "latest" / "model-card.json").read_text())
     assert card["task"] == "binary" and card["classes"] == ["no", "yes"]
     assert card["model"]["architecture"] == FACTORY and card["model"]["fix_model"] is True
     assert card["model"]["grad_sample_mode"] == summary["dp_path"]
@@ -153,7 +153,7 @@ def test_predict_reproduces_the_held_out_metrics(churn_run, tables, tmp_path):
 
     out, _ = churn_run
     held_path = tables[1]
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "latest" / "summary.json").read_text())
     final = summary["final_metrics"]
     predictions = tmp_path / "P.csv"
     result = _fedsilo("predict", "--model", str(out), "--data", str(held_path), "--out", str(predictions))
@@ -191,8 +191,8 @@ def test_predict_reproduces_the_held_out_metrics(churn_run, tables, tmp_path):
 
 
 def _tampered_copy(run: Path, dest: Path, edit) -> Path:
-    shutil.copytree(run, dest)
-    path = dest / "model-card.json"
+    shutil.copytree(run, dest, symlinks=True)  # latest/ and ledgers/ stay links inside the copy
+    path = dest / "latest" / "model-card.json"
     card = json.loads(path.read_text())
     edit(card)
     path.write_text(json.dumps(card, indent=2) + "\n")
@@ -261,7 +261,7 @@ def regression_run(department_folder, tmp_path_factory):
 
 def test_regression_over_a_folder_of_tables(regression_run):
     out, result = regression_run
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / "latest" / "summary.json").read_text())
     assert summary["status"] == "completed" and summary["task"] == "regression"
     names = ["finance", "hr", "sales"]
     assert sorted(summary["departments"]) == names and sorted(run_ledgers(out)) == names
@@ -275,7 +275,7 @@ def test_regression_over_a_folder_of_tables(regression_run):
     assert 0 < final["mae"] <= final["rmse"] < summary["initial"]["rmse"]
     for entries in run_ledgers(out).values():
         assert len(entries) == 5 and entries[-1]["epsilon"] <= 10.0
-    schema = json.loads((out / "schema.json").read_text())
+    schema = json.loads((out / "latest" / "schema.json").read_text())
     assert schema["label"]["column"] == "annual_value" and schema["label"]["task"] == "regression"
 
 

@@ -57,6 +57,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from fedsilo.shared.runs import LATEST, resolve_run_dir
+
 from .common import BenchResult, Sampler, Table, Target
 
 NAME = "deployment"
@@ -393,7 +395,7 @@ def run_deployment(root: Path, data: dict[str, Path], rounds: int, logs: Path) -
         record["departments_online_s"] = time.perf_counter() - started
         started = time.perf_counter()
         record["run_started"] = time.time()
-        with Timeline(departments, run_dir / "summary.json") as timeline:
+        with Timeline(departments, run_dir / LATEST / "summary.json") as timeline:
             result = _cli("coordinator", "run", "--certs", str(certs), "--address", address, "--state", str(state),
                           "--test-data", str(data["test"]), "--label-column", LABEL, "--rounds", str(rounds),
                           "--min-departments", str(len(DEPARTMENTS)), "--out", str(run_dir), timeout=1800)
@@ -406,6 +408,7 @@ def run_deployment(root: Path, data: dict[str, Path], rounds: int, logs: Path) -
         _stop(coordinator)
         for reader in readers.values():
             reader.join(timeout=10)
+    run_dir = resolve_run_dir(run_dir)
     summary = json.loads((run_dir / "summary.json").read_text())
     if (run_dir / "flower.log").exists():
         shutil.copy(run_dir / "flower.log", logs / "coordinator-flower.log")

@@ -44,6 +44,8 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any, Iterator
 
+from fedsilo.shared.runs import resolve_run_dir
+
 from .common import BenchResult, Sampler, Stopwatch, Table, Target, TreeMemory
 
 NAME = "scale"
@@ -157,7 +159,7 @@ def run_simulation(departments: int, rounds: int, base: Path, dataset: str = DAT
         if proc.poll() is None:
             stop_tree(proc)
     wall = time.perf_counter() - started
-    summary_path = run_dir / "summary.json"
+    summary_path = resolve_run_dir(run_dir) / "summary.json"  # the output folder's latest run
     if proc.returncode != 0 or not summary_path.exists():
         tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-20:])
         raise RuntimeError(f"`{' '.join(cmd[1:])}` exited {proc.returncode}; log {log_path}:\n{tail}")

@@ -47,6 +47,7 @@ from fedsilo.shared.accounting import ACCOUNTANTS, Mechanism
 from fedsilo.shared.config import RUN_CONFIG_DEFAULTS
 from fedsilo.shared.data import Dataset, federation_data
 from fedsilo.shared.ledger import read_ledgers
+from fedsilo.shared.runs import resolve_run_dir
 from fedsilo.shared.models import build_model, evaluate, to_tensor_dataset
 
 from .common import BenchResult, Table, Target
@@ -187,6 +188,7 @@ def read_fedsilo_run(run_dir: Path) -> dict[str, Any]:
     ``max_epsilon_rederived`` recomputes it from the recorded mechanisms with the
     same accountant, as a check on the ledger.
     """
+    run_dir = resolve_run_dir(run_dir)  # the output folder's latest run
     summary = json.loads((run_dir / "summary.json").read_text())
     ledgers = read_ledgers(run_dir / "ledgers") if (run_dir / "ledgers").exists() else {}
     departments = {}
@@ -233,7 +235,7 @@ def run_fedsilo(dataset: str, setup: Setup, epsilon: float | None, base: Path) -
     with open(log_path, "w") as log:
         done = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, timeout=setup.timeout_s)
     seconds = time.perf_counter() - started
-    if done.returncode != 0 or not (run_dir / "summary.json").exists():
+    if done.returncode != 0 or not (resolve_run_dir(run_dir) / "summary.json").exists():
         tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-20:])
         raise RuntimeError(f"`{' '.join(cmd)}` exited {done.returncode}; log {log_path}:\n{tail}")
     result = read_fedsilo_run(run_dir)
