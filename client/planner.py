@@ -262,7 +262,11 @@ class Forecast:
     """What one department can still do in a run, from its own ledger, before the run starts.
 
     ``rounds`` of the run's remaining rounds fit its budget (all of them when it
-    trains without DP); ``reason`` says why it trains none.
+    trains without DP); ``reason`` says why it trains none.  ``noise_ratio`` is
+    the noise's standard deviation on each step's averaged gradient in units of
+    the clipping norm, σ / expected batch: above 1 the noise on every step
+    exceeds the largest averaged gradient there can be, and a few rounds of
+    such steps teach the model next to nothing.
     """
 
     department: str
@@ -272,6 +276,12 @@ class Forecast:
     epsilon_before: float
     budget: float
     reason: str = ""
+    noise_ratio: float = 0.0
+
+    @property
+    def useful(self) -> bool:
+        """It can train a round at all, with noise below the largest averaged gradient."""
+        return self.rounds > 0 and self.noise_ratio <= 1.0
 
 
 def forecast_department(name: str, settings, policy, num_records: int, entries, completed: int = 0,
@@ -304,14 +314,22 @@ def forecast_department(name: str, settings, policy, num_records: int, entries, 
         # σ is searched so that every planned round fits: nothing to forecast (the department
         # searches it itself; doing it here too would only delay the start).
         return Forecast(name, remaining, remaining, None, 0.0, terms.max_epsilon)
+    from fedsilo.shared.budget import BudgetGuard
+
+    guard = BudgetGuard(terms.max_epsilon, terms.delta, terms.accountant)
+    if planned:
+        # The least noise worth training with is σ = expected batch (noise equal to the largest
+        # averaged gradient): if even that does not fit, skip the σ search — nothing useful is left.
+        base = plan_mechanism(size, settings.batch_size, settings.local_epochs, 1.0)
+        batch = max(base.sample_rate * size, 1.0)
+        least = Mechanism(batch, base.sample_rate, base.steps)
+        if not _quiet(guard.would_exceed, history + [least] * (remaining - 1), least, before).allowed:
+            return Forecast(name, remaining, remaining, None, before, terms.max_epsilon,
+                            f"its budget leaves less than σ = {batch:.3g} (the expected batch) allows", math.inf)
     try:
         mechanism = _quiet(plan_round, settings, terms, size, prior)
     except GuardPlanError as err:
         return Forecast(name, 0, remaining, None, before, terms.max_epsilon, str(err))
-
-    from fedsilo.shared.budget import BudgetGuard
-
-    guard = BudgetGuard(terms.max_epsilon, terms.delta, terms.accountant)
 
     def fits(k: int) -> bool:  # the guard's own check for round k, after k - 1 planned rounds
         return k == 0 or _quiet(guard.would_exceed, history + [mechanism] * (k - 1), mechanism, before).allowed
@@ -326,4 +344,5 @@ def forecast_department(name: str, settings, policy, num_records: int, entries, 
         f"one more round at σ={mechanism.noise_multiplier:.3g} would pass its budget ε={terms.max_epsilon:g} "
         f"(its history holds ε={before:.3f} at δ={terms.delta:g})"
     )
-    return Forecast(name, hi, remaining, mechanism.noise_multiplier, before, terms.max_epsilon, reason)
+    ratio = mechanism.noise_multiplier / max(mechanism.sample_rate * size, 1.0)
+    return Forecast(name, hi, remaining, mechanism.noise_multiplier, before, terms.max_epsilon, reason, ratio)

@@ -27,7 +27,7 @@ from fedsilo.shared.runs import create_run_folder, link_latest, new_run_name
 
 from .checkpoint import CHECKPOINT_FILE, CheckpointError, resumable
 from .report import print_run_report
-from .robust import department_strategy
+from .robust import check_aggregation
 from .summary import SUMMARY_FILE
 
 app = typer.Typer(help="The enterprise coordinator: TLS, registered departments, training runs.", no_args_is_help=True)
@@ -200,7 +200,7 @@ def run(
                 "record-signing-key": str(CertPaths(certs).coordinator_key.resolve()),
             }
         )
-        department_strategy(settings, min_train_nodes=min_departments)  # the rule fits --min-departments
+        check_aggregation(settings, min_departments)  # the rule fits --min-departments
         if not CertPaths(certs).coordinator_key.exists():
             raise FileNotFoundError(
                 f"the coordinator signs its record of the departments' ledger heads with "

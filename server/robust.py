@@ -59,6 +59,7 @@ Differential privacy:
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Iterable
 from logging import INFO, WARNING
@@ -72,8 +73,8 @@ from fedsilo.shared.config import AGGREGATIONS, RunSettings
 from .strategy import DepartmentFedAvg
 
 __all__ = [
-    "DepartmentKrum", "DepartmentMedian", "DepartmentTrimmedMean", "TooFewUpdates", "department_strategy",
-    "least_updates",
+    "DepartmentKrum", "DepartmentMedian", "DepartmentTrimmedMean", "TooFewUpdates", "check_aggregation",
+    "department_strategy", "least_updates",
 ]
 
 
@@ -231,3 +232,14 @@ def department_strategy(settings: RunSettings, **fedavg_kwargs) -> DepartmentFed
     if rule == "median":
         return DepartmentMedian(byzantine=settings.byzantine, max_update_norm=bound, **fedavg_kwargs)
     return DepartmentKrum(byzantine=settings.byzantine, max_update_norm=bound, **fedavg_kwargs)
+
+
+def check_aggregation(settings: RunSettings, min_departments: int) -> None:
+    """Raise the :class:`ValueError` :func:`department_strategy` would, before anything starts (quietly)."""
+    flower = logging.getLogger("flwr")
+    level = flower.level
+    flower.setLevel(logging.ERROR)  # building a strategy logs Flower's notes on its settings
+    try:
+        department_strategy(settings, min_train_nodes=min_departments, min_available_nodes=min_departments)
+    finally:
+        flower.setLevel(level)

@@ -18,7 +18,7 @@ from fedsilo.client.planner import Forecast, forecast_department
 from fedsilo.client.policy import DepartmentPolicy
 from fedsilo.server.checkpoint import CHECKPOINT_FILE, CheckpointError, resumable
 from fedsilo.server.report import print_run_report
-from fedsilo.server.robust import department_strategy, least_updates
+from fedsilo.server.robust import check_aggregation, least_updates
 from fedsilo.server.summary import SUMMARY_FILE
 from fedsilo.shared.config import ACCOUNTANTS, AGGREGATIONS, DEVICES, GRAD_SAMPLE_MODES, TASKS, ConfigError, RunSettings
 from fedsilo.shared.ledger import PrivacyLedger
@@ -177,7 +177,7 @@ def simulate(
                 models=(model,) if is_factory(model) else (),
             ).to_json(),
         )
-        department_strategy(settings, min_train_nodes=least)  # every combination checked before anything starts
+        check_aggregation(settings, least)  # every combination checked before anything starts
         if central_dp and central_delta >= 1.0 / departments:
             raise ConfigError(
                 f"--central-delta {central_delta:g} must be below 1/{departments} departments "
@@ -265,9 +265,19 @@ def preflight(settings: RunSettings, parts, ledgers: Path, completed: int = 0, r
                             completed, run_id)
         for part in parts
     ]
-    if not any(f.rounds for f in forecasts) and all(f.remaining for f in forecasts):
-        reasons = sorted({f.reason for f in forecasts})
-        _stop_before_start(forecasts, ledgers, reasons)
+    if all(f.remaining for f in forecasts):
+        if not any(f.rounds for f in forecasts):
+            _stop_before_start(forecasts, ledgers, sorted({f.reason for f in forecasts}))
+        planned = settings.noise_multiplier <= 0 or settings.target_epsilon > 0
+        if planned and not any(f.useful for f in forecasts):
+            # What is left of every budget, spread over the rounds, is noise larger than any gradient.
+            worst = min(forecasts, key=lambda f: f.noise_ratio)
+            _stop_before_start(forecasts, ledgers, [
+                f"what is left of their budgets, spread over {worst.remaining} rounds, needs noise larger than "
+                "the largest averaged gradient on every step (σ above the expected batch"
+                + (f": σ ≥ {worst.noise_multiplier:.3g}" if worst.noise_multiplier else "")
+                + "), so the model would learn nothing"
+            ], what="has a round worth training left")
     short = [f for f in forecasts if f.rounds < f.remaining]
     if short:
         fewest = min(short, key=lambda f: f.rounds)
@@ -284,10 +294,11 @@ def preflight(settings: RunSettings, parts, ledgers: Path, completed: int = 0, r
     return forecasts
 
 
-def _stop_before_start(forecasts: list[Forecast], ledgers: Path, reasons: list[str]) -> None:
+def _stop_before_start(forecasts: list[Forecast], ledgers: Path, reasons: list[str],
+                       what: str = "can train a single round") -> None:
     spent = [f for f in forecasts if f.epsilon_before > 0]
     err_console.print(
-        "[red]error:[/red] no department can train a single round, so nothing was started. "
+        f"[red]error:[/red] no department {what}, so nothing was started. "
         + (f"{len(spent)} of {len(forecasts)} departments in {ledgers} have already spent "
            f"ε {min(f.epsilon_before for f in spent):.3f}–{max(f.epsilon_before for f in spent):.3f} "
            f"of their budget ε≤{max(f.budget for f in forecasts):g}. " if spent else "")
@@ -315,7 +326,7 @@ def _say_history(forecasts: list[Forecast], ledgers: Path) -> None:
             f"{len(spent)} department ledger(s) in {ledgers} continue: their ε starts from the recorded "
             f"history (ε {min(f.epsilon_before for f in spent):.3f}–{max(f.epsilon_before for f in spent):.3f})."
         )
-    nearly = [f for f in spent if f.budget and f.epsilon_before >= 0.9 * f.budget and f.noise_multiplier]
+    nearly = [f for f in spent if f.budget and f.epsilon_before >= 0.9 * f.budget and f.noise_multiplier and f.useful]
     if nearly:
         worst = max(nearly, key=lambda f: f.noise_multiplier)
         err_console.print(

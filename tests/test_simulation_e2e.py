@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -90,18 +91,26 @@ def test_audit_verifies_a_real_run(demo_run):
         assert oct((out / "ledgers" / f"{row['id']}.key").stat().st_mode & 0o777) == "0o600"
 
 
-def test_rerun_in_same_directory_resumes_ledgers(demo_run):
+def test_rerun_in_same_directory_resumes_ledgers_in_a_run_folder_of_its_own(demo_run):
     out, _ = demo_run
     before = {k: v[-1]["epsilon"] for k, v in run_ledgers(out).items()}
+    first = (out / "latest").resolve()
+    first_summary = (first / "summary.json").read_bytes()
+    first_model = (first / "model.safetensors").read_bytes()
     result = _simulate("--departments", "4", "--rounds", "1", "--dataset", "digits", "--out", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "Resuming 4 department ledger(s)" in result.stdout
+    said = " ".join(result.stdout.split())
+    assert "4 department ledger(s) in" in said and "continue: their ε starts from the recorded history" in said
+    assert "spent 90 % or more of their budget" in " ".join(result.stderr.split())  # σ grows to fit what is left
+    second = (out / "latest").resolve()
+    assert second != first and sorted(p.name for p in out.glob("run-*")) == sorted([first.name, second.name])
+    # The earlier run's results are untouched.
+    assert (first / "summary.json").read_bytes() == first_summary and (first / "model.safetensors").read_bytes() == first_model
     after = run_ledgers(out)
     for name, entries in after.items():
         assert len(entries) == 4 and [e["seq"] for e in entries] == [0, 1, 2, 3]
         assert entries[-1]["epsilon"] > before[name]
         assert entries[-1]["epsilon"] == pytest.approx(pld_epsilon(entries, 1e-5), rel=1e-6)
-    assert len(list((out / "history").glob("summary-*.json"))) == 1  # the earlier summary is kept
 
 
 def test_budget_is_never_exceeded_and_the_run_ends_cleanly(tmp_path, digits_csv):
@@ -121,6 +130,12 @@ def test_budget_is_never_exceeded_and_the_run_ends_cleanly(tmp_path, digits_csv)
         assert pld_epsilon(entries, 1e-5) <= 2.0 + 1e-9
     last = summary["rounds"][-1]
     assert not last["trained"] and all("past max-epsilon 2" in r for r in last["refused"].values())
+    # Said before the start, and what the budget guards then did matches the forecast.
+    warned = re.search(r"the plan stops early: 4 of 4 departments can train only (\d+)–(\d+) of the 12 rounds",
+                       " ".join(result.stderr.split()))
+    assert warned, result.stderr
+    trained = sorted(d["rounds_trained"] for d in summary["departments"].values())
+    assert (trained[0], trained[-1]) == (int(warned[1]), int(warned[2]))
 
 
 def test_bad_input_is_a_clear_error_without_traceback(tmp_path):
