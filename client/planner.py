@@ -317,7 +317,7 @@ def forecast_department(name: str, settings, policy, num_records: int, entries, 
     from fedsilo.shared.budget import BudgetGuard
 
     guard = BudgetGuard(terms.max_epsilon, terms.delta, terms.accountant)
-    if planned:
+    if planned and before < terms.max_epsilon:
         # The least noise worth training with is σ = expected batch (noise equal to the largest
         # averaged gradient): if even that does not fit, skip the σ search — nothing useful is left.
         base = plan_mechanism(size, settings.batch_size, settings.local_epochs, 1.0)

@@ -116,20 +116,31 @@ def test_rerun_in_same_directory_resumes_ledgers_in_a_run_folder_of_its_own(demo
 def test_budget_is_never_exceeded_and_the_run_ends_cleanly(tmp_path, digits_csv):
     """Also the path for a user's own table: the data comes from a CSV file."""
     out = tmp_path / "budget"
-    result = _simulate(
+    # σ = 1 costs ε 3.6-4.2 a round here: a budget of 2 fits no round, so nothing starts at all.
+    nothing = _simulate(
         "--departments", "4", "--rounds", "12", "--dataset", str(digits_csv), "--label-column", "label",
         "--noise-multiplier", "1.0", "--max-epsilon", "2", "--out", str(out),
+    )
+    assert nothing.returncode == 2, nothing.stdout + nothing.stderr
+    said = " ".join(nothing.stderr.split())
+    assert "no department can train a single round, so nothing was started" in said
+    assert "would pass its budget ε=2" in said and not out.exists()
+    result = _simulate(
+        "--departments", "4", "--rounds", "12", "--dataset", str(digits_csv), "--label-column", "label",
+        "--noise-multiplier", "1.0", "--max-epsilon", "9", "--out", str(out),
     )
     assert result.returncode == 0, result.stdout + result.stderr
     summary = json.loads((out / "latest" / "summary.json").read_text())
     assert summary["status"] == "budget-exhausted"
     assert len(summary["rounds"]) < 12
     assert any(r["refused"] for r in summary["rounds"])
-    for entries in run_ledgers(out).values():
-        assert entries and all(e["epsilon"] <= 2.0 for e in entries)
-        assert pld_epsilon(entries, 1e-5) <= 2.0 + 1e-9
+    ledgers = run_ledgers(out)
+    assert len(ledgers) == 4
+    for entries in ledgers.values():
+        assert entries and all(e["epsilon"] <= 9.0 for e in entries)
+        assert pld_epsilon(entries, 1e-5) <= 9.0 + 1e-9
     last = summary["rounds"][-1]
-    assert not last["trained"] and all("past max-epsilon 2" in r for r in last["refused"].values())
+    assert not last["trained"] and all("past max-epsilon 9" in r for r in last["refused"].values())
     # Said before the start, and what the budget guards then did matches the forecast.
     warned = re.search(r"the plan stops early: 4 of 4 departments can train only (\d+)–(\d+) of the 12 rounds",
                        " ".join(result.stderr.split()))
