@@ -64,7 +64,7 @@ def test_report_of_a_verified_run(run, report):
 
 def test_a_tampered_run_still_gets_its_report_saying_failed(run, tmp_path):
     tampered = tmp_path / "run"
-    shutil.copytree(run, tampered)
+    shutil.copytree(run, tampered, symlinks=True)  # latest/ and ledgers/ stay links in the copy
     ledger = sorted((tampered / "ledgers").glob("*.jsonl"))[0]
     lines = ledger.read_text().splitlines()
     entry = json.loads(lines[0])
@@ -119,7 +119,7 @@ def test_the_page_renders_in_a_headless_browser(report, tmp_path):
 def test_the_coordinators_record_catches_a_truncated_ledger_and_an_edited_record(run, tmp_path):
     """A real simulated run: its signed record of acknowledged heads is what exposes a ledger cut short."""
     copy = tmp_path / "run"
-    shutil.copytree(run, copy)
+    shutil.copytree(run, copy, symlinks=True)
     honest = subprocess.run([*FEDSILO, "audit", str(copy), "--json"], capture_output=True, text=True, timeout=300)
     report = json.loads(honest.stdout)
     assert honest.returncode == 0 and all(d["acknowledged"] == 2 for d in report["departments"]), honest.stdout

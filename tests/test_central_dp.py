@@ -196,7 +196,10 @@ def test_simulation_with_central_dp_records_and_audits_both_guarantees(central_r
     audit = audit_path(out)
     assert audit.ok, audit.to_json()
     assert audit.central.id == "coordinator" and audit.central.rounds == 3 and audit.central.signatures == "valid"
-    assert len(audit.departments) == 3  # the coordinator is not counted as a department
+    # Every department that was ever sampled has a ledger (at q = 0.7 one may never be, 3 rounds running);
+    # the coordinator is not counted as a department.
+    sampled = {name for r in summary["rounds"] for name in [*r["trained"], *r["refused"]]}
+    assert sampled and len(audit.departments) == len(sampled)
 
 
 def test_audit_catches_a_truncated_coordinator_ledger(central_run, tmp_path):
@@ -204,7 +207,7 @@ def test_audit_catches_a_truncated_coordinator_ledger(central_run, tmp_path):
 
     out, _ = central_run
     copy = tmp_path / "copy"
-    shutil.copytree(out, copy, ignore=shutil.ignore_patterns("model.safetensors", "flower.log"))
+    shutil.copytree(out, copy, symlinks=True, ignore=shutil.ignore_patterns("model.safetensors", "flower.log"))
     ledger = copy / "central" / "coordinator.jsonl"
     ledger.write_text("".join(ledger.read_text().splitlines(keepends=True)[:-1]))
     result = subprocess.run([sys.executable, "-m", "fedsilo", "audit", str(copy), "--json"], capture_output=True, text=True, timeout=120)
