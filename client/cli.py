@@ -18,7 +18,7 @@ from fedsilo.shared.flower_cli import FlowerError, stop_group, stop_tree, wait_f
 from fedsilo.shared.ledger import LedgerError
 from fedsilo.shared.model_factory import ModelError
 
-from .executor import DepartmentExecutor
+from .executor import INPUT_WAIT, DepartmentExecutor
 from .policy import DepartmentPolicy, PolicyError
 from .supernode import DepartmentNode, DepartmentStartError, explain_exit
 
@@ -48,6 +48,7 @@ def start(
     public_size: Annotated[Optional[int], typer.Option(help="A record count this department declares public: reported as its size (FedAvg weight) and planned from. Default: the count rounded down to its two leading binary digits (1797 → 1536), never the exact count.")] = None,
     port: Annotated[Optional[int], typer.Option(help="Local port for the SuperNode's loopback API (default: a free one).")] = None,
     activation_wait: Annotated[float, typer.Option(min=0, help="Seconds to keep retrying when the coordinator does not accept this department yet (after a crash it counts the old start online for up to a minute).")] = 75.0,
+    task_input_wait: Annotated[float, typer.Option(min=1, help="Seconds a task's message may take to arrive complete from the coordinator before it is given up (one left behind by a run that ended while the coordinator was unreachable never does).")] = INPUT_WAIT,
 ) -> None:
     """Validate everything, then join the federation over TLS with this department's identity."""
     if max_epsilon is None:
@@ -100,7 +101,7 @@ def start(
     _log_to(node.home / "department.log")
     deadline = time.monotonic() + activation_wait
     while True:
-        code, tail = _serve(node)
+        code, tail = _serve(node, task_input_wait)
         if code in (0, None, -signal.SIGTERM):
             return
         if _activation_refused(tail) and time.monotonic() + ACTIVATION_RETRY_S < deadline:
@@ -122,7 +123,7 @@ def _activation_refused(tail: list[str]) -> bool:
     return any("Failed to activate SuperNode" in line for line in tail)
 
 
-def _serve(node: DepartmentNode) -> tuple[int | None, list[str]]:
+def _serve(node: DepartmentNode, task_input_wait: float = INPUT_WAIT) -> tuple[int | None, list[str]]:
     """Run the SuperNode and answer its tasks until it stops; its exit code and last lines."""
     proc, runtime = node.launch()
     tail: list[str] = []
@@ -142,7 +143,8 @@ def _serve(node: DepartmentNode) -> tuple[int | None, list[str]]:
     try:
         host, port = runtime.rsplit(":", 1)
         wait_for_port(host, int(port), proc, 60.0, node.home / "department.log")
-        executor = DepartmentExecutor(node.name, runtime, node.secret.read_bytes(), node.local_config())
+        executor = DepartmentExecutor(node.name, runtime, node.secret.read_bytes(), node.local_config(),
+                                      input_wait=task_input_wait)
         # Import torch, Opacus and the ClientApp now, once, not per message.
         executor.app  # noqa: B018
         console.print(f"department [bold]{node.name}[/bold]: answering with the fedsilo installed here "

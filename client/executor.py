@@ -24,9 +24,20 @@ from typing import Any, Callable
 import httpx
 from flwr.app import ConfigRecord, Context, Message, RecordDict
 from flwr.common.constant import SubStatus
-from flwr.proto.runtime_pb2 import AcquireTaskRequest  # pylint: disable=E0611
+from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
+from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
+from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
+    AcquireTaskRequest,
+    PullAppMessagesRequest,
+    PullTaskInputRequest,
+)
 from flwr.supercore.constant import TaskType
 from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
+from flwr.supercore.inflatable.inflatable_protobuf_utils import (
+    make_confirm_message_received_fn_protobuf,
+    make_pull_object_fn_protobuf,
+)
+from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, pull_and_inflate_object_from_tree
 from flwr.supercore.interceptors import (
     RuntimeTokenHttpInterceptor,
     RuntimeVersionHttpInterceptor,
@@ -34,7 +45,8 @@ from flwr.supercore.interceptors import (
 )
 from flwr.supercore.retry import RetryInvoker, exponential
 from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supernode.runtime.run_clientapp import pull_task_input, push_message, push_task_output
+from flwr.supercore.task_identity import TaskIdentity
+from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
 from fedsilo.shared.protocol import STATUS_INCOMPATIBLE, STATUS_KEY
 
@@ -44,6 +56,13 @@ from .containment import FAILURE_REASON, failure_reply
 log = logging.getLogger("fedsilo.department")
 
 ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
+# Seconds a task's message may take to be complete in the SuperNode.  Flower's
+# own ClientApp waits up to 2 hours (500 tries per object).  But a SuperNode that
+# was pulling a message when the coordinator went away, and learns on
+# reconnecting that its run has ended, drops the message and leaves its task
+# behind without the message's objects (flwr 1.41): they never arrive.  One
+# long-lived executor waiting on that task would answer nothing else, for hours.
+INPUT_WAIT = 120.0
 
 
 @dataclass
@@ -70,6 +89,7 @@ class DepartmentExecutor:
     secret: bytes
     local_config: dict[str, Any]
     poll_interval: float = 0.1
+    input_wait: float = INPUT_WAIT
     load_app: Callable[[], Any] = field(default=lambda: _installed_clientapp())
     verdicts: dict[str, AppVerdict] = field(default_factory=dict)  # FAB hash -> verdict
     handled: int = 0
@@ -135,7 +155,7 @@ class DepartmentExecutor:
         context: Context | None = None
         sub_status, details = SubStatus.FAILED, "task failed before its input arrived"
         try:
-            message, context, run, fab = pull_task_input(client)
+            message, context, run, fab = pull_task_input(client, self.input_wait)
             verdict = self.verdicts.get(fab.hash_str)
             if verdict is None:
                 verdict = self.verdicts[fab.hash_str] = check_app(run.fab_id, fab.content)
@@ -146,6 +166,10 @@ class DepartmentExecutor:
                 reply = self._call_installed_app(message, context)
             push_message(client, reply, context)
             sub_status, details = SubStatus.COMPLETED, ""
+        except ObjectPullError as err:
+            log.warning("a task's message did not arrive complete within %g s (%s): its run most likely ended "
+                        "while the coordinator was unreachable; gave it up, answering the next task", self.input_wait, err)
+            details = FAILURE_REASON.format(kind="ObjectPullError")
         except Exception as err:  # noqa: BLE001 - the task must end with a status either way
             log.exception("task failed")
             details = FAILURE_REASON.format(kind=type(err).__name__)
@@ -172,6 +196,34 @@ class DepartmentExecutor:
 
     def close(self) -> None:
         self._acquirer.close()
+
+
+def pull_task_input(client: RuntimeHttpClient, max_time: float) -> tuple[Message, Context, Any, Any]:
+    """Flower's ``pull_task_input``, waiting at most ``max_time`` seconds for the message's objects.
+
+    Raises ``ObjectPullError`` after that: the task then ends as failed and the next one is answered.
+    """
+    res = client.PullTaskInput(PullTaskInputRequest())
+    TaskIdentity.task_id = res.task_id
+    TaskIdentity.run_id = res.run.run_id
+    TaskIdentity.node_id = res.context.node_id
+    context = context_from_proto(res.context)
+    run = run_from_proto(res.run)
+    fab = fab_from_proto(res.fab)
+    pulled = client.PullMessages(PullAppMessagesRequest())
+    if not pulled.messages_list:
+        raise RuntimeError("No messages received from Runtime API")
+    node = Node(node_id=context.node_id)
+    tree = pulled.message_object_trees[0]
+    message = pull_and_inflate_object_from_tree(
+        tree,
+        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
+        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
+        return_type=Message,
+        max_time=max_time,
+    )
+    message.metadata.__dict__["_message_id"] = tree.object_id  # the deflated message lacks its own id
+    return message, context, run, fab
 
 
 def transport_retry(max_time: float) -> RetryInvoker:

@@ -121,7 +121,7 @@ def departments(
 
 @app.command("run")
 def run(
-    test_data: Annotated[Path, typer.Option(help="The coordinator's own held-out table: evaluation and the data schema.")],
+    test_data: Annotated[Optional[Path], typer.Option(help="The coordinator's own held-out table: evaluation and the data schema (required, except with --resume: the run keeps its own).")] = None,
     certs: Annotated[Path, typer.Option(help="Certificate folder (for ca.crt).")] = Path("certs/out"),
     address: Annotated[str, typer.Option(help="The coordinator's public HOST:PORT (shown; Control is reached on loopback via --state).")] = "127.0.0.1:9443",
     state: Annotated[Path, typer.Option(help=STATE_HELP)] = Path("state"),
@@ -165,6 +165,8 @@ def run(
     """Train across the connected departments; write RUN_DIR/summary.json."""
     if resume is not None:
         return _resume(resume, certs, state, verbose)
+    if test_data is None:
+        _fail("--test-data is required: the coordinator's own held-out table (only --resume takes the run's own)")
     out = out.expanduser().resolve()
     try:
         check_spec(model)
