@@ -23,7 +23,7 @@ from . import coordinator as coord
 from .proxy import ProxyError
 from fedsilo.shared.record import RECORD_FILE
 
-from fedsilo.shared.runs import create_run_folder, link_latest, new_run_name
+from fedsilo.shared.runs import create_run_folder, keep_earlier_log, link_latest, new_run_name
 
 from .checkpoint import CHECKPOINT_FILE, CheckpointError, resumable
 from .report import print_run_report
@@ -246,6 +246,7 @@ def _resume(run: Path, certs: Path, state: Path, verbose: bool) -> None:
         "again instead of training twice"
     )
     link_latest(run_dir.parent, run_dir.name)
+    keep_earlier_log(run_dir)  # the killed attempt's Flower log stays, as flower.1.log
     _submit(connection, settings, run_dir, verbose)
 
 

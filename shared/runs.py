@@ -73,3 +73,15 @@ def runs_in(out: Path) -> list[Path]:
     if not out.is_dir():
         return []
     return sorted(p for p in out.iterdir() if p.is_dir() and not p.is_symlink() and (p / SUMMARY).exists())
+
+
+def keep_earlier_log(run_dir: Path, name: str = "flower.log") -> None:
+    """Before a resumed attempt writes ``name``, move the earlier attempt's to ``flower.1.log``, ``.2``, ..."""
+    log = Path(run_dir) / name
+    if not log.exists():
+        return
+    stem, suffix = log.name.rsplit(".", 1)
+    n = 1
+    while (log.parent / f"{stem}.{n}.{suffix}").exists():
+        n += 1
+    log.replace(log.parent / f"{stem}.{n}.{suffix}")

@@ -22,7 +22,7 @@ from fedsilo.server.robust import check_aggregation, least_updates
 from fedsilo.server.summary import SUMMARY_FILE
 from fedsilo.shared.config import ACCOUNTANTS, AGGREGATIONS, DEVICES, GRAD_SAMPLE_MODES, TASKS, ConfigError, RunSettings
 from fedsilo.shared.ledger import PrivacyLedger
-from fedsilo.shared.runs import LATEST, create_run_folder, link_latest, new_run_name
+from fedsilo.shared.runs import LATEST, create_run_folder, keep_earlier_log, link_latest, new_run_name
 from fedsilo.shared.data import DataError, simulated_federation, split_columns
 from fedsilo.shared.model_factory import check_spec, describe_grad_sample_mode, is_factory, model_changes
 from fedsilo.shared.models import build_model
@@ -245,6 +245,7 @@ def _resume(run: Path, cpus_per_department: int, verbose: bool) -> None:
     )
     _say_history(forecasts, Path(settings.out) / "ledgers")
     link_latest(Path(settings.out), run_dir.name)
+    keep_earlier_log(run_dir)  # the killed attempt's Flower log stays, as flower.1.log
     _run(settings, run_dir, len(parts), cpus_per_department, verbose)
 
 

@@ -87,6 +87,7 @@ def test_resume_completes_the_planned_rounds_with_one_charge_per_round(resumed):
     assert [r["round"] for r in summary["rounds"]] == list(range(1, ROUNDS + 1))
     assert len(summary["flower_run_ids"]) == 2 and summary["resumes"][0]["after_round"] == done
     assert f"resumed from its checkpoint after round {done}/{ROUNDS}" in result.stdout
+    assert (out / "latest" / "flower.1.log").stat().st_size > 0  # the killed attempt's log is kept
     for name, entries in run_ledgers(out).items():
         # Exactly one ledger entry per round of this run: the in-flight round was not charged twice.
         assert sorted(e["round"] for e in entries) == list(range(1, ROUNDS + 1)), name
