@@ -97,6 +97,13 @@ def run_federation(grid: Grid, settings: RunSettings, out: Path, run_dir: Path, 
     else:
         summary = RunSummary.restore(run_dir, checkpoint.summary)
         summary.resumed(checkpoint.round, flower_run_id)
+        if isinstance(strategy, ClientLevelDP) and checkpoint.central_entries is not None:
+            charged = len(strategy.ledger.entries) - checkpoint.central_entries
+            if charged > 0:  # released into a run that died before its checkpoint: it stays counted
+                summary.data["resumes"][-1]["central_charged_and_rerun"] = charged
+                log(WARNING, "%s %d client-level release(s) were charged after the last checkpoint; the re-run "
+                    "round is charged again (the coordinator's ε counts both: an over-count, never an under-count)",
+                    PROGRESS_TAG, charged)
         log(INFO, "%s run %s resumed from its checkpoint after round %d/%d (%s %.4f)", PROGRESS_TAG, run_id,
             checkpoint.round, settings.num_server_rounds, key, metrics[key])
     summary.data.setdefault("flower_run_ids", []).append(flower_run_id)
@@ -170,8 +177,9 @@ def run_federation(grid: Grid, settings: RunSettings, out: Path, run_dir: Path, 
         exhausted |= set(report.refused)
         exhausted -= set(report.trained)
         # The round is complete: from here a restart resumes after it.
-        Checkpoint(run_id, rnd, settings.to_run_config(), summary.data,
-                   {k: v.numpy() for k, v in arrays.items()}, sorted(exhausted)).save(run_dir)
+        Checkpoint(run_id, rnd, settings.to_run_config(), summary.data, {k: v.numpy() for k, v in arrays.items()},
+                   sorted(exhausted), len(strategy.ledger.entries) if isinstance(strategy, ClientLevelDP) else None,
+                   ).save(run_dir)
         if report.trained or (release is not None and not messages):
             continue  # a Poisson sample may be empty: the noisy release still happened
         if release is not None and report.refused and len(exhausted) < release.population:

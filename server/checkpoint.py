@@ -11,7 +11,8 @@ What the checkpoint does not need to hold lives on disk already and is
 append-only: each department's ledger (on its host, or ``OUT/ledgers`` in a
 simulation), the coordinator's record of acknowledged heads and its
 client-level ledger.  Resuming reopens those, so nothing is charged from a
-copy.
+copy; the checkpoint notes the client-level ledger's length, so a release
+charged after it (and re-run) is named.
 """
 
 from __future__ import annotations
@@ -45,6 +46,8 @@ class Checkpoint:
     summary: dict[str, Any]
     arrays: dict[str, np.ndarray]
     exhausted: list[str] = field(default_factory=list)
+    # Entries in the coordinator's client-level ledger at this checkpoint (None: no --central-dp).
+    central_entries: int | None = None
 
     def save(self, run_dir: Path) -> Path:
         from safetensors.numpy import save_file
@@ -54,7 +57,7 @@ class Checkpoint:
         state = {
             "format": FORMAT, "version": VERSION, "run_name": self.run_name, "round": self.round,
             "settings": self.settings, "summary": self.summary, "exhausted": sorted(self.exhausted),
-            "keys": list(self.arrays),
+            "keys": list(self.arrays), "central_entries": self.central_entries,
         }
         tensors = {k: np.ascontiguousarray(v) for k, v in self.arrays.items()}
         save_file(tensors, str(staging), metadata={FORMAT: json.dumps(state, allow_nan=False)})
@@ -83,7 +86,7 @@ class Checkpoint:
         if state.get("format") != FORMAT or state.get("version") != VERSION:
             raise CheckpointError(f"{path} is a checkpoint of another format or version ({state.get('format')} {state.get('version')})")
         return cls(state["run_name"], int(state["round"]), dict(state["settings"]), dict(state["summary"]),
-                   arrays, list(state.get("exhausted", [])))
+                   arrays, list(state.get("exhausted", [])), state.get("central_entries"))
 
     def check_settings(self, settings: dict[str, Any]) -> None:
         """The resumed run must be the same run: same settings, apart from the operational ones."""

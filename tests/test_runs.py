@@ -43,13 +43,13 @@ def _checkpoint(round_=2, **settings) -> Checkpoint:
     config = {**RUN_CONFIG_DEFAULTS, "run-name": "run-x", **settings}
     arrays = {"layer.weight": np.arange(6, dtype=np.float32).reshape(2, 3), "layer.bias": np.ones(2, np.float32)}
     summary = {"run_id": "run-x", "status": "running", "rounds": [{"round": 1, "epsilon": {"a": 1.0}}]}
-    return Checkpoint("run-x", round_, config, summary, arrays, ["a"])
+    return Checkpoint("run-x", round_, config, summary, arrays, ["a"], central_entries=4)
 
 
 def test_a_checkpoint_round_trips_in_the_model_s_layer_order(tmp_path):
     _checkpoint().save(tmp_path)
     loaded = Checkpoint.load(tmp_path)
-    assert (loaded.round, loaded.run_name, loaded.exhausted) == (2, "run-x", ["a"])
+    assert (loaded.round, loaded.run_name, loaded.exhausted, loaded.central_entries) == (2, "run-x", ["a"], 4)
     assert list(loaded.arrays) == ["layer.weight", "layer.bias"]
     assert np.array_equal(loaded.arrays["layer.weight"], np.arange(6, dtype=np.float32).reshape(2, 3))
     assert not list(tmp_path.glob(".*.tmp"))  # written beside and renamed
