@@ -572,6 +572,7 @@ def run_simulation(data: dict[str, Path], rounds: int, run_dir: Path, log: Path)
         if proc.poll() is None:
             stop_tree(proc)
     wall = time.perf_counter() - started
+    run_dir = resolve_run_dir(run_dir)  # the output folder's latest (only) run
     if proc.returncode != 0 or not (run_dir / "summary.json").exists():
         raise RuntimeError(f"fedsilo simulate exited {proc.returncode}; log {log}: {log.read_text()[-2000:]}")
     summary = json.loads((run_dir / "summary.json").read_text())
