@@ -147,8 +147,10 @@ class Federation(dict):
         self.wait_online(len(self["departments"]))
 
     def run(self, *args, timeout=300):
+        # σ = 1 unless a test asks otherwise (the default plans σ to spend each budget in one run,
+        # and these tests share their departments' budgets across many runs).
         return self.control("run", "--test-data", str(self["data"]["test"]), "--label-column",
-                            self.get("label_column", "digit"),
+                            self.get("label_column", "digit"), "--noise-multiplier", "1.0",
                             *args, timeout=timeout)
 
     def ledger(self, name, folder: str | None = None) -> list[dict]:

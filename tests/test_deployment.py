@@ -279,7 +279,7 @@ def test_department_killed_mid_round_does_not_stop_the_run(fed):
     proc = subprocess.Popen(
         [*FEDSILO, "coordinator", "run", "--certs", str(fed["certs"]), "--address", fed["address"],
          "--state", str(fed["state"]), "--test-data", str(fed["data"]["test"]), "--label-column", "digit", "--rounds", "3",
-         "--min-departments", "2", "--round-timeout", "45", "--out", str(out)],
+         "--min-departments", "2", "--round-timeout", "45", "--noise-multiplier", "1.0", "--out", str(out)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=offline_env(),
     )
     try:
@@ -314,7 +314,7 @@ def test_restarted_department_neither_resets_nor_double_counts_epsilon(fed):
                      "--central-clip-norm", "5", "--central-ledger", str(central), "--out", str(out))
     assert result.returncode == 0, result.stdout + result.stderr
     after = fed.ledger("sales")
-    summaries = [json.loads(p.read_text()) for p in (fed["root"] / "runs").glob("*/summary.json")]
+    summaries = [json.loads(p.read_text()) for p in (fed["root"] / "runs").glob("*/run-*/summary.json")]
     seen_training = sum("sales" in r["trained"] for s in summaries for r in s["rounds"])
     # One entry per round the coordinator saw sales train, across every run: none lost, none twice.
     assert len(after) == seen_training == len(before) + sum("sales" in r["trained"] for r in json.loads((out / "latest" / "summary.json").read_text())["rounds"])

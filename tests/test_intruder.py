@@ -120,7 +120,7 @@ def test_intruder_cannot_list_stop_or_unregister(fed):
     run = subprocess.Popen(
         [*FEDSILO, "coordinator", "run", "--certs", str(fed["certs"]), "--state", str(fed["state"]),
          "--address", fed["address"], "--test-data", str(fed["data"]["test"]), "--label-column", "digit",
-         "--rounds", "30", "--min-departments", "1", "--out", str(fed["root"] / "runs" / "long")],
+         "--rounds", "30", "--min-departments", "1", "--noise-multiplier", "1.0", "--out", str(fed["root"] / "runs" / "long")],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=offline_env(),
     )
     try:
