@@ -61,7 +61,6 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterable
 from logging import INFO, WARNING
 
 from flwr.app import ArrayRecord, Message, MetricRecord
@@ -134,12 +133,7 @@ class _Robust(DepartmentFedAvg):
     def _requirement(self) -> str:
         return f"byzantine = {self.byzantine}"
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        accepted = self.classify(server_round, replies)
-        if not accepted:
-            return None, None
+    def combine(self, server_round: int, accepted: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if len(accepted) < self.least_updates:
             report = self.last_report
             left_out = len(report.refused) + len(report.rejected) + len(report.failed) + len(report.declined) \
@@ -151,8 +145,7 @@ class _Robust(DepartmentFedAvg):
             )
             log(WARNING, "%s", reason)
             raise TooFewUpdates(reason)
-        # Skip DepartmentFedAvg's own aggregate_train (it would classify again): Flower's rule, next in the MRO.
-        return super(DepartmentFedAvg, self).aggregate_train(server_round, accepted)
+        return super().combine(server_round, accepted)  # Flower's rule, next in the MRO
 
     def summary(self) -> None:
         log(INFO, "\t├──> fedsilo %s: byzantine %d, max-update-norm %g (0 = none)", self.rule, self.byzantine,

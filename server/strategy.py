@@ -149,6 +149,10 @@ class DepartmentFedAvg(FedAvg):
         accepted = self.classify(server_round, replies)
         if not accepted:
             return None, None
+        return self.combine(server_round, accepted)
+
+    def combine(self, server_round: int, accepted: list[Message]) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """The rule over the accepted updates: the next strategy in the MRO (FedAvg, or a robust rule's)."""
         return super().aggregate_train(server_round, accepted)
 
     def classify(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
