@@ -147,7 +147,10 @@ class Coordinator:
         _refuse_running(self.record)
         self.state.mkdir(parents=True, exist_ok=True)
         os.chmod(self.state, 0o700)  # the secret, the database and the logs are the operators' alone
-        port = self.control_port or free_port(LOOPBACK)
+        if self.control_port == public_port:
+            raise ValueError(f"--control-port {public_port} is the public port of --address {self.address}; "
+                             "choose another (or leave it out for a free one)")
+        port = self.control_port or free_port(LOOPBACK, avoid={public_port})
         proxy = self.proxy(port)
         proxy.write()
         proxy.check()  # before anything starts: a clear error for a missing binary or a bad config

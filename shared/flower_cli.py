@@ -24,7 +24,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
 import tomli_w
 
@@ -82,10 +82,19 @@ def offline_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
+def free_port(host: str = "127.0.0.1", avoid: Iterable[int] = ()) -> int:
+    """A port free on ``host`` now, other than those in ``avoid``.
+
+    ``avoid`` holds ports chosen but not yet bound (e.g. the coordinator's public
+    port): the kernel may hand out a port again as soon as its probe is closed.
+    """
+    avoid = set(avoid)
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            sock.bind((host, 0))
+            port = int(sock.getsockname()[1])
+        if port not in avoid:
+            return port
 
 
 def descendants(pid: int) -> list[int]:

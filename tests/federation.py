@@ -186,7 +186,8 @@ def federation(root: Path, departments: tuple[str, ...], extra_keys: tuple[str, 
     try:
         fed.start_coordinator()
         registered = fed.control("register", *departments)
-        assert registered.returncode == 0, registered.stdout + registered.stderr
+        assert registered.returncode == 0, (registered.stdout + registered.stderr + "\ncoordinator.log:\n"
+                                            + (root / "coordinator.log").read_text()[-4000:])
         for name in departments:
             fed.start_department(name)
         fed.wait_online(len(departments))

@@ -52,3 +52,34 @@ def test_missing_nginx_names_the_package_and_starts_nothing(tmp_path, monkeypatc
         coordinator.launch()
     assert not (tmp_path / "state" / "superlink.db").exists()  # no SuperLink was started
     assert not (tmp_path / "state" / "coordinator.json").exists()
+
+
+def test_the_loopback_port_is_never_the_public_one(tmp_path, monkeypatch):
+    """The SuperLink's port is picked while the public one is still unbound: it must not be handed out twice."""
+    from fedsilo.shared import flower_cli
+
+    init(tmp_path / "certs")
+    with pytest.raises(ValueError, match=r"--control-port 9443 is the public port"):
+        Coordinator(tmp_path / "certs", "127.0.0.1:9443", tmp_path / "state", control_port=9443).launch()
+    assert not (tmp_path / "state" / "superlink.db").exists()
+
+    handed_out = iter([9443, 9443, 9555])  # what a kernel may return for successive bind(0) probes
+
+    class Probe:
+        def __init__(self, *args):
+            pass
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return False
+
+        def bind(self, address):
+            self.port = next(handed_out)
+
+        def getsockname(self):
+            return ("127.0.0.1", self.port)
+
+    monkeypatch.setattr(flower_cli.socket, "socket", Probe)
+    assert flower_cli.free_port("127.0.0.1", avoid={9443}) == 9555

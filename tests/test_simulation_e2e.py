@@ -182,7 +182,8 @@ def test_flwr_run_from_the_repo_root(tmp_path):
     """The same federation through Flower's own tooling: `flwr run .`."""
     from fedsilo.shared.flower_cli import descendants, flower_executable, free_port, offline_env, terminate
 
-    port, control = free_port(), free_port()
+    port = free_port()
+    control = free_port(avoid={port})
     env = offline_env({
         "FLWR_HOME": str(tmp_path / "flwr-home"),
         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(port),
