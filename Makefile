@@ -27,7 +27,9 @@ demo: $(STAMP)
 	    --delta 1e-5 --max-epsilon 8 --out runs/demo
 
 test: $(STAMP)
-	$(PY) -m pytest -q --durations=15
+	# Two workers, a test file each: most tests wait on real processes (Flower, Ray, nginx)
+	# rather than compute, and a file keeps its module-wide federation to itself.
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
