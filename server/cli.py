@@ -23,7 +23,7 @@ from . import coordinator as coord
 from .proxy import ProxyError
 from fedsilo.shared.record import RECORD_FILE
 
-from fedsilo.shared.runs import create_run_folder, keep_earlier_log, link_latest, new_run_name
+from fedsilo.shared.runs import create_run_folder, keep_earlier_log, link_latest, new_run_name, refuse_with_resume, typed_options
 
 from .checkpoint import CHECKPOINT_FILE, CheckpointError, resumable
 from .report import print_run_report
@@ -121,6 +121,7 @@ def departments(
 
 @app.command("run")
 def run(
+    ctx: typer.Context,
     test_data: Annotated[Optional[Path], typer.Option(help="The coordinator's own held-out table: evaluation and the data schema (required, except with --resume: the run keeps its own).")] = None,
     certs: Annotated[Path, typer.Option(help="Certificate folder (for ca.crt).")] = Path("certs/out"),
     address: Annotated[str, typer.Option(help="The coordinator's public HOST:PORT (shown; Control is reached on loopback via --state).")] = "127.0.0.1:9443",
@@ -164,7 +165,8 @@ def run(
 ) -> None:
     """Train across the connected departments; write RUN_DIR/summary.json."""
     if resume is not None:
-        return _resume(resume, certs, state, verbose)
+        return _resume(ctx, resume, certs, state, verbose,
+                       {"round-timeout": round_timeout, "connect-timeout": connect_timeout})
     if test_data is None:
         _fail("--test-data is required: the coordinator's own held-out table (only --resume takes the run's own)")
     out = out.expanduser().resolve()
@@ -232,17 +234,24 @@ def run(
     _submit(connection, settings, run_dir, verbose)
 
 
-def _resume(run: Path, certs: Path, state: Path, verbose: bool) -> None:
-    """``--resume RUN_DIR``: the same run, with its own settings, from its last checkpoint."""
+def _resume(ctx: typer.Context, run: Path, certs: Path, state: Path, verbose: bool, timeouts: dict[str, float]) -> None:
+    """``--resume RUN_DIR``: the same run, with its own settings, from its last checkpoint.
+
+    Only the timeouts may change (e.g. a longer ``--round-timeout`` for a department
+    that came back slow); any other option given beside ``--resume`` is refused.
+    """
     try:
+        refuse_with_resume(ctx, {"certs", "address", "state", "verbose", "round_timeout", "connect_timeout"})
         run_dir, checkpoint = resumable(run)
-        settings = RunSettings.from_run_config({**checkpoint.settings, "resume": True})
+        changed = {key: timeouts[key] for key in timeouts if typed_options(ctx, [key.replace("-", "_")])}
+        settings = RunSettings.from_run_config({**checkpoint.settings, **changed, "resume": True})
         connection = coord.connect(certs, state)
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as err:
         _fail(err)
     console.print(
         f"[bold]fedsilo[/bold]: resuming {run_dir.name} after round {checkpoint.round} of {settings.num_server_rounds}, "
-        "with its own settings; a department that already trained the interrupted round sends that update "
+        "with its own settings" + "".join(f", {key} {value:g} s" for key, value in changed.items())
+        + "; a department that already trained the interrupted round sends that update "
         "again instead of training twice"
     )
     link_latest(run_dir.parent, run_dir.name)

@@ -85,3 +85,25 @@ def keep_earlier_log(run_dir: Path, name: str = "flower.log") -> None:
     while (log.parent / f"{stem}.{n}.{suffix}").exists():
         n += 1
     log.replace(log.parent / f"{stem}.{n}.{suffix}")
+
+
+def typed_options(ctx, names) -> list[str]:
+    """Which of the command's parameters ``names`` were given on the command line (not left at their default).
+
+    A resume continues a run with its own settings, so an option given beside
+    ``--resume`` either applies (the operational ones) or is refused — never silently dropped.
+    """
+    from click.core import ParameterSource
+
+    return [name for name in names
+            if ctx.get_parameter_source(name) not in (None, ParameterSource.DEFAULT, ParameterSource.DEFAULT_MAP)]
+
+
+def refuse_with_resume(ctx, allowed: set[str]) -> None:
+    """Raise ``ValueError`` naming every option given beside ``--resume`` that a resume cannot change."""
+    params = {p.name: p for p in ctx.command.params}
+    refused = typed_options(ctx, [name for name in params if name not in allowed | {"resume"}])
+    if refused:
+        flags = ", ".join(params[name].opts[0] for name in refused)
+        raise ValueError(f"--resume continues the run with its own settings, so {flags} cannot be given with it; "
+                         "start a new run to change them")

@@ -22,7 +22,7 @@ from fedsilo.server.robust import check_aggregation, least_updates
 from fedsilo.server.summary import SUMMARY_FILE
 from fedsilo.shared.config import ACCOUNTANTS, AGGREGATIONS, DEVICES, GRAD_SAMPLE_MODES, TASKS, ConfigError, RunSettings
 from fedsilo.shared.ledger import PrivacyLedger
-from fedsilo.shared.runs import LATEST, create_run_folder, keep_earlier_log, link_latest, new_run_name
+from fedsilo.shared.runs import LATEST, create_run_folder, keep_earlier_log, link_latest, new_run_name, refuse_with_resume
 from fedsilo.shared.data import DataError, simulated_federation, split_columns
 from fedsilo.shared.model_factory import check_spec, describe_grad_sample_mode, is_factory, model_changes
 from fedsilo.shared.models import build_model
@@ -45,6 +45,7 @@ def _choice(value: str, allowed: tuple[str, ...], option: str) -> str:
 
 
 def simulate(
+    ctx: typer.Context,
     departments: Annotated[Optional[int], typer.Option(min=1, help="Number of simulated departments (default 10; by:COLUMN and a folder decide it themselves).")] = None,
     rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 20,
     dataset: Annotated[str, typer.Option(help="digits | mnist5k | breast-cancer | PATH to .csv/.parquet | a FOLDER with one table per department.")] = "digits",
@@ -92,7 +93,7 @@ def simulate(
     _choice(task, TASKS, "--task")
     _choice(aggregation, AGGREGATIONS, "--aggregation")
     if resume is not None:
-        return _resume(resume, cpus_per_department, verbose)
+        return _resume(ctx, resume, cpus_per_department, verbose)
     out = out.expanduser().resolve()
     try:
         check_spec(model)
@@ -224,9 +225,10 @@ def simulate(
     _run(settings, run_dir, departments, cpus_per_department, verbose)
 
 
-def _resume(run: Path, cpus_per_department: int, verbose: bool) -> None:
+def _resume(ctx: typer.Context, run: Path, cpus_per_department: int, verbose: bool) -> None:
     """``--resume RUN_DIR``: the same run, with its own settings, from its last checkpoint."""
     try:
+        refuse_with_resume(ctx, {"cpus_per_department", "verbose"})
         run_dir, checkpoint = resumable(run)
         settings = RunSettings.from_run_config({**checkpoint.settings, "resume": True})
         parts = list(simulated_federation(

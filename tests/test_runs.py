@@ -145,3 +145,30 @@ def test_coordinator_run_defaults_are_the_app_s():
     for key in ("round-timeout", "connect-timeout", "min-departments"):
         assert defaults[key.replace("-", "_")] == RUN_CONFIG_DEFAULTS[key] == pyproject[key], key
     assert defaults["noise_multiplier"] is None and RUN_CONFIG_DEFAULTS["noise-multiplier"] == 0.0  # planned
+
+
+def test_a_resume_takes_new_timeouts_and_refuses_any_other_option(tmp_path, monkeypatch):
+    from typer.testing import CliRunner
+
+    from fedsilo.cli import app
+
+    (tmp_path / "summary.json").write_text(json.dumps({"status": "failed"}))
+    _checkpoint().save(tmp_path)
+    submitted = []
+    monkeypatch.setattr(coordinator_cli.coord, "connect", lambda certs, state: "connection")
+    monkeypatch.setattr(coordinator_cli, "_submit", lambda connection, settings, run_dir, verbose: submitted.append(settings))
+    runner = CliRunner()
+
+    refused = runner.invoke(app, ["coordinator", "run", "--resume", str(tmp_path), "--rounds", "30", "--seed", "7"])
+    assert refused.exit_code == 2 and not submitted
+    assert "--rounds, --seed cannot be given with it" in " ".join(refused.output.split())
+    refused = runner.invoke(app, ["simulate", "--resume", str(tmp_path), "--no-dp"])
+    assert refused.exit_code == 2 and "--dp cannot be given with it" in " ".join(refused.output.split())
+
+    resumed = runner.invoke(app, ["coordinator", "run", "--resume", str(tmp_path), "--round-timeout", "900"])
+    assert resumed.exit_code == 0, resumed.output
+    (settings,) = submitted
+    assert settings.round_timeout == 900.0 and settings.resume  # the new timeout applies …
+    assert settings.connect_timeout == RUN_CONFIG_DEFAULTS["connect-timeout"]  # … and only what was given
+    assert settings.num_server_rounds == RUN_CONFIG_DEFAULTS["num-server-rounds"] and settings.run_name == "run-x"
+    assert "round-timeout 900 s" in resumed.output
