@@ -138,6 +138,7 @@ def audit(
     keys: Annotated[Optional[Path], typer.Option(help="Folder of the public keys you trust (*.pub, coordinator.crt), matched by fingerprint. Without it, keys beside the ledgers prove only consistency.")] = None,
     record: Annotated[Optional[Path], typer.Option(help="The coordinator's record of acknowledged ledger heads (STATE/record/acknowledged.jsonl); a run folder names its own.")] = None,
     report: Annotated[Optional[Path], typer.Option(help="Also write an HTML report with plots to this folder (index.html).")] = None,
+    ledgers: Annotated[Optional[list[Path]], typer.Option("--ledgers", help="More ledgers to audit with PATH (repeatable): a folder of ledgers collected from the departments' hosts, or one .jsonl. A deployment's run folder holds none of its own.")] = None,
 ) -> None:
     """Verify ledgers (chain, signatures, coordinator record) and re-derive every ε; exit 1 on any failure."""
     from fedsilo.server.report import print_audit
@@ -146,7 +147,7 @@ def audit(
 
     path = resolve_run_dir(path)
     try:
-        result = audit_path(path, keys, record)
+        result = audit_path(path, keys, record, ledgers or ())
     except FileNotFoundError as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None

@@ -294,6 +294,8 @@ def audit_verdict(result) -> str:
         return "[red]Verification FAILED.[/red]"
     if result.findings:
         return f"[yellow]Ledgers verified, with {len(result.findings)} finding(s) above (budget, δ or privacy changes).[/yellow]"
+    if not result.rows:
+        return "[green]Verified what was given[/green] — but no ledger was among it (see 'not available')."
     if result.unavailable:
         return "[green]All ledgers verified[/green] — for what was available (see 'not available')."
     return "[green]All ledgers verified.[/green]"

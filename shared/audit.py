@@ -36,7 +36,7 @@ from . import accounting
 from .ledger import COORDINATOR, LedgerEntry, signer_of, verify_ledger
 from .model_card import CARD_FILE, CardError, card_problems, read_card
 from .record import RECORD_FILE, RecordVerification, verify_record
-from .runs import resolve_run_dir
+from .runs import SIMULATION, resolve_run_dir
 from .signing import SigningKeyError, fingerprint, load_public_key
 
 # Relative slack when comparing a recorded ε with a re-derived one.
@@ -412,16 +412,33 @@ def _record_key(record_path: Path, keys: Path | None) -> tuple[object | None, st
     return None, ""
 
 
-def audit_path(path: Path | str, keys: Path | str | None = None, record: Path | str | None = None) -> AuditResult:
+def _ledger_files(places) -> list[Path]:
+    """The ``*.jsonl`` ledgers in each given folder, or each given file."""
+    files = []
+    for place in map(Path, places):
+        if not place.exists():
+            raise FileNotFoundError(f"--ledgers '{place}' does not exist; give a folder of collected ledgers or a .jsonl ledger")
+        found = [place] if place.is_file() else sorted(place.glob("*.jsonl"))
+        if not found:
+            raise FileNotFoundError(f"--ledgers '{place}' holds no ledger (*.jsonl)")
+        files += found
+    return files
+
+
+def audit_path(path: Path | str, keys: Path | str | None = None, record: Path | str | None = None,
+               ledgers=()) -> AuditResult:
     """Audit a run directory (or an output folder's latest run), a ledger directory, or one ledger file.
 
     ``record`` is the coordinator's record of acknowledged heads; a run
-    directory names its own in ``summary.json``.
+    directory names its own in ``summary.json``.  ``ledgers``: more ledger
+    folders or files to audit with it — a deployment's run folder holds none,
+    since each department's ledger stays on its host; an auditor collects them.
     """
     path = resolve_run_dir(path)  # an output folder stands for its latest run
     keys = Path(keys) if keys else None
     if not path.exists():
         raise FileNotFoundError(f"'{path}' does not exist; give a run directory, a ledger directory or a .jsonl ledger")
+    collected = _ledger_files(ledgers)
     summary = None
     central_file = None
     if path.is_file():
@@ -442,13 +459,20 @@ def audit_path(path: Path | str, keys: Path | str | None = None, record: Path | 
     elif record is None and path.is_dir() and (path / "record" / RECORD_FILE).exists():
         record = path / "record" / RECORD_FILE
     record = Path(record) if record else None
-    files = [f for f in files if f != record]
+    # A deployment's run folder: the coordinator's files only, no ledgers/ of its own.
+    deployment = summary is not None and not (path / "ledgers").exists() and not (path / SIMULATION).exists()
+    files = [f for f in dict.fromkeys([*files, *collected]) if f != record]
     audited = [audit_ledger(f, keys) for f in files]
     if central_file is not None and central_file not in files:
         audited.append(audit_ledger(central_file, keys))
     central = next((row for row in audited if row.id == COORDINATOR), None)
     result = AuditResult([row for row in audited if row is not central], central=central)
-    if not files and central is None:
+    if deployment and not collected:
+        result.unavailable.append(
+            "the departments' ledgers: a deployment's stay on the department hosts, so ε was not re-derived "
+            "and no acknowledged head was found in its ledger; collect a copy of each and add --ledgers DIR"
+        )
+    elif not files and central is None:
         result.problems.append(f"no ledgers (*.jsonl) found in '{path}'")
     if central_file is not None and not central_file.exists():
         result.problems.append(f"the run used client-level DP but its coordinator ledger '{central_file}' is missing")
@@ -460,6 +484,15 @@ def audit_path(path: Path | str, keys: Path | str | None = None, record: Path | 
         verification = verify_record(record, key)
         result.problems += [f"coordinator record: {p}" for p in verification.problems]
         cross_check_record(verification, result.departments, result, expect_all=summary is not None and summary.get("ledgers") is not None and (path / "ledgers").is_dir())
+        if deployment and collected:
+            given = {row.identity for row in result.departments}
+            missing = sorted({ack.department for ack in verification.entries
+                              if ack.run_id == summary.get("run_id") and ack.identity not in given})
+            if missing:
+                result.unavailable.append(
+                    f"the ledgers of {', '.join(missing)}: acknowledged in this run's record but not given "
+                    "with --ledgers, so their ε and heads were not checked"
+                )
         result.checked.append(
             f"the coordinator's record {record}: {len(verification.entries)} acknowledged ledger heads, "
             + (f"signatures checked against {where}" if key is not None else "its own signatures NOT checked (no coordinator key)")

@@ -17,6 +17,7 @@ from pathlib import Path
 
 SUMMARY = "summary.json"
 LATEST = "latest"
+SIMULATION = "simulation.json"  # written by `fedsilo simulate` only: a simulated run's own facts
 
 
 class RunFolderError(FileExistsError):

@@ -22,7 +22,7 @@ from fedsilo.server.robust import check_aggregation, least_updates
 from fedsilo.server.summary import SUMMARY_FILE
 from fedsilo.shared.config import ACCOUNTANTS, AGGREGATIONS, DEVICES, GRAD_SAMPLE_MODES, TASKS, ConfigError, RunSettings
 from fedsilo.shared.ledger import PrivacyLedger
-from fedsilo.shared.runs import LATEST, create_run_folder, keep_earlier_log, link_latest, new_run_name, refuse_with_resume
+from fedsilo.shared.runs import LATEST, SIMULATION, create_run_folder, keep_earlier_log, link_latest, new_run_name, refuse_with_resume
 from fedsilo.shared.data import DataError, simulated_federation, split_columns
 from fedsilo.shared.model_factory import check_spec, describe_grad_sample_mode, is_factory, model_changes
 from fedsilo.shared.models import build_model
@@ -34,7 +34,7 @@ from .local_federation import LocalFederation
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
-SIMULATION_FILE = "simulation.json"
+SIMULATION_FILE = SIMULATION
 
 
 

@@ -161,3 +161,23 @@ def test_keys_never_fall_back_to_a_key_beside_the_ledger(tmp_path):
     assert not missing.ok and missing.departments[0].signatures == "not checked"
     assert "keys beside the ledger are not trusted" in " ".join(missing.departments[0].problems)
     assert audit_path(genuine.parent, trusted).ok  # the genuine ledger verifies against the trusted key
+
+
+def test_a_deployment_run_folder_audits_with_the_ledgers_collected_from_the_hosts(tmp_path):
+    run = tmp_path / "run"
+    _write_run(run)
+    host = tmp_path / "finance-host"  # in a deployment the ledger never leaves the department's host
+    (run / "ledgers").rename(host)
+    alone = audit_path(run)
+    assert alone.ok and not alone.departments  # nothing wrong, but nothing re-derived either
+    assert any("a deployment's stay on the department hosts" in line for line in alone.unavailable)
+    collected = audit_path(run, ledgers=[host])
+    assert collected.ok and [d.id for d in collected.departments] == ["finance"]
+    assert not any("stay on the department hosts" in line for line in collected.unavailable)
+    ledger = host / "finance.jsonl"
+    ledger.write_text(ledger.read_text().replace('"num_examples": 80', '"num_examples": 81', 1))
+    assert not audit_path(run, ledgers=[host]).ok
+    with pytest.raises(FileNotFoundError, match="--ledgers .* does not exist"):
+        audit_path(run, ledgers=[tmp_path / "nowhere"])
+    (run / "simulation.json").write_text('{"departments": 1}')  # a simulated run must hold its ledgers
+    assert any("no ledgers (*.jsonl) found" in p for p in audit_path(run).problems)
