@@ -256,7 +256,8 @@ def print_audit(result, console: Console | None = None) -> None:
     columns = [Column(**{"header": header, **AUDIT_TERMINAL.get(header, {"drop": 7})}) for header in AUDIT_COLUMNS]
     table = fitted_table(console, "Privacy audit — ε re-derived from the recorded mechanisms", columns, rows,
                          frozenset(sections), hidden_hint="as do --json and --report")
-    console.print(table)
+    if rows:  # a deployment's run folder alone has no ledger: no empty table
+        console.print(table)
     for row in result.rows:
         for problem in row.problems:
             console.print(f"[red]{row.id}[/red]: {problem}", soft_wrap=True)

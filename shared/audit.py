@@ -509,7 +509,7 @@ def audit_path(path: Path | str, keys: Path | str | None = None, record: Path | 
             "the coordinator's record of acknowledged heads (give --record FILE, or audit a run folder): "
             "entries truncated off the end of a ledger, or a ledger restored from an older copy, cannot be detected"
         )
-        if summary is not None:
+        if summary is not None and result.departments:
             cross_check(summary, {row.id: row for row in result.departments})
             result.checked.append("the run's summary.json (unsigned, by name) against the ledgers")
     for row in result.departments:
