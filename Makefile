@@ -28,9 +28,8 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	# Two workers, a test file each: most tests wait on real processes (Flower, Ray, nginx)
-	# rather than compute, and a file keeps its module-wide federation to itself; the
-	# longest files go first (tests/conftest.py), so that none runs alone at the end.
-	$(PY) -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder --durations=25
+	# rather than compute, and a file keeps its module-wide federation to itself.
+	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -32,17 +32,3 @@ def serverapp_identity(monkeypatch):
     for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
         monkeypatch.setattr(TaskIdentity, attr, value)
 
-
-# The files that take minutes, longest first; the rest follow in their own order.
-# `make test` runs two xdist workers with `--dist loadfile --no-loadscope-reorder`:
-# a long file started last would run alone at the end.
-LONGEST_FIRST = (
-    "test_deployment.py", "test_bench_all_quick.py", "test_deployment_resume.py", "test_simulation_e2e.py",
-    "test_deployment_workloads.py", "test_workloads.py", "test_intruder.py", "test_resume.py",
-    "test_audit_report.py", "test_central_dp.py",
-)
-
-
-def pytest_collection_modifyitems(items):
-    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(rank)))  # stable: a file keeps its order
