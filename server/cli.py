@@ -165,8 +165,7 @@ def run(
 ) -> None:
     """Train across the connected departments; write RUN_DIR/summary.json."""
     if resume is not None:
-        return _resume(ctx, resume, certs, state, verbose,
-                       {"round-timeout": round_timeout, "connect-timeout": connect_timeout})
+        return _resume(ctx, resume, certs, state, verbose)
     if test_data is None:
         _fail("--test-data is required: the coordinator's own held-out table (only --resume takes the run's own)")
     out = out.expanduser().resolve()
@@ -234,7 +233,7 @@ def run(
     _submit(connection, settings, run_dir, verbose)
 
 
-def _resume(ctx: typer.Context, run: Path, certs: Path, state: Path, verbose: bool, timeouts: dict[str, float]) -> None:
+def _resume(ctx: typer.Context, run: Path, certs: Path, state: Path, verbose: bool) -> None:
     """``--resume RUN_DIR``: the same run, with its own settings, from its last checkpoint.
 
     Only the timeouts may change (e.g. a longer ``--round-timeout`` for a department
@@ -243,7 +242,7 @@ def _resume(ctx: typer.Context, run: Path, certs: Path, state: Path, verbose: bo
     try:
         refuse_with_resume(ctx, {"certs", "address", "state", "verbose", "round_timeout", "connect_timeout"})
         run_dir, checkpoint = resumable(run)
-        changed = {key: timeouts[key] for key in timeouts if typed_options(ctx, [key.replace("-", "_")])}
+        changed = {name.replace("_", "-"): ctx.params[name] for name in typed_options(ctx, ["round_timeout", "connect_timeout"])}
         settings = RunSettings.from_run_config({**checkpoint.settings, **changed, "resume": True})
         connection = coord.connect(certs, state)
     except (CheckpointError, ConfigError, FileNotFoundError, ValueError) as err:

@@ -34,8 +34,6 @@ from .local_federation import LocalFederation
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
-SIMULATION_FILE = SIMULATION
-
 
 
 def _choice(value: str, allowed: tuple[str, ...], option: str) -> str:
@@ -191,7 +189,7 @@ def simulate(
     forecasts = preflight(settings, parts, out / "ledgers")
     run_dir = create_run_folder(out, settings.run_name)
     # What the Simulation Engine needs beyond the run config, for --resume.
-    (run_dir / SIMULATION_FILE).write_text(json.dumps({"departments": departments}) + "\n", encoding="utf-8")
+    (run_dir / SIMULATION).write_text(json.dumps({"departments": departments}) + "\n", encoding="utf-8")
     if federation.schema is not None:
         _show_schema(federation.schema, run_dir, given=bool(given))
     if fix_model:
@@ -254,9 +252,9 @@ def _resume(ctx: typer.Context, run: Path, cpus_per_department: int, verbose: bo
 def _departments_of(run_dir: Path) -> int:
     """How many departments the run simulated."""
     try:
-        return int(json.loads((run_dir / SIMULATION_FILE).read_text(encoding="utf-8"))["departments"])
+        return int(json.loads((run_dir / SIMULATION).read_text(encoding="utf-8"))["departments"])
     except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{run_dir / SIMULATION_FILE} is missing or unreadable ({err}): not a run of "
+        raise CheckpointError(f"{run_dir / SIMULATION} is missing or unreadable ({err}): not a run of "
                               "`fedsilo simulate`; resume a deployment run with `fedsilo coordinator run --resume`") from None
 
 

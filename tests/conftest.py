@@ -31,4 +31,3 @@ def serverapp_identity(monkeypatch):
 
     for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
         monkeypatch.setattr(TaskIdentity, attr, value)
-
