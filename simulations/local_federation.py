@@ -7,6 +7,12 @@ is untouched), submits runs through :class:`~fedsilo.shared.flower_cli.FlowerCon
 and stops the SuperLink and everything it spawned (simulation, Ray), whatever
 happened.  Its API is plain HTTP bound to 127.0.0.1: it never leaves the machine.
 
+Ray, which the SuperLink's simulation starts, listens on loopback only too
+(:func:`ray_environment`): its control plane has no authentication, and on the
+network anyone could run code beside the departments' tables.  Unless the user
+pointed Ray at a cluster of their own (``RAY_ADDRESS``): then that cluster's
+security is theirs (:func:`user_ray_cluster`).
+
 Starting all that takes a while (on 2 cores: ~3 s the SuperLink, ~8 s the ServerApp,
 ~10 s Ray's workers and the first round): :class:`StartupProgress` says so meanwhile.
 """
@@ -14,12 +20,13 @@ Starting all that takes a while (on 2 cores: ~3 s the SuperLink, ~8 s the Server
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
-from typing import IO, Any, Callable
+from typing import IO, Any, Callable, Mapping
 
 from fedsilo.shared.flower_cli import (
     FlowerConnection,
@@ -32,6 +39,54 @@ from fedsilo.shared.flower_cli import (
     stop_tree,
     wait_for_port,
 )
+
+
+# Ray binds its gRPC servers (GCS, raylet, object manager, every worker), the
+# runtime-env and dashboard agents to 127.0.0.1 only when its node IP is exactly
+# "127.0.0.1"; any other node IP and they listen on every interface.  Flower's
+# federation config passes only num-cpus, num-gpus, logging-level and log-to-driver
+# on to ``ray.init`` (not ``_node_ip_address``), so the node IP is set through Ray's
+# own switch: with clusters disabled (its default on macOS and Windows), the node IP
+# is what "localhost" resolves to.  ``RAY_ADDRESS=local``: a fresh private instance,
+# never one found running on this machine (``ray start`` writes its address where
+# ``ray.init()`` looks).  Flower keeps the dashboard off (``include_dashboard=False``).
+RAY_LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": "local"}
+
+
+def user_ray_cluster(environ: Mapping[str, str] | None = None) -> str | None:
+    """The Ray cluster the user pointed the simulation at (``RAY_ADDRESS``), else None.
+
+    ``None`` (and ``RAY_ADDRESS`` unset, empty or ``local``) means a private
+    instance on this machine, which :func:`ray_environment` keeps on loopback.
+    """
+    address = (os.environ if environ is None else environ).get("RAY_ADDRESS", "").strip()
+    return address if address and address.lower() != "local" else None
+
+
+def ray_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What the simulation's processes need in their environment so Ray stays on loopback.
+
+    Nothing for a cluster of the user's own (:func:`user_ray_cluster`): a driver
+    bound to loopback could not be reached from its other nodes.
+
+    Raises
+    ------
+    FlowerError
+        If "localhost" does not resolve to 127.0.0.1 first: Ray's node IP would
+        then be another address and it would listen on every interface.
+    """
+    if user_ray_cluster(environ) is not None:
+        return {}
+    try:  # the resolution Ray's get_localhost_ip() makes
+        localhost = socket.getaddrinfo("localhost", None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
+    except (OSError, IndexError):
+        localhost = ""
+    if localhost != "127.0.0.1":
+        raise FlowerError(
+            f"'localhost' resolves to {localhost or 'nothing'} here, not 127.0.0.1, so Ray would listen on "
+            "every network interface; map localhost to 127.0.0.1 (/etc/hosts) to simulate on this machine"
+        )
+    return dict(RAY_LOOPBACK_ENV)
 
 
 def _isatty(stream: Any) -> bool:
@@ -236,6 +291,7 @@ class LocalFederation:
         self.progress: StartupProgress | None = (
             StartupProgress() if progress is True else (progress or None)
         )
+        self.ray_cluster = user_ray_cluster()  # a cluster of the user's own, else None (private, loopback)
 
     def __enter__(self) -> "LocalFederation":
         self.start()
@@ -245,6 +301,7 @@ class LocalFederation:
         self.stop()
 
     def start(self) -> None:
+        ray_env = ray_environment()  # before anything starts: it may refuse
         if self.progress is not None:
             self.progress.start("Flower SuperLink")
         port = free_port()
@@ -252,10 +309,11 @@ class LocalFederation:
         log = self.workdir / "superlink.log"
         with open(log, "ab") as log_file:
             # --insecure: plain HTTP, but bound to loopback and only for this simulation.
+            # Ray inherits the environment: SuperLink -> SuperExec -> flwr-simulation -> ray.init.
             self.process = subprocess.Popen(
                 [flower_executable("flower-superlink"), "--insecure", "--simulation",
                  "--host", "127.0.0.1", "--port", str(port)],
-                env=self.connection.env, stdout=log_file, stderr=subprocess.STDOUT,
+                env={**self.connection.env, **ray_env}, stdout=log_file, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         try:

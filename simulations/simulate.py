@@ -30,7 +30,7 @@ from fedsilo.shared.schema import DataSchema
 
 from fedsilo.shared.flower_cli import ANSI, FlowerError, progress_filter
 
-from .local_federation import LocalFederation
+from .local_federation import LocalFederation, user_ray_cluster
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
@@ -344,6 +344,14 @@ def _run(settings: RunSettings, run_dir: Path, departments: int, cpus_per_depart
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = Path(tempfile.mkdtemp(prefix=".flower-", dir=run_dir))
     show = progress_filter(lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True), verbose)
+    cluster = user_ray_cluster()
+    if cluster is not None:  # else a private Ray on loopback (LocalFederation)
+        err_console.print(
+            f"[yellow]note:[/yellow] RAY_ADDRESS={cluster}: the departments' tables go to that Ray cluster, "
+            "which fedsilo leaves as it is; Ray runs any code sent to it unless its authentication is on "
+            "(RAY_AUTH_MODE=token) or only trusted hosts reach it. Unset RAY_ADDRESS for a private Ray on loopback.",
+            markup=True, highlight=False,
+        )
     try:
         with LocalFederation(workdir) as federation:
             outcome = federation.run(
