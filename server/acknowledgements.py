@@ -15,10 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric import ec
-from flwr.app import Message
 
 from fedsilo.shared.config import RunSettings
-from fedsilo.shared.record import HEAD_KEY, RECORD_FILE, CoordinatorRecord, LedgerHead, load_any_public_key
+from fedsilo.shared.record import RECORD_FILE, CoordinatorRecord, LedgerHead, load_any_public_key
 from fedsilo.shared.signing import Signer, fingerprint, simulated_identity
 
 
@@ -40,16 +39,9 @@ class HeadKeeper:
         ack = self.record.acknowledged(identity) if identity else None
         return (ack.ledger_seq, ack.ledger_head) if ack else None
 
-    def check(self, msg: Message, trained: bool) -> tuple[LedgerHead | None, str]:
-        """The reply's verified head, or why it must not be used."""
-        record = msg.content.config_records.get(HEAD_KEY)
-        if record is None:
-            return None, "its reply carries no signed ledger head"
-        try:
-            head = LedgerHead.from_record(record)
-        except ValueError as err:
-            return None, str(err)
-        node = msg.metadata.src_node_id
+    def check(self, node: int, head: LedgerHead, trained: bool) -> tuple[LedgerHead | None, str]:
+        """``head`` (read from node ``node``'s reply by :func:`fedsilo.server.replies.read_head`) if it
+        verifies and continues the acknowledged one, else (None, why it must not be used)."""
         problem = head.problem(self.registered.get(node))
         if problem:
             return None, problem

@@ -176,12 +176,13 @@ class ClientLevelDP(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self._current is None or self._decision is None:
             raise RuntimeError("aggregate_train called before configure_train")
-        accepted = self.strategy.classify(server_round, replies)
+        self.strategy.classify(server_round, replies)
         current = {key: array.numpy() for key, array in self._current.items()}
         clipped_sum = {key: np.zeros(value.shape, dtype=np.float64) for key, value in current.items()}
-        for msg in accepted:
-            update = next(iter(msg.content.array_records.values()))
-            delta = {key: update[key].numpy().astype(np.float64) - current[key] for key in current}
+        # The updates as fedsilo.server.replies read them: the global model's layers, dtypes and
+        # shapes, finite and magnitude-bounded, so every delta and its norm are finite in float64.
+        for update in self.strategy.accepted:
+            delta = {key: update.arrays[key].astype(np.float64) - current[key] for key in current}
             norm = math.sqrt(sum(float(np.sum(d * d)) for d in delta.values()))
             scale = min(1.0, self.clipping_norm / norm) if norm > 0 else 1.0
             for key, d in delta.items():

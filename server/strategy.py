@@ -7,8 +7,11 @@ of reply, and only one of them may reach the average:
   ``num-examples``;
 * ``refused``  — the department's budget guard said no: it carries its ε and
   reason but no weights;
-* ``rejected`` — an update with NaN/inf values or the wrong keys/shapes: logged
-  with the department's name and left out;
+* ``rejected`` — a malformed reply (:mod:`fedsilo.server.replies`): a missing
+  or wrongly typed field, a number that is NaN, infinite or out of bounds, an
+  update with NaN/inf values, values above the magnitude bound, or the wrong
+  keys, dtypes or shapes: logged with the department's name and the reason, and
+  left out — never an exception out of the round;
 * ``failed``   — an error reply (the ClientApp raised, the node vanished);
 * ``incompatible`` — the department's executor would not answer the run's app
   (not fedsilo's, altered, another protocol): it names the reason;
@@ -39,18 +42,21 @@ from dataclasses import dataclass, field
 from logging import WARNING
 
 import numpy as np
-from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 
 from fedsilo.shared.protocol import (
-    CONFIG_KEY, METRICS_KEY, STATUS_DECLINED, STATUS_INCOMPATIBLE, STATUS_KEY, STATUS_REFUSED,
-    STATUS_ROLLED_BACK, STATUS_TRAINED,
+    CONFIG_KEY, STATUS_DECLINED, STATUS_INCOMPATIBLE, STATUS_REFUSED, STATUS_ROLLED_BACK, STATUS_TRAINED,
 )
-from fedsilo.shared.record import ACK_HEAD_KEY, ACK_SEQ_KEY
+from fedsilo.shared.record import ACK_HEAD_KEY, ACK_SEQ_KEY, LedgerHead, MalformedHead, RecordError
 
 from .acknowledgements import HeadKeeper
+from .replies import (
+    MAX_REASON_LENGTH, MAX_WEIGHT_MAGNITUDE, Envelope, Layout, MalformedReply, TrainReply, read_envelope, read_head,
+    read_metrics, read_update,
+)
 
 
 @dataclass
@@ -73,6 +79,9 @@ class RoundReport:
     steps: dict[str, int] = field(default_factory=dict)
     # Updates scaled down to max-update-norm: name -> the update's L2 norm before scaling.
     clipped: dict[str, float] = field(default_factory=dict)
+    # Departments whose ledger recorded a new release this round (a trained, not replayed reply
+    # whose signed head verified), used or not: name -> {ledger_seq, ledger_head, epsilon}.
+    charged: dict[str, dict] = field(default_factory=dict)
 
 
 class DepartmentFedAvg(FedAvg):
@@ -80,7 +89,10 @@ class DepartmentFedAvg(FedAvg):
 
     Parameters are those of :class:`flwr.serverapp.strategy.FedAvg`, plus
     ``max_update_norm``: the largest L2 norm of an update's delta from the
-    round's global model (0, the default, is no bound).  Federated
+    round's global model (0, the default, is no bound), and
+    ``max_weight_magnitude``: the largest absolute value an update may hold
+    (default :data:`~fedsilo.server.replies.MAX_WEIGHT_MAGNITUDE`, the
+    departments' own default bound on a global model).  Federated
     (client-side) evaluation is off by default: the coordinator evaluates the
     global model on its own held-out test set.
 
@@ -91,14 +103,21 @@ class DepartmentFedAvg(FedAvg):
     weight the model by it.
     """
 
-    def __init__(self, *, max_update_norm: float = 0.0, **kwargs) -> None:
+    def __init__(self, *, max_update_norm: float = 0.0, max_weight_magnitude: float = MAX_WEIGHT_MAGNITUDE,
+                 **kwargs) -> None:
         if not (isinstance(max_update_norm, (int, float)) and math.isfinite(max_update_norm) and max_update_norm >= 0):
             raise ValueError(f"max-update-norm must be a finite number >= 0 (0 = no bound), got {max_update_norm!r}")
+        if isinstance(max_weight_magnitude, bool) or not (
+                isinstance(max_weight_magnitude, (int, float)) and 0 < max_weight_magnitude <= 1e30):
+            raise ValueError(f"max-weight-magnitude must be a number in (0, 1e30], got {max_weight_magnitude!r}")
         kwargs.setdefault("fraction_evaluate", 0.0)
         super().__init__(**kwargs)
         self.max_update_norm = float(max_update_norm)
+        self.max_weight_magnitude = float(max_weight_magnitude)
         self.last_report = RoundReport()
-        self._reference: dict[str, tuple[int, ...]] = {}
+        # The usable updates of the last classified round, as read (canonical arrays, verified heads).
+        self.accepted: list[TrainReply] = []
+        self._layout = Layout({})
         # A copy of the round's global model (only kept when updates are bounded).
         self._global: dict[str, np.ndarray] = {}
         # node id -> registered department name, to name departments that fail
@@ -127,7 +146,7 @@ class DepartmentFedAvg(FedAvg):
     ) -> Iterable[Message]:
         # Remember the global model's layout to validate what comes back, and who
         # was asked, to name those who never answer.
-        self._reference = {k: tuple(v.shape) for k, v in arrays.items()}
+        self._layout = Layout.of(arrays)
         if self.max_update_norm > 0:
             self._global = {k: np.array(v.numpy(), dtype=np.float64) for k, v in arrays.items()}
         messages = list(super().configure_train(server_round, arrays, config, grid))
@@ -158,10 +177,16 @@ class DepartmentFedAvg(FedAvg):
     def classify(self, server_round: int, replies: Iterable[Message]) -> list[Message]:
         """Sort the replies into :attr:`last_report`; return the usable updates.
 
-        With ``max_update_norm`` set, each returned update is already bounded
-        (its message's ArrayRecord replaced by the scaled one).
+        Every reply is read by :mod:`fedsilo.server.replies`; anything malformed
+        is ``rejected`` with the reason, never raised.  Each returned message
+        holds the canonical content of its :class:`TrainReply` (also in
+        :attr:`accepted`); with ``max_update_norm`` set, its update is already
+        bounded.  :attr:`last_report` is filled as replies are read, so even an
+        error that escapes (the coordinator's record cannot be written) leaves
+        what was known.
         """
-        report = RoundReport()
+        report = self.last_report = RoundReport()
+        self.accepted = []
         accepted: list[Message] = []
         replies = list(replies)
         answered = {msg.metadata.src_node_id for msg in replies}
@@ -169,105 +194,121 @@ class DepartmentFedAvg(FedAvg):
             if node not in answered:
                 report.failed[self.node_names.get(node, f"node-{node}")] = "no reply before the round deadline"
         for msg in replies:
+            node = msg.metadata.src_node_id
             if msg.has_error():
-                node = msg.metadata.src_node_id
-                report.failed[self.node_names.get(node, f"node-{node}")] = msg.error.reason
+                report.failed[self.node_names.get(node, f"node-{node}")] = str(msg.error.reason)[:MAX_REASON_LENGTH]
                 continue
-            name, status, reason = _status(msg)
-            # In a deployment the name it was registered under, not the one it reports.
-            name = self.node_names.get(msg.metadata.src_node_id, name)
-            if status == STATUS_INCOMPATIBLE:
-                report.incompatible[name] = reason
-                continue
-            if status == STATUS_ROLLED_BACK:  # the department found it itself: its reason is the precise one
-                report.rolled_back[name] = reason
-                continue
-            metrics = msg.content.metric_records.get(METRICS_KEY)
-            # An update released before the coordinator restarted: charged once, by an earlier entry.
-            replayed = int(metrics.get("replayed-seq", 0)) if metrics is not None and status == STATUS_TRAINED else 0
-            if self.heads is not None:
-                head, problem = self.heads.check(msg, trained=status == STATUS_TRAINED and not replayed)
-                if not problem and replayed and not 0 < replayed <= head.seq:
-                    problem = f"it replayed an update charged by ledger entry {replayed}, which its head of {head.seq} entries does not hold"
-                if problem:
-                    log(WARNING, "round %s: %s refused: %s", server_round, name, problem)
-                    report.rolled_back[name] = problem
-                    continue
-                self.heads.acknowledge(head, name)
-            if metrics is not None and "epsilon" in metrics:
-                report.epsilon[name] = float(metrics["epsilon"])
-            if metrics is not None and "max-epsilon" in metrics:
-                report.budget[name] = float(metrics["max-epsilon"])
-            if metrics is not None and "delta" in metrics:
-                report.delta[name] = float(metrics["delta"])
-            if status == STATUS_REFUSED:
-                report.refused[name] = reason
-                continue
-            if status == STATUS_DECLINED:
-                report.declined[name] = reason
-                continue
-            problem = self._validate(msg)
+            name = self.node_names.get(node, f"node-{node}")
+            try:
+                envelope = read_envelope(msg)
+                # In a deployment the name it was registered under, not the one it reports.
+                name = self.node_names.get(node, envelope.name)
+                update = self._read(server_round, msg, envelope, name, report)
+            except (RecordError, OSError):
+                raise  # the coordinator's own record, not the reply: the round cannot go on
+            except (MalformedReply, MalformedHead) as err:
+                update, problem = None, str(err)
+            except Exception as err:  # noqa: BLE001 - a reply must never stop the round
+                update, problem = None, f"the coordinator could not read its reply ({type(err).__name__})"
+                log(WARNING, "round %s: reading the reply of %s raised", server_round, name, exc_info=True)
+            else:
+                problem = ""
             if problem:
-                log(WARNING, "round %s: update from %s rejected: %s", server_round, name, problem)
+                log(WARNING, "round %s: reply from %s rejected: %s", server_round, name, problem)
                 report.rejected[name] = problem
-                continue
-            report.trained[name] = int(metrics["num-examples"])
-            report.steps[name] = int(metrics["steps"])
-            if replayed:
-                report.replayed[name] = replayed
-            if self.max_update_norm > 0:
-                norm = self._bound(msg)
-                if norm is not None:
-                    report.clipped[name] = norm
-                    log(WARNING, "round %s: update from %s has norm %.4g > max-update-norm %g: scaled down to it",
-                        server_round, name, norm, self.max_update_norm)
-            accepted.append(msg)
-        self.last_report = report
+            if update is not None:
+                msg.content = update.content()  # what the rule sees: checked values, the same keys from all
+                self.accepted.append(update)
+                accepted.append(msg)
         return accepted
 
-    def _bound(self, msg: Message) -> float | None:
-        """Scale ``msg``'s update so that ‖update − global‖₂ ≤ max_update_norm.
+    def _read(self, server_round: int, msg: Message, envelope: Envelope, name: str,
+              report: RoundReport) -> TrainReply | None:
+        """One reply into ``report``: the usable update, or None; :class:`MalformedReply` to reject it."""
+        node = msg.metadata.src_node_id
+        status, reason = envelope.status, envelope.reason
+        if status == STATUS_INCOMPATIBLE:
+            report.incompatible[name] = reason
+            return None
+        if status == STATUS_ROLLED_BACK:  # the department found it itself: its reason is the precise one
+            report.rolled_back[name] = reason
+            return None
+        try:
+            metrics, unreadable = read_metrics(msg, status), None
+        except MalformedReply as err:
+            metrics, unreadable = None, err
+        head = None
+        if self.heads is not None:
+            # The head even when the metrics are unusable: it says whether the department was charged.
+            head = read_head(msg) if unreadable is None else _head_or_none(msg)
+            if head is None:
+                raise unreadable
+            replayed = metrics.replayed if metrics is not None else 0
+            fresh = status == STATUS_TRAINED and not replayed
+            head, problem = self.heads.check(node, head, trained=fresh)
+            if not problem and replayed and not 0 < replayed <= head.seq:
+                problem = f"it replayed an update charged by ledger entry {replayed}, which its head of {head.seq} entries does not hold"
+            if problem:
+                if unreadable is not None:
+                    raise unreadable
+                log(WARNING, "round %s: %s refused: %s", server_round, name, problem)
+                report.rolled_back[name] = problem
+                return None
+            self.heads.acknowledge(head, name)
+            if fresh:
+                report.charged[name] = {"ledger_seq": head.seq, "ledger_head": head.head,
+                                        "epsilon": head.epsilon if head.epsilon >= 0 else None}
+        if unreadable is not None:
+            raise unreadable
+        if self.heads is None and status == STATUS_TRAINED and not metrics.replayed:  # no record kept: its word
+            finite = metrics.epsilon is not None and math.isfinite(metrics.epsilon)
+            report.charged[name] = {"ledger_seq": None, "ledger_head": None,
+                                    "epsilon": metrics.epsilon if finite else None}
+        if metrics.epsilon is not None:
+            report.epsilon[name] = metrics.epsilon
+        if metrics.budget is not None:
+            report.budget[name] = metrics.budget
+        if metrics.delta is not None:
+            report.delta[name] = metrics.delta
+        if status == STATUS_REFUSED:
+            report.refused[name] = reason
+            return None
+        if status == STATUS_DECLINED:
+            report.declined[name] = reason
+            return None
+        arrays = read_update(msg, self._layout, self.max_weight_magnitude)
+        if self.max_update_norm > 0:
+            arrays, norm = self._bound(arrays)
+            if norm is not None:
+                report.clipped[name] = norm
+                log(WARNING, "round %s: update from %s has norm %.4g > max-update-norm %g: scaled down to it",
+                    server_round, name, norm, self.max_update_norm)
+        report.trained[name] = metrics.num_examples
+        report.steps[name] = metrics.steps
+        if metrics.replayed:
+            report.replayed[name] = metrics.replayed
+        return TrainReply(node, name, envelope, metrics, head, arrays)
 
-        Returns the norm before scaling when it was scaled, else ``None``.  The
-        norm is over all layers together, computed in float64; the scaled layers
-        keep their dtype.
+    def _bound(self, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float | None]:
+        """Scale ``arrays`` so that ‖update − global‖₂ ≤ max_update_norm.
+
+        Returns the arrays (scaled or as they were) and the norm before scaling
+        when it was scaled, else ``None``.  The norm is over all layers
+        together, computed in float64; the scaled layers keep their dtype.
         """
         if not self._global:
             raise RuntimeError("max-update-norm needs the round's global model: call configure_train first")
-        ((key, update),) = msg.content.array_records.items()
-        deltas = {k: update[k].numpy().astype(np.float64) - self._global[k] for k in update.keys()}
+        deltas = {k: v.astype(np.float64) - self._global[k] for k, v in arrays.items()}
         norm = math.sqrt(sum(float(np.sum(d * d)) for d in deltas.values()))
         if norm <= self.max_update_norm:
-            return None
+            return arrays, None
         scale = self.max_update_norm / norm
-        dtypes = {k: update[k].numpy().dtype for k in update.keys()}
-        msg.content[key] = ArrayRecord(
-            {k: Array(np.ascontiguousarray((self._global[k] + scale * d).astype(dtypes[k]))) for k, d in deltas.items()}
-        )
-        return norm
-
-    def _validate(self, msg: Message) -> str:
-        """Empty string when the update is usable, else what is wrong with it."""
-        records = msg.content.array_records
-        metrics = msg.content.metric_records.get(METRICS_KEY)
-        if len(records) != 1 or metrics is None:
-            return "expected one ArrayRecord and a 'metrics' MetricRecord"
-        if not int(metrics.get("num-examples", 0)) > 0:
-            return "num-examples must be positive"
-        arrays = next(iter(records.values()))
-        if set(arrays.keys()) != set(self._reference):
-            return f"layers {sorted(arrays.keys())} differ from the global model's"
-        for key, array in arrays.items():
-            values = array.numpy()
-            if tuple(values.shape) != self._reference[key]:
-                return f"layer '{key}' has shape {values.shape}, expected {self._reference[key]}"
-            if not np.all(np.isfinite(values)):
-                return f"layer '{key}' holds NaN or infinite values"
-        return ""
+        scaled = {k: np.ascontiguousarray((self._global[k] + scale * d).astype(arrays[k].dtype)) for k, d in deltas.items()}
+        return scaled, norm
 
 
-def _status(msg: Message) -> tuple[str, str, str]:
-    record = msg.content.config_records.get(STATUS_KEY)
-    if record is None:
-        return f"node-{msg.metadata.src_node_id}", STATUS_TRAINED, ""
-    return str(record["name"]), str(record.get("status", STATUS_TRAINED)), str(record.get("reason", ""))
+def _head_or_none(msg: Message) -> LedgerHead | None:
+    try:
+        return read_head(msg)
+    except MalformedReply:
+        return None

@@ -40,6 +40,34 @@ class RecordError(RuntimeError):
     """The coordinator's record is unreadable or inconsistent; nothing was written."""
 
 
+class MalformedHead(ValueError):
+    """A ledger head with a missing, wrongly typed or non-finite field; nothing was recorded.
+
+    JSON holds no NaN or infinity: a head stating ε = NaN could be signed by its
+    department, but not written into the coordinator's record.  It is refused
+    here, with the field named, before anyone tries.
+    """
+
+
+# The largest entry count or round number a head may state (a ledger grows by one entry a round).
+MAX_COUNT = 2**53
+
+
+def _check_count(what: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= MAX_COUNT:
+        raise MalformedHead(f"malformed ledger head: {what} must be an integer in [0, 2^53], got {value!r:.80}")
+
+
+def _check_number(what: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise MalformedHead(f"malformed ledger head: {what} must be a finite number, got {value!r:.80}")
+
+
+def _check_text(what: str, value: Any) -> None:
+    if not isinstance(value, str):
+        raise MalformedHead(f"malformed ledger head: {what} must be text, got {type(value).__name__}")
+
+
 def public_key_line(public_key: ec.EllipticCurvePublicKey) -> str:
     return public_key.public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH).decode()
 
@@ -76,9 +104,19 @@ class LedgerHead:
     budget: float
     signature: str = ""
 
+    def __post_init__(self) -> None:
+        # Every number finite: what a department signs must be what the record can hold.
+        for name in ("identity", "public_key", "head", "run_id", "signature"):
+            _check_text(name, getattr(self, name))
+        _check_count("seq", self.seq)
+        _check_count("round", self.round)
+        for name in ("epsilon", "delta", "budget"):
+            _check_number(name, getattr(self, name))
+
     def payload(self) -> bytes:
         body = {k: v for k, v in asdict(self).items() if k != "signature"}
-        return b"fedsilo-ledger-head-v1:" + json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+        return b"fedsilo-ledger-head-v1:" + json.dumps(body, sort_keys=True, separators=(",", ":"),
+                                                       allow_nan=False).encode()
 
     def signed(self, signer: Signer) -> "LedgerHead":
         return replace(self, signature=signer.sign(self.payload()))
@@ -99,6 +137,7 @@ class LedgerHead:
 
     @classmethod
     def from_record(cls, record: Mapping[str, Any]) -> "LedgerHead":
+        """The head a reply carries; :class:`MalformedHead` (a ValueError) naming what is wrong."""
         try:
             values = {f.name: record[f.name] for f in fields(cls)}
             return cls(
@@ -107,8 +146,10 @@ class LedgerHead:
                 epsilon=float(values["epsilon"]), delta=float(values["delta"]), budget=float(values["budget"]),
                 signature=str(values["signature"]),
             )
-        except (KeyError, TypeError, ValueError) as err:
-            raise ValueError(f"malformed ledger head ({err})") from None
+        except MalformedHead:
+            raise
+        except (KeyError, TypeError, ValueError, OverflowError) as err:
+            raise MalformedHead(f"malformed ledger head ({type(err).__name__}: {err})") from None
 
 
 @dataclass(frozen=True)
@@ -188,7 +229,8 @@ def verify_record(path: Path | str, public_key: ec.EllipticCurvePublicKey | None
             ack = Acknowledgement(**{f.name: raw[f.name] for f in fields(Acknowledgement)})
             if not all(math.isfinite(float(v)) for v in (ack.epsilon, ack.delta, ack.budget)):
                 raise ValueError("non-finite number")
-        except (ValueError, TypeError, KeyError) as err:
+            head = ack.head  # a MalformedHead (ValueError) for wrongly typed fields
+        except (ValueError, TypeError, KeyError, AttributeError) as err:
             result.problems.append(f"{where}: not a valid acknowledgement ({err}) (edited or torn?)")
             continue
         result.signer = result.signer or ack.signer
@@ -203,7 +245,7 @@ def verify_record(path: Path | str, public_key: ec.EllipticCurvePublicKey | None
                 result.problems.append(f"{where}: signed by {ack.signer}, not the coordinator's {fingerprint(public_key)} (forged?)")
             elif not verify(public_key, ack.payload(), ack.signature):
                 result.problems.append(f"{where}: the coordinator's signature does not match the content (edited?)")
-        problem = ack.head.problem()
+        problem = head.problem()
         if problem:
             result.problems.append(f"{where}: department '{ack.department}': {problem}")
         result.entries.append(ack)
@@ -246,9 +288,18 @@ class CoordinatorRecord:
         return self._latest.get(identity)
 
     def append(self, head: LedgerHead, department: str) -> Acknowledgement:
-        """Record ``head`` (already verified) as the latest acknowledged for its identity."""
+        """Record ``head`` (already verified) as the latest acknowledged for its identity.
+
+        Raises :class:`MalformedHead` — before anything is written — for a head
+        that is not a :class:`LedgerHead` or states a non-finite number, or a
+        department name that is not text.
+        """
         if self.signer is None:
             raise ValueError("appending needs the coordinator's key (signer=...)")
+        if not isinstance(head, LedgerHead):
+            raise MalformedHead(f"only a LedgerHead can be recorded, got {type(head).__name__}")
+        head.__post_init__()  # again: a head built with object.__setattr__ or __new__ is checked too
+        _check_text("department", department)
         with file_lock(self.path):
             # Re-verify every signature only if someone else changed the file since
             # this process last read or wrote it (one ServerApp per record, normally).
