@@ -132,6 +132,16 @@ def run_federation(grid: Grid, settings: RunSettings, out: Path, run_dir: Path, 
             summary.finish("failed", reason)
             raise RuntimeError(reason)
         departments.node_names, departments.heads.registered = node_registry(grid)
+        # The client-level ledger before this round: a release charged in a round that then fails is
+        # named when the run resumes (and the round is charged again: an over-count, never an under-count).
+        central_before = len(strategy.ledger.entries) if isinstance(strategy, ClientLevelDP) else None
+
+        def keep_failed(reason: str, report=None) -> None:
+            """The failed round in the summary, and a checkpoint of the rounds before it to resume from."""
+            summary.add_failed_round(rnd, report, reason, time.time() - started)
+            Checkpoint(run_id, rnd - 1, settings.to_run_config(), summary.data,
+                       {k: v.numpy() for k, v in arrays.items()}, sorted(exhausted), central_before).save(run_dir)
+
         try:
             # The run's name, not Flower's run id, names the run in the departments' ledgers.
             messages = list(strategy.configure_train(rnd, arrays, ConfigRecord({RUN_KEY: run_id}), grid))
@@ -139,20 +149,32 @@ def run_federation(grid: Grid, settings: RunSettings, out: Path, run_dir: Path, 
             status, reason = "central-budget-exhausted", f"round {rnd}: {err}; the run ends here"
             log(WARNING, "%s %s", PROGRESS_TAG, reason)
             break
+        except Exception as err:
+            reason = failure_reason(rnd, "could not start the round", err)
+            keep_failed(reason)
+            summary.finish("failed", reason)
+            raise RuntimeError(reason) from err
         replies = exchange(grid, messages, settings.round_timeout) if messages else []
         try:
             new_arrays, _ = strategy.aggregate_train(rnd, replies)
+            if new_arrays is not None:
+                model.load_state_dict(new_arrays.to_torch_state_dict())
+                new_metrics = score(model, test)
         except TooFewUpdates as err:  # a robust rule without its guarantee: keep the model, end cleanly
-            summary.add_round(rnd, metrics, departments.last_report, time.time() - started)
             status, reason = "too-few-updates", f"{err}; the run ends here"
+            keep_failed(reason, departments.last_report)
             log(WARNING, "%s %s", PROGRESS_TAG, reason)
             break
+        except Exception as err:  # never a summary left "running": the rounds so far, why, a checkpoint
+            reason = failure_reason(rnd, "could not aggregate the round", err)
+            log(WARNING, "%s %s", PROGRESS_TAG, reason)
+            keep_failed(reason, departments.last_report)
+            summary.finish("failed", reason)
+            raise RuntimeError(reason) from err
         report = departments.last_report
         release = strategy.last_release if isinstance(strategy, ClientLevelDP) else None
         if new_arrays is not None:
-            arrays = new_arrays
-            model.load_state_dict(arrays.to_torch_state_dict())
-            metrics = score(model, test)
+            arrays, metrics = new_arrays, new_metrics
         summary.add_round(rnd, metrics, report, time.time() - started, release)
         link_ledgers(out, run_dir)
         eps = [e for e in report.epsilon.values() if e != float("inf")]
@@ -195,6 +217,14 @@ def run_federation(grid: Grid, settings: RunSettings, out: Path, run_dir: Path, 
     summary.finish(status, reason, MODEL_FILE, CARD_FILE)
     log(INFO, "%s finished: %s, final %s %.4f", PROGRESS_TAG, status, key, metrics[key])
     return summary
+
+
+def failure_reason(rnd: int, what: str, err: BaseException) -> str:
+    """Why a round failed, for the summary and the log: the error's kind and a short text."""
+    text = str(err)
+    text = text if len(text) <= 500 else text[:497] + "..."
+    return (f"round {rnd}: the coordinator {what} ({type(err).__name__}: {text}); the rounds before it are kept "
+            "and checkpointed: fix the cause and resume the run")
 
 
 def resume_point(settings: RunSettings, run_dir: Path) -> Checkpoint:

@@ -1,5 +1,8 @@
 """The coordinator's checkpoint: ``RUN_DIR/checkpoint.safetensors``, after every completed round.
 
+A round that fails writes one too: the rounds before it (with the failed round
+noted in the summary it holds), so a resume runs the failed round again.
+
 One file, replaced atomically (written beside, fsynced, renamed): the global
 model's arrays as safetensors tensors, and in the safetensors metadata the
 round it completed, the run's settings, the run summary so far and which
@@ -30,6 +33,8 @@ FORMAT = "fedsilo-checkpoint"
 VERSION = 1
 # Settings an operator may change when resuming: how long to wait, not what the run is.
 OPERATIONAL = frozenset({"resume", "round-timeout", "connect-timeout"})
+# Run statuses a resume may continue: it did not end, or it stopped at a round that failed.
+RESUMABLE = ("running", "failed", "too-few-updates")
 
 
 class CheckpointError(ValueError):
@@ -117,7 +122,11 @@ def resumable(run: Path) -> tuple[Path, Checkpoint]:
     """The run folder named by ``run`` (or its output folder's latest run) and its checkpoint.
 
     Only a run that did not end may continue: its summary says ``running`` (the
-    coordinator died) or ``failed`` (it stopped, e.g. too few departments).
+    coordinator died), ``failed`` (it stopped: too few departments, an error
+    while aggregating a round) or ``too-few-updates`` (a robust rule was left
+    with fewer usable updates than its guarantee needs).  A failed round leaves
+    a checkpoint of the rounds before it (round 0: the initial model, when the
+    first round failed), so the resume runs that round again.
     """
     from fedsilo.shared.runs import SUMMARY, resolve_run_dir
 
@@ -129,6 +138,6 @@ def resumable(run: Path) -> tuple[Path, Checkpoint]:
         status = json.loads(summary.read_text(encoding="utf-8")).get("status")
     except ValueError as err:
         raise CheckpointError(f"{summary} is not readable JSON ({err})") from None
-    if status not in ("running", "failed"):
+    if status not in RESUMABLE:
         raise CheckpointError(f"{run_dir} ended as '{status}': there is nothing to resume; start a new run")
     return run_dir, Checkpoint.load(run_dir)

@@ -70,7 +70,14 @@ HEAD_TEXT_LIMITS = {"identity": 256, "public_key": 4096, "head": 256, "run_id": 
 
 
 class MalformedReply(ValueError):
-    """A reply the coordinator cannot use as sent; the message is the reason recorded for it."""
+    """A reply the coordinator cannot use as sent; the message is the reason recorded for it.
+
+    ``name`` is the name the reply gave, when it gave a usable one before the fault.
+    """
+
+    def __init__(self, reason: str, name: str = "") -> None:
+        super().__init__(reason)
+        self.name = name
 
 
 # ----------------------------------------------------------------------------- values
@@ -147,10 +154,10 @@ def read_envelope(msg: Message) -> Envelope:
                              "control characters")
     status = record.get("status", STATUS_TRAINED)
     if status not in STATUSES:
-        raise MalformedReply(f"its status {_show(status)} is none of {', '.join(STATUSES)}")
+        raise MalformedReply(f"its status {_show(status)} is none of {', '.join(STATUSES)}", name)
     reason = record.get("reason", "")
     if not isinstance(reason, str):
-        raise MalformedReply("its status record's 'reason' is not text")
+        raise MalformedReply("its status record's 'reason' is not text", name)
     if len(reason) > MAX_REASON_LENGTH:
         reason = reason[:MAX_REASON_LENGTH] + f"… ({len(reason) - MAX_REASON_LENGTH} more characters not kept)"
     return Envelope(name, status, reason)

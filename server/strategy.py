@@ -208,6 +208,7 @@ class DepartmentFedAvg(FedAvg):
                 raise  # the coordinator's own record, not the reply: the round cannot go on
             except (MalformedReply, MalformedHead) as err:
                 update, problem = None, str(err)
+                name = self.node_names.get(node, getattr(err, "name", "") or name)
             except Exception as err:  # noqa: BLE001 - a reply must never stop the round
                 update, problem = None, f"the coordinator could not read its reply ({type(err).__name__})"
                 log(WARNING, "round %s: reading the reply of %s raised", server_round, name, exc_info=True)

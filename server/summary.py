@@ -1,6 +1,12 @@
 """The run summary: ``RUN_DIR/summary.json``, rewritten atomically after every round.
 
 A run that dies mid-way still leaves a valid summary of the rounds it finished.
+A round that fails (too few usable updates, an error while aggregating) is
+kept apart, under ``failed_rounds``: who did what in it, why it failed, and
+which departments' ledgers were charged for it (``charged``) — a resume runs
+that round again, and the departments that trained it send the same update
+again without a new charge.  Every number is written as JSON can hold it:
+NaN and ±∞ become ``null``.
 """
 
 from __future__ import annotations
@@ -17,9 +23,41 @@ from .strategy import RoundReport
 SUMMARY_FILE = "summary.json"
 
 
-def _finite(value: float) -> float | None:
-    """JSON has no infinity: ε without DP (∞) is written as null."""
+def _finite(value: float | None) -> float | None:
+    """JSON has no infinity: ε without DP (∞) is written as null (as are NaN and a missing value)."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
     return float(value) if math.isfinite(value) else None
+
+
+def _metrics(metrics: dict[str, float]) -> dict[str, float | None]:
+    """Held-out metrics as JSON can hold them: a diverged model's NaN or ∞ loss is null, never a crash."""
+    return {str(key): _finite(value) for key, value in metrics.items()}
+
+
+def _report(report: RoundReport) -> dict[str, Any]:
+    """Who did what in a round, as the summary's round records say it."""
+    return {
+        "trained": sorted(report.trained),
+        "refused": dict(sorted(report.refused.items())),
+        "rejected": dict(sorted(report.rejected.items())),
+        "failed": dict(sorted(report.failed.items())),
+        # Departments whose executor would not answer the run's app, and why.
+        "incompatible": dict(sorted(report.incompatible.items())),
+        # Departments whose policy is stricter than the run asks (setting, both values).
+        "declined": dict(sorted(report.declined.items())),
+        # Departments whose ledger no longer holds the head the coordinator acknowledged.
+        "rolled_back": dict(sorted(report.rolled_back.items())),
+        # Departments that sent again the update they had released for this round
+        # before the coordinator restarted, with the ledger entry that charged it.
+        "replayed": dict(sorted(report.replayed.items())),
+        # Updates scaled down to max-update-norm: name -> their norm before scaling.
+        "bounded": {name: _finite(norm) for name, norm in sorted(report.clipped.items())},
+        # Departments whose ledger recorded a new release in this round, used or not (a rejected
+        # update was charged all the same): name -> {ledger_seq, ledger_head, epsilon}.
+        "charged": {name: {**what, "epsilon": _finite(what.get("epsilon"))}
+                    for name, what in sorted(report.charged.items())},
+    }
 
 
 def _relative(path: Path, base: Path) -> str:
@@ -79,6 +117,9 @@ class RunSummary:
         summary.started = time.time() - float(data.get("wall_time_s", 0.0))
         rounds = summary.data.get("rounds") or []
         summary._epsilon = dict(rounds[-1]["epsilon"]) if rounds else {}
+        failed = summary.data.get("failed_rounds") or []
+        if failed and (not rounds or failed[-1]["round"] > rounds[-1]["round"]):
+            summary._epsilon.update(failed[-1].get("epsilon") or {})
         return summary
 
     def resumed(self, after_round: int, flower_run_id: str) -> None:
@@ -94,6 +135,7 @@ class RunSummary:
 
     def set_initial(self, metrics: dict[str, float], task: str) -> None:
         """The untrained model's held-out metrics (``accuracy`` is None for regression)."""
+        metrics = _metrics(metrics)
         self.data["task"] = task
         self.data["initial"] = {"accuracy": metrics.get("accuracy"), **metrics}
         self.write()
@@ -113,32 +155,40 @@ class RunSummary:
         }
         self.write()
 
-    def add_round(
-        self, rnd: int, metrics: dict[str, float], report: RoundReport, seconds: float, release=None
-    ) -> None:
-        accuracy, loss = metrics.get("accuracy"), metrics["loss"]
+    def _record_departments(self, report: RoundReport) -> dict[str, Any]:
+        """Fold ``report``'s ε, budgets and δ into the per-department totals; the departments dict."""
         for name, eps in report.epsilon.items():
             self._epsilon[name] = _finite(eps)
         departments = self.data["departments"]
-        for name in {*report.trained, *report.refused, *report.rejected, *report.epsilon, *report.declined}:
+        for name in {*report.trained, *report.refused, *report.rejected, *report.epsilon, *report.declined,
+                     *report.charged, *report.budget, *report.delta}:
             departments.setdefault(
                 name, {"epsilon": None, "rounds_trained": 0, "rounds_refused": 0, "steps": 0}
             )
+        for name, eps in self._epsilon.items():
+            if name in departments:
+                departments[name]["epsilon"] = eps
+        for name, budget in report.budget.items():
+            departments[name]["max_epsilon"] = _finite(budget)
+        for name, delta in report.delta.items():
+            departments[name]["delta"] = _finite(delta)
+        deltas = [d["delta"] for d in departments.values() if d.get("delta")]
+        if deltas and self.data["dp"]:
+            self.data["delta"] = max(deltas)
+        return departments
+
+    def add_round(
+        self, rnd: int, metrics: dict[str, float], report: RoundReport, seconds: float, release=None
+    ) -> None:
+        metrics = _metrics(metrics)
+        accuracy, loss = metrics.get("accuracy"), metrics.get("loss")
+        departments = self._record_departments(report)
         for name in report.trained:
             departments[name]["rounds_trained"] += 1
             departments[name]["steps"] += report.steps.get(name, 0)
             departments[name]["num_examples"] = report.trained[name]
         for name in report.refused:
             departments[name]["rounds_refused"] += 1
-        for name, eps in self._epsilon.items():
-            departments[name]["epsilon"] = eps
-        for name, budget in report.budget.items():
-            departments[name]["max_epsilon"] = _finite(budget)
-        for name, delta in report.delta.items():
-            departments[name]["delta"] = delta
-        deltas = [d["delta"] for d in departments.values() if d.get("delta")]
-        if deltas and self.data["dp"]:
-            self.data["delta"] = max(deltas)
         self.data["rounds"].append(
             {
                 "round": rnd,
@@ -148,21 +198,7 @@ class RunSummary:
                 "metrics": dict(metrics),
                 # Whole-history ε of every department known so far, at `delta`.
                 "epsilon": dict(sorted(self._epsilon.items())),
-                "trained": sorted(report.trained),
-                "refused": dict(sorted(report.refused.items())),
-                "rejected": dict(sorted(report.rejected.items())),
-                "failed": dict(sorted(report.failed.items())),
-                # Departments whose executor would not answer the run's app, and why.
-                "incompatible": dict(sorted(report.incompatible.items())),
-                # Departments whose policy is stricter than the run asks (setting, both values).
-                "declined": dict(sorted(report.declined.items())),
-                # Departments whose ledger no longer holds the head the coordinator acknowledged.
-                "rolled_back": dict(sorted(report.rolled_back.items())),
-                # Departments that sent again the update they had released for this round
-                # before the coordinator restarted, with the ledger entry that charged it.
-                "replayed": dict(sorted(report.replayed.items())),
-                # Updates scaled down to max-update-norm: name -> their norm before scaling.
-                "bounded": dict(sorted(report.clipped.items())),
+                **_report(report),
                 "seconds": round(seconds, 3),
             }
         )
@@ -178,6 +214,27 @@ class RunSummary:
         self.data["final_accuracy"] = accuracy
         self.data["final_loss"] = loss
         self.data["final_metrics"] = dict(metrics)
+        self.write()
+
+    def add_failed_round(self, rnd: int, report: RoundReport | None, reason: str, seconds: float) -> None:
+        """Keep a round that produced no model under ``failed_rounds`` (``rounds`` holds completed ones).
+
+        ``report`` is what was known when it failed (None: it failed before any
+        reply was read).  The ε its departments reached is kept, since their
+        ledgers were charged; their round counts are not, since nothing of the
+        round was used.
+        """
+        report = report if report is not None else RoundReport()
+        self._record_departments(report)
+        self.data.setdefault("failed_rounds", []).append(
+            {
+                "round": rnd,
+                "reason": reason,
+                "epsilon": dict(sorted(self._epsilon.items())),
+                **_report(report),
+                "seconds": round(seconds, 3),
+            }
+        )
         self.write()
 
     def finish(self, status: str, reason: str = "", model_file: str | None = None, card_file: str | None = None) -> None:
