@@ -7,11 +7,11 @@ is untouched), submits runs through :class:`~fedsilo.shared.flower_cli.FlowerCon
 and stops the SuperLink and everything it spawned (simulation, Ray), whatever
 happened.  Its API is plain HTTP bound to 127.0.0.1: it never leaves the machine.
 
-Ray, which the SuperLink's simulation starts, listens on loopback only too
-(:func:`ray_environment`): its control plane has no authentication, and on the
-network anyone could run code beside the departments' tables.  Unless the user
-pointed Ray at a cluster of their own (``RAY_ADDRESS``): then that cluster's
-security is theirs (:func:`user_ray_cluster`).
+Ray, which the SuperLink's simulation starts, listens on loopback only too, and
+asks a fresh token of every caller (:func:`ray_environment`): by default its
+control plane has no authentication, and anyone who reaches it runs code beside
+the departments' tables.  Unless the user pointed Ray at a cluster of their own
+(``RAY_ADDRESS``): then that cluster's security is theirs (:func:`user_ray_cluster`).
 
 Starting all that takes a while (on 2 cores: ~3 s the SuperLink, ~8 s the ServerApp,
 ~10 s Ray's workers and the first round): :class:`StartupProgress` says so meanwhile.
@@ -38,6 +38,7 @@ from fedsilo.shared.flower_cli import (
     progress_text,
     stop_tree,
     wait_for_port,
+    write_runtime_secret,
 )
 
 
@@ -51,6 +52,7 @@ from fedsilo.shared.flower_cli import (
 # never one found running on this machine (``ray start`` writes its address where
 # ``ray.init()`` looks).  Flower keeps the dashboard off (``include_dashboard=False``).
 RAY_LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": "local"}
+RAY_TOKEN_FILE = "ray-auth-token"
 
 
 def user_ray_cluster(environ: Mapping[str, str] | None = None) -> str | None:
@@ -63,11 +65,15 @@ def user_ray_cluster(environ: Mapping[str, str] | None = None) -> str | None:
     return address if address and address.lower() != "local" else None
 
 
-def ray_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """What the simulation's processes need in their environment so Ray stays on loopback.
+def ray_environment(token_path: Path, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What the simulation's processes need in their environment so that Ray is theirs alone.
 
-    Nothing for a cluster of the user's own (:func:`user_ray_cluster`): a driver
-    bound to loopback could not be reached from its other nodes.
+    Loopback keeps the network out; loopback is open to every local user, so Ray's
+    token authentication (Ray 2.52 and later; older versions ignore it) keeps them
+    out too: every RPC must carry a fresh secret, written here to ``token_path``
+    (0600).  Nothing for a cluster of the user's own (:func:`user_ray_cluster`): a
+    driver bound to loopback could not be reached from its other nodes, and its
+    authentication is its operators' to set.
 
     Raises
     ------
@@ -86,7 +92,9 @@ def ray_environment(environ: Mapping[str, str] | None = None) -> dict[str, str]:
             f"'localhost' resolves to {localhost or 'nothing'} here, not 127.0.0.1, so Ray would listen on "
             "every network interface; map localhost to 127.0.0.1 (/etc/hosts) to simulate on this machine"
         )
-    return dict(RAY_LOOPBACK_ENV)
+    token = write_runtime_secret(Path(token_path)).resolve()
+    # RAY_AUTH_TOKEN would take precedence over the file: empty, Ray ignores it.
+    return {**RAY_LOOPBACK_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_AUTH_TOKEN": ""}
 
 
 def _isatty(stream: Any) -> bool:
@@ -301,7 +309,7 @@ class LocalFederation:
         self.stop()
 
     def start(self) -> None:
-        ray_env = ray_environment()  # before anything starts: it may refuse
+        ray_env = ray_environment(self.workdir / RAY_TOKEN_FILE)  # before anything starts: it may refuse
         if self.progress is not None:
             self.progress.start("Flower SuperLink")
         port = free_port()
@@ -330,6 +338,7 @@ class LocalFederation:
             self.progress.stop()
         proc, self.process = self.process, None
         stop_tree(proc)
+        (self.workdir / RAY_TOKEN_FILE).unlink(missing_ok=True)
 
     def run(
         self,

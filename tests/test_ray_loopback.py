@@ -1,0 +1,214 @@
+"""A simulation's Ray is on loopback only, and asks a token of whoever reaches it there.
+
+Ray's control plane runs any code sent to it.  Left to itself Ray listens on every
+interface (and without authentication), so anyone on the network could read the
+departments' tables for the length of a run.  The test runs the real ``fedsilo
+simulate``, reads every listening socket of its whole process tree from /proc
+while it runs, and plays a local outsider who connects to Ray's GCS without the
+run's token.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import signal
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from fedsilo.shared.flower_cli import FlowerError, stop_group, terminate
+from fedsilo.simulations.local_federation import RAY_LOOPBACK_ENV, ray_environment, user_ray_cluster
+
+RAY_SERVERS = {"gcs_server", "raylet"}
+TCP_LISTEN = "0A"
+
+
+# ----------------------------------------------------------------------------- /proc
+
+
+def _stat_fields(pid: int) -> list[str]:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def process_tree(root: int) -> dict[int, str]:
+    """``root`` and all its live descendants, each with its start time (to tell a reused PID)."""
+    children: dict[int, list[int]] = {}
+    started: dict[int, str] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                fields = _stat_fields(int(entry.name))
+            except (OSError, IndexError):
+                continue
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
+            started[int(entry.name)] = fields[19]
+    tree, queue = {}, [root]
+    while queue:
+        pid = queue.pop()
+        if pid in started:
+            tree[pid] = started[pid]
+        queue.extend(children.get(pid, []))
+    return tree
+
+
+def _socket_inodes(pid: int) -> set[str]:
+    inodes = set()
+    try:
+        for fd in Path(f"/proc/{pid}/fd").iterdir():
+            try:
+                target = os.readlink(fd)
+            except OSError:
+                continue
+            if target.startswith("socket:["):
+                inodes.add(target[len("socket:["):-1])
+    except OSError:  # gone meanwhile
+        pass
+    return inodes
+
+
+def _address(hex_address: str) -> tuple[str, int]:
+    """``0100007F:1F90`` (/proc/net's little-endian words) -> ('127.0.0.1', 8080)."""
+    host, port = hex_address.split(":")
+    raw = b"".join(bytes.fromhex(host[i:i + 8])[::-1] for i in range(0, len(host), 8))
+    return str(ipaddress.ip_address(raw)), int(port, 16)
+
+
+def listening_sockets() -> dict[str, tuple[str, str, int]]:
+    """Every TCP socket in LISTEN and every unconnected UDP socket: inode -> (protocol, host, port)."""
+    found = {}
+    for protocol in ("tcp", "tcp6", "udp", "udp6"):
+        try:
+            lines = Path(f"/proc/net/{protocol}").read_text().splitlines()[1:]
+        except OSError:  # no IPv6 here
+            continue
+        for line in lines:
+            fields = line.split()
+            local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
+            listening = state == TCP_LISTEN if protocol.startswith("tcp") else remote.endswith(":0000")
+            if listening:
+                found[inode] = (protocol, *_address(local))
+    return found
+
+
+def is_loopback(host: str) -> bool:
+    address = ipaddress.ip_address(host)
+    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1, a dual-stack socket's
+    return (mapped or address).is_loopback
+
+
+def _name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+# ----------------------------------------------------------------------------- helpers' own checks
+
+
+def test_proc_addresses_are_read_as_the_kernel_writes_them():
+    assert _address("0100007F:1F90") == ("127.0.0.1", 8080)
+    assert _address("00000000000000000000000000000000:0050") == ("::", 80)
+    assert _address("0000000000000000FFFF00000100007F:0050") == ("::ffff:7f00:1", 80)
+    assert _address("00000000000000000000000001000000:0016") == ("::1", 22)
+    assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("::ffff:7f00:1")
+    for exposed in ("0.0.0.0", "::", "192.0.2.2", "::ffff:c000:202", "fe80::1"):
+        assert not is_loopback(exposed), exposed
+
+
+def test_a_users_own_cluster_is_left_alone(tmp_path):
+    assert user_ray_cluster({"RAY_ADDRESS": "10.0.0.5:6379"}) == "10.0.0.5:6379"
+    assert user_ray_cluster({"RAY_ADDRESS": "auto"}) == "auto"
+    assert ray_environment(tmp_path / "token", {"RAY_ADDRESS": "ray://head:10001"}) == {}
+    assert not (tmp_path / "token").exists()
+    for private in ({}, {"RAY_ADDRESS": ""}, {"RAY_ADDRESS": " local "}):
+        assert user_ray_cluster(private) is None
+
+
+def test_a_private_ray_gets_loopback_and_a_fresh_token_of_its_own(tmp_path):
+    env = ray_environment(tmp_path / "token", {"RAY_AUTH_TOKEN": "someone-elses"})
+    assert {k: env[k] for k in RAY_LOOPBACK_ENV} == RAY_LOOPBACK_ENV
+    assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"] == ""  # the file, not an inherited token
+    token = Path(env["RAY_AUTH_TOKEN_PATH"])
+    assert token.is_absolute() and stat.S_IMODE(token.stat().st_mode) == 0o600
+    assert len(token.read_text()) == 64
+    first = token.read_text()
+    ray_environment(tmp_path / "token", {})
+    assert token.read_text() != first  # a new secret at every start
+
+
+def test_a_localhost_that_is_not_127_0_0_1_is_refused(tmp_path, monkeypatch):
+    import socket
+
+    monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [(socket.AF_INET, 0, 0, "", ("127.0.1.1", 0))])
+    with pytest.raises(FlowerError, match=r"resolves to 127\.0\.1\.1.*every network interface"):
+        ray_environment(tmp_path / "token", {})
+
+
+# ----------------------------------------------------------------------------- the real run
+
+
+def _outsider(port: int, home: Path) -> subprocess.Popen:
+    """A local user's Ray driver, without the run's token, asking Ray to run its code."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
+    env.update(HOME=str(home), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")  # aim at 127.0.0.1 itself
+    code = (
+        "import ray\n"
+        f"ray.init(address='127.0.0.1:{port}')\n"
+        "print('OUTSIDER RAN CODE', ray.get(ray.remote(num_cpus=0)(lambda: 1).remote()))\n"
+    )
+    return subprocess.Popen([sys.executable, "-c", code], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_every_listener_of_a_running_simulation_is_on_loopback(tmp_path):
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_TELEMETRY_ENABLED="0")
+    command = [sys.executable, "-m", "fedsilo", "simulate", "--departments", "2", "--rounds", "1",
+               "--dataset", "breast-cancer", "--out", str(tmp_path / "out")]
+    log = tmp_path / "simulate.log"
+    seen: dict[tuple[str, str, str, int], float] = {}  # (process, protocol, host, port) -> when
+    members: dict[int, str] = {}  # every process of the tree ever seen, with its start time
+    outsider, said = None, ""
+    started = time.monotonic()
+    with open(log, "w") as log_file:
+        proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        while proc.poll() is None and time.monotonic() - started < 240:
+            sockets = listening_sockets()
+            tree = process_tree(proc.pid)
+            members.update(tree)
+            for pid in tree:
+                for inode in _socket_inodes(pid) & sockets.keys():
+                    seen.setdefault((_name(pid), *sockets[inode]), round(time.monotonic() - started, 1))
+            gcs = [port for (name, _, _, port) in seen if name == "gcs_server"]
+            if outsider is None and gcs:
+                outsider = _outsider(gcs[0], tmp_path)
+            time.sleep(0.25)
+        if outsider is not None:
+            said = outsider.communicate(timeout=60)[0]
+        proc.wait(timeout=5)
+    finally:
+        if outsider is not None and outsider.poll() is None:
+            outsider.kill()
+            outsider.wait()
+        stop_group(proc.pid, grace=5)  # Flower starts some in sessions of their own: the tree ever seen too
+        terminate([pid for pid, t in members.items() if process_tree(pid).get(pid) == t], grace=5)
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+
+    report = "\n".join(f"{when:6.1f} s  {name:16} {proto:5} {host}:{port}"
+                       for (name, proto, host, port), when in sorted(seen.items(), key=lambda kv: kv[1]))
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    assert {name for (name, *_rest) in seen} & RAY_SERVERS, f"no Ray listener was seen:\n{report}"
+    exposed = [key for key in seen if not is_loopback(key[2])]
+    assert not exposed, f"listening beyond loopback: {exposed}\n{report}"
+    # Loopback is open to every local user: without the run's token, Ray refuses them.
+    assert outsider is not None and "OUTSIDER RAN CODE" not in said, said[-2000:]
+    assert "AuthenticationError" in said or "InvalidAuthToken" in said, said[-2000:]
