@@ -299,7 +299,6 @@ class LocalFederation:
         self.progress: StartupProgress | None = (
             StartupProgress() if progress is True else (progress or None)
         )
-        self.ray_cluster = user_ray_cluster()  # a cluster of the user's own, else None (private, loopback)
 
     def __enter__(self) -> "LocalFederation":
         self.start()

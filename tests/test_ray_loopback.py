@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ipaddress
 import os
-import signal
 import stat
 import subprocess
 import sys
