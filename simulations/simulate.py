@@ -12,6 +12,7 @@ from typing import Annotated, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from fedsilo.client.department import SIMULATED_DEFAULT_POLICY, Department, simulated_policy
 from fedsilo.client.planner import Forecast, forecast_department
@@ -347,7 +348,7 @@ def _run(settings: RunSettings, run_dir: Path, departments: int, cpus_per_depart
     cluster = user_ray_cluster()
     if cluster is not None:  # else a private Ray on loopback (LocalFederation)
         err_console.print(
-            f"[yellow]note:[/yellow] RAY_ADDRESS={cluster}: the departments' tables go to that Ray cluster, "
+            f"[yellow]note:[/yellow] RAY_ADDRESS={escape(cluster)}: the departments' tables go to that Ray cluster, "
             "which fedsilo leaves as it is; Ray runs any code sent to it unless its authentication is on "
             "(RAY_AUTH_MODE=token) or only trusted hosts reach it. Unset RAY_ADDRESS for a private Ray on loopback.",
             markup=True, highlight=False,
