@@ -32,7 +32,17 @@ the median n ≥ 2f + 1, the trimmed mean ``int(β·n) ≥ max(f, 1)`` at each e
 The constructor checks this against ``min_train_nodes`` (fedsilo's
 ``min-departments``: the fewest a round is sent to); a round where refusals or
 failures leave fewer accepted updates raises :class:`TooFewUpdates` (with the
-numbers) instead of aggregating without the guarantee.
+numbers) instead of aggregating without the guarantee.  The ServerApp keeps
+that round under the summary's ``failed_rounds`` (who was rejected and why, who
+was charged), checkpoints the rounds before it and ends the run as
+``too-few-updates``, which ``--resume`` may continue.
+
+What reaches a rule was read by :mod:`fedsilo.server.replies` (one parser for
+every rule and for ``--central-dp``): each accepted update has the global
+model's layers, dtypes and shapes, finite values within the magnitude bound,
+and the same records and keys as every other, so a malformed reply is
+``rejected`` with its reason and can neither raise out of the round nor make
+Flower's consistency check skip it.
 
 ``max-update-norm`` B (any rule): an accepted update whose delta from the
 round's global model has L2 norm above B is scaled down to exactly B before
