@@ -7,16 +7,19 @@ the handler the mechanism to run in the message's ``dp-plan`` record.
 
 from __future__ import annotations
 
+import time
+
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 
 from fedsilo.shared.accounting import Mechanism
 from fedsilo.shared.config import RunSettings
-from fedsilo.shared.models import build_model, resolve_device
+from fedsilo.shared.models import resolve_device
 
 from fedsilo.shared.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, STATUS_KEY, STATUS_TRAINED
 
+from .admission import ModelSpec, build, reference_layout, verified_state_dict
 from .budget_guard import PLAN_KEY, privacy_budget_mod
 from .containment import contain_errors_mod
 from .department import department_from_context
@@ -38,10 +41,12 @@ def train(msg: Message, context: Context) -> Message:
     # oversubscription (Ray gives every department one CPU by default).
     torch.set_num_threads(1)
     data = department.data
-    model = build_model(settings.model, data.input_shape, data.num_outputs, data.kind, task=data.task,
-                        embeddings=data.embeddings, fix=settings.fix_model)
-    model.load_state_dict(msg.content[ARRAYS_KEY].to_torch_state_dict())
+    limits = department.policy.limits
+    model = build(settings, ModelSpec.of_data(data))
+    # The budget guard admitted this model; loaded only through the same check.
+    model.load_state_dict(verified_state_dict(msg.content[ARRAYS_KEY], reference_layout(model), limits.max_weight_magnitude))
     device = resolve_device(settings.device)
+    deadline = time.monotonic() + limits.max_round_seconds
     if bool(plan["private"]):
         mechanism = Mechanism(
             float(plan["noise-multiplier"]), float(plan["sample-rate"]), int(plan["steps"])
@@ -55,6 +60,8 @@ def train(msg: Message, context: Context) -> Message:
             momentum=settings.momentum,
             grad_sample_mode=settings.grad_sample_mode,
             device=device,
+            planned_size=int(plan["reported-size"]),
+            deadline=deadline,
         )
         noise, rate = mechanism.noise_multiplier, mechanism.sample_rate
     else:  # only when the department's own policy allows it

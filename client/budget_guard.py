@@ -44,6 +44,7 @@ from fedsilo.shared.protocol import (
 )
 from fedsilo.shared.record import ACK_HEAD_KEY, ACK_SEQ_KEY, HEAD_KEY, LedgerHead, public_key_line
 
+from .admission import AdmissionError, ModelSpec, admit_model, schema_limits, verified_state_dict
 from .department import Department, department_from_context
 from .policy import PolicyError, RunRequest, Terms
 from .replay import LastUpdate, request_digest
@@ -107,6 +108,10 @@ def privacy_budget_mod(msg: Message, context: Context, call_next: ClientAppCalla
     config = msg.content.config_records.get(CONFIG_KEY) or ConfigRecord()
     server_round = int(config.get("server-round", 0))
     run_id = str(config.get(RUN_KEY, "")) or str(msg.metadata.run_id)
+    limits = policy.limits
+    bad_key = limits.check_run_key(run_id)
+    if bad_key:  # it would be written into every ledger entry: declined before anything else
+        return _refusal(msg, department, ledger, "", server_round, STATUS_DECLINED, "; ".join(bad_key))
     refuse = functools.partial(_refusal, msg, department, ledger, run_id, server_round)
 
     # 1. The coordinator's acknowledged head must still be in this ledger.
@@ -118,11 +123,25 @@ def privacy_budget_mod(msg: Message, context: Context, call_next: ClientAppCalla
     terms, looser = policy.terms_for(RunRequest.from_settings(settings))
     if terms is None:
         return refuse(STATUS_DECLINED, "; ".join(looser))
+    # Within the host's limits, from the run's asks and schema alone: no record read yet.
+    over = limits.check_rounds(settings.num_server_rounds)
+    if department.schema is not None:
+        over += schema_limits(department.schema, limits)
+    if over:
+        return refuse(STATUS_DECLINED, "; ".join(over))
     if is_factory(settings.model):
         try:
             load_factory(settings.model)  # from this host's own installed environment only
         except ModelError as err:
             return refuse(STATUS_DECLINED, f"model: {err}")
+    if ARRAYS_KEY not in msg.content:
+        return refuse(STATUS_DECLINED, "global model: the message carries none")
+    spec = ModelSpec.of_schema(department.schema) if department.schema is not None else ModelSpec.of_data(department.data)
+    try:
+        layout = admit_model(settings, spec, limits)
+        verified_state_dict(msg.content[ARRAYS_KEY], layout, limits.max_weight_magnitude)
+    except AdmissionError as err:
+        return refuse(STATUS_DECLINED, str(err))
     try:
         policy.check_records(len(department.data))
     except PolicyError as err:
@@ -136,12 +155,16 @@ def privacy_budget_mod(msg: Message, context: Context, call_next: ClientAppCalla
 
     # A round already released (the coordinator restarted): the same update again, no new charge.
     kept = LastUpdate(department.ledger_path)
-    digest = request_digest(run_id, server_round, msg.content[ARRAYS_KEY]) if ARRAYS_KEY in msg.content else ""
-    replay = kept.find(digest, ledger) if digest else None
+    digest = request_digest(run_id, server_round, msg.content[ARRAYS_KEY])
+    replay = kept.find(digest, ledger)
     if replay is not None:
         return _replay(msg, department, ledger, replay, terms, run_id, server_round)
 
     # 3. Plan the round from the reported size; the guard decides at the department's δ.
+    # The steps are bounded before any accountant runs: planning time grows with them.
+    over = limits.check_steps(plan_mechanism(size, settings.batch_size, settings.local_epochs, 1.0).steps)
+    if over:
+        return refuse(STATUS_DECLINED, "; ".join(over))
     prior = [e.mechanism for e in ledger.entries if e.private and e.run_id != run_id]
     try:
         mechanism = plan_round(settings, terms, size, prior)
@@ -160,32 +183,34 @@ def privacy_budget_mod(msg: Message, context: Context, call_next: ClientAppCalla
 
     # 4. Train exactly the plan; record before the update leaves.
     msg.content[PLAN_KEY] = _plan_record(True, mechanism, settings.max_grad_norm, size)
-    reply = call_next(msg, context)
-    if reply.has_error():
-        return reply  # nothing was released, so nothing is charged
-    metrics = reply.content[METRICS_KEY]
-    if int(metrics["steps"]) != mechanism.steps:
-        raise RuntimeError(
-            f"trainer ran {metrics['steps']} steps but the guard planned {mechanism.steps}; "
-            "refusing to release an unaccounted update"
-        )
+    charge = functools.partial(
+        ledger.append, run_id=run_id, round=server_round, mechanism=mechanism,
+        max_grad_norm=settings.max_grad_norm, delta=terms.delta, accountant=terms.accountant,
+        epsilon=decision.epsilon_after, num_examples=len(department.data), expected_seq=len(ledger.entries),
+        budget=terms.max_epsilon, reported_size=size,
+    )
+    try:
+        reply = call_next(msg, context)
+        failure = "" if not reply.has_error() else f"error reply {reply.error.code}"
+    except Exception as err:  # noqa: BLE001 - whatever stopped it, the records were touched
+        failure = f"{type(err).__name__}: {err}"
+    if not failure:
+        metrics = reply.content[METRICS_KEY]
+        if int(metrics["steps"]) != mechanism.steps:
+            failure = f"trainer ran {metrics['steps']} steps but the guard planned {mechanism.steps}"
+    if failure:
+        # Training began, so whether it failed may depend on the records (through the noisy
+        # steps only: post-processing).  Charged as released; the reply says nothing of why.
+        log.warning("[%s] round %s stopped after training began (%s); charged to the ledger, nothing sent",
+                    department.name, server_round, failure)
+        charge()
+        return refuse(STATUS_DECLINED, "training: the round stopped after it began; this department charged it "
+                      "to its ledger and sends no update (its operators can read why in its log)")
     _set_privacy_metrics(metrics, size, decision.epsilon_after, terms)
     seen = len(ledger.entries)  # ε above was computed from exactly these
-    if digest:  # kept first: an update whose charge is in the ledger can always be sent again
-        kept.keep(digest, run_id, server_round, seen + 1, reply.content[ARRAYS_KEY], dict(metrics))
-    entry = ledger.append(
-        run_id=run_id,
-        round=server_round,
-        mechanism=mechanism,
-        max_grad_norm=settings.max_grad_norm,
-        delta=terms.delta,
-        accountant=terms.accountant,
-        epsilon=decision.epsilon_after,
-        num_examples=len(department.data),
-        expected_seq=seen,
-        budget=terms.max_epsilon,
-        reported_size=size,
-    )
+    # kept first: an update whose charge is in the ledger can always be sent again
+    kept.keep(digest, run_id, server_round, seen + 1, reply.content[ARRAYS_KEY], dict(metrics))
+    entry = charge()
     _attach_head(reply, department, ledger, run_id, server_round, terms)
     log.info("[%s] round %s: ε=%.3f (δ=%g)", department.name, server_round, entry.epsilon, entry.delta)
     return reply

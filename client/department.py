@@ -14,7 +14,7 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 from fedsilo.shared.config import RunSettings
 from fedsilo.shared.data import Dataset, load_table, simulated_federation, split_columns
@@ -32,10 +32,17 @@ SIMULATED_DEFAULT_POLICY = DepartmentPolicy(max_epsilon=10.0)
 @dataclass(frozen=True)
 class Department:
     name: str  # display name; the ledger belongs to the signing key, not to it
-    data: Dataset
+    # Its records, or how to load them: a deployed department reads its table only
+    # once the run's asks passed its limits (client/admission.py).
+    source: Dataset | Callable[[], Dataset] | None
     ledger_dir: Path
     policy: DepartmentPolicy
     signing_key: Path  # the key that is its identity and signs its ledger entries
+    schema: DataSchema | None = None  # the run's schema its table is encoded with (deployed)
+
+    @property
+    def data(self) -> Dataset:
+        return self.source() if callable(self.source) else self.source
 
     @property
     def signer(self) -> Signer:
@@ -105,16 +112,14 @@ def _deployed_department(node_config: Mapping[str, Any], settings: RunSettings) 
         raise ValueError(
             "this run carries no data-schema; submit deployment runs with `fedsilo coordinator run`"
         )
-    data = _load_own_table(
-        str(node_config["data-path"]),
-        str(node_config.get("label-column", "label")),
-        settings.data_schema,
-    )
+    label_column = str(node_config.get("label-column", "label"))
+    schema = _run_schema(settings.data_schema, label_column)
+    data = functools.partial(_load_own_table, str(node_config["data-path"]), label_column, settings.data_schema)
     # The policy is the department's own (set on this host); the run only asks.
     policy = _policy(str(node_config["policy"]))
     return Department(
         str(node_config["department"]), data, Path(str(node_config["ledger-dir"])), policy,
-        Path(str(node_config["identity-key"])),
+        Path(str(node_config["identity-key"])), schema,
     )
 
 
@@ -124,8 +129,12 @@ def _policy(text: str) -> DepartmentPolicy:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_own_table(path: str, label_column: str, schema_json: str) -> Dataset:
+def _run_schema(schema_json: str, label_column: str) -> DataSchema:
     # The run's public schema decides every encoding; the department's own label
     # column name may differ from the coordinator's.
-    schema = DataSchema.from_json(schema_json, "the run's data schema").with_label_column(label_column)
-    return load_table(Path(path), label_column, schema=schema)
+    return DataSchema.from_json(schema_json, "the run's data schema").with_label_column(label_column)
+
+
+@functools.lru_cache(maxsize=4)
+def _load_own_table(path: str, label_column: str, schema_json: str) -> Dataset:
+    return load_table(Path(path), label_column, schema=_run_schema(schema_json, label_column))

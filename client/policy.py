@@ -29,6 +29,8 @@ from dataclasses import asdict, dataclass
 from fedsilo.shared.accounting import ACCOUNTANTS, Mechanism
 from fedsilo.shared.config import FACTORY, MODELS, RunSettings
 
+from .limits import LimitError, RunLimits
+
 
 class PolicyError(ValueError):
     """A policy setting is out of range; the message names it and what to use."""
@@ -90,6 +92,9 @@ class DepartmentPolicy:
         Model factories (``package.module:callable``) this department runs, from
         its own installed environment; the built-in models are always allowed.
         A run asking for any other factory is declined.
+    limits : RunLimits
+        The most one run may ask of this host (steps, rounds, model size,
+        schema width, run key, wall time, weight magnitude).
     """
 
     max_epsilon: float
@@ -100,6 +105,7 @@ class DepartmentPolicy:
     max_sample_rate: float = 1.0
     public_size: int | None = None
     models: tuple[str, ...] = ()
+    limits: RunLimits = RunLimits()
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_epsilon, (int, float)) and self.max_epsilon > 0 and math.isfinite(self.max_epsilon)):
@@ -122,6 +128,8 @@ class DepartmentPolicy:
         if malformed:
             raise PolicyError(f"allowed models must be factories written package.module:callable; got {', '.join(malformed)}")
         object.__setattr__(self, "models", models)
+        if not isinstance(self.limits, RunLimits):
+            raise PolicyError(f"the department's limits must be a RunLimits, got {type(self.limits).__name__}")
 
     # ------------------------------------------------------------------ decisions
     def terms_for(self, request: RunRequest) -> tuple[Terms | None, list[str]]:
@@ -204,14 +212,19 @@ class DepartmentPolicy:
         if not isinstance(raw, dict) or "max_epsilon" not in raw:
             raise PolicyError("the department policy must be a JSON object with at least max_epsilon")
         known = {"max_epsilon", "delta", "accountants", "allow_non_private", "min_noise_multiplier",
-                 "max_sample_rate", "public_size", "models"}
+                 "max_sample_rate", "public_size", "models", "limits"}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise PolicyError(f"unknown department policy setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         for key in ("accountants", "models"):
             if key in raw:
                 raw[key] = tuple(raw[key])
-        return cls(**raw)
+        try:
+            if "limits" in raw:
+                raw["limits"] = RunLimits.from_dict(raw["limits"])
+            return cls(**raw)
+        except (LimitError, TypeError) as err:
+            raise PolicyError(f"the department policy is malformed: {err}") from None
 
 
 def size_bucket(num_records: int) -> int:

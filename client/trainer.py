@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import secrets
+import time
 import warnings
 from dataclasses import dataclass
 
@@ -25,6 +26,18 @@ warnings.filterwarnings("ignore", message="Full backward hook is firing")
 from fedsilo.shared.data import Dataset
 from fedsilo.shared.model_factory import ghost_norm_coverage, resolve_grad_sample_mode  # noqa: F401 (re-exported)
 from fedsilo.shared.models import loss_function, resolve_device, to_tensor_dataset
+
+
+# A per-sample gradient past this norm (or not finite) contributes zero: its clip
+# factor would fall below float32's normal range and lose the bound's precision.
+MAX_SAMPLE_NORM = 1e30
+
+
+class TrainingStopped(RuntimeError):
+    """Training began but its result may not leave (past the wall-time limit, or not finite).
+
+    The records were touched: the round is charged as if it had been released.
+    """
 
 
 @dataclass(frozen=True)
@@ -62,13 +75,30 @@ def train_dp(
     momentum: float = 0.5,
     grad_sample_mode: str = "auto",
     device: torch.device | None = None,
+    planned_size: int | None = None,
+    deadline: float | None = None,
 ) -> TrainResult:
     """Run ``mechanism.steps`` DP-SGD steps on ``model`` in place.
 
     Every Poisson batch is taken, empty ones included: an empty batch is still a
     step of the mechanism that the plan charged for.
+
+    The mechanism is DP whatever ``model`` is (a coordinator may craft it):
+
+    * the noisy sum is divided by ``planned_size · q`` — the size the round was
+      planned from (public or reported), never ``len(data)``, which would put the
+      exact count into the update's spread;
+    * a record whose per-sample gradient is not finite, or past
+      :data:`MAX_SAMPLE_NORM`, contributes zero (:func:`robust_clipped_sum`), so
+      no record can turn the release non-finite;
+    * the result must be finite; otherwise :class:`TrainingStopped` — a function
+      of the noisy steps only, so post-processing.
+
+    ``deadline`` (``time.monotonic()``) stops a round past its wall time with
+    :class:`TrainingStopped`.
     """
     from opacus import PrivacyEngine
+    from opacus.data_loader import DPDataLoader
 
     grad_sample_mode = resolve_grad_sample_mode(grad_sample_mode, model)
     device = device or resolve_device()
@@ -78,9 +108,14 @@ def train_dp(
     # the plan came from a reported size other than the exact count.
     batches = round(1.0 / mechanism.sample_rate)
     chunks = [chunk.tolist() for chunk in np.array_split(np.arange(len(data)), batches)]
-    loader = DataLoader(to_tensor_dataset(data), batch_sampler=chunks)
+    # Who is in a batch must be as unpredictable as the noise: a generator of its
+    # own from fresh OS entropy, never the process-wide one a factory could seed.
+    sampling = torch.Generator().manual_seed(secrets.randbits(63))
+    loader = DPDataLoader.from_data_loader(
+        DataLoader(to_tensor_dataset(data), batch_sampler=chunks), generator=sampling)
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
     criterion = loss_function(data.task)
+    per_sample_loss = loss_function(data.task)
     # DP noise must be unpredictable: draw it from a generator seeded with fresh OS
     # entropy every round, never from a seeded global RNG.
     noise = torch.Generator(device=device).manual_seed(secrets.randbits(63))
@@ -93,7 +128,7 @@ def train_dp(
             data_loader=loader,
             noise_multiplier=mechanism.noise_multiplier,
             max_grad_norm=max_grad_norm,
-            poisson_sampling=True,
+            poisson_sampling=False,  # the loader above already samples
             grad_sample_mode=grad_sample_mode,
             noise_generator=noise,
         )
@@ -101,24 +136,117 @@ def train_dp(
             private, optimizer, criterion, dp_loader = engine.make_private(criterion=criterion, **kwargs)
         else:
             private, optimizer, dp_loader = engine.make_private(**kwargs)
+    # Opacus divides by int(len(dataset) · q): the exact count.  The plan's size instead.
+    optimizer.expected_batch_size = (planned_size if planned_size is not None else len(data)) * mechanism.sample_rate
     steps, losses = 0, []
     epochs = mechanism.steps // batches
     for _ in range(epochs):
         for xb, yb in dp_loader:
+            if deadline is not None and time.monotonic() > deadline:
+                private._close()
+                raise TrainingStopped(f"the round passed its wall-time limit after {steps} of {mechanism.steps} steps")
             xb, yb = xb.to(device), yb.to(device)
             optimizer.zero_grad(set_to_none=True)
             # An empty Poisson batch still goes through: Opacus adds noise to a
             # zero gradient sum, which is exactly the mechanism's step.
             loss = criterion(private(xb), yb)
             loss.backward()
+            if grad_sample_mode == "ghost":
+                _ghost_guard(private, per_sample_loss, xb, yb, max_grad_norm)
+            else:
+                _zero_unbounded_samples(optimizer.params)
             optimizer.step()
             if len(yb):
-                losses.append(float(loss.detach()))
+                value = float(loss.detach())
+                if math.isfinite(value):
+                    losses.append(value)
             steps += 1
     if steps != mechanism.steps:
         raise RuntimeError(f"ran {steps} steps, the mechanism charged {mechanism.steps}")
     private._close()  # remove Opacus' hooks and per-sample buffers: a plain module again
+    if not all(bool(torch.isfinite(v).all()) for v in model.state_dict().values() if v.is_floating_point()):
+        raise TrainingStopped("the trained model is not finite (the run's learning rate or model diverged)")
     return TrainResult(steps, len(data), float(np.mean(losses)) if losses else float("nan"), grad_sample_mode)
+
+
+def _sample_ok(norms: torch.Tensor) -> torch.Tensor:
+    """Which per-sample gradient norms are finite and within :data:`MAX_SAMPLE_NORM`."""
+    return torch.isfinite(norms) & (norms <= MAX_SAMPLE_NORM)
+
+
+def _zero_unbounded_samples(params) -> None:
+    """Per-sample gradients (hooks modes) of records that would break clipping become zero.
+
+    Opacus clips by ``C / (norm + 1e-6)``: an infinite entry makes ``0 · inf``
+    = NaN in the sum.  Zeroing a record's whole gradient keeps its contribution
+    (0) within C and is a function of that record alone.
+    """
+    samples = [p.grad_sample for p in params if getattr(p, "grad_sample", None) is not None]
+    if not samples or not isinstance(samples[0], torch.Tensor) or len(samples[0]) == 0:
+        return
+    norms = torch.stack([g.reshape(len(g), -1).norm(2, dim=-1) for g in samples], dim=1).norm(2, dim=1)
+    ok = _sample_ok(norms)
+    if bool(ok.all()):
+        return
+    for p in params:
+        g = getattr(p, "grad_sample", None)
+        if isinstance(g, torch.Tensor):
+            p.grad_sample = torch.where(ok.view(-1, *([1] * (g.dim() - 1))).to(g.device), g, torch.zeros((), dtype=g.dtype, device=g.device))
+
+
+def _ghost_guard(private, per_sample_loss: nn.Module, xb: torch.Tensor, yb: torch.Tensor, max_grad_norm: float) -> None:
+    """Ghost clipping never materializes per-sample gradients; when one would break it, recompute the batch.
+
+    Ghost clipping's second backward multiplies each record's gradient by its clip
+    factor inside autograd, where ``0 · inf`` is NaN.  When any norm is not
+    finite (or past the bound) or the clipped sum is not finite, the clipped sum
+    is recomputed exactly from per-sample gradients (:func:`robust_clipped_sum`).
+    """
+    norms = getattr(private, "per_sample_gradient_norms", None)
+    params = [p for p in private._module.parameters() if p.requires_grad]
+    fine = norms is None or bool(_sample_ok(norms).all())
+    if fine and all(p.grad is None or bool(torch.isfinite(p.grad).all()) for p in params):
+        return
+    clipped = robust_clipped_sum(private, per_sample_loss, xb, yb, max_grad_norm)
+    for p, g in zip(params, clipped):
+        p.grad = g
+
+
+def robust_clipped_sum(private, per_sample_loss: nn.Module, xb: torch.Tensor, yb: torch.Tensor,
+                       max_grad_norm: float) -> list[torch.Tensor]:
+    """Σ_i clip_C(g_i) over the batch, from per-sample gradients (``torch.func``), with unbounded ones zero.
+
+    The same clipping as Opacus' (factor ``min(1, C / (‖g_i‖ + 1e-6))``).
+    Returns one tensor per trainable parameter of ``private._module``, in order.
+    """
+    from torch.func import functional_call, grad, vmap
+
+    module = private._module
+    names = [n for n, p in module.named_parameters() if p.requires_grad]
+    params = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
+    frozen = {n: p.detach() for n, p in module.named_parameters() if not p.requires_grad}
+    buffers = {n: b.detach() for n, b in module.named_buffers()}
+    if len(xb) == 0:
+        return [torch.zeros_like(params[n]) for n in names]
+
+    def loss_of_one(p, x, y):
+        return per_sample_loss(functional_call(module, (p, frozen, buffers), (x.unsqueeze(0),)), y.unsqueeze(0))
+
+    private.disable_hooks()
+    try:
+        per_sample = vmap(grad(loss_of_one), in_dims=(None, 0, 0))(params, xb, yb)
+    finally:
+        private.enable_hooks()
+    flat = [per_sample[n].reshape(len(xb), -1) for n in names]
+    norms = torch.stack([f.norm(2, dim=-1) for f in flat], dim=1).norm(2, dim=1)
+    ok = _sample_ok(norms)
+    factor = torch.where(ok, (max_grad_norm / (norms + 1e-6)).clamp(max=1.0), torch.zeros_like(norms))
+    out = []
+    for n in names:
+        g = per_sample[n]
+        g = torch.where(ok.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros((), dtype=g.dtype, device=g.device))
+        out.append(torch.einsum("i,i...->...", factor.to(g.dtype), g))
+    return out
 
 
 def train_plain(

@@ -171,7 +171,8 @@ class RunSettings:
             (self.batch_size >= 1, "batch-size must be at least 1"),
             (self.learning_rate > 0, "learning-rate must be positive"),
             (0 <= self.momentum < 1, "momentum must be in [0, 1)"),
-            (self.max_grad_norm > 0, "max-grad-norm must be positive"),
+            # Bounded so every clip factor C/‖g‖ of a bounded per-sample gradient stays a normal float32.
+            (1e-6 <= self.max_grad_norm <= 1e6, "max-grad-norm must be in [1e-6, 1e6]"),
             (self.delta == 0 or 0 < self.delta < 1, "delta must be 0 (ask nothing) or in (0, 1), e.g. 1e-5"),
             (self.noise_multiplier >= 0, "noise-multiplier must be >= 0"),
             (self.target_epsilon >= 0, "target-epsilon must be >= 0 (0 = off)"),
@@ -229,7 +230,8 @@ class RunSettings:
                 raise ConfigError(
                     f"run config '{key}' = {raw!r} is not a {type(default).__name__}"
                 ) from err
-        for name in ("noise_multiplier", "max_epsilon", "delta", "learning_rate", "max_update_norm", "trim_fraction",
+        for name in ("noise_multiplier", "max_epsilon", "delta", "learning_rate", "max_grad_norm", "momentum",
+                     "target_epsilon", "fraction_train", "round_timeout", "connect_timeout", "max_update_norm", "trim_fraction",
                      "central_noise_multiplier", "central_clip_norm", "central_delta", "central_max_epsilon"):
             if not math.isfinite(values[name]):
                 raise ConfigError(f"{name.replace('_', '-')} must be a finite number")
