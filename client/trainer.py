@@ -214,39 +214,31 @@ def _ghost_guard(private, per_sample_loss: nn.Module, xb: torch.Tensor, yb: torc
 
 def robust_clipped_sum(private, per_sample_loss: nn.Module, xb: torch.Tensor, yb: torch.Tensor,
                        max_grad_norm: float) -> list[torch.Tensor]:
-    """Σ_i clip_C(g_i) over the batch, from per-sample gradients (``torch.func``), with unbounded ones zero.
+    """Σ_i clip_C(g_i) over the batch from each record's own gradient, unbounded ones zero.
 
-    The same clipping as Opacus' (factor ``min(1, C / (‖g_i‖ + 1e-6))``).
-    Returns one tensor per trainable parameter of ``private._module``, in order.
+    The same clipping as Opacus' (factor ``min(1, C / (‖g_i‖ + 1e-6))``).  One
+    backward per record, with Opacus' hooks off: only for a batch that ghost
+    clipping cannot bound, so its cost is no concern.  Returns one tensor per
+    trainable parameter of ``private._module``, in order.
     """
-    from torch.func import functional_call, grad, vmap
-
     module = private._module
-    names = [n for n, p in module.named_parameters() if p.requires_grad]
-    params = {n: p.detach() for n, p in module.named_parameters() if p.requires_grad}
-    frozen = {n: p.detach() for n, p in module.named_parameters() if not p.requires_grad}
-    buffers = {n: b.detach() for n, b in module.named_buffers()}
-    if len(xb) == 0:
-        return [torch.zeros_like(params[n]) for n in names]
-
-    def loss_of_one(p, x, y):
-        return per_sample_loss(functional_call(module, (p, frozen, buffers), (x.unsqueeze(0),)), y.unsqueeze(0))
-
+    params = [p for p in module.parameters() if p.requires_grad]
+    total = [torch.zeros_like(p) for p in params]
     private.disable_hooks()
     try:
-        per_sample = vmap(grad(loss_of_one), in_dims=(None, 0, 0))(params, xb, yb)
+        for i in range(len(xb)):
+            loss = per_sample_loss(module(xb[i:i + 1]), yb[i:i + 1])
+            grads = torch.autograd.grad(loss, params, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+            norm = torch.stack([g.norm(2) for g in grads]).norm(2)
+            if not bool(_sample_ok(norm)):
+                continue  # contributes zero
+            factor = min(1.0, max_grad_norm / (float(norm) + 1e-6))
+            for t, g in zip(total, grads):
+                t.add_(g, alpha=factor)
     finally:
         private.enable_hooks()
-    flat = [per_sample[n].reshape(len(xb), -1) for n in names]
-    norms = torch.stack([f.norm(2, dim=-1) for f in flat], dim=1).norm(2, dim=1)
-    ok = _sample_ok(norms)
-    factor = torch.where(ok, (max_grad_norm / (norms + 1e-6)).clamp(max=1.0), torch.zeros_like(norms))
-    out = []
-    for n in names:
-        g = per_sample[n]
-        g = torch.where(ok.view(-1, *([1] * (g.dim() - 1))), g, torch.zeros((), dtype=g.dtype, device=g.device))
-        out.append(torch.einsum("i,i...->...", factor.to(g.dtype), g))
-    return out
+    return total
 
 
 def train_plain(
