@@ -19,6 +19,7 @@ from fedsilo.shared.ledger import LedgerError
 from fedsilo.shared.model_factory import ModelError
 
 from .executor import INPUT_WAIT, DepartmentExecutor
+from .limits import LimitError, RunLimits
 from .policy import DepartmentPolicy, PolicyError
 from .supernode import DepartmentNode, DepartmentStartError, explain_exit
 
@@ -49,6 +50,7 @@ def start(
     port: Annotated[Optional[int], typer.Option(help="Local port for the SuperNode's loopback API (default: a free one).")] = None,
     activation_wait: Annotated[float, typer.Option(min=0, help="Seconds to keep retrying when the coordinator does not accept this department yet (after a crash it counts the old start online for up to a minute).")] = 75.0,
     task_input_wait: Annotated[float, typer.Option(min=1, help="Seconds a task's message may take to arrive complete from the coordinator before it is given up (one left behind by a run that ended while the coordinator was unreachable never does).")] = INPUT_WAIT,
+    limit: Annotated[Optional[list[str]], typer.Option(help="A limit on what one run may ask of this host, NAME=VALUE (repeat for several): max-steps-per-round, max-rounds, max-model-parameters, max-features, max-categories, max-classes, max-run-key-length, max-round-seconds, max-weight-magnitude. See docs/privacy.md for the defaults.")] = None,
 ) -> None:
     """Validate everything, then join the federation over TLS with this department's identity."""
     if max_epsilon is None:
@@ -62,8 +64,9 @@ def start(
             max_epsilon=max_epsilon, delta=delta, accountants=tuple(split_columns(accountants)),
             allow_non_private=allow_non_private, min_noise_multiplier=min_noise_multiplier,
             max_sample_rate=max_sample_rate, public_size=public_size, models=tuple(allow_model or ()),
+            limits=RunLimits.from_options(list(limit or ())),
         )
-    except PolicyError as err:
+    except (PolicyError, LimitError) as err:
         err_console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
     node = DepartmentNode(

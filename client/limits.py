@@ -121,6 +121,23 @@ class RunLimits:
         return asdict(self)
 
     @classmethod
+    def from_options(cls, options: list[str]) -> "RunLimits":
+        """Limits from ``NAME=VALUE`` options (``max-steps-per-round=5000``); the rest keep their defaults."""
+        types = {f.name: f.type for f in fields(cls)}
+        values: dict[str, Any] = {}
+        for option in options:
+            name, sep, text = option.partition("=")
+            key = name.strip().replace("-", "_")
+            if not sep or key not in types:
+                known = ", ".join(f.name.replace("_", "-") for f in fields(cls))
+                raise LimitError(f"--limit {option!r}: write NAME=VALUE with NAME one of {known}")
+            try:
+                values[key] = int(text) if types[key] in ("int", int) else float(text)
+            except ValueError:
+                raise LimitError(f"--limit {option!r}: {text!r} is not a number") from None
+        return cls(**values)
+
+    @classmethod
     def from_dict(cls, raw: Any) -> "RunLimits":
         if not isinstance(raw, dict):
             raise LimitError("the department policy's limits must be a JSON object")

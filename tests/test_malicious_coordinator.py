@@ -243,3 +243,17 @@ def test_any_message_gives_a_finite_dp_update_or_a_refusal(tmp_path_factory, ser
             assert math.isfinite(reply.content[METRICS_KEY]["epsilon"])
 
     check()
+
+
+def test_department_start_refuses_a_malformed_limit(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedsilo.cli import app as cli
+
+    args = ["department", "start", "--coordinator", "127.0.0.1:1", "--ca", str(tmp_path / "ca.crt"),
+            "--key", str(tmp_path / "k.key"), "--data", str(tmp_path / "d.csv"), "--ledger", str(tmp_path / "l"),
+            "--max-epsilon", "3"]
+    for bad in ("max-steps-per-round=0", "max-stepz=5", "max-round-seconds=soon"):
+        result = CliRunner().invoke(cli, [*args, "--limit", bad])
+        assert result.exit_code == 2, result.output
+        assert "max-" in result.output and "Traceback" not in result.output
