@@ -270,7 +270,7 @@ def _submit(connection, settings: RunSettings, run_dir: Path, verbose: bool) -> 
         summary = print_run_report(run_dir, console)
     else:
         summary = {"status": "failed"}
-    if not outcome.ok or summary["status"] == "failed":
+    if not outcome.ok or summary["status"] in ("failed", "too-few-updates"):
         if (run_dir / CHECKPOINT_FILE).exists():
             err_console.print(f"Its completed rounds are kept: continue with `fedsilo coordinator run --resume {run_dir}`")
         _fail(f"run {outcome.run_id} ended as '{outcome.status}'; full log: {outcome.log_path}", 1)
