@@ -19,12 +19,15 @@ For each ledger the audit
    truncated off the end, a ledger restored from an older copy, and forks.
 
 :attr:`AuditResult.checked` and :attr:`AuditResult.unavailable` say exactly
-what was and was not verified.
+what was and was not verified.  A ledger that is missing, empty, a symlink
+loop, not a regular file, or not readable as ledger entries never verifies: it
+is named in :attr:`AuditResult.unreadable` (``fedsilo audit`` exits 2 for it).
+Every file is read through :mod:`fedsilo.shared.safe_read`.
 """
 
 from __future__ import annotations
 
-import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,15 +35,22 @@ from pathlib import Path
 import numpy as np
 from opacus.accountants import PRVAccountant, RDPAccountant
 
-from . import accounting
-from .ledger import COORDINATOR, LedgerEntry, signer_of, verify_ledger
+from . import accounting, safe_read
+from .ledger import COORDINATOR, LedgerEntry, first_entry, signer_of, verify_ledger
 from .model_card import CARD_FILE, CardError, card_problems, read_card
 from .record import RECORD_FILE, RecordVerification, verify_record
 from .runs import SIMULATION, resolve_run_dir
+from .safe_read import UnreadableFile
 from .signing import SigningKeyError, fingerprint, load_public_key
 
 # Relative slack when comparing a recorded ε with a re-derived one.
 TOLERANCE = 1e-6
+# Opacus' PRV grows its grid with the steps (0.7 s at 10^4 steps, 7 s at 10^5,
+# 36.7 PiB asked at 10^15): past this many steps of one mechanism it is not run.
+PRV_MAX_STEPS = 100_000
+# Without PRV, PLD alone judges an under-report: it is pessimistic, and agrees
+# with PRV to ~1 % on honest histories, so a PRV-recorded ε gets this slack.
+PLD_ONLY_SLACK = 0.02
 
 
 @dataclass
@@ -70,6 +80,7 @@ class DepartmentAudit:
     problems: list[str] = field(default_factory=list)
     findings: list[str] = field(default_factory=list)  # not failures, never hidden
     entries: list[LedgerEntry] = field(default_factory=list, repr=False)  # as verified
+    unreadable: bool = False  # missing, empty, not a regular file, or not ledger entries
 
     @property
     def left(self) -> float | None:
@@ -88,7 +99,7 @@ class DepartmentAudit:
             "budget": self.budget, "left": self.left, "private": bool(np.isfinite(self.epsilon)),
             "identity": self.identity, "key": self.key, "names": self.names, "records": self.records,
             "first": self.first, "last": self.last, "software": self.software,
-            "acknowledged": self.acknowledged,
+            "acknowledged": self.acknowledged, "unreadable": self.unreadable,
             "ledger": self.path, "problems": self.problems, "findings": self.findings,
         }
 
@@ -101,6 +112,7 @@ class AuditResult:
     central: DepartmentAudit | None = None
     checked: list[str] = field(default_factory=list)  # what was verified
     unavailable: list[str] = field(default_factory=list)  # what could not be, and why
+    unreadable: list[str] = field(default_factory=list)  # files that could not be read (each also a problem)
 
     @property
     def rows(self) -> list[DepartmentAudit]:
@@ -112,9 +124,15 @@ class AuditResult:
         return [f"{row.id}: {f}" for row in self.rows for f in row.findings]
 
     @property
+    def readable(self) -> bool:
+        """False when a ledger, the record, the summary or the card could not be read at all."""
+        return not self.unreadable and not any(row.unreadable for row in self.rows)
+
+    @property
     def ok(self) -> bool:
         return (
-            not self.problems
+            self.readable
+            and not self.problems
             and all(d.verified for d in self.departments)
             and (self.central is None or self.central.verified)
         )
@@ -128,6 +146,7 @@ class AuditResult:
             "findings": self.findings,
             "checked": self.checked,
             "unavailable": self.unavailable,
+            "unreadable": self.unreadable + [f"{row.path}: {'; '.join(row.problems[:1])}" for row in self.rows if row.unreadable],
         }
 
 
@@ -140,11 +159,18 @@ def _history(entries: list[LedgerEntry]) -> list[tuple[float, float, int]]:
     return accounting.merge_history(e.mechanism for e in entries)
 
 
-def _opacus_epsilon(entries: list[LedgerEntry], accountant_cls, delta: float) -> float:
+def prv_feasible(entries: list[LedgerEntry]) -> bool:
+    """Whether Opacus' PRV can re-derive this history in bounded memory and time."""
+    return all(steps <= PRV_MAX_STEPS for _, _, steps in _history(entries))
+
+
+def _opacus_epsilon(entries: list[LedgerEntry], accountant_cls, delta: float) -> float | None:
     acc = accountant_cls()
     acc.history = _history(entries)
     if not acc.history:
         return 0.0
+    if accountant_cls is PRVAccountant and not prv_feasible(entries):
+        return None
     with np.errstate(divide="ignore"):  # PRV at q = 1 takes log(0) on the way
         return float(acc.get_epsilon(delta=delta))
 
@@ -176,6 +202,10 @@ def key_index(folder: Path) -> tuple[dict[str, tuple[str, object]], list[str]]:
 def audit_ledger(path: Path, keys: Path | None = None, rederive_every_entry: bool = True) -> DepartmentAudit:
     """Verify one ledger file and re-derive its ε."""
     row = DepartmentAudit(id=_department_of(path), path=str(path))
+    if not os.path.lexists(path):
+        row.problems.append("the ledger does not exist: a missing ledger proves nothing")
+        row.unreadable = True
+        return row
     # Only the keys the auditor trusts: with --keys, a .pub beside the ledger
     # could have been written by whoever re-signed it.
     folder = keys if keys else path.parent
@@ -189,6 +219,10 @@ def audit_ledger(path: Path, keys: Path | None = None, rederive_every_entry: boo
         row.key = f"{match[0]} in {folder}" + ("" if keys else " (beside the ledger: consistency only, not proof)")
     found = verify_ledger(path, public_key)
     row.problems += found.problems
+    row.unreadable = bool(found.unreadable)
+    if not found.entries and not found.problems:
+        row.problems.append("the ledger is empty: it holds no entry, so it proves nothing (truncated, or never written?)")
+        row.unreadable = True
     if public_key is None and found.entries:
         row.problems.append(
             f"no public key with fingerprint {signer or '(none)'} in {folder}"
@@ -238,13 +272,20 @@ def _check_epsilon(row: DepartmentAudit, entries: list[LedgerEntry], every_entry
         if recorded.epsilon >= pld * (1 - TOLERANCE) - 1e-9:
             continue
         prv = _opacus_epsilon(prefix, PRVAccountant, recorded.delta)
-        if recorded.epsilon < min(prv, pld) * (1 - TOLERANCE) - 1e-9:
+        floor = min(prv, pld) if prv is not None else pld * (1 - PLD_ONLY_SLACK)
+        if recorded.epsilon < floor * (1 - TOLERANCE) - 1e-9:
+            shown = f"PRV {prv:.4f}, " if prv is not None else "PRV not run: too many steps; "
             row.problems.append(
                 f"entry seq {recorded.seq}: recorded ε={recorded.epsilon:.4f} is below the re-derived "
-                f"ε (PRV {prv:.4f}, PLD {pld:.4f}) at δ={recorded.delta:g}: budget under-reported"
+                f"ε ({shown}PLD {pld:.4f}) at δ={recorded.delta:g}: budget under-reported"
             )
     delta = entries[-1].delta
     row.epsilon_prv = _opacus_epsilon(private, PRVAccountant, delta)
+    if row.epsilon_prv is None:
+        row.findings.append(
+            f"Opacus PRV not re-derived: one mechanism ran more than {PRV_MAX_STEPS} steps, past what PRV "
+            "evaluates in bounded memory; PLD and RDP re-derived ε"
+        )
     row.epsilon_rdp = _opacus_epsilon(private, RDPAccountant, delta)
     row.epsilon_pld = pld_epsilon(private, delta)
 
@@ -285,8 +326,10 @@ def _certificate_key(path: Path):
     from cryptography.hazmat.primitives.asymmetric import ec
 
     try:
-        key = x509.load_pem_x509_certificate(path.read_bytes()).public_key()
-    except (OSError, ValueError) as err:
+        key = x509.load_pem_x509_certificate(safe_read.read_bytes(path, safe_read.MAX_KEY_BYTES, "certificate")).public_key()
+    except UnreadableFile as err:
+        raise SigningKeyError(str(err)) from None
+    except ValueError as err:
         raise SigningKeyError(f"cannot read the certificate '{path}': {err}") from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise SigningKeyError(f"the certificate '{path}' does not hold an EC key")
@@ -294,12 +337,9 @@ def _certificate_key(path: Path):
 
 
 def _department_of(path: Path) -> str:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            first = fh.readline()
-        return str(json.loads(first)["department"]) if first.strip() else path.stem
-    except (ValueError, KeyError, TypeError, OSError):
-        return path.stem
+    first = first_entry(path)  # read safely: the file may be a FIFO, a directory, binary
+    name = first.get("department") if first else None
+    return name if isinstance(name, str) and 0 < len(name) <= 1024 else path.stem
 
 
 # ----------------------------------------------------------------------------- runs
@@ -394,7 +434,7 @@ def cross_check(summary: dict, rows: dict[str, DepartmentAudit]) -> None:
     for name, row in rows.items():
         if row.budget is None:
             budget = summary.get("departments", {}).get(name, {}).get("max_epsilon") or summary.get("max_epsilon")
-            row.budget = float(budget) if budget is not None else None
+            row.budget = float(budget) if isinstance(budget, (int, float)) else None
         row.verified = not row.problems
 
 
@@ -413,12 +453,12 @@ def _record_key(record_path: Path, keys: Path | None) -> tuple[object | None, st
 
 
 def _ledger_files(places) -> list[Path]:
-    """The ``*.jsonl`` ledgers in each given folder, or each given file."""
+    """The ``*.jsonl`` ledgers in each given folder, or each given file (any other kind: read, and refused, as a ledger)."""
     files = []
     for place in map(Path, places):
-        if not place.exists():
+        if not os.path.lexists(place):
             raise FileNotFoundError(f"--ledgers '{place}' does not exist; give a folder of collected ledgers or a .jsonl ledger")
-        found = [place] if place.is_file() else sorted(place.glob("*.jsonl"))
+        found = sorted(place.glob("*.jsonl")) if _is_folder(place) else [place]
         if not found:
             raise FileNotFoundError(f"--ledgers '{place}' holds no ledger (*.jsonl)")
         files += found
@@ -436,27 +476,31 @@ def audit_path(path: Path | str, keys: Path | str | None = None, record: Path | 
     """
     path = resolve_run_dir(path)  # an output folder stands for its latest run
     keys = Path(keys) if keys else None
-    if not path.exists():
+    if not os.path.lexists(path):
         raise FileNotFoundError(f"'{path}' does not exist; give a run directory, a ledger directory or a .jsonl ledger")
     collected = _ledger_files(ledgers)
     summary = None
     central_file = None
-    if path.is_file():
+    unreadable: list[str] = []
+    if not _is_folder(path):  # a file, or anything else given as one: read (and refused) as a ledger
         files = [path]
     else:
         folder = path / "ledgers" if (path / "ledgers").is_dir() else path
         files = sorted(folder.glob("*.jsonl"))
-        if (path / "summary.json").exists():
-            summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
+        if os.path.lexists(path / "summary.json"):
+            try:
+                summary = _summary_of(path / "summary.json")
+            except UnreadableFile as err:
+                unreadable.append(f"the run's summary: {err}")
         if summary is not None and summary.get("central"):
             central_file = Path(summary["central"]["ledger"])
             if not central_file.is_absolute():
                 central_file = path / central_file
-        elif (path / "central" / f"{COORDINATOR}.jsonl").exists():
+        elif os.path.lexists(path / "central" / f"{COORDINATOR}.jsonl"):
             central_file = path / "central" / f"{COORDINATOR}.jsonl"
     if record is None and summary is not None and summary.get("record"):
         record = Path(summary["record"]) if Path(summary["record"]).is_absolute() else path / summary["record"]
-    elif record is None and path.is_dir() and (path / "record" / RECORD_FILE).exists():
+    elif record is None and path.is_dir() and os.path.lexists(path / "record" / RECORD_FILE):
         record = path / "record" / RECORD_FILE
     record = Path(record) if record else None
     # A deployment's run folder: the coordinator's files only, no ledgers/ of its own.
@@ -466,7 +510,8 @@ def audit_path(path: Path | str, keys: Path | str | None = None, record: Path | 
     if central_file is not None and central_file not in files:
         audited.append(audit_ledger(central_file, keys))
     central = next((row for row in audited if row.id == COORDINATOR), None)
-    result = AuditResult([row for row in audited if row is not central], central=central)
+    result = AuditResult([row for row in audited if row is not central], central=central, unreadable=unreadable)
+    result.problems += unreadable
     if deployment and not collected:
         result.unavailable.append(
             "the departments' ledgers: a deployment's stay on the department hosts, so ε was not re-derived "
@@ -474,14 +519,20 @@ def audit_path(path: Path | str, keys: Path | str | None = None, record: Path | 
         )
     elif not files and central is None:
         result.problems.append(f"no ledgers (*.jsonl) found in '{path}'")
-    if central_file is not None and not central_file.exists():
+    if central_file is not None and not os.path.lexists(central_file):
         result.problems.append(f"the run used client-level DP but its coordinator ledger '{central_file}' is missing")
     if summary is not None and central is not None:
-        cross_check_central(summary, central)
+        _guarded(result, "the run summary", cross_check_central, summary, central)
     _say_what_was_checked(result, keys)
-    if record is not None and record.exists():
+    verification = None
+    if record is not None and os.path.lexists(record):
         key, where = _record_key(record, keys)
-        verification = verify_record(record, key)
+        try:
+            verification = verify_record(record, key)
+        except UnreadableFile as err:
+            result.unreadable.append(f"the coordinator's record: {err}")
+            result.problems.append(result.unreadable[-1])
+    if verification is not None:
         result.problems += [f"coordinator record: {p}" for p in verification.problems]
         cross_check_record(verification, result.departments, result, expect_all=summary is not None and summary.get("ledgers") is not None and (path / "ledgers").is_dir())
         if deployment and collected:
@@ -503,24 +554,57 @@ def audit_path(path: Path | str, keys: Path | str | None = None, record: Path | 
                 "the coordinator's public key (coordinator.crt in --keys): the record's own signatures were not verified"
             )
     else:
-        if record is not None:
+        if record is not None and not os.path.lexists(record):
             result.problems.append(f"the coordinator's record '{record}' does not exist")
         result.unavailable.append(
             "the coordinator's record of acknowledged heads (give --record FILE, or audit a run folder): "
             "entries truncated off the end of a ledger, or a ledger restored from an older copy, cannot be detected"
         )
         if summary is not None and result.departments:
-            cross_check(summary, {row.id: row for row in result.departments})
+            _guarded(result, "the run summary", cross_check, summary, {row.id: row for row in result.departments})
             result.checked.append("the run's summary.json (unsigned, by name) against the ledgers")
     for row in result.departments:
         if row.budget is None and summary is not None:
             budget = summary.get("departments", {}).get(row.id, {}).get("max_epsilon") or summary.get("max_epsilon")
-            row.budget = float(budget) if budget is not None else None
-    if path.is_dir() and (path / CARD_FILE).exists():
-        verification = verify_record(record) if record is not None and record.exists() else None
+            row.budget = float(budget) if isinstance(budget, (int, float)) else None
+    if path.is_dir() and os.path.lexists(path / CARD_FILE):
         key, where = _record_key(record, keys) if record is not None else (None, "")
-        cross_check_card(path, verification, result, key, where)
+        _guarded(result, "the model card", cross_check_card, path, verification, result, key, where)
     return result
+
+
+def _guarded(result: AuditResult, what: str, check, *args) -> None:
+    """Run a cross-check over a file a coordinator wrote; a malformed one is unreadable, not a crash."""
+    try:
+        check(*args)
+    except (TypeError, ValueError, KeyError, AttributeError, IndexError) as err:
+        result.unreadable.append(f"{what} is malformed ({type(err).__name__}: {str(err)[:120]}); it is not a file fedsilo wrote")
+        result.problems.append(result.unreadable[-1])
+
+
+def _is_folder(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except OSError:  # a symlink loop: not a folder, and refused when read as a ledger
+        return False
+
+
+def _summary_of(path: Path) -> dict:
+    """A run's ``summary.json``, read safely and checked for the shape the audit relies on."""
+    summary = safe_read.load_json(path, "run summary")
+    shape = {"run_id": (str, int), "rounds": list, "departments": dict, "central": (dict, type(None)),
+             "record": (str, type(None)), "ledgers": object, "max_epsilon": (int, float, type(None))}
+    for name, kind in shape.items():
+        if name in summary and not isinstance(summary[name], kind):
+            raise UnreadableFile(path, f"the run summary's '{name}' is of the wrong type", hint="it is not a summary fedsilo wrote")
+    if not all(isinstance(r, dict) and type(r.get("round")) is int for r in summary.get("rounds", [])):
+        raise UnreadableFile(path, "the run summary's rounds must be objects with a whole 'round'", hint="it is not a summary fedsilo wrote")
+    central = summary.get("central")
+    if central and not isinstance(central.get("ledger"), str):
+        raise UnreadableFile(path, "the run summary's central 'ledger' must be a path", hint="it is not a summary fedsilo wrote")
+    if not all(isinstance(v, dict) for v in summary.get("departments", {}).values()):
+        raise UnreadableFile(path, "the run summary's departments must be objects", hint="it is not a summary fedsilo wrote")
+    return summary
 
 
 def _same_epsilon(stated: float | None, acknowledged: float) -> bool:

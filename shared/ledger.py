@@ -24,6 +24,13 @@ identity's file in a folder whatever it is called, and a department started
 under another name continues the same history.  Each entry also records the
 budget in force, whether the round was private, the size the department
 reported, and the fedsilo version that wrote it.
+
+A ledger is read with :mod:`fedsilo.shared.safe_read` (a regular file, bounded,
+strict UTF-8, bounded JSON) and every field of every entry is typed and
+range-checked, so a crafted file is a named problem, never a crash or a
+verified ledger.  At rest a department's ledger is private to its host's user:
+its folder is 0700 and its files 0600 (a looser folder is tightened when the
+department opens it), since an entry holds the exact ``num_examples``.
 """
 
 from __future__ import annotations
@@ -32,8 +39,10 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
+import stat
 import time
 from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
@@ -41,8 +50,12 @@ from typing import Iterator
 
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from . import safe_read
 from .accounting import Mechanism
+from .safe_read import UnreadableFile
 from .signing import Signer, fingerprint, verify
+
+log = logging.getLogger(__name__)
 
 LEDGER_VERSION = 3
 # Fields a version-2 entry (fedsilo 0.1) does not have: left out of its hash and
@@ -50,6 +63,18 @@ LEDGER_VERSION = 3
 V3_FIELDS = ("budget", "private", "reported_size", "software")
 # The name the coordinator keeps its client-level DP ledger under.
 COORDINATOR = "coordinator"
+# Bounds on an entry's numbers: far past any honest round, small enough that
+# the accountants re-deriving ε stay bounded in memory and time.
+MAX_STEPS = 10**9
+MAX_COUNT = 10**12  # records, rounds, entries
+MAX_TEXT = 1024  # department, run id, accountant, software
+MAX_TOKEN = 512  # hashes, fingerprints, signatures
+FOLDER_MODE, FILE_MODE = 0o700, 0o600
+_INTS = {"seq": MAX_COUNT, "round": MAX_COUNT, "steps": MAX_STEPS, "num_examples": MAX_COUNT,
+         "reported_size": MAX_COUNT}
+_FLOATS = ("noise_multiplier", "sample_rate", "max_grad_norm", "delta", "epsilon", "budget", "timestamp")
+_TEXTS = {"department": MAX_TEXT, "run_id": MAX_TEXT, "accountant": MAX_TEXT, "software": MAX_TEXT,
+          "prev_hash": MAX_TOKEN, "signer": MAX_TOKEN, "signature": MAX_TOKEN}
 
 
 class LedgerError(RuntimeError):
@@ -107,22 +132,58 @@ class LedgerEntry:
 
     @classmethod
     def from_dict(cls, raw: dict) -> "LedgerEntry":
+        """An entry from its JSON object, every field typed and in range.
+
+        Raises
+        ------
+        ValueError
+            A field is missing, unknown, of the wrong type or out of range
+            (a count past :data:`MAX_COUNT`, steps past :data:`MAX_STEPS`, a
+            non-finite or negative number, a sample rate outside (0, 1]).
+        """
+        if not isinstance(raw, dict):
+            raise ValueError(f"an entry is a JSON object, not {type(raw).__name__}")
         names = {f.name for f in fields(cls)}
-        optional = {"version", *(V3_FIELDS if int(raw.get("version", 2)) < 3 else ())}
+        version = raw.get("version", 2)
+        if type(version) is not int or version not in (2, 3):
+            raise ValueError(f"field 'version' must be 2 or 3, got {_shown(version)}")
+        optional = {"version", *(V3_FIELDS if version < 3 else ())}
         missing = names - set(raw) - optional
         if missing:
             raise ValueError(f"missing field(s) {', '.join(sorted(missing))}")
         unknown = set(raw) - names
         if unknown:
-            raise ValueError(f"unknown field(s) {', '.join(sorted(unknown))} (written by a newer fedsilo?)")
-        entry = cls(**{k: raw[k] for k in names if k in raw})
-        for name in ("noise_multiplier", "sample_rate", "max_grad_norm", "delta", "epsilon", "budget"):
-            value = getattr(entry, name)
-            if not isinstance(value, (int, float)) or not math.isfinite(value):
-                raise ValueError(f"field '{name}' is not a finite number: {value!r}")
+            raise ValueError(f"unknown field(s) {', '.join(sorted(map(str, unknown)))[:200]} (written by a newer fedsilo?)")
+        values = {k: raw[k] for k in names if k in raw}
+        for name, limit in _INTS.items():
+            if name in values:
+                value = values[name]
+                if type(value) is not int or not 0 <= value <= limit:
+                    raise ValueError(f"field '{name}' must be a whole number in [0, {limit}], got {_shown(value)}")
+        for name in _FLOATS:
+            if name in values:
+                value = values[name]
+                if type(value) not in (int, float) or not math.isfinite(value) or value < 0:
+                    raise ValueError(f"field '{name}' must be a finite number >= 0, got {_shown(value)}")
+                values[name] = float(value)
+        for name, limit in _TEXTS.items():
+            if name in values and (type(values[name]) is not str or len(values[name]) > limit):
+                raise ValueError(f"field '{name}' must be text of at most {limit} characters, got {_shown(values[name])}")
+        if "private" in values and type(values["private"]) is not bool:
+            raise ValueError(f"field 'private' must be true or false, got {_shown(values['private'])}")
+        if values["sample_rate"] > 1 or values["delta"] >= 1:
+            raise ValueError(f"sample_rate must be in (0, 1] and delta in [0, 1), got "
+                             f"{values['sample_rate']!r} and {values['delta']!r}")
+        entry = cls(**values)
         if entry.private:
-            entry.mechanism  # validates ranges
+            entry.mechanism  # validates ranges: σ > 0, q in (0, 1]
         return entry
+
+
+def _shown(value) -> str:
+    """A value for an error message, never longer than a line."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def genesis_hash(identity: str, version: int = LEDGER_VERSION) -> str:
@@ -136,11 +197,18 @@ def _genesis_of(entry: LedgerEntry) -> str:
 
 @dataclass
 class Verification:
-    """What reading a ledger line by line found: the entries and every problem."""
+    """What reading a ledger line by line found: the entries and every problem.
+
+    ``unreadable`` holds the problems that mean the file could not be read as
+    a ledger at all (not a regular file, not UTF-8, a line that is not an entry)
+    rather than a ledger that was read and does not verify; each is also in
+    ``problems``.
+    """
 
     entries: list[LedgerEntry] = field(default_factory=list)
     problems: list[str] = field(default_factory=list)
     signatures_checked: bool = False
+    unreadable: list[str] = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
@@ -148,11 +216,14 @@ class Verification:
 
 
 def read_lines(path: Path, problems: list[str], label: str = "line") -> list[str]:
-    """The lines of a JSON-lines file; a missing final newline (a torn write) goes into ``problems``."""
-    lines = path.read_text(encoding="utf-8").split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    elif lines:
+    """The lines of a JSON-lines file; a missing final newline (a torn write) goes into ``problems``.
+
+    Read with :func:`fedsilo.shared.safe_read.read_lines`: raises
+    :class:`~fedsilo.shared.safe_read.UnreadableFile` for a file that is not a
+    regular, bounded, UTF-8 file, or with a line nested past the depth limit.
+    """
+    lines, complete = safe_read.read_lines(path, "ledger" if label == "line" else label.split()[0])
+    if not complete:
         problems.append(f"{label} {len(lines)}: no final newline (torn write or truncated?)")
     return lines
 
@@ -171,18 +242,31 @@ def verify_ledger(
     """
     path = Path(path)
     result = Verification(signatures_checked=public_key is not None)
-    if not path.exists():
-        return result
+    if not os.path.lexists(path):
+        return result  # a ledger not started yet (an audit refuses a missing one itself)
     expected_signer = fingerprint(public_key) if public_key is not None else identity
-    lines = read_lines(path, result.problems)
+    try:
+        lines = read_lines(path, result.problems)
+    except UnreadableFile as err:
+        result.problems.append(err.reason + (f" (line {err.line})" if err.line else ""))
+        result.unreadable.append(result.problems[-1])
+        return result
+    if result.problems:  # a torn last line: it cannot be read as an entry either
+        result.unreadable.append(result.problems[-1])
     prev_hash, expected_seq, owner = None, 0, None
     last_eps: dict[tuple[float, str], float] = {}  # (δ, accountant) -> ε: same measure never shrinks
     for lineno, line in enumerate(lines, start=1):
         where = f"line {lineno}"
         try:
-            entry = LedgerEntry.from_dict(json.loads(line))
+            raw = safe_read.parse_json(line, path, lineno, "ledger line", dict)
+            entry = LedgerEntry.from_dict(raw)
+        except UnreadableFile as err:
+            result.problems.append(f"{where}: not a valid entry ({err.reason}) (edited or torn?)")
+            result.unreadable.append(result.problems[-1])
+            continue
         except (ValueError, TypeError) as err:
             result.problems.append(f"{where}: not a valid entry ({err}) (edited or torn?)")
+            result.unreadable.append(result.problems[-1])
             continue
         if owner is None:
             owner = entry.signer
@@ -240,6 +324,8 @@ class PrivacyLedger:
         self.path = Path(path)
         self.department = department
         self.signer = signer
+        if signer is not None:  # the department's own ledger (not a copy read for an audit)
+            secure_at_rest(self.path)
         self._entries: list[LedgerEntry] = self._read()
 
     # ------------------------------------------------------------------ reading
@@ -274,20 +360,27 @@ class PrivacyLedger:
         if seq <= 0:
             return ""
         held = len(self._entries)
+        # The reason goes to the coordinator: it names the ledger by its identity,
+        # never by its path on this host; the path goes to this host's log.
+        name = f"the ledger of identity {self.signer.fingerprint}" if self.signer else "this identity's ledger"
         if held < seq:
             what = "is empty" if held == 0 else f"holds only {held}"
-            return (
-                f"the coordinator acknowledged {seq} entries of this identity's ledger, but the ledger "
-                f"at {self.path} {what}: it was restored from an older copy, deleted, or a new folder "
-                "was given; point --ledger at the department's current ledger"
+            reason = (
+                f"the coordinator acknowledged {seq} entries of this identity's ledger, but {name} "
+                f"{what}: it was restored from an older copy, deleted, or a new folder was given; the "
+                "department's operator finds its path in the department's log and must point --ledger "
+                "at the department's current ledger"
             )
-        if self._entries[seq - 1].hash != head:
-            return (
-                f"entry {seq - 1} of the ledger at {self.path} differs from the one the coordinator "
-                "acknowledged: the ledger forked (an older copy that trained elsewhere?); audit it "
-                "with `fedsilo audit` before it trains again"
+        elif self._entries[seq - 1].hash != head:
+            reason = (
+                f"entry {seq - 1} of {name} differs from the one the coordinator acknowledged: the "
+                "ledger forked (an older copy that trained elsewhere?); the department's operator must "
+                "audit it with `fedsilo audit` (its path is in the department's log) before it trains again"
             )
-        return ""
+        else:
+            return ""
+        log.warning("ledger %s refused: %s", self.path, reason)
+        return reason
 
     @property
     def total_steps(self) -> int:
@@ -385,11 +478,45 @@ class PrivacyLedger:
         return {"department": self.department, "entries": [asdict(e) for e in self._entries]}
 
 
+def make_private_folder(folder: Path) -> None:
+    """Create ``folder`` (and missing parents) readable by this user only (0700)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        missing = [p for p in (folder, *folder.parents) if not p.exists()]
+        folder.mkdir(mode=FOLDER_MODE, parents=True, exist_ok=True)
+        for created in missing:  # mkdir's mode is masked by the umask
+            with contextlib.suppress(OSError):
+                os.chmod(created, FOLDER_MODE)
+
+
+def secure_at_rest(path: Path) -> None:
+    """Tighten a department's ledger folder to 0700 and its ledger to 0600 (logged).
+
+    Only a folder this user owns, and never a shared one (sticky bit, as
+    ``/tmp``): a ledger kept directly in a shared folder keeps its own 0600.
+    """
+    folder = Path(path).parent
+    with contextlib.suppress(OSError):
+        info = folder.stat()
+        if (info.st_uid == os.geteuid() and not info.st_mode & stat.S_ISVTX
+                and stat.S_IMODE(info.st_mode) & ~FOLDER_MODE):
+            os.chmod(folder, stat.S_IMODE(info.st_mode) & FOLDER_MODE)
+            log.warning("ledger folder %s was %o, readable by other local users; tightened to %o",
+                        folder, stat.S_IMODE(info.st_mode), stat.S_IMODE(info.st_mode) & FOLDER_MODE)
+    for name in (Path(path), Path(path).with_name(Path(path).name + ".lock")):
+        with contextlib.suppress(OSError):
+            info = os.lstat(name)
+            if stat.S_ISREG(info.st_mode) and info.st_uid == os.geteuid() and stat.S_IMODE(info.st_mode) & ~FILE_MODE:
+                os.chmod(name, FILE_MODE)
+                log.warning("ledger file %s was %o; tightened to 600", name, stat.S_IMODE(info.st_mode))
+
+
 @contextlib.contextmanager
 def file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock beside ``path`` (``PATH.lock``) for read-modify-write."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
+    """An exclusive lock beside ``path`` (``PATH.lock``, 0600) for read-modify-write."""
+    make_private_folder(path.parent)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_WRONLY | os.O_CREAT | os.O_APPEND, FILE_MODE)
+    with os.fdopen(fd, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         try:
             yield
@@ -398,8 +525,11 @@ def file_lock(path: Path) -> Iterator[None]:
 
 
 def atomic_write(path: Path, text: str) -> None:
+    """Replace ``path`` with ``text`` atomically; the file is 0600 from the moment it exists."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, FILE_MODE)
+    with os.fdopen(fd, "w", encoding="utf-8") as fh:
+        os.fchmod(fh.fileno(), FILE_MODE)  # a stale tmp file keeps its old mode otherwise
         fh.write(text)
         fh.flush()
         os.fsync(fh.fileno())
@@ -428,12 +558,21 @@ def _safe(name: str) -> str:
 
 def signer_of(path: Path) -> str:
     """The identity (key fingerprint) a ledger file's first entry is signed by ("" if none)."""
+    first = first_entry(path)
+    signer = first.get("signer", "") if first else ""
+    return signer if isinstance(signer, str) and len(signer) <= MAX_TOKEN else ""
+
+
+def first_entry(path: Path) -> dict | None:
+    """The first line of a ledger file as a JSON object, read safely; None if it is not one."""
     try:
-        with open(path, encoding="utf-8") as fh:
-            first = fh.readline()
-        return str(json.loads(first).get("signer", "")) if first.strip() else ""
-    except (OSError, ValueError, AttributeError):
-        return ""
+        head = safe_read.read_bytes(path, 64 << 10, "ledger", head=True)
+        first = head.split(b"\n", 1)[0]
+        if not first.strip():
+            return None
+        return safe_read.parse_json(safe_read.decode_utf8(first, path, "ledger"), path, 1, "ledger line", dict)
+    except UnreadableFile:
+        return None
 
 
 def find_identity_ledger(ledger_dir: Path | str, identity: str, name: str) -> Path:

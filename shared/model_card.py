@@ -8,6 +8,10 @@ the run id, each department's whole-history ε at its δ (as acknowledged in the
 coordinator's record: identity, ledger entry count and head hash), the
 client-level ε where used, the fedsilo version, and the SHA-256 of the weights
 file.  It is signed with the key that signs the coordinator's record.
+
+A card is read with :mod:`fedsilo.shared.safe_read` and its shape checked
+(:func:`read_card`) before anything uses it; its weights file must be a
+regular file no larger than :data:`MAX_WEIGHTS_BYTES`.
 """
 
 from __future__ import annotations
@@ -19,13 +23,21 @@ import time
 from pathlib import Path
 from typing import Any
 
+from . import safe_read
 from .record import load_any_public_key, public_key_line
+from .safe_read import UnreadableFile
 from .signing import Signer, fingerprint, verify
 
 WEIGHTS_FILE = "model.safetensors"
 CARD_FILE = "model-card.json"
 CARD_FORMAT = "fedsilo-model-card"
 CARD_VERSION = 1
+MAX_CARD_BYTES = 16 << 20
+MAX_WEIGHTS_BYTES = 8 << 30
+# The fields a card must have, with their JSON types: checked before any is used.
+_SHAPE = {"run_id": str, "signer": str, "public_key": str, "signature": str, "task": str,
+          "model": dict, "weights": dict, "classes": list, "privacy": dict}
+_MODEL_SHAPE = {"architecture": str, "fix_model": bool, "input_shape": list, "num_outputs": int}
 
 
 class CardError(ValueError):
@@ -50,8 +62,16 @@ def load_weights(path: Path) -> dict:
 
 
 def file_sha256(path: Path) -> str:
+    """The SHA-256 of a regular file (a FIFO or device is refused, never read)."""
+    import os
+    import stat
+
     digest = hashlib.sha256()
-    with open(path, "rb") as fh:
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as fh:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise CardError(f"'{path}' is not a regular file")
+        os.set_blocking(fd, True)
         for block in iter(lambda: fh.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -109,20 +129,67 @@ def write_card(card: dict[str, Any], path: Path) -> None:
 
 
 def read_card(run_dir: Path) -> dict[str, Any]:
+    """The run's model card, read safely and checked for the shape every reader relies on.
+
+    Raises
+    ------
+    CardError
+        Missing, not a regular bounded UTF-8 JSON object, not a fedsilo card,
+        another card version, or a field of the wrong type.
+    """
+    import os
+
     path = Path(run_dir) / CARD_FILE
-    if not path.exists():
+    if not os.path.lexists(path):
         raise CardError(
             f"no {CARD_FILE} in '{run_dir}': point --model at a run folder written by fedsilo 0.3 or later"
         )
     try:
-        card = json.loads(path.read_text(encoding="utf-8"))
-    except ValueError as err:
-        raise CardError(f"'{path}' is not valid JSON ({err})") from None
-    if not isinstance(card, dict) or card.get("format") != CARD_FORMAT:
+        card = safe_read.load_json(path, "model card", MAX_CARD_BYTES)
+    except UnreadableFile as err:
+        raise CardError(str(err)) from None
+    if card.get("format") != CARD_FORMAT:
         raise CardError(f"'{path}' is not a fedsilo model card")
     if card.get("version") != CARD_VERSION:
-        raise CardError(f"'{path}' has card version {card.get('version')!r}; this fedsilo reads version {CARD_VERSION}")
+        raise CardError(f"'{path}' has card version {str(card.get('version'))[:40]!r}; this fedsilo reads version {CARD_VERSION}")
+    _check_shape(card, path)
     return card
+
+
+def _check_shape(card: dict[str, Any], path: Path) -> None:
+    def wrong(what: str) -> CardError:
+        return CardError(f"'{path}': the card's {what} is missing or of the wrong type; it is not a card fedsilo wrote")
+
+    for name, kind in _SHAPE.items():
+        if not isinstance(card.get(name), kind):
+            raise wrong(f"'{name}'")
+    for name, kind in _MODEL_SHAPE.items():
+        if type(card["model"].get(name)) is not kind:
+            raise wrong(f"model '{name}'")
+    shape = card["model"]["input_shape"]
+    if not 1 <= len(shape) <= 4 or not all(type(n) is int and 1 <= n <= 1 << 24 for n in shape):
+        raise wrong("model 'input_shape'")
+    if not 1 <= card["model"]["num_outputs"] <= 1 << 24:
+        raise wrong("model 'num_outputs'")
+    weights = card["weights"]
+    if not isinstance(weights.get("file", WEIGHTS_FILE), str) or not isinstance(weights.get("sha256"), str):
+        raise wrong("weights")
+    if Path(weights.get("file", WEIGHTS_FILE)).name != weights.get("file", WEIGHTS_FILE):
+        raise wrong("weights file (a name in the run folder, no path)")
+    if not all(isinstance(c, str) for c in card["classes"]):
+        raise wrong("classes")
+    if card.get("schema") is not None and not isinstance(card["schema"], dict):
+        raise wrong("schema")
+    privacy = card["privacy"]
+    stated = privacy.get("record_level", [])
+    if not isinstance(stated, list) or not all(
+        isinstance(s, dict) and type(s.get("ledger_seq", 0)) is int and isinstance(s.get("epsilon"), (int, float, type(None)))
+        for s in stated
+    ):
+        raise wrong("privacy record_level")
+    central = privacy.get("client_level")
+    if central is not None and not (isinstance(central, dict) and type(central.get("epsilon")) in (int, float)):
+        raise wrong("privacy client_level")
 
 
 def card_problems(card: dict[str, Any], run_dir: Path, trusted=None) -> list[str]:
@@ -142,6 +209,8 @@ def card_problems(card: dict[str, Any], run_dir: Path, trusted=None) -> list[str
     weights = Path(run_dir) / str(card.get("weights", {}).get("file", WEIGHTS_FILE))
     if not weights.exists():
         problems.append(f"the weights file '{weights}' is missing")
+    elif not weights.is_file() or weights.stat().st_size > MAX_WEIGHTS_BYTES:
+        problems.append(f"the weights file '{weights}' is not a regular file of at most {MAX_WEIGHTS_BYTES} bytes")
     elif file_sha256(weights) != card.get("weights", {}).get("sha256"):
         problems.append(f"'{weights.name}' does not match the SHA-256 in the model card: the weights were altered")
     return problems

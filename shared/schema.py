@@ -22,17 +22,36 @@ Column kinds
                  ``HashingVectorizer``: stateless, no vocabulary, no downloads),
                  ``features`` columns, L2-normalized per row.
 ``ignore``       read from nobody's table (identifiers, free-form dates, ...).
+
+Limits
+------
+A schema is public input from whoever drafted it, so it is bounded before
+anything is allocated from it: at most :data:`MAX_SCHEMA_FEATURES` encoded
+features in all, :data:`MAX_SCHEMA_CATEGORIES` categories per column and
+classes per label, :data:`MAX_SCHEMA_COLUMNS` columns, names of at most
+:data:`MAX_NAME` characters; a ``scale`` is a normal finite positive float whose
+reciprocal is finite (a subnormal such as 1e-320 would encode to ∞).  Files are
+read with :mod:`fedsilo.shared.safe_read`; encoding refuses a table whose
+feature matrix would pass :data:`MAX_ENCODED_CELLS` and any value that encodes
+to a non-finite number.  A department's policy may set tighter limits.
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
+import os
+import stat
+import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
+
+from . import safe_read
+from .safe_read import UnreadableFile
 
 TASKS = ("binary", "multiclass", "regression")
 KINDS = ("numeric", "categorical", "text", "ignore")
@@ -48,6 +67,16 @@ TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
 MAX_CATEGORIES = 50
 MAX_CLASSES = 20
 TEXT_FEATURES = 64
+# Hard limits of the schema format (a department's policy may be tighter).
+MAX_SCHEMA_FEATURES = 1 << 20
+MAX_TEXT_FEATURES = 1 << 20
+MAX_SCHEMA_CATEGORIES = 100_000
+MAX_SCHEMA_COLUMNS = 10_000
+MAX_NAME = 1024
+MAX_SCHEMA_BYTES = 16 << 20
+# rows × features of one encoded table: 2^27 cells is 512 MiB as float32.
+MAX_ENCODED_CELLS = 1 << 27
+MAX_TABLE_BYTES = safe_read.MAX_TABLE_BYTES
 
 
 class DataError(ValueError):
@@ -56,6 +85,24 @@ class DataError(ValueError):
 
 class SchemaError(DataError):
     """A schema file, or a table that does not fit it; the message names the column and the fix."""
+
+
+def _number(value: Any) -> bool:
+    return type(value) in (int, float) and math.isfinite(value)
+
+
+def _scale_ok(value: Any) -> bool:
+    """A normal (not subnormal), finite, positive float with a finite reciprocal."""
+    return _number(value) and value >= sys.float_info.min and math.isfinite(1.0 / value)
+
+
+def _text_ok(value: Any) -> bool:
+    return isinstance(value, str) and 0 < len(value) <= MAX_NAME
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # --------------------------------------------------------------------------- columns
@@ -82,34 +129,45 @@ class Column:
     analyzer: str = "word"
 
     def __post_init__(self) -> None:
+        if not _text_ok(self.name):
+            raise SchemaError(f"every schema column needs a name of 1 to {MAX_NAME} characters, got {_shown(self.name)}")
         where = f"schema column '{self.name}'"
-        if not self.name:
-            raise SchemaError("every schema column needs a name")
-        if self.kind not in KINDS:
-            raise SchemaError(f"{where}: kind '{self.kind}' is not one of {', '.join(KINDS)}")
+        if not isinstance(self.kind, str) or self.kind not in KINDS:
+            raise SchemaError(f"{where}: kind {_shown(self.kind)} is not one of {', '.join(KINDS)}")
         if self.kind == "numeric":
-            if not (math.isfinite(self.mean) and math.isfinite(self.scale) and self.scale > 0):
-                raise SchemaError(f"{where}: mean must be finite and scale positive (got {self.mean}, {self.scale})")
-            if self.impute not in IMPUTATIONS:
-                raise SchemaError(f"{where}: impute '{self.impute}' is not one of {', '.join(IMPUTATIONS)}")
-            if not math.isfinite(self.fill):
+            if not (_number(self.mean) and _scale_ok(self.scale)):
+                raise SchemaError(
+                    f"{where}: mean must be a finite number and scale a normal positive number "
+                    f"(at least {sys.float_info.min:.3g}, with a finite 1/scale), got {_shown(self.mean)}, {_shown(self.scale)}"
+                )
+            if not isinstance(self.impute, str) or self.impute not in IMPUTATIONS:
+                raise SchemaError(f"{where}: impute {_shown(self.impute)} is not one of {', '.join(IMPUTATIONS)}")
+            if not _number(self.fill):
                 raise SchemaError(f"{where}: fill must be a finite number")
+            if type(self.indicator) is not bool:
+                raise SchemaError(f"{where}: indicator must be true or false")
         if self.kind == "categorical":
+            if not isinstance(self.categories, (tuple, list)) or len(self.categories) > MAX_SCHEMA_CATEGORIES:
+                raise SchemaError(f"{where}: categories must be a list of at most {MAX_SCHEMA_CATEGORIES} values")
+            if not all(type(c) in (str, int, float, bool) and len(str(c)) <= MAX_NAME for c in self.categories):
+                raise SchemaError(f"{where}: each category must be a text or number of at most {MAX_NAME} characters")
             object.__setattr__(self, "categories", tuple(str(c) for c in self.categories))
             if not self.categories:
                 raise SchemaError(f"{where}: a categorical column needs its categories listed")
             if len(set(self.categories)) != len(self.categories):
                 raise SchemaError(f"{where}: categories must be distinct")
-            if self.encoding not in ENCODINGS:
-                raise SchemaError(f"{where}: encoding '{self.encoding}' is not one of {', '.join(ENCODINGS)}")
+            if not isinstance(self.encoding, str) or self.encoding not in ENCODINGS:
+                raise SchemaError(f"{where}: encoding {_shown(self.encoding)} is not one of {', '.join(ENCODINGS)}")
         if self.kind == "text":
-            object.__setattr__(self, "ngrams", tuple(int(n) for n in self.ngrams))
-            if not (isinstance(self.features, int) and 1 <= self.features <= 1 << 20):
-                raise SchemaError(f"{where}: features must be a whole number in [1, 1048576]")
-            if len(self.ngrams) != 2 or not 1 <= self.ngrams[0] <= self.ngrams[1] <= 8:
+            if not (type(self.features) is int and 1 <= self.features <= MAX_TEXT_FEATURES):
+                raise SchemaError(f"{where}: features must be a whole number in [1, {MAX_TEXT_FEATURES}]")
+            if (not isinstance(self.ngrams, (tuple, list)) or len(self.ngrams) != 2
+                    or not all(type(n) is int for n in self.ngrams)
+                    or not 1 <= self.ngrams[0] <= self.ngrams[1] <= 8):
                 raise SchemaError(f"{where}: ngrams must be [MIN, MAX] with 1 <= MIN <= MAX <= 8")
-            if self.analyzer not in ANALYZERS:
-                raise SchemaError(f"{where}: analyzer '{self.analyzer}' is not one of {', '.join(ANALYZERS)}")
+            object.__setattr__(self, "ngrams", tuple(self.ngrams))
+            if not isinstance(self.analyzer, str) or self.analyzer not in ANALYZERS:
+                raise SchemaError(f"{where}: analyzer {_shown(self.analyzer)} is not one of {', '.join(ANALYZERS)}")
 
     @property
     def width(self) -> int:
@@ -161,15 +219,15 @@ class Column:
     @classmethod
     def from_dict(cls, raw: Any) -> "Column":
         if not isinstance(raw, dict) or "name" not in raw or "kind" not in raw:
-            raise SchemaError(f"each schema column must be an object with 'name' and 'kind', got {raw!r}")
+            raise SchemaError(f"each schema column must be an object with 'name' and 'kind', got {_shown(raw)}")
         known = {f for f in cls.__dataclass_fields__}
-        unknown = sorted(set(raw) - known)
+        unknown = sorted(map(str, set(raw) - known))
         if unknown:
-            raise SchemaError(f"schema column '{raw['name']}': unknown field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise SchemaError(f"schema column {_shown(raw['name'])}: unknown field(s) {', '.join(unknown)[:200]}; known: {', '.join(sorted(known))}")
         try:
             return cls(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in raw.items()})
-        except TypeError as err:
-            raise SchemaError(f"schema column '{raw['name']}': {err}") from None
+        except (TypeError, ValueError) as err:
+            raise SchemaError(f"schema column {_shown(raw['name'])}: {err}") from None
 
 
 @dataclass(frozen=True)
@@ -183,14 +241,20 @@ class Label:
     scale: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.task not in TASKS:
-            raise SchemaError(f"label task '{self.task}' is not one of {', '.join(TASKS)}")
+        if not _text_ok(self.column):
+            raise SchemaError(f"the label column must be a name of 1 to {MAX_NAME} characters, got {_shown(self.column)}")
+        if not isinstance(self.task, str) or self.task not in TASKS:
+            raise SchemaError(f"label task {_shown(self.task)} is not one of {', '.join(TASKS)}")
+        if not isinstance(self.classes, (tuple, list)) or len(self.classes) > MAX_SCHEMA_CATEGORIES:
+            raise SchemaError(f"label '{self.column}': classes must be a list of at most {MAX_SCHEMA_CATEGORIES} values")
+        if not all(type(c) in (str, int, float, bool) and len(str(c)) <= MAX_NAME for c in self.classes):
+            raise SchemaError(f"label '{self.column}': each class must be a text or number of at most {MAX_NAME} characters")
         object.__setattr__(self, "classes", tuple(str(c) for c in self.classes))
         if self.task == "regression":
             if self.classes:
                 raise SchemaError("a regression label has no classes; remove 'classes' or change the task")
-            if not (math.isfinite(self.mean) and math.isfinite(self.scale) and self.scale > 0):
-                raise SchemaError("a regression label needs a finite mean and a positive scale")
+            if not (_number(self.mean) and _scale_ok(self.scale)):
+                raise SchemaError("a regression label needs a finite mean and a normal positive scale (with a finite 1/scale)")
         else:
             if len(self.classes) < 2 or len(set(self.classes)) != len(self.classes):
                 raise SchemaError(f"label '{self.column}': a classifier needs at least two distinct classes, got {list(self.classes)}")
@@ -221,6 +285,8 @@ class DataSchema:
     columns: tuple[Column, ...] = field(default_factory=tuple)
 
     def __post_init__(self) -> None:
+        if len(self.columns) > MAX_SCHEMA_COLUMNS:
+            raise SchemaError(f"the schema has {len(self.columns)} columns; at most {MAX_SCHEMA_COLUMNS} are allowed")
         names = [c.name for c in self.columns]
         if len(set(names)) != len(names):
             raise SchemaError("schema columns must have distinct names")
@@ -228,6 +294,12 @@ class DataSchema:
             raise SchemaError(f"the label column '{self.label.column}' cannot also be an input column")
         if self.num_features < 1:
             raise SchemaError("the schema has no input column (every column is 'ignore'); keep at least one")
+        if self.num_features > MAX_SCHEMA_FEATURES:
+            widest = max(self.inputs, key=lambda c: c.width)
+            raise SchemaError(
+                f"the schema encodes {self.num_features} features, more than the {MAX_SCHEMA_FEATURES} allowed "
+                f"(widest: column '{widest.name}', {widest.width}); lower the text columns' features or the categories"
+            )
 
     # ---------------------------------------------------------------- shape
     @property
@@ -266,6 +338,12 @@ class DataSchema:
             A schema column is missing from the table, a numeric column holds text
             or infinite values, or a missing value where ``impute`` is ``error``.
         """
+        cells = len(frame) * self.num_features
+        if cells > MAX_ENCODED_CELLS:
+            raise SchemaError(
+                f"{source} has {len(frame)} rows; at {self.num_features} features each that is {cells} values, "
+                f"more than the {MAX_ENCODED_CELLS} encoded at once; split the table into smaller files"
+            )
         missing = [c.name for c in self.inputs if c.name not in frame.columns]
         if missing:
             raise SchemaError(
@@ -274,7 +352,15 @@ class DataSchema:
                 "rename them to match, or edit the schema"
             )
         blocks = [_encode_column(c, frame[c.name], source) for c in self.inputs]
-        return np.concatenate(blocks, axis=1).astype(np.float32) if blocks else np.zeros((len(frame), 0), np.float32)
+        out = np.concatenate(blocks, axis=1).astype(np.float32) if blocks else np.zeros((len(frame), 0), np.float32)
+        bad = ~np.isfinite(out)
+        if bad.any():
+            row, col = (int(i[0]) for i in np.nonzero(bad))
+            raise SchemaError(
+                f"{source} row {row + 2} encodes to a non-finite feature ({self.feature_names[col]}): the value is "
+                "too large for the schema's mean and scale; fix the value, or the column's scale in the schema"
+            )
+        return out
 
     def encode_labels(self, frame, source: str = "the table") -> np.ndarray:
         """Integer codes (classification) or the standardized target (regression)."""
@@ -286,8 +372,11 @@ class DataSchema:
         if empty.any():
             raise SchemaError(f"label column '{label.column}' in {source} is empty at row {_row(empty)}")
         if label.task == "regression":
-            target = _numbers(values, label.column, source)
-            return ((target - label.mean) / label.scale).astype(np.float32)
+            target = ((_numbers(values, label.column, source) - label.mean) / label.scale).astype(np.float32)
+            if not np.isfinite(target).all():
+                raise SchemaError(f"label column '{label.column}' in {source} encodes to a non-finite value at row "
+                                  f"{_row(~np.isfinite(target))}: too large for the schema's label scale")
+            return target
         codes = {c: i for i, c in enumerate(label.classes)}
         text = _label_text(values)
         unknown = [i for i, v in enumerate(text) if v not in codes]
@@ -317,37 +406,48 @@ class DataSchema:
         if not isinstance(raw, dict) or raw.get("format") != SCHEMA_FORMAT:
             raise SchemaError(f"{source} is not a fedsilo schema (no \"format\": \"{SCHEMA_FORMAT}\"); draft one with `fedsilo schema infer`")
         if raw.get("version") != SCHEMA_VERSION:
-            raise SchemaError(f"{source} has schema version {raw.get('version')!r}; this fedsilo reads version {SCHEMA_VERSION}")
-        unknown = sorted(set(raw) - {"format", "version", "label", "columns"})
+            raise SchemaError(f"{source} has schema version {_shown(raw.get('version'))}; this fedsilo reads version {SCHEMA_VERSION}")
+        unknown = sorted(map(str, set(raw) - {"format", "version", "label", "columns"}))
         if unknown:
             raise SchemaError(f"{source}: unknown field(s) {', '.join(unknown)}")
         label = raw.get("label")
         if not isinstance(label, dict) or "column" not in label or "task" not in label:
             raise SchemaError(f"{source}: 'label' must be an object with 'column' and 'task'")
-        extra = sorted(set(label) - {"column", "task", "classes", "mean", "scale"})
+        extra = sorted(map(str, set(label) - {"column", "task", "classes", "mean", "scale"}))
         if extra:
-            raise SchemaError(f"{source}: unknown label field(s) {', '.join(extra)}")
+            raise SchemaError(f"{source}: unknown label field(s) {', '.join(extra)[:200]}")
         columns = raw.get("columns")
         if not isinstance(columns, list):
             raise SchemaError(f"{source}: 'columns' must be a list")
-        return cls(Label(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in label.items()}),
-                   tuple(Column.from_dict(c) for c in columns))
+        if len(columns) > MAX_SCHEMA_COLUMNS:
+            raise SchemaError(f"{source} has {len(columns)} columns; at most {MAX_SCHEMA_COLUMNS} are allowed")
+        try:
+            parsed = Label(**{k: (tuple(v) if isinstance(v, list) else v) for k, v in label.items()})
+        except (TypeError, ValueError) as err:
+            if isinstance(err, SchemaError):
+                raise
+            raise SchemaError(f"{source}: label: {err}") from None
+        return cls(parsed, tuple(Column.from_dict(c) for c in columns))
 
     @classmethod
     def from_json(cls, text: str, source: str = "the schema") -> "DataSchema":
+        """A schema from JSON text (a file's, or the one a run sends), bounded in size and depth."""
+        if len(text) > MAX_SCHEMA_BYTES:
+            raise SchemaError(f"{source} is {len(text)} characters, more than the {MAX_SCHEMA_BYTES} a schema may be")
         try:
-            raw = json.loads(text)
-        except ValueError as err:
-            raise SchemaError(f"{source} is not valid JSON ({err})") from None
+            raw = safe_read.parse_json(text, source, what="schema", expect=None)
+        except UnreadableFile as err:
+            raise SchemaError(f"{source}: {err.reason}; draft one with `fedsilo schema infer`") from None
         return cls.from_dict(raw, source)
 
     @classmethod
     def load(cls, path: Path | str) -> "DataSchema":
+        """A schema file, read safely (a regular file, bounded, strict UTF-8)."""
         path = Path(path).expanduser()
         try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as err:
-            raise SchemaError(f"cannot read schema file '{path}': {err.strerror or err}") from None
+            text = safe_read.read_text(path, MAX_SCHEMA_BYTES, "schema file")
+        except UnreadableFile as err:
+            raise SchemaError(f"cannot read schema file {err}") from None
         return cls.from_json(text, f"schema file '{path}'")
 
     def with_label_column(self, column: str) -> "DataSchema":
@@ -530,19 +630,33 @@ def read_table(path: Path | str):
     import pandas as pd
 
     path = Path(path).expanduser()
-    if not path.exists():
+    if not os.path.lexists(path):
         raise SchemaError(f"data file '{path}' does not exist; check the path")
-    if not path.is_file():
-        raise SchemaError(f"data path '{path}' is not a file")
     if path.suffix.lower() not in TABLE_SUFFIXES:
         raise SchemaError(f"data file '{path}' must be .csv or .parquet")
+    try:  # regular files only, opened without blocking (a FIFO would hang pandas), bounded in size
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as err:
+        raise SchemaError(f"cannot read data file '{path}': {err.strerror or err}"
+                          + (" (a symbolic link that loops)" if err.errno == errno.ELOOP else "")) from None
     try:
-        frame = pd.read_csv(path) if path.suffix.lower() == ".csv" else pd.read_parquet(path)
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise SchemaError(f"data path '{path}' is not a file (a directory, pipe or device); give a .csv or .parquet file")
+        if info.st_size > MAX_TABLE_BYTES:
+            raise SchemaError(f"data file '{path}' is {info.st_size} bytes, more than the {MAX_TABLE_BYTES} read at once; split it")
+        os.set_blocking(fd, True)
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            frame = pd.read_csv(fh) if path.suffix.lower() == ".csv" else pd.read_parquet(fh)
+    except SchemaError:
+        raise
     except Exception as err:  # pandas/pyarrow raise many types for a bad file
         raise SchemaError(
-            f"cannot read '{path}' as {path.suffix.lstrip('.').upper()}: {err}. "
+            f"cannot read '{path}' as {path.suffix.lstrip('.').upper()}: {str(err)[:300]}. "
             "Check that the file is a valid, non-empty table"
-        ) from err
+        ) from None
+    finally:
+        os.close(fd)
     if frame.empty:
         raise SchemaError(f"data file '{path}' has no rows")
     frame.columns = [str(c) for c in frame.columns]

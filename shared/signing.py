@@ -16,6 +16,8 @@ from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from . import safe_read
+
 
 class SigningKeyError(ValueError):
     """A key file is missing, unreadable or of the wrong kind."""
@@ -45,9 +47,9 @@ class Signer:
     def from_file(cls, path: Path | str) -> "Signer":
         path = Path(path)
         try:
-            data = path.read_bytes()
-        except OSError as err:
-            raise SigningKeyError(f"cannot read signing key '{path}': {err.strerror or err}") from None
+            data = safe_read.read_bytes(path, safe_read.MAX_KEY_BYTES, "signing key")
+        except safe_read.UnreadableFile as err:
+            raise SigningKeyError(f"cannot read signing key {err}") from None
         try:
             key = serialization.load_ssh_private_key(data, password=None)
         except (ValueError, TypeError, UnsupportedAlgorithm):
@@ -69,10 +71,10 @@ def verify(public_key: ec.EllipticCurvePublicKey, payload: bytes, signature: str
 def load_public_key(path: Path | str) -> ec.EllipticCurvePublicKey:
     path = Path(path)
     try:
-        key = serialization.load_ssh_public_key(path.read_bytes())
-    except OSError as err:
-        raise SigningKeyError(f"cannot read public key '{path}': {err.strerror or err}") from None
-    except (ValueError, UnsupportedAlgorithm) as err:
+        key = serialization.load_ssh_public_key(safe_read.read_bytes(path, safe_read.MAX_KEY_BYTES, "public key"))
+    except safe_read.UnreadableFile as err:
+        raise SigningKeyError(f"cannot read public key {err}") from None
+    except (ValueError, TypeError, UnsupportedAlgorithm) as err:
         raise SigningKeyError(f"'{path}' is not an OpenSSH public key ({err})") from None
     if not isinstance(key, ec.EllipticCurvePublicKey):
         raise SigningKeyError(f"'{path}' is not an EC public key")
