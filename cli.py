@@ -3,6 +3,11 @@
 Each subcommand lives with the side it belongs to — ``simulate`` in
 ``simulations/``, ``certs`` in ``certs/``, ``coordinator`` in ``server/``,
 ``department`` in ``client/`` — this module only puts them under one name.
+
+Any subcommand that meets a file it cannot use — a ledger, record, card,
+schema, table or key that is missing, not a regular file, not UTF-8, malformed
+or past a limit — ends with one red line naming the file and exit code 2,
+never a traceback (:class:`_Fedsilo` catches the typed errors of the readers).
 """
 
 from __future__ import annotations
@@ -12,7 +17,9 @@ import os
 from pathlib import Path
 from typing import Annotated, Optional
 
+import click
 import typer
+from typer.core import TyperGroup
 
 # Every Flower process fedsilo starts inherits these: no runtime `uv sync`
 # (it would try to download packages) and no telemetry.
@@ -25,7 +32,31 @@ from fedsilo.server.cli import app as coordinator_app  # noqa: E402
 from fedsilo.simulations.bench.cli import app as bench_app  # noqa: E402
 from fedsilo.simulations.simulate import simulate  # noqa: E402
 
+def reader_errors() -> tuple[type[BaseException], ...]:
+    """The typed errors a reader raises for a file it cannot use (imported late: the CLI starts fast)."""
+    from fedsilo.shared.ledger import LedgerError
+    from fedsilo.shared.model_card import CardError
+    from fedsilo.shared.safe_read import UnreadableFile
+    from fedsilo.shared.schema import DataError
+    from fedsilo.shared.signing import SigningKeyError
+
+    return (UnreadableFile, DataError, CardError, SigningKeyError, LedgerError)
+
+
+class _Fedsilo(TyperGroup):
+    """The root command: a reader's typed error becomes one red line and exit code 2."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except reader_errors() as err:
+            message = " ".join(str(err).split())  # one line, whatever the file held
+            typer.secho(f"error: {message[:2000]}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2) from None
+
+
 app = typer.Typer(
+    cls=_Fedsilo,
     name="fedsilo",
     help="Privacy-preserving federated learning across the departments of one enterprise.",
     no_args_is_help=True,
@@ -97,7 +128,7 @@ def schema_check(
         encoded = load_table(data, schema.label.column, schema=schema)
     except DataError as err:
         typer.echo(f"error: {err}", err=True)
-        raise typer.Exit(1) from None
+        raise typer.Exit(2) from None
     typer.echo(f"{data}: {len(encoded)} rows encode to {schema.num_features} features ({schema.task}); it fits the schema")
 
 
@@ -140,7 +171,12 @@ def audit(
     report: Annotated[Optional[Path], typer.Option(help="Also write an HTML report with plots to this folder (index.html).")] = None,
     ledgers: Annotated[Optional[list[Path]], typer.Option("--ledgers", help="More ledgers to audit with PATH (repeatable): a folder of ledgers collected from the departments' hosts, or one .jsonl. A deployment's run folder holds none of its own.")] = None,
 ) -> None:
-    """Verify ledgers (chain, signatures, coordinator record) and re-derive every ε; exit 1 on any failure."""
+    """Verify ledgers (chain, signatures, coordinator record) and re-derive every ε.
+
+    Exit 0: verified; 1: a ledger or record was read and does not verify; 2: a
+    file could not be read at all (missing, empty, not a regular file, not
+    ledger entries) — it never verifies.
+    """
     from fedsilo.server.report import print_audit
     from fedsilo.shared.audit import audit_path
     from fedsilo.shared.runs import resolve_run_dir
@@ -160,6 +196,8 @@ def audit(
 
         page = render_report(result, load_summary(path), report)
         typer.echo(f"report: {page}", err=json_out)
+    if not result.readable:
+        raise typer.Exit(2)
     if not result.ok:
         raise typer.Exit(1)
 

@@ -18,13 +18,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from flwr.app import Array, ArrayRecord
 
-from fedsilo.shared.ledger import LedgerEntry, PrivacyLedger
+from fedsilo.shared.ledger import LedgerEntry, PrivacyLedger, make_private_folder
 
 FORMAT = "fedsilo-last-update"
 
@@ -60,7 +61,7 @@ class LastUpdate:
 
         Kept first, so a department that dies between the two has either no
         charge (the kept update is never sent: its entry is missing) or both.
-        Written atomically, readable by this host's user only.
+        Written atomically, readable by this host's user only (0600, in the ledger's 0700 folder).
         """
         from safetensors.numpy import save_file
 
@@ -68,15 +69,19 @@ class LastUpdate:
         meta = {"format": FORMAT, "digest": digest, "keys": list(arrays.keys()), "position": position,
                 "run_id": run_id, "round": server_round, "metrics": metrics}
         staging = self.path.with_name(f".{self.path.name}.tmp")
-        self.path.parent.mkdir(parents=True, exist_ok=True)  # before the first ledger entry creates it
+        make_private_folder(self.path.parent)  # before the first ledger entry creates it
         fd = os.open(staging, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)  # a stale staging file keeps its old mode otherwise
         os.close(fd)
         save_file(tensors, str(staging), metadata={FORMAT: json.dumps(meta)})
         os.replace(staging, self.path)
 
     def find(self, digest: str, ledger: PrivacyLedger) -> Replay | None:
         """The kept update if it answers exactly this request and its charge is in the ledger."""
-        if not self.path.exists():
+        try:  # a regular file only: a FIFO or device put there must not hang the department
+            if not stat.S_ISREG(os.stat(self.path).st_mode):
+                return None
+        except OSError:
             return None
         from safetensors import safe_open
 

@@ -15,7 +15,6 @@ fragment ("" to leave it out); :func:`render_report` puts them in order.
 from __future__ import annotations
 
 import html
-import json
 from pathlib import Path
 
 import matplotlib
@@ -25,7 +24,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedsilo.shared.metrics import format_metrics, headline
-from fedsilo.shared.audit import AuditResult, DepartmentAudit, format_date  # noqa: E402
+from fedsilo.shared.audit import AuditResult, DepartmentAudit, format_date, read_summary  # noqa: E402
+from fedsilo.shared.safe_read import UnreadableFile  # noqa: E402
 
 from .report import AUDIT_COLUMNS, audit_cells  # noqa: E402
 from .summary import SUMMARY_FILE  # noqa: E402
@@ -47,10 +47,16 @@ def load_summary(path: Path | str) -> dict | None:
     Returns
     -------
     dict or None
-        ``summary.json`` when ``path`` is a run directory holding one, else ``None``.
+        ``summary.json`` when ``path`` is a run directory holding one, else ``None`` (also when it
+        cannot be read: the audit names that problem itself).
     """
     summary = Path(path) / SUMMARY_FILE
-    return json.loads(summary.read_text(encoding="utf-8")) if summary.is_file() else None
+    if not summary.is_file():
+        return None
+    try:
+        return read_summary(summary)  # read safely, shape checked as the audit checks it
+    except UnreadableFile:
+        return None
 
 
 def render_report(result: AuditResult, summary: dict | None, out_dir: Path | str) -> Path:
@@ -126,8 +132,9 @@ def _verdict(result: AuditResult) -> str:
     checked = "".join(f"<li>{_e(c)}</li>" for c in result.checked)
     unavailable = "".join(f"<li>{_e(u)}</li>" for u in result.unavailable)
     if not result.ok:
+        unread = "" if result.readable else " A file could not be read: a missing, empty or unreadable ledger never verifies."
         head = (
-            f'<p class="fail">Verification FAILED: {len(problems)} problem(s).</p>'
+            f'<p class="fail">Verification FAILED: {len(problems)} problem(s).{unread}</p>'
             f'<ul class="problems">{"".join(problems)}</ul>'
         )
     elif findings:

@@ -3,7 +3,11 @@
 Nothing here unpickles: the weights are safetensors, the architecture is a
 built-in name or a factory imported from this environment, and the encodings
 come from the schema inside the card — whose signature, and the weights'
-SHA-256, are checked first.
+SHA-256, are checked first.  Nothing is allocated from the card before it is
+bounded: the schema's width (``shared/schema.py``'s limits), the input shape and
+outputs against the schema, and the weights' parameter count (read from the
+safetensors header, :data:`MAX_PARAMETERS`) are checked before a model is built.
+A card signed by another key than the coordinator key beside the run is refused.
 """
 
 from __future__ import annotations
@@ -19,7 +23,27 @@ from fedsilo.shared.models import build_model, predict_outputs
 from fedsilo.shared.runs import resolve_run_dir
 from fedsilo.shared.schema import DataSchema, SchemaError, read_table
 
-from fedsilo.shared.model_card import CardError, card_problems, load_weights, read_card
+from fedsilo.shared.model_card import WEIGHTS_FILE, CardError, card_problems, load_weights, read_card
+
+# Parameters of a model predict builds: 2·10^8 float32 is 800 MB.
+MAX_PARAMETERS = 200_000_000
+
+
+def _weights_parameters(path: Path) -> int:
+    """How many parameters the safetensors file holds, from its header only (nothing loaded)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="numpy") as fh:
+            total = 0
+            for key in fh.keys():
+                count = 1
+                for n in fh.get_slice(key).get_shape():
+                    count *= int(n)
+                total += count
+            return total
+    except Exception as err:  # safetensors raises its own error types for a malformed header
+        raise CardError(f"the weights file '{path}' is not a readable safetensors file ({str(err)[:200]})") from None
 
 
 @dataclass
@@ -43,9 +67,13 @@ def load_run_model(run_dir: Path, keys: Path | None = None):
         where = f"{Path(keys) / name}"
     elif (Path(run_dir) / "record" / "coordinator.pub").exists():
         index, _ = key_index(Path(run_dir) / "record")
-        if card.get("signer") in index:
-            trusted = index[card["signer"]][1]
-            where = "the coordinator key beside the run (record/coordinator.pub: consistency only; pass --keys to check who signed it)"
+        if card.get("signer") not in index:
+            raise CardError(
+                f"the model card is signed by {card.get('signer')}, not by the coordinator key beside the run "
+                f"(record/coordinator.pub): it was re-signed by someone else; pass --keys with the coordinator key you trust"
+            )
+        trusted = index[card["signer"]][1]
+        where = "the coordinator key beside the run (record/coordinator.pub: consistency only; pass --keys to check who signed it)"
     problems = card_problems(card, run_dir, trusted)
     if problems:
         raise CardError("; ".join(problems))
@@ -54,12 +82,20 @@ def load_run_model(run_dir: Path, keys: Path | None = None):
             f"the run in '{run_dir}' trained on the embedded dataset '{card.get('dataset')}', which has no table schema; "
             "predict applies models trained on tables (CSV or Parquet)"
         )
-    schema = DataSchema.from_dict(card["schema"], "the model card's schema")
+    schema = DataSchema.from_dict(card["schema"], "the model card's schema")  # bounded in width
     spec = card["model"]
     shape = tuple(spec["input_shape"])
+    if shape != (schema.num_features,) or int(spec["num_outputs"]) != schema.label.num_outputs:
+        raise CardError(
+            f"the model card's input shape {list(shape)[:4]} and {spec['num_outputs']} outputs do not match its "
+            f"schema ({schema.num_features} features, {schema.label.num_outputs} outputs): the card is inconsistent"
+        )
+    parameters = _weights_parameters(Path(run_dir) / card["weights"].get("file", WEIGHTS_FILE))
+    if parameters > MAX_PARAMETERS:
+        raise CardError(f"the weights hold {parameters} parameters, more than the {MAX_PARAMETERS} predict loads")
     model = build_model(spec["architecture"], shape, int(spec["num_outputs"]), "tabular", task=card["task"],
                         embeddings=schema.embeddings, fix=bool(spec["fix_model"]))
-    weights = load_weights(Path(run_dir) / card["weights"]["file"])
+    weights = load_weights(Path(run_dir) / card["weights"].get("file", WEIGHTS_FILE))
     try:
         model.load_state_dict(weights)
     except RuntimeError as err:

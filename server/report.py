@@ -6,7 +6,6 @@ has ever spent — not from the coordinator's view of this run alone.
 
 from __future__ import annotations
 
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,6 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from fedsilo.shared.audit import format_date
+from fedsilo.shared import safe_read
 from fedsilo.shared.ledger import read_ledgers
 from fedsilo.shared.metrics import format_metrics, headline
 
@@ -26,7 +26,7 @@ from .summary import SUMMARY_FILE
 def print_run_report(run_dir: Path, console: Console | None = None) -> dict:
     """Print accuracy and the per-department privacy table; return the summary."""
     console = console or Console()
-    summary = json.loads((Path(run_dir) / SUMMARY_FILE).read_text(encoding="utf-8"))
+    summary = safe_read.load_json(Path(run_dir) / SUMMARY_FILE, "run summary")
     rounds = summary["rounds"]
     accuracy = summary.get("final_accuracy")
     console.print(
@@ -258,19 +258,23 @@ def print_audit(result, console: Console | None = None) -> None:
                          frozenset(sections), hidden_hint="as do --json and --report")
     if rows:  # a deployment's run folder alone has no ledger: no empty table
         console.print(table)
+    # Everything below may hold text from the files audited: escaped, so a
+    # crafted name or value is shown as written, never read as markup.
     for row in result.rows:
         for problem in row.problems:
-            console.print(f"[red]{row.id}[/red]: {problem}", soft_wrap=True)
+            console.print(f"[red]{escape(row.id)}[/red]: {escape(problem)}", soft_wrap=True)
     for problem in result.problems:
-        console.print(f"[red]audit[/red]: {problem}", soft_wrap=True)
+        console.print(f"[red]audit[/red]: {escape(problem)}", soft_wrap=True)
     for row in result.rows:
         if row.identity:
             console.print(
-                f"{row.id}: identity {row.identity}"
-                + (f", key {row.key}" if row.key else "")
-                + (f", {row.records} records" if row.records else "")
-                + (f", entries {format_date(row.first)} – {format_date(row.last)}" if row.first else "")
-                + (f", written by {', '.join(row.software)}" if row.software else ""),
+                escape(
+                    f"{row.id}: identity {row.identity}"
+                    + (f", key {row.key}" if row.key else "")
+                    + (f", {row.records} records" if row.records else "")
+                    + (f", entries {format_date(row.first)} – {format_date(row.last)}" if row.first else "")
+                    + (f", written by {', '.join(row.software)}" if row.software else "")
+                ),
                 soft_wrap=True, highlight=False,
             )
     if result.central:
@@ -281,16 +285,19 @@ def print_audit(result, console: Console | None = None) -> None:
             soft_wrap=True,
         )
     for line in result.checked:
-        console.print(f"[green]checked[/green]: {line}", soft_wrap=True, highlight=False)
+        console.print(f"[green]checked[/green]: {escape(line)}", soft_wrap=True, highlight=False)
     for line in result.unavailable:
-        console.print(f"[yellow]not available[/yellow]: {line}", soft_wrap=True, highlight=False)
+        console.print(f"[yellow]not available[/yellow]: {escape(line)}", soft_wrap=True, highlight=False)
     for finding in result.findings:
-        console.print(f"[yellow]finding[/yellow]: {finding}", soft_wrap=True, highlight=False)
+        console.print(f"[yellow]finding[/yellow]: {escape(finding)}", soft_wrap=True, highlight=False)
     console.print(audit_verdict(result))
 
 
 def audit_verdict(result) -> str:
     """The one-line verdict: failed, verified with findings, or verified — never green over a finding."""
+    if not getattr(result, "readable", True):
+        return ("[red]Verification FAILED: a file could not be read (see above); a missing, empty or "
+                "unreadable ledger never verifies.[/red]")
     if not result.ok:
         return "[red]Verification FAILED.[/red]"
     if result.findings:

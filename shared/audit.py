@@ -51,6 +51,11 @@ PRV_MAX_STEPS = 100_000
 # Without PRV, PLD alone judges an under-report: it is pessimistic, and agrees
 # with PRV to ~1 % on honest histories, so a PRV-recorded ε gets this slack.
 PLD_ONLY_SLACK = 0.02
+# PLD's and PRV's cost grows with ε (PLD: 2.5 s at ε ≈ 600, 21 s at ε ≈ 5400):
+# past this RDP ε (a history that protects nothing) only RDP is re-derived, and
+# a recorded ε below half of RDP's is an under-report (RDP is within 30 % of
+# PLD there).
+EXACT_MAX_EPSILON = 1000.0
 
 
 @dataclass
@@ -265,6 +270,18 @@ def _check_epsilon(row: DepartmentAudit, entries: list[LedgerEntry], every_entry
         if not recorded.private:
             continue
         prefix = [e for e in entries[:i] if e.private]
+        # RDP is a sound upper bound and cheap: a record at or above it is no
+        # under-report.  Past EXACT_MAX_EPSILON only RDP is affordable.
+        rdp = _opacus_epsilon(prefix, RDPAccountant, recorded.delta)
+        if recorded.epsilon >= rdp:
+            continue
+        if rdp > EXACT_MAX_EPSILON:
+            if recorded.epsilon < rdp / 2:
+                row.problems.append(
+                    f"entry seq {recorded.seq}: recorded ε={recorded.epsilon:.4f} is below half the re-derived "
+                    f"RDP ε={rdp:.1f} at δ={recorded.delta:g}: budget under-reported"
+                )
+            continue
         # Both PRV (its certified upper bound) and PLD (pessimistic) are sound:
         # a recorded ε below the lower of the two is an under-report.  PLD
         # first; PRV only when PLD finds the record too low (it is the slower).
@@ -280,13 +297,19 @@ def _check_epsilon(row: DepartmentAudit, entries: list[LedgerEntry], every_entry
                 f"ε ({shown}PLD {pld:.4f}) at δ={recorded.delta:g}: budget under-reported"
             )
     delta = entries[-1].delta
+    row.epsilon_rdp = _opacus_epsilon(private, RDPAccountant, delta)
+    if row.epsilon_rdp > EXACT_MAX_EPSILON:
+        row.findings.append(
+            f"ε ≈ {row.epsilon_rdp:.0f} by RDP, past {EXACT_MAX_EPSILON:g}: such a history protects nothing, and "
+            "PLD and PRV (whose cost grows with ε) were not re-derived"
+        )
+        return
     row.epsilon_prv = _opacus_epsilon(private, PRVAccountant, delta)
     if row.epsilon_prv is None:
         row.findings.append(
             f"Opacus PRV not re-derived: one mechanism ran more than {PRV_MAX_STEPS} steps, past what PRV "
             "evaluates in bounded memory; PLD and RDP re-derived ε"
         )
-    row.epsilon_rdp = _opacus_epsilon(private, RDPAccountant, delta)
     row.epsilon_pld = pld_epsilon(private, delta)
 
 
@@ -458,7 +481,7 @@ def _ledger_files(places) -> list[Path]:
     for place in map(Path, places):
         if not os.path.lexists(place):
             raise FileNotFoundError(f"--ledgers '{place}' does not exist; give a folder of collected ledgers or a .jsonl ledger")
-        found = sorted(place.glob("*.jsonl")) if _is_folder(place) else [place]
+        found = sorted(place.glob("*.jsonl")) if _is_folder(place) and place.suffix != ".jsonl" else [place]
         if not found:
             raise FileNotFoundError(f"--ledgers '{place}' holds no ledger (*.jsonl)")
         files += found
@@ -482,14 +505,14 @@ def audit_path(path: Path | str, keys: Path | str | None = None, record: Path | 
     summary = None
     central_file = None
     unreadable: list[str] = []
-    if not _is_folder(path):  # a file, or anything else given as one: read (and refused) as a ledger
+    if not _is_folder(path) or path.suffix == ".jsonl":  # a file, or anything named as one: read (and refused) as a ledger
         files = [path]
     else:
         folder = path / "ledgers" if (path / "ledgers").is_dir() else path
         files = sorted(folder.glob("*.jsonl"))
         if os.path.lexists(path / "summary.json"):
             try:
-                summary = _summary_of(path / "summary.json")
+                summary = read_summary(path / "summary.json")
             except UnreadableFile as err:
                 unreadable.append(f"the run's summary: {err}")
         if summary is not None and summary.get("central"):
@@ -518,7 +541,8 @@ def audit_path(path: Path | str, keys: Path | str | None = None, record: Path | 
             "and no acknowledged head was found in its ledger; collect a copy of each and add --ledgers DIR"
         )
     elif not files and central is None:
-        result.problems.append(f"no ledgers (*.jsonl) found in '{path}'")
+        result.unreadable.append(f"no ledgers (*.jsonl) found in '{path}': a missing ledger never verifies")
+        result.problems.append(result.unreadable[-1])
     if central_file is not None and not os.path.lexists(central_file):
         result.problems.append(f"the run used client-level DP but its coordinator ledger '{central_file}' is missing")
     if summary is not None and central is not None:
@@ -589,7 +613,7 @@ def _is_folder(path: Path) -> bool:
         return False
 
 
-def _summary_of(path: Path) -> dict:
+def read_summary(path: Path) -> dict:
     """A run's ``summary.json``, read safely and checked for the shape the audit relies on."""
     summary = safe_read.load_json(path, "run summary")
     shape = {"run_id": (str, int), "rounds": list, "departments": dict, "central": (dict, type(None)),
