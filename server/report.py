@@ -234,10 +234,12 @@ def audit_cells(row) -> list[str]:
     def num(value, fmt=".3f"):
         return "–" if value is None else format(value, fmt)
 
+    unread = getattr(row, "unreadable", False) and not row.rounds  # no ε was read: none is shown
     return [
         row.id, str(row.rounds), str(row.steps), num(row.noise_multiplier), num(row.sample_rate, ".4f"),
-        num(row.epsilon), num(row.epsilon_prv), num(row.epsilon_rdp), num(row.epsilon_pld),
-        num(row.delta, "g"), num(row.budget, "g"), num(row.left), row.signatures, "yes" if row.verified else "NO",
+        "–" if unread else num(row.epsilon), num(row.epsilon_prv), num(row.epsilon_rdp), num(row.epsilon_pld),
+        num(row.delta, "g"), num(row.budget, "g"), num(row.left), row.signatures,
+        "UNREADABLE" if unread else ("yes" if row.verified else "NO"),
     ]
 
 
@@ -251,7 +253,7 @@ def print_audit(result, console: Console | None = None) -> None:
         if row is result.central:
             sections.add(len(rows))
             cells[0] += " (client-level)"
-        cells[-1] = "[green]yes[/green]" if row.verified else "[red]NO[/red]"
+        cells[-1] = "[green]yes[/green]" if row.verified else f"[red]{cells[-1]}[/red]"
         rows.append(cells)
     columns = [Column(**{"header": header, **AUDIT_TERMINAL.get(header, {"drop": 7})}) for header in AUDIT_COLUMNS]
     table = fitted_table(console, "Privacy audit — ε re-derived from the recorded mechanisms", columns, rows,

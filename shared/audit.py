@@ -682,7 +682,7 @@ def cross_check_card(run_dir: Path, record: RecordVerification | None, result: "
 
 
 def _say_what_was_checked(result: AuditResult, keys: Path | None) -> None:
-    rows = result.rows
+    rows = [row for row in result.rows if not row.unreadable]  # nothing was checked in a file not read
     if not rows:
         return
     result.checked.append(f"{len(rows)} ledger(s): hash chains, order, one identity per ledger")

@@ -248,7 +248,7 @@ def verify_ledger(
     try:
         lines = read_lines(path, result.problems)
     except UnreadableFile as err:
-        result.problems.append(err.reason + (f" (line {err.line})" if err.line else ""))
+        result.problems.append(err.reason + (f" (line {err.line})" if err.line else "") + (f"; {err.hint}" if err.hint else ""))
         result.unreadable.append(result.problems[-1])
         return result
     if result.problems:  # a torn last line: it cannot be read as an entry either
@@ -393,7 +393,7 @@ class PrivacyLedger:
         found = verify_ledger(self.path, self.signer.public_key if self.signer else None)
         if not found.ok:
             raise LedgerError(
-                f"ledger '{self.path}' {found.problems[0]}; the budget cannot be known, so "
+                f"ledger '{self.path}': {found.problems[0]}; the budget cannot be known, so "
                 "nothing will train against it. Restore the ledger from backup and audit it "
                 "with `fedsilo audit`"
             )
