@@ -106,8 +106,8 @@ def generate_identity(private_path: Path, public_path: Path, comment: str, force
 
 
 def write_file(path: Path, data: bytes, private: bool) -> None:
-    """Write ``data``; a private file is 0600 from the moment it exists."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+    """Write ``data``; a private file is 0600 from the moment it exists, in a folder created 0700."""
+    path.parent.mkdir(parents=True, exist_ok=True, mode=0o700 if private else 0o777)
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
     with os.fdopen(fd, "wb") as fh:
         fh.write(data)

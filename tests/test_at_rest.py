@@ -107,3 +107,13 @@ def test_a_rolled_back_refusal_from_the_real_clientapp_carries_no_host_path(site
     assert status == "rolled-back" and "is empty" in reason
     assert str(site["root"]) not in reason and str(site["ledgers"]) not in reason and path.name not in reason
     assert _mode(site["ledgers"]) == 0o700
+
+
+def test_a_simulated_department_folder_is_0700_from_its_first_key(tmp_path):
+    from fedsilo.shared.signing import simulated_identity
+
+    folder = tmp_path / "out" / "ledgers"
+    signer = simulated_identity(folder, "finance")
+    assert _mode(folder) == 0o700
+    _append(PrivacyLedger(folder / "finance.jsonl", "finance", signer))
+    assert _mode(folder / "finance.jsonl") == 0o600
