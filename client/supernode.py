@@ -68,7 +68,7 @@ class DepartmentNode:
         for factory in self.policy.models:
             load_factory(factory)  # ModelError: an allowed factory must be installed here
         self.policy.check_records(rows)  # PolicyError: δ must be below 1/records
-        self.ledger.mkdir(parents=True, exist_ok=True)
+        self.ledger.mkdir(parents=True, exist_ok=True, mode=0o700)
         # LedgerError if unreadable, broken, forked or not signed by this department's key
         PrivacyLedger(self.ledger_file, self.name, Signer.from_file(self.key))
         check_coordinator_certificate(self.coordinator, self.ca, timeout)
