@@ -143,11 +143,11 @@ def privacy_budget_mod(msg: Message, context: Context, call_next: ClientAppCalla
     except AdmissionError as err:
         return refuse(STATUS_DECLINED, str(err))
     try:
-        policy.check_records(len(department.data))
+        policy.check_records(department.data.num_records)
     except PolicyError as err:
         log.warning("[%s] %s", department.name, err)  # names N: stays on this host
         return refuse(STATUS_DECLINED, "delta: this department's δ is not below 1/records; its operators must lower --delta")
-    size = policy.reported_size(len(department.data))
+    size = policy.reported_size(department.data.num_records)
     if not terms.private:
         return _train_without_dp(msg, context, call_next, department, ledger, terms, settings, size, run_id, server_round)
     if not ledger.private:
@@ -186,7 +186,7 @@ def privacy_budget_mod(msg: Message, context: Context, call_next: ClientAppCalla
     charge = functools.partial(
         ledger.append, run_id=run_id, round=server_round, mechanism=mechanism,
         max_grad_norm=settings.max_grad_norm, delta=terms.delta, accountant=terms.accountant,
-        epsilon=decision.epsilon_after, num_examples=len(department.data), expected_seq=len(ledger.entries),
+        epsilon=decision.epsilon_after, num_examples=department.data.num_records, expected_seq=len(ledger.entries),
         budget=terms.max_epsilon, reported_size=size,
     )
     try:
@@ -241,7 +241,7 @@ def _train_without_dp(msg, context, call_next, department: Department, ledger: P
         run_id=run_id, round=server_round,
         mechanism=None,  # a non-private round is no mechanism: the entry voids every finite ε
         max_grad_norm=settings.max_grad_norm, delta=terms.delta, accountant=terms.accountant,
-        epsilon=ledger.epsilon if ledger.private else 0.0, num_examples=len(department.data),
+        epsilon=ledger.epsilon if ledger.private else 0.0, num_examples=department.data.num_records,
         expected_seq=len(ledger.entries), budget=terms.max_epsilon, private=False, reported_size=size,
     )
     _set_privacy_metrics(metrics, size, float("inf"), terms)

@@ -50,7 +50,7 @@ def start(
     port: Annotated[Optional[int], typer.Option(help="Local port for the SuperNode's loopback API (default: a free one).")] = None,
     activation_wait: Annotated[float, typer.Option(min=0, help="Seconds to keep retrying when the coordinator does not accept this department yet (after a crash it counts the old start online for up to a minute).")] = 75.0,
     task_input_wait: Annotated[float, typer.Option(min=1, help="Seconds a task's message may take to arrive complete from the coordinator before it is given up (one left behind by a run that ended while the coordinator was unreachable never does).")] = INPUT_WAIT,
-    limit: Annotated[Optional[list[str]], typer.Option(help="A limit on what one run may ask of this host, NAME=VALUE (repeat for several): max-steps-per-round, max-rounds, max-model-parameters, max-features, max-categories, max-classes, max-run-key-length, max-round-seconds, max-weight-magnitude. See docs/privacy.md for the defaults.")] = None,
+    limit: Annotated[Optional[list[str]], typer.Option(help="A limit on what one run may ask of this host, NAME=VALUE (repeat for several): max-steps-per-round, max-rounds, max-model-parameters, max-features, max-categories, max-classes, max-run-key-length, max-round-seconds, max-weight-magnitude, max-encoded-values. See docs/privacy.md for the defaults.")] = None,
 ) -> None:
     """Validate everything, then join the federation over TLS with this department's identity."""
     if max_epsilon is None:

@@ -12,18 +12,22 @@ its policy stay on its host, whatever the run asks for.
 from __future__ import annotations
 
 import functools
+import logging
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Callable, Mapping
 
 from fedsilo.shared.config import RunSettings
-from fedsilo.shared.data import Dataset, load_table, simulated_federation, split_columns
+from fedsilo.shared.data import Dataset, load_records, simulated_federation, split_columns
 from fedsilo.shared.schema import DataSchema
 from fedsilo.shared.ledger import find_identity_ledger
 from fedsilo.shared.model_factory import is_factory
 from fedsilo.shared.signing import Signer, simulated_identity
 
+from .limits import RunLimits
 from .policy import DepartmentPolicy
+
+log = logging.getLogger("fedsilo.department")
 
 # What a simulated department allows when `fedsilo simulate` set nothing (`flwr run .`).
 SIMULATED_DEFAULT_POLICY = DepartmentPolicy(max_epsilon=10.0)
@@ -114,9 +118,9 @@ def _deployed_department(node_config: Mapping[str, Any], settings: RunSettings) 
         )
     label_column = str(node_config.get("label-column", "label"))
     schema = _run_schema(settings.data_schema, label_column)
-    data = functools.partial(_load_own_table, str(node_config["data-path"]), label_column, settings.data_schema)
     # The policy is the department's own (set on this host); the run only asks.
     policy = _policy(str(node_config["policy"]))
+    data = functools.partial(_load_own_table, str(node_config["data-path"]), label_column, settings.data_schema, policy.limits)
     return Department(
         str(node_config["department"]), data, Path(str(node_config["ledger-dir"])), policy,
         Path(str(node_config["identity-key"])), schema,
@@ -136,5 +140,14 @@ def _run_schema(schema_json: str, label_column: str) -> DataSchema:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_own_table(path: str, label_column: str, schema_json: str) -> Dataset:
-    return load_table(Path(path), label_column, schema=_run_schema(schema_json, label_column))
+def _load_own_table(path: str, label_column: str, schema_json: str, limits: RunLimits) -> Dataset:
+    schema = _run_schema(schema_json, label_column)
+    data, left_out = load_records(Path(path), schema)
+    # Checked at `department start` too; the table may have grown since.
+    over = limits.check_table(data.num_records)
+    if over:
+        raise ValueError("; ".join(over))
+    if left_out:  # on this host only: the run learns nothing of it
+        log.warning("%d of %d rows of %s do not encode with this run's schema and are left out of it; "
+                    "`fedsilo schema check` names them", left_out, data.num_records, path)
+    return data

@@ -50,6 +50,11 @@ class RunLimits:
     max_weight_magnitude : float
         The largest absolute value a weight of the incoming global model may
         have; a model past it is declined before any record is touched.
+    max_encoded_values : int
+        The table's rows × ``max_features``: the most values a run's schema can
+        make this host encode (2^31 float32 is 8 GiB).  Checked against the
+        table when the department starts, never against a run, so no run can
+        learn the row count from it.
     """
 
     max_steps_per_round: int = 10_000
@@ -61,6 +66,7 @@ class RunLimits:
     max_run_key_length: int = 128
     max_round_seconds: float = 3600.0
     max_weight_magnitude: float = 1e4
+    max_encoded_values: int = 1 << 31
 
     def __post_init__(self) -> None:
         for field in fields(self):
@@ -110,6 +116,17 @@ class RunLimits:
         if classes > self.max_classes:
             out.append(f"schema: the label has {classes} classes; this department accepts at most {self.max_classes}")
         return out
+
+    def check_table(self, rows: int) -> list[str]:
+        """Whether a table of ``rows`` rows fits every schema within ``max_features`` (checked at start)."""
+        if rows * self.max_features > self.max_encoded_values:
+            fits = max(self.max_encoded_values // max(rows, 1), 1)
+            return [
+                f"table: {rows} rows at max-features {self.max_features} could take {rows * self.max_features:,} encoded "
+                f"values, more than max-encoded-values {self.max_encoded_values:,}; lower --limit max-features={fits} "
+                "or, with the memory for it, raise --limit max-encoded-values"
+            ]
+        return []
 
     def check_parameters(self, count: int) -> list[str]:
         if count > self.max_model_parameters:

@@ -62,6 +62,9 @@ class DepartmentNode:
         except CertError as err:
             raise DepartmentStartError(str(err)) from None
         rows = count_rows(self.data, self.label_column, self.feature_columns)  # DataError names file/column
+        over = self.policy.limits.check_table(rows)
+        if over:
+            raise DepartmentStartError("; ".join(over))
         if self.schema is not None:  # encoded here, on this host, as every run with that schema will
             schema = DataSchema.load(self.schema).with_label_column(self.label_column)
             load_table(self.data, self.label_column, schema=schema)

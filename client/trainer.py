@@ -103,6 +103,11 @@ def train_dp(
     grad_sample_mode = resolve_grad_sample_mode(grad_sample_mode, model)
     device = device or resolve_device()
     model.to(device).train()
+    if len(data) == 0:
+        # No record encoded with the run's schema: every step is noise alone, as Opacus'
+        # would be on empty batches (it cannot sample from an empty table).
+        return _noise_only(model, data, mechanism, max_grad_norm, learning_rate, momentum, device,
+                           planned_size, deadline, grad_sample_mode)
     # Opacus samples each record at 1/len(loader) for len(loader) steps an epoch: a
     # loader of exactly `batches` index chunks gives the planned rate, also when
     # the plan came from a reported size other than the exact count.
@@ -210,6 +215,26 @@ def _ghost_guard(private, per_sample_loss: nn.Module, xb: torch.Tensor, yb: torc
     clipped = robust_clipped_sum(private, per_sample_loss, xb, yb, max_grad_norm)
     for p, g in zip(params, clipped):
         p.grad = g
+
+
+def _noise_only(model, data, mechanism, max_grad_norm, learning_rate, momentum, device, planned_size, deadline,
+                grad_sample_mode) -> TrainResult:
+    """DP-SGD's steps on a sum of no gradients: N(0, σ²C²) / (n·q) each, then SGD."""
+    if planned_size is None:
+        raise ValueError("an empty table trains only from a planned size")
+    noise = torch.Generator(device=device).manual_seed(secrets.randbits(63))
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
+    scale = mechanism.noise_multiplier * max_grad_norm / (planned_size * mechanism.sample_rate)
+    for step in range(mechanism.steps):
+        if deadline is not None and time.monotonic() > deadline:
+            raise TrainingStopped(f"the round passed its wall-time limit after {step} of {mechanism.steps} steps")
+        for p in model.parameters():
+            if p.requires_grad:
+                p.grad = torch.normal(0.0, scale, p.shape, generator=noise, device=device, dtype=p.dtype)
+        optimizer.step()
+    if not all(bool(torch.isfinite(v).all()) for v in model.state_dict().values() if v.is_floating_point()):
+        raise TrainingStopped("the trained model is not finite (the run's learning rate or model diverged)")
+    return TrainResult(mechanism.steps, 0, float("nan"), grad_sample_mode)
 
 
 def robust_clipped_sum(private, per_sample_loss: nn.Module, xb: torch.Tensor, yb: torch.Tensor,

@@ -48,6 +48,7 @@ def print_run_report(run_dir: Path, console: Console | None = None) -> dict:
         console.print(f"Final test accuracy [bold]{accuracy:.4f}[/bold] after {len(rounds)} round(s)")
     if summary.get("model_card"):
         console.print(f"Model: {Path(run_dir) / summary['model']} with its signed card {Path(run_dir) / summary['model_card']}")
+    print_failed_rounds(summary, console)
     if not summary["dp"]:
         console.print("[yellow]No record-level DP at the departments: ε is unbounded (∞) for each department's examples.[/yellow]")
         print_central(summary, console)
@@ -105,6 +106,18 @@ def print_run_report(run_dir: Path, console: Console | None = None) -> dict:
     )
     print_central(summary, console)
     return summary
+
+
+def print_failed_rounds(summary: dict, console: Console) -> None:
+    """Rounds that produced no model: why, and who was charged for them all the same."""
+    for failed in summary.get("failed_rounds") or []:
+        charged = sorted(failed.get("charged") or {})
+        rejected = failed.get("rejected") or {}
+        console.print(
+            f"[yellow]Round {failed.get('round')} produced no model[/yellow]: {escape(str(failed.get('reason', '')))}"
+            + (f"; rejected: {escape(', '.join(f'{n} ({why})' for n, why in sorted(rejected.items())))}" if rejected else "")
+            + (f"; charged all the same: {escape(', '.join(charged))}" if charged else "")
+        )
 
 
 def print_central(summary: dict, console: Console) -> None:

@@ -11,13 +11,16 @@ import functools
 import math
 import re
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
 
-from .schema import TABLE_SUFFIXES, DataError, DataSchema, Label, infer_label, infer_schema, natural_order, read_table
+from .schema import (
+    MAX_ENCODED_CELLS, TABLE_SUFFIXES, DataError, DataSchema, Label, SchemaError, infer_label, infer_schema, natural_order,
+    read_table,
+)
 
 EMBEDDED_DATASETS = ("digits", "mnist5k", "breast-cancer")
 # The held-out test split is fixed (not tied to --seed) so runs with different seeds
@@ -46,6 +49,14 @@ class Dataset:
     kind: str  # "image" | "tabular"
     task: str = "multiclass"  # "binary" | "multiclass" | "regression"
     schema: DataSchema | None = None
+    # Rows of the table it was read from, when some did not encode (a department's
+    # count of records, whatever the run's schema); None: every row is in ``x``.
+    rows_read: int | None = None
+
+    @property
+    def num_records(self) -> int:
+        """The records this dataset stands for: the table's rows, also those a run's schema left out."""
+        return self.rows_read if self.rows_read is not None else len(self)
 
     @property
     def num_classes(self) -> int:
@@ -138,12 +149,34 @@ def load_table(path: Path, label_column: str = "label", feature_columns: tuple[s
     Without ``schema`` the table describes itself (:func:`~fedsilo.shared.schema.infer_schema`
     on the table itself: for a table whose contents are public, such as the
     coordinator's own).  With one, the table is read the federation's way: its
-    columns, encodings, label codes and scaling.
+    columns, encodings, label codes and scaling.  Any row that does not encode
+    is an error naming it (see :func:`load_records` for a department's own table).
     """
     path = Path(path).expanduser()
     frame = read_table(path)
     own = schema or infer_schema(frame, label_column, task, f"'{path}'", feature_columns=feature_columns)
     return encode_frame(frame, own, path.stem, f"'{path}'")
+
+
+def load_records(path: Path, schema: DataSchema) -> tuple[Dataset, int]:
+    """A department's table encoded with a run's schema, totally: the rows that encode.
+
+    The schema comes from the coordinator, so whether some row fails to encode
+    must not reach it: each row that does not encode is left out (a per-record
+    filter, 1-stable under add/remove adjacency), and the table's row count, not
+    the kept rows', is the department's count of records (its size bucket and
+    its δ check do not depend on the schema).  The number left out stays on this
+    host (second value; logged).  The table must hold the schema's columns.
+    """
+    path = Path(path).expanduser()
+    source = f"'{path}'"
+    frame = read_table(path)
+    schema.check_columns(frame, source)
+    if schema.label.column not in frame.columns:
+        raise SchemaError(f"label column '{schema.label.column}' not found in {source}; pass the right one with --label-column")
+    kept = schema.encodable_rows(frame)
+    data = encode_frame(frame[kept], schema, path.stem, source, max_cells=None)
+    return replace(data, rows_read=len(frame)), int(len(frame) - kept.sum())
 
 
 def count_rows(path: Path, label_column: str, feature_columns: tuple[str, ...] = ()) -> int:
@@ -161,9 +194,9 @@ def count_rows(path: Path, label_column: str, feature_columns: tuple[str, ...] =
     return len(frame)
 
 
-def encode_frame(frame, schema: DataSchema, name: str, source: str) -> Dataset:
+def encode_frame(frame, schema: DataSchema, name: str, source: str, max_cells: int | None = MAX_ENCODED_CELLS) -> Dataset:
     """A :class:`Dataset` of ``frame``'s rows, encoded with ``schema``."""
-    x = schema.encode(frame, source)
+    x = schema.encode(frame, source, max_cells)
     y = schema.encode_labels(frame, source)
     if schema.task == "regression":
         y = y.reshape(-1, 1)

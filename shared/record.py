@@ -26,6 +26,7 @@ from typing import Any, Mapping
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
+from . import safe_read
 from .ledger import atomic_write, file_lock, read_lines
 from .signing import Signer, fingerprint, verify
 
@@ -225,7 +226,7 @@ def verify_record(path: Path | str, public_key: ec.EllipticCurvePublicKey | None
     for lineno, line in enumerate(lines, start=1):
         where = f"record line {lineno}"
         try:
-            raw = json.loads(line)
+            raw = safe_read.parse_json(line, path, lineno, "record line", dict)
             ack = Acknowledgement(**{f.name: raw[f.name] for f in fields(Acknowledgement)})
             if not all(math.isfinite(float(v)) for v in (ack.epsilon, ack.delta, ack.budget)):
                 raise ValueError("non-finite number")

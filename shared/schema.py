@@ -76,6 +76,7 @@ MAX_NAME = 1024
 MAX_SCHEMA_BYTES = 16 << 20
 # rows × features of one encoded table: 2^27 cells is 512 MiB as float32.
 MAX_ENCODED_CELLS = 1 << 27
+_FLOAT32_MAX = float(np.finfo(np.float32).max)
 MAX_TABLE_BYTES = safe_read.MAX_TABLE_BYTES
 
 
@@ -329,8 +330,12 @@ class DataSchema:
         return tuple(out)
 
     # ---------------------------------------------------------------- encoding
-    def encode(self, frame, source: str = "the table") -> np.ndarray:
+    def encode(self, frame, source: str = "the table", max_cells: int | None = MAX_ENCODED_CELLS) -> np.ndarray:
         """The feature matrix (float32) of ``frame``, in schema order.
+
+        ``max_cells`` bounds rows × features; a department passes None, having
+        bounded its table against its own limits when it started (a bound that
+        depended on the run's schema and the row count would tell a run the count).
 
         Raises
         ------
@@ -339,20 +344,15 @@ class DataSchema:
             or infinite values, or a missing value where ``impute`` is ``error``.
         """
         cells = len(frame) * self.num_features
-        if cells > MAX_ENCODED_CELLS:
+        if max_cells is not None and cells > max_cells:
             raise SchemaError(
                 f"{source} has {len(frame)} rows; at {self.num_features} features each that is {cells} values, "
-                f"more than the {MAX_ENCODED_CELLS} encoded at once; split the table into smaller files"
+                f"more than the {max_cells} encoded at once; split the table into smaller files"
             )
-        missing = [c.name for c in self.inputs if c.name not in frame.columns]
-        if missing:
-            raise SchemaError(
-                f"{source} lacks the schema's column(s) {', '.join(missing)} "
-                f"(it has: {', '.join(map(str, list(frame.columns)[:20]))}); "
-                "rename them to match, or edit the schema"
-            )
+        self.check_columns(frame, source)
         blocks = [_encode_column(c, frame[c.name], source) for c in self.inputs]
-        out = np.concatenate(blocks, axis=1).astype(np.float32) if blocks else np.zeros((len(frame), 0), np.float32)
+        with np.errstate(over="ignore"):  # an overflow is named below
+            out = np.concatenate(blocks, axis=1).astype(np.float32) if blocks else np.zeros((len(frame), 0), np.float32)
         bad = ~np.isfinite(out)
         if bad.any():
             row, col = (int(i[0]) for i in np.nonzero(bad))
@@ -361,6 +361,56 @@ class DataSchema:
                 "too large for the schema's mean and scale; fix the value, or the column's scale in the schema"
             )
         return out
+
+    def check_columns(self, frame, source: str = "the table") -> None:
+        """The schema's input columns are all in ``frame`` (a property of the table, not of a record)."""
+        missing = [c.name for c in self.inputs if c.name not in frame.columns]
+        if missing:
+            raise SchemaError(
+                f"{source} lacks the schema's column(s) {', '.join(missing)} "
+                f"(it has: {', '.join(map(str, list(frame.columns)[:20]))}); "
+                "rename them to match, or edit the schema"
+            )
+
+    def encodable_rows(self, frame) -> np.ndarray:
+        """Which rows of ``frame`` encode, each decided from that row alone (a boolean mask).
+
+        A department encodes its table with a schema the coordinator sent, so a
+        row that fails (text in a numeric column, a label outside the classes, a
+        value the schema's scale overflows) must not fail the table: whether any
+        record fails is a fact about the records.  Keeping exactly the rows that
+        encode is a per-record filter, so a record added or removed changes the
+        kept rows by at most that record (1-stable under add/remove adjacency).
+        The schema's columns must be in ``frame`` (a property of the table, not
+        of a record): :meth:`encode` names the missing ones.
+        """
+        import pandas as pd
+
+        ok = np.ones(len(frame), dtype=bool)
+        for column in self.inputs:
+            if column.kind != "numeric":
+                continue  # categories outside the list go to "other"; text always hashes
+            values = frame[column.name]
+            numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+            gaps = values.isna().to_numpy()
+            ok &= ~(np.isnan(numbers) & ~gaps)  # text in a numeric column
+            if column.impute == "error":
+                ok &= ~gaps
+            with np.errstate(all="ignore"):
+                scaled = (np.where(gaps, column.fill, numbers) - column.mean) / column.scale
+            ok &= np.abs(scaled) <= _FLOAT32_MAX
+        label = self.label
+        if label.column in frame.columns:
+            values = frame[label.column]
+            ok &= ~values.isna().to_numpy()
+            if label.task == "regression":
+                numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
+                with np.errstate(all="ignore"):
+                    ok &= np.abs((numbers - label.mean) / label.scale) <= _FLOAT32_MAX
+            else:
+                known = set(label.classes)
+                ok &= np.array([v in known for v in _label_text(values)], dtype=bool)
+        return ok
 
     def encode_labels(self, frame, source: str = "the table") -> np.ndarray:
         """Integer codes (classification) or the standardized target (regression)."""

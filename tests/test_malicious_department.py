@@ -377,6 +377,16 @@ def test_a_robust_round_left_with_too_few_updates_ends_resumable(tmp_path):
     # evil trained and its signed head verifies: its ledger was charged, though its reply is unusable.
     assert sorted(failed["charged"]) == ["a", "b", "evil"] and failed["trained"] == ["a", "b"]
     assert Checkpoint.load(run_dir).round == 0 and resumable(run_dir)[1].round == 0
+    # The run's report says so too.
+    from rich.console import Console
+
+    from fedsilo.server.report import print_run_report
+
+    console = Console(record=True, width=200)
+    print_run_report(run_dir, console)
+    text = console.export_text()
+    assert "Round 1 produced no model" in text and "needs at least 3 accepted updates" in text
+    assert "rejected: evil (" in text and "charged all the same: a, b, evil" in text
 
 
 # ----------------------------------------------------------------------------- a real deployment

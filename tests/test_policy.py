@@ -171,18 +171,28 @@ def test_a_rolled_back_deleted_or_new_folder_ledger_is_refused(site, serverapp_i
     assert not path.exists()  # a refusal writes nothing
 
 
-def test_an_error_reply_carries_no_data_value(site, serverapp_identity, caplog):
+def test_a_record_outside_the_runs_classes_is_left_out_and_named_only_here(site, serverapp_identity, caplog):
     frame = pd.read_csv(site["table"])
     frame["label"] = frame["label"].astype(str)
     frame.loc[17, "label"] = "HIV+"
     bad = site["root"] / "bad.csv"
     frame.to_csv(bad, index=False)
+    with caplog.at_level(logging.WARNING, logger="fedsilo.department"):
+        reply = _ask(site, POLICY, table=bad)
+    assert _status(reply)[0] == "trained"  # as without that record: nothing tells the coordinator
+    assert f"1 of {ROWS} rows" in caplog.text  # the department's own log says so
+
+
+def test_an_error_reply_carries_no_detail_of_the_table(site, serverapp_identity, caplog):
+    frame = pd.read_csv(site["table"]).drop(columns=["px19"])
+    bad = site["root"] / "bad.csv"
+    frame.to_csv(bad, index=False)
     with caplog.at_level(logging.ERROR, logger="fedsilo.department"):
         reply = _ask(site, POLICY, table=bad)
     assert reply.has_error()
-    assert "HIV+" not in reply.error.reason and "19" not in reply.error.reason
+    assert "px19" not in reply.error.reason and "19" not in reply.error.reason
     assert reply.error.reason.startswith("the department's ClientApp failed (SchemaError)")
-    assert "HIV+" in caplog.text  # the full text stays in the department's own log
+    assert "px19" in caplog.text  # the full text stays in the department's own log
 
 
 def test_an_rdp_ledger_continues_under_pld_without_discarding_rounds(site, serverapp_identity):

@@ -354,3 +354,14 @@ def test_any_record_line_is_read_or_named(tmp_path, values):
     path = _write(tmp_path / "acknowledged.jsonl", (json.dumps(raw) + "\n").encode())
     found = verify_record(path)  # never raises on a line it can read
     assert found.problems or found.entries
+
+
+@pytest.mark.parametrize("line", ['{"seq": NaN}', "[" * 100_000 + "]" * 100_000, '{"seq": 1e999}', '[1, 2]'])
+def test_a_record_line_that_is_not_fedsilo_json_is_a_problem_named_never_a_crash(tmp_path, line):
+    path = _write(tmp_path / "acknowledged.jsonl", (line + "\n").encode())
+    try:
+        found = verify_record(path)
+    except UnreadableFile as err:  # the whole file is refused (a line nested past the bound)
+        assert "acknowledged.jsonl" in str(err) and "line 1" in str(err)
+        return
+    assert not found.entries and "record line 1" in " ".join(found.problems)

@@ -268,7 +268,7 @@ def department_round(settings, pid: int, total: int, global_state: dict, run_id:
     department = department_from_context({"partition-id": pid, "num-partitions": total}, settings)
     ledger = PrivacyLedger(department.ledger_path, department.name, department.signer)
     terms, _ = department.policy.terms_for(RunRequest.from_settings(settings))
-    size = department.policy.reported_size(len(department.data))
+    size = department.policy.reported_size(department.data.num_records)
     mechanism = plan_round(settings, terms, size)
     t1 = time.perf_counter()
     guard = BudgetGuard(terms.max_epsilon, terms.delta, terms.accountant)
