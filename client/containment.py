@@ -11,10 +11,10 @@ from __future__ import annotations
 
 import logging
 
-from flwr.app import Context, Message
-from flwr.app.error import Error
+from flwr.app import Context, Error, Message
 from flwr.clientapp.typing import ClientAppCallable
-from flwr.common.constant import ErrorCode
+
+from fedsilo.shared.flower_internals import ErrorCode
 
 log = logging.getLogger("fedsilo.department")
 

@@ -23,31 +23,22 @@ from typing import Any, Callable
 
 import httpx
 from flwr.app import ConfigRecord, Context, Message, RecordDict
-from flwr.common.constant import SubStatus
-from flwr.common.serde import context_from_proto, fab_from_proto, run_from_proto
-from flwr.proto.node_pb2 import Node  # pylint: disable=E0611
-from flwr.proto.runtime_pb2 import (  # pylint: disable=E0611
-    AcquireTaskRequest,
-    PullAppMessagesRequest,
-    PullTaskInputRequest,
-)
-from flwr.supercore.constant import TaskType
-from flwr.supercore.heartbeat import HeartbeatSender, make_task_heartbeat_fn_http
-from flwr.supercore.inflatable.inflatable_protobuf_utils import (
-    make_confirm_message_received_fn_protobuf,
-    make_pull_object_fn_protobuf,
-)
-from flwr.supercore.inflatable.inflatable_utils import ObjectPullError, pull_and_inflate_object_from_tree
-from flwr.supercore.interceptors import (
-    RuntimeTokenHttpInterceptor,
-    RuntimeVersionHttpInterceptor,
-    SuperExecAuthHttpInterceptor,
-)
-from flwr.supercore.retry import RetryInvoker, exponential
-from flwr.supercore.runtime import RuntimeHttpClient
-from flwr.supercore.task_identity import TaskIdentity
-from flwr.supernode.runtime.run_clientapp import push_message, push_task_output
 
+from fedsilo.shared.flower_internals import (
+    AcquireTaskRequest,
+    HeartbeatSender,
+    ObjectPullError,
+    RetryInvoker,
+    SubStatus,
+    TaskType,
+    exponential,
+    make_task_heartbeat_fn_http,
+    pull_task_input,
+    push_message,
+    push_task_output,
+    runtime_client,
+    superexec_client,
+)
 from fedsilo.shared.protocol import STATUS_INCOMPATIBLE, STATUS_KEY
 
 from .app_check import AppVerdict, check_app
@@ -55,7 +46,6 @@ from .containment import FAILURE_REASON, failure_reply
 
 log = logging.getLogger("fedsilo.department")
 
-ACQUIRE_METHOD = "/flwr.proto.Runtime/AcquireTask"
 # Seconds a task's message may take to be complete in the SuperNode.  Flower's
 # own ClientApp waits up to 2 hours (500 tries per object).  But a SuperNode that
 # was pulling a message when the coordinator went away, and learns on
@@ -102,14 +92,7 @@ class DepartmentExecutor:
         self._app = None
         # Retry briefly, then serve() checks whether the SuperNode is still there.
         retry = transport_retry(max_time=5.0)
-        self._acquirer = RuntimeHttpClient.from_server_address(
-            self.runtime_address, insecure=True, root_certificates=None,
-            interceptors=[
-                RuntimeVersionHttpInterceptor(component_name="SuperExec"),
-                SuperExecAuthHttpInterceptor(master_secret=self.secret, protected_methods=frozenset({ACQUIRE_METHOD})),
-            ],
-            retry_invoker=retry,
-        )
+        self._acquirer = superexec_client(self.runtime_address, self.secret, retry)
 
     @property
     def app(self):
@@ -142,14 +125,7 @@ class DepartmentExecutor:
 
     def answer(self, token: str) -> None:
         """Pull one task's input, reply to it, push its output; always replies (the SuperNode waits)."""
-        client = RuntimeHttpClient.from_server_address(
-            self.runtime_address, insecure=True, root_certificates=None,
-            interceptors=[
-                RuntimeVersionHttpInterceptor(component_name="flwr-clientapp"),
-                RuntimeTokenHttpInterceptor(token),
-            ],
-            retry_invoker=transport_retry(max_time=30.0),
-        )
+        client = runtime_client(self.runtime_address, token, transport_retry(max_time=30.0))
         heartbeat = HeartbeatSender(make_task_heartbeat_fn_http(client))
         heartbeat.start()
         context: Context | None = None
@@ -196,34 +172,6 @@ class DepartmentExecutor:
 
     def close(self) -> None:
         self._acquirer.close()
-
-
-def pull_task_input(client: RuntimeHttpClient, max_time: float) -> tuple[Message, Context, Any, Any]:
-    """Flower's ``pull_task_input``, waiting at most ``max_time`` seconds for the message's objects.
-
-    Raises ``ObjectPullError`` after that: the task then ends as failed and the next one is answered.
-    """
-    res = client.PullTaskInput(PullTaskInputRequest())
-    TaskIdentity.task_id = res.task_id
-    TaskIdentity.run_id = res.run.run_id
-    TaskIdentity.node_id = res.context.node_id
-    context = context_from_proto(res.context)
-    run = run_from_proto(res.run)
-    fab = fab_from_proto(res.fab)
-    pulled = client.PullMessages(PullAppMessagesRequest())
-    if not pulled.messages_list:
-        raise RuntimeError("No messages received from Runtime API")
-    node = Node(node_id=context.node_id)
-    tree = pulled.message_object_trees[0]
-    message = pull_and_inflate_object_from_tree(
-        tree,
-        make_pull_object_fn_protobuf(client.PullObject, node, context.run_id),
-        make_confirm_message_received_fn_protobuf(client.ConfirmMessageReceived, node, context.run_id),
-        return_type=Message,
-        max_time=max_time,
-    )
-    message.metadata.__dict__["_message_id"] = tree.object_id  # the deflated message lacks its own id
-    return message, context, run, fab
 
 
 def transport_retry(max_time: float) -> RetryInvoker:
