@@ -7,7 +7,7 @@ STAMP := $(VENV)/.fedsilo-installed
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 export FLWR_TELEMETRY_ENABLED := 0
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test test-all clean
 
 setup: $(STAMP)
 
@@ -26,10 +26,19 @@ demo: $(STAMP)
 	    --partition dirichlet:0.5 --target-epsilon 8 --max-grad-norm 1.0 \
 	    --delta 1e-5 --max-epsilon 8 --out runs/demo
 
+# Two workers, a test file each: most tests wait on real processes (Flower, Ray, nginx)
+# rather than compute, and a file keeps its module-wide federation to itself.
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --durations=25 --strict-markers
+
+# The fast tier (at most 10 min on 2 cores): every unit and in-process test, a real simulation,
+# a real TLS deployment through nginx, the intruder and the policy tests.
 test: $(STAMP)
-	# Two workers, a test file each: most tests wait on real processes (Flower, Ray, nginx)
-	# rather than compute, and a file keeps its module-wide federation to itself.
-	$(PY) -m pytest -q -n 2 --dist loadfile --durations=25
+	$(PYTEST) -m "not slow"
+
+# Everything (at most 30 min on 2 cores): also the tests marked slow (crash and resume,
+# robustness over real deployments, the benchmark smoke run, Ray's listeners). CI runs this.
+test-all: $(STAMP)
+	$(PYTEST)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -122,6 +122,7 @@ def test_a_rolled_back_or_deleted_ledger_is_refused_and_flagged_by_the_audit(fed
     assert code == 0 and report["departments"][0]["acknowledged"] >= 2, report
 
 
+@pytest.mark.slow
 def test_a_department_under_another_name_and_key_file_continues_its_epsilon(fed):
     before = fed.ledger("finance")
     renamed = fed["certs"] / "departments" / "finance-key-renamed"
@@ -273,6 +274,7 @@ def test_too_few_departments_stops_with_a_clear_message(fed):
     assert summary["status"] == "failed" and "fewer than --min-departments 5" in summary["stop_reason"]
 
 
+@pytest.mark.slow
 def test_department_killed_mid_round_does_not_stop_the_run(fed):
     out = fed["root"] / "runs" / "killed"
     started = time.monotonic()
@@ -302,6 +304,7 @@ def test_department_killed_mid_round_does_not_stop_the_run(fed):
     assert any("sales" in r["failed"] for r in summary["rounds"][1:]) or len(summary["rounds"][2]["trained"]) == 2
 
 
+@pytest.mark.slow
 def test_restarted_department_neither_resets_nor_double_counts_epsilon(fed):
     """After the SIGKILL above: restart sales and train with client-level DP on as well."""
     before = fed.ledger("sales")
@@ -339,6 +342,7 @@ def test_a_second_coordinator_on_the_same_state_is_refused(fed):
     assert fed.control("departments").returncode == 0  # the first one is untouched
 
 
+@pytest.mark.slow
 def test_restarted_coordinator_keeps_registered_departments(fed):
     before = fed.control("departments").stdout
     pids = json.loads((fed["state"] / "coordinator.json").read_text())["pids"]

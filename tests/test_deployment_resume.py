@@ -41,6 +41,9 @@ from federation import cli, federation, spawn, stop
 from fedsilo.shared.flower_cli import alive, descendants
 from fedsilo.shared.runs import runs_in
 
+# Crash and resume over a real deployment: minutes each, with Flower's 60 s heartbeat window; `make test-all`.
+pytestmark = pytest.mark.slow
+
 DEPARTMENTS = ("finance", "hr", "sales")
 ROUNDS = 5
 FAILED_RUN_WAIT = 180  # Flower fails a run whose ServerApp sends no heartbeat for 2 x 30 s

@@ -28,6 +28,9 @@ from sklearn.metrics import roc_auc_score
 
 from federation import cli, federation
 
+# A second real TLS deployment, on other tables (test_deployment.py's is in the fast tier); `make test-all`.
+pytestmark = pytest.mark.slow
+
 FACTORY = "acme_models.tabular:residual_mlp"
 CUSTOMERS = Path(__file__).resolve().parents[1] / "examples" / "customers.csv"
 TRAINING = ("north", "south")  # allow the factory

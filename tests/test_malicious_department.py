@@ -395,6 +395,7 @@ def test_a_robust_round_left_with_too_few_updates_ends_resumable(tmp_path):
 DOCTOR = Path(__file__).with_name("doctored_department.py")
 
 
+@pytest.mark.slow
 def test_a_doctored_department_over_a_real_deployment_is_rejected_and_the_run_finishes(tmp_path):
     """Two honest departments and one whose every train reply states a correctly signed ε = NaN, median."""
     from federation import digits_tables, federation

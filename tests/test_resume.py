@@ -19,6 +19,9 @@ import pytest
 from federation import FEDSILO, run_ledgers, stop
 from fedsilo.shared.flower_cli import offline_env
 
+# A simulation killed mid-round and resumed: two simulations; `make test-all`.
+pytestmark = pytest.mark.slow
+
 ROUNDS = 5
 
 

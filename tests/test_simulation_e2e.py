@@ -91,6 +91,7 @@ def test_audit_verifies_a_real_run(demo_run):
         assert oct((out / "ledgers" / f"{row['id']}.key").stat().st_mode & 0o777) == "0o600"
 
 
+@pytest.mark.slow
 def test_rerun_in_same_directory_resumes_ledgers_in_a_run_folder_of_its_own(demo_run):
     out, _ = demo_run
     before = {k: v[-1]["epsilon"] for k, v in run_ledgers(out).items()}
@@ -178,6 +179,7 @@ def _superlink_pids(port: int) -> list[int]:
     return pids
 
 
+@pytest.mark.slow
 def test_flwr_run_from_the_repo_root(tmp_path):
     """The same federation through Flower's own tooling: `flwr run .`."""
     from fedsilo.shared.flower_cli import descendants, flower_executable, free_port, offline_env, terminate
@@ -232,6 +234,7 @@ def _flower_processes(marker: bytes) -> set[int]:
     return pids
 
 
+@pytest.mark.slow
 def test_interrupted_simulation_leaves_no_processes_behind(tmp_path):
     marker = f"FEDSILO_TEST_RUN={uuid.uuid4().hex}"
     proc = subprocess.Popen(

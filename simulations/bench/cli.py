@@ -28,22 +28,29 @@ SUITE = {
 }
 
 
-def run_benchmarks(names: list[str], out: Path, quick: bool) -> list[Path]:
-    """Run ``names`` one after the other; save each result as it finishes."""
+def run_benchmarks(names: list[str], out: Path, quick: bool, smoke: bool = False) -> list[Path]:
+    """Run ``names`` one after the other; save each result as it finishes.
+
+    ``smoke``: each benchmark at its smallest size, in quick mode (results say ``quick``): the test
+    suite's check that every benchmark runs end to end and writes complete outputs, in a few minutes.
+    """
     out.mkdir(parents=True, exist_ok=True)
+    quick = quick or smoke
     saved = []
     for name in names:
         module = importlib.import_module(f"{__package__}.{SUITE[name]}")
-        console.print(f"[bold]bench {name}[/bold]{' (quick)' if quick else ''} …")
+        console.print(f"[bold]bench {name}[/bold]{' (smoke)' if smoke else ' (quick)' if quick else ''} …")
         load = load_average()
         started = time.perf_counter()
-        result = module.run(out, quick)
+        result = module.run(out, quick, smoke=True) if smoke else module.run(out, quick)
         result.load_before = load
         result.seconds = round(time.perf_counter() - started, 1)
         saved.append(result.save(out))
         console.print(f"  done in {result.seconds:.0f} s -> {saved[-1]}")
     render(out)
     return saved
+
+SMOKE_HELP = "Smallest sizes, in quick mode: checks that every benchmark runs and writes its outputs (the tests')."
 
 
 def _names(names: list[str]) -> list[str]:
@@ -57,9 +64,10 @@ def _names(names: list[str]) -> list[str]:
 def all_(
     out: Annotated[Path, typer.Option(help="Folder for NAME.json, the PNG plots and BENCHMARKS.md.")] = Path("bench"),
     quick: Annotated[bool, typer.Option("--quick", help="Small sizes: minutes, for CI (checks outputs, not timings).")] = False,
+    smoke: Annotated[bool, typer.Option("--smoke", help=SMOKE_HELP)] = False,
 ) -> None:
     """Run every benchmark on this machine, in one process, one after the other."""
-    run_benchmarks(list(SUITE), out, quick)
+    run_benchmarks(list(SUITE), out, quick, smoke)
     console.print(f"Summary: {out / 'BENCHMARKS.md'}")
 
 
@@ -68,9 +76,10 @@ def run(
     names: Annotated[list[str], typer.Argument(help=f"Benchmarks to run: {', '.join(SUITE)}.")],
     out: Annotated[Path, typer.Option(help="Folder for NAME.json, the PNG plots and BENCHMARKS.md.")] = Path("bench"),
     quick: Annotated[bool, typer.Option("--quick", help="Small sizes, for CI.")] = False,
+    smoke: Annotated[bool, typer.Option("--smoke", help=SMOKE_HELP)] = False,
 ) -> None:
     """Run some benchmarks; BENCHMARKS.md is re-rendered from every result in OUT."""
-    run_benchmarks(_names(names), out, quick)
+    run_benchmarks(_names(names), out, quick, smoke)
 
 
 @app.command("report")

@@ -67,6 +67,9 @@ CONFIGS: dict[str, ModelConfig] = {
     "cnn-mnist5k": ModelConfig("SmallCNN on mnist5k (fedsilo default)", "mnist5k", "auto", 2000, 250),
 }
 
+# Smoke size (tests): enough examples for a few batches of BATCH_SIZE, so every variant trains.
+SMOKE_EXAMPLES = 160
+
 
 def department_data(dataset: str, examples: int):
     """``examples`` rows (0 = all) drawn without replacement from the dataset's fixed training split."""
@@ -516,15 +519,18 @@ def build_result(records: list[dict[str, Any]], out: Path, quick: bool, reps: in
     )
 
 
-def run(out: Path, quick: bool) -> BenchResult:
-    """Every (model, variant) in its own process; quick: smaller data, 2 repetitions, 2 processes at a time."""
+def run(out: Path, quick: bool, smoke: bool = False) -> BenchResult:
+    """Every (model, variant) in its own process; quick: smaller data, 2 repetitions, 2 processes at a time;
+    smoke (the test suite's): quick's models on :data:`SMOKE_EXAMPLES` examples, 1 repetition."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    reps = 2 if quick else 5
+    quick = quick or smoke
+    reps = 1 if smoke else 2 if quick else 5
     jobs = 2 if quick else 1  # quick mode checks outputs, not timings: use both cores
-    timeout = 180.0 if quick else 600.0
+    # A bound for a hung child, not a timing: a busy machine must not turn a slow start into a failed record.
+    timeout = 600.0
     plan = [
-        (config, variant, spec.quick_examples if quick else spec.examples)
+        (config, variant, SMOKE_EXAMPLES if smoke else spec.quick_examples if quick else spec.examples)
         for config, spec in CONFIGS.items()
         if spec.in_quick or not quick
         for variant in VARIANTS

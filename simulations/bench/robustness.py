@@ -95,6 +95,7 @@ class Setup:
 
 FULL = Setup(rounds=20, repeats=5)
 QUICK = Setup(rounds=3, repeats=1, attacks=("none", "scaled"))
+SMOKE = Setup(rounds=2, repeats=1, attacks=("none", "scaled"))  # the test suite's
 
 
 def _log(text: str) -> None:
@@ -448,9 +449,10 @@ def _text(data: dict[str, Any], setup: Setup, quick: bool) -> str:
     )
 
 
-def run(out: Path, quick: bool, setup: Setup | None = None) -> BenchResult:
-    """The benchmark; ``setup`` overrides the quick/full sizes (tests)."""
-    setup = setup or (QUICK if quick else FULL)
+def run(out: Path, quick: bool, setup: Setup | None = None, smoke: bool = False) -> BenchResult:
+    """The benchmark; ``setup`` overrides the quick/full sizes (tests); ``smoke``: :data:`SMOKE`, in quick mode."""
+    quick = quick or smoke
+    setup = setup or (SMOKE if smoke else QUICK if quick else FULL)
     data = bench(setup)
     return build_result(data, setup, quick, Path(out))
 

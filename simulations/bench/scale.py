@@ -59,6 +59,8 @@ FULL_SIZES = (10, 100, 1000)
 FULL_ROUNDS = 3
 QUICK_SIZES = (5, 20)
 QUICK_ROUNDS = 2
+SMOKE_SIZES = (3,)  # the test suite's: one small simulation and its plain loop
+SMOKE_ROUNDS = 2  # "rounds >= 2" is a column
 TARGET_DEPARTMENTS = 1000
 TARGET_SECONDS = 600.0
 TARGET_GIB = 6.0
@@ -725,10 +727,13 @@ def build_result(rows: list[dict[str, Any]], out: Path, quick: bool, rounds: int
     )
 
 
-def run(out: Path, quick: bool) -> BenchResult:
+def run(out: Path, quick: bool, smoke: bool = False) -> BenchResult:
+    """The benchmark; ``smoke`` (the test suite's): quick mode at :data:`SMOKE_SIZES` × :data:`SMOKE_ROUNDS`."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    sizes, rounds = (QUICK_SIZES, QUICK_ROUNDS) if quick else (FULL_SIZES, FULL_ROUNDS)
+    quick = quick or smoke
+    sizes, rounds = ((SMOKE_SIZES, SMOKE_ROUNDS) if smoke else (QUICK_SIZES, QUICK_ROUNDS) if quick
+                     else (FULL_SIZES, FULL_ROUNDS))
     base = out / "scale"
     rows = []
     for n in sizes:

@@ -79,6 +79,8 @@ class Setup:
 
 FULL = Setup(datasets=("digits", "mnist5k"), departments=10, rounds=20, epsilons=(1.0, 3.0, 8.0))
 QUICK = Setup(datasets=("digits",), departments=3, rounds=3, epsilons=(8.0,), timeout_s=600.0)
+# The test suite's: every part runs (fedsilo, centralized, the recipe), at the smallest useful size.
+SMOKE = Setup(datasets=("digits",), departments=2, rounds=2, epsilons=(8.0,), timeout_s=600.0)
 
 
 @dataclass(frozen=True)
@@ -707,9 +709,10 @@ def _text(results: dict[str, Any], setup: Setup) -> str:
     )
 
 
-def run(out: Path, quick: bool, setup: Setup | None = None) -> BenchResult:
-    """The benchmark; ``setup`` overrides the quick/full sizes (tests)."""
-    setup = setup or (QUICK if quick else FULL)
+def run(out: Path, quick: bool, setup: Setup | None = None, smoke: bool = False) -> BenchResult:
+    """The benchmark; ``setup`` overrides the quick/full sizes (tests); ``smoke``: :data:`SMOKE`, in quick mode."""
+    quick = quick or smoke
+    setup = setup or (SMOKE if smoke else QUICK if quick else FULL)
     out = Path(out)
     # One intra-op thread for the in-process baselines, as every simulated department
     # runs (one Ray CPU, torch.set_num_threads(1)): on 2 shared cores two threads

@@ -1,0 +1,169 @@
+"""`fedsilo bench all --smoke`, as CI runs it: every benchmark runs end to end, at its
+smallest size and in quick mode, and writes outputs that exist and parse.  Timings are
+never asserted here (the sizes are too small to mean anything: `--quick` and the full
+run are for numbers)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from matplotlib.image import imread
+from typer.testing import CliRunner
+
+from fedsilo.cli import app
+from fedsilo.simulations.bench.cli import SUITE
+from fedsilo.simulations.bench.report import render
+
+
+@pytest.fixture(scope="module")
+def smoke_bench(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("bench")
+    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "FLWR_TELEMETRY_ENABLED": "0"}
+    log = out / "bench.log"
+    with log.open("w") as sink:
+        # Its own session, so that whatever it starts (Flower, Ray, department
+        # processes) is ended with it even when this test fails or times out.
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "fedsilo", "bench", "all", "--smoke", "--out", str(out)],
+            stdout=sink, stderr=subprocess.STDOUT, env=env, start_new_session=True,
+        )
+        try:
+            code = proc.wait(timeout=1500)  # a bound on a hang: the smoke run takes minutes
+        finally:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            proc.wait()
+    assert code == 0, log.read_text()[-4000:]
+    return out
+
+
+def _results(out: Path) -> dict[str, dict]:
+    return {name: json.loads((out / f"{name}.json").read_text()) for name in SUITE}
+
+
+@pytest.mark.slow
+def test_every_benchmark_writes_a_complete_json_result(smoke_bench):
+    results = _results(smoke_bench)
+    for name, r in results.items():
+        assert r["name"] == name and r["quick"] is True and r["title"] and r["text"]
+        assert r["seconds"] > 0 and r["machine"]["cores"] >= 1 and r["machine"]["torch"]
+        assert r["load_before"] is None or len(r["load_before"]) == 3
+        assert r["tables"], f"{name} has no table"
+        for table in r["tables"]:
+            assert table["rows"], f"{name}: table '{table['title']}' is empty"
+            assert all(len(row) == len(table["columns"]) for row in table["rows"]), table["title"]
+        assert r["targets"], f"{name} judges no target"
+        for target in r["targets"]:
+            assert target["met"] in (True, False, None) and target["target"] and target["measured"]
+        assert r["raw"], f"{name} kept no raw data"
+
+
+@pytest.mark.slow
+def test_every_plot_is_a_real_png(smoke_bench):
+    for name, r in _results(smoke_bench).items():
+        assert r["plots"], f"{name} drew no plot"
+        for plot in r["plots"]:
+            image = imread(smoke_bench / plot)
+            assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100, plot
+            assert image.std() > 0, f"{plot} is blank"
+
+
+@pytest.mark.slow
+def test_benchmarks_md_has_every_target_table_and_plot(smoke_bench):
+    text = (smoke_bench / "BENCHMARKS.md").read_text()
+    assert "**Quick mode**" in text
+    for r in _results(smoke_bench).values():
+        assert f"## {r['title']}" in text
+        for target in r["targets"]:
+            assert f"| {r['name']} | {target['target']} |" in text
+        for table in r["tables"]:
+            assert f"**{table['title']}**" in text
+        for plot in r["plots"]:
+            assert f"]({plot})" in text and (smoke_bench / plot).exists()
+
+
+@pytest.mark.slow
+def test_report_rerenders_the_same_summary(smoke_bench, tmp_path):
+    copy = tmp_path / "copy"
+    copy.mkdir()
+    for path in smoke_bench.glob("*.json"):
+        (copy / path.name).write_text(path.read_text())
+    result = CliRunner().invoke(app, ["bench", "report", "--out", str(copy)])
+    assert result.exit_code == 0, result.output
+    # The same summary, except for the folder it names as the results' home.
+    expected = (smoke_bench / "BENCHMARKS.md").read_text().replace(str(smoke_bench), str(copy))
+    assert (copy / "BENCHMARKS.md").read_text() == expected
+    assert render(copy) == copy / "BENCHMARKS.md"
+
+
+def test_bad_bench_input_is_named(tmp_path):
+    result = CliRunner().invoke(app, ["bench", "run", "speed", "--out", str(tmp_path)])
+    assert result.exit_code == 2 and "unknown benchmark(s) speed" in result.output
+    result = CliRunner().invoke(app, ["bench", "report", "--out", str(tmp_path)])
+    said = " ".join(result.output.split())  # rich wraps long lines
+    assert result.exit_code == 2 and "no results" in said and "fedsilo bench all" in said
+
+
+@pytest.mark.slow
+def test_report_elsewhere_links_the_plots_relative_to_itself(smoke_bench, tmp_path):
+    summary = tmp_path / "docs" / "BENCHMARKS.md"
+    summary.parent.mkdir()
+    result = CliRunner().invoke(app, ["bench", "report", "--out", str(smoke_bench), "--to", str(summary)])
+    assert result.exit_code == 0, result.output
+    text = summary.read_text()
+    for r in _results(smoke_bench).values():
+        for plot in r["plots"]:
+            link = next(line for line in text.splitlines() if line.startswith(f"![{plot}]("))
+            assert (summary.parent / link[len(f"![{plot}]("):-1]).resolve() == (smoke_bench / plot).resolve()
+
+
+def test_smoke_is_each_benchmark_in_quick_mode_at_no_larger_a_size(tmp_path, monkeypatch):
+    """What the slow tests above rely on: `--smoke` reaches every benchmark, which then runs in quick mode."""
+    import importlib
+    import inspect
+
+    from fedsilo.simulations.bench import cli as bench_cli
+    from fedsilo.simulations.bench import dp_cost, robustness, scale, utility
+
+    for module in SUITE.values():
+        run = importlib.import_module(f"fedsilo.simulations.bench.{module}").run
+        assert inspect.signature(run).parameters["smoke"].default is False, module
+    assert scale.SMOKE_SIZES[-1] <= scale.QUICK_SIZES[-1] and scale.SMOKE_ROUNDS <= scale.QUICK_ROUNDS
+    assert utility.SMOKE.rounds <= utility.QUICK.rounds and utility.SMOKE.departments <= utility.QUICK.departments
+    assert utility.SMOKE.datasets == utility.QUICK.datasets and utility.SMOKE.epsilons == utility.QUICK.epsilons
+    assert robustness.SMOKE.rounds <= robustness.QUICK.rounds and robustness.SMOKE.repeats <= robustness.QUICK.repeats
+    assert robustness.SMOKE.attacks == robustness.QUICK.attacks and robustness.SMOKE.rules == robustness.QUICK.rules
+
+    calls = []
+
+    def fake_child(config, variant, examples, reps, timeout):
+        calls.append((config, examples, reps))
+        return {"config": config, "variant": variant, "ok": False, "error": "not run"}
+
+    monkeypatch.setattr(dp_cost, "run_child", fake_child)
+    monkeypatch.setattr(dp_cost, "build_result", lambda records, out, quick, reps, jobs: quick)
+    assert dp_cost.run(tmp_path, quick=False, smoke=True) is True  # a smoke result says quick
+    assert {c for c, *_ in calls} == {c for c, spec in dp_cost.CONFIGS.items() if spec.in_quick}
+    assert {(e, r) for _, e, r in calls} == {(dp_cost.SMOKE_EXAMPLES, 1)}
+
+    ran = []
+    monkeypatch.setattr(importlib, "import_module", lambda name: type("M", (), {
+        "run": staticmethod(lambda out, quick, smoke=False: ran.append((name, quick, smoke)) or _Saved())}))
+    monkeypatch.setattr(bench_cli, "render", lambda out: None)
+    bench_cli.run_benchmarks(list(SUITE), tmp_path, quick=False, smoke=True)
+    assert [(n.rsplit(".", 1)[1], q, s) for n, q, s in ran] == [(m, True, True) for m in SUITE.values()]
+
+
+class _Saved:
+    """A stand-in result: what run_benchmarks sets and saves."""
+
+    def save(self, out):
+        return out / "x.json"
