@@ -1,8 +1,11 @@
 """The department's Flower ClientApp: local DP-SGD training on its own data.
 
 The train handler only trains.  The privacy policy — budget guard and ledger —
-wraps it as :func:`~fedsilo.client.budget_guard.privacy_budget_mod`, which hands
-the handler the mechanism to run in the message's ``dp-plan`` record.
+wraps it as :class:`~fedsilo.client.budget_guard.PrivacyBudgetMod`, which hands
+the handler the department, the run's settings and the mechanism to run
+(:func:`~fedsilo.client.budget_guard.guarded_round`).  :func:`department_app`
+builds the app for one deployed department's host (its executor does, once);
+``app`` is the one Flower loads in a simulation.
 """
 
 from __future__ import annotations
@@ -14,29 +17,29 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedsilo.shared.accounting import Mechanism
-from fedsilo.shared.config import RunSettings
 from fedsilo.shared.models import resolve_device
 
 from fedsilo.shared.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, STATUS_KEY, STATUS_TRAINED
 
 from .admission import ModelSpec, build, reference_layout, verified_state_dict
-from .budget_guard import PLAN_KEY, privacy_budget_mod
+from .budget_guard import PrivacyBudgetMod, guarded_round
 from .containment import contain_errors_mod
-from .department import department_from_context
+from .department import DepartmentHost
 from .trainer import train_dp, train_plain
 
-app = ClientApp()
+
+def department_app(host: DepartmentHost | None = None) -> ClientApp:
+    """A ClientApp whose guard is built once: for ``host``, or per simulated department without one."""
+    client = ClientApp()
+    # contain_errors_mod is outermost: no exception text leaves, whichever layer raised.
+    client.train(mods=[contain_errors_mod, PrivacyBudgetMod(host)])(train)
+    return client
 
 
-# contain_errors_mod is outermost: no exception text leaves, whichever layer raised.
-@app.train(mods=[contain_errors_mod, privacy_budget_mod])
 def train(msg: Message, context: Context) -> Message:
     """Train the received global model on this department's data, exactly as the guard planned."""
-    settings = RunSettings.from_run_config(context.run_config)
-    department = department_from_context(context.node_config, settings)
-    if PLAN_KEY not in msg.content:
-        raise RuntimeError("no dp-plan in the message: training runs only under the budget guard mod")
-    plan = msg.content[PLAN_KEY]
+    planned = guarded_round()
+    department, settings, plan = planned.department, planned.settings, planned.plan
     # Simulated departments share the machine's cores: one thread each avoids
     # oversubscription (Ray gives every department one CPU by default).
     torch.set_num_threads(1)
@@ -96,3 +99,6 @@ def train(msg: Message, context: Context) -> Message:
     status = ConfigRecord({"name": department.name, "status": STATUS_TRAINED, "reason": ""})
     content = RecordDict({ARRAYS_KEY: ArrayRecord(state), METRICS_KEY: metrics, STATUS_KEY: status})
     return Message(content, reply_to=msg)
+
+
+app = department_app()

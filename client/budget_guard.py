@@ -12,7 +12,7 @@ wraps the department's train handler like middleware:
    settings and the size the department reports (never the exact count), and
    asks the :class:`BudgetGuard` — a dry run, at the department's δ and
    accountant — whether the whole history plus this round would pass the budget;
-4. otherwise it hands the plan to the handler (``dp-plan``), checks that the
+4. otherwise it hands the plan to the handler (:func:`guarded_round`), checks that the
    handler ran exactly that mechanism, appends the round to the ledger with the
    whole-history ε and the budget in force, keeps the update
    (:mod:`fedsilo.client.replay`) and attaches the signed ledger head.
@@ -27,8 +27,11 @@ same across its resumes), else Flower's run id.
 
 from __future__ import annotations
 
+import contextvars
 import functools
 import logging
+from dataclasses import dataclass
+from pathlib import Path
 
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
@@ -45,12 +48,11 @@ from fedsilo.shared.protocol import (
 from fedsilo.shared.record import ACK_HEAD_KEY, ACK_SEQ_KEY, HEAD_KEY, LedgerHead, public_key_line
 
 from .admission import AdmissionError, ModelSpec, admit_model, schema_limits, verified_state_dict
-from .department import Department, department_from_context
+from .department import Department, DepartmentHost, department_from_context
 from .policy import PolicyError, RunRequest, Terms
 from .replay import LastUpdate, request_digest
 from .trainer import plan_mechanism
 
-PLAN_KEY = "dp-plan"
 log = logging.getLogger("fedsilo.department")
 
 
@@ -99,12 +101,83 @@ def plan_round(settings: RunSettings, terms: Terms, size: int, prior: list[Mecha
     return Mechanism(sigma, mechanism.sample_rate, mechanism.steps)
 
 
-def privacy_budget_mod(msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
-    """Flower client mod enforcing the department's policy and budget and keeping its ledger."""
-    settings = RunSettings.from_run_config(context.run_config)
-    department = department_from_context(context.node_config, settings)
+@dataclass(frozen=True)
+class GuardedRound:
+    """What the guard hands the train handler for one message: who trains, on which settings, which plan."""
+
+    department: Department
+    settings: RunSettings
+    plan: ConfigRecord
+
+
+_ROUND: contextvars.ContextVar[GuardedRound] = contextvars.ContextVar("fedsilo_guarded_round")
+
+
+def guarded_round() -> GuardedRound:
+    """The round the privacy budget mod planned for the message being handled (only inside it)."""
+    try:
+        return _ROUND.get()
+    except LookupError:
+        raise RuntimeError("no round was planned: training runs only under the privacy budget mod") from None
+
+
+@functools.lru_cache(maxsize=16)
+def _settings(items: tuple) -> RunSettings:
+    return RunSettings.from_run_config(dict(items))
+
+
+def settings_of(context: Context) -> RunSettings:
+    """The run's settings, parsed once per distinct run config (not once per message)."""
+    return _settings(tuple(sorted(context.run_config.items())))
+
+
+class PrivacyBudgetMod:
+    """Flower client mod enforcing the department's policy and budget and keeping its ledger.
+
+    Like Flower's ``LocalDpMod``, it is given what it enforces at construction:
+    a deployed department's executor builds one for its :class:`DepartmentHost`
+    (policy, ledger folder, identity key), once per process.  Without a host —
+    a simulation, where one process serves many simulated departments — each
+    department is resolved from the node config.  Either way the policy is
+    parsed, the signing key loaded and the ledger read and verified once; a
+    ledger is read again only when its file changed
+    (:meth:`~fedsilo.shared.ledger.PrivacyLedger.refresh`).
+
+    Parameters
+    ----------
+    host : DepartmentHost, optional
+        The deployed department this mod guards; None resolves it from each
+        message's node config.
+    """
+
+    def __init__(self, host: DepartmentHost | None = None) -> None:
+        if host is not None and not isinstance(host, DepartmentHost):
+            raise ValueError(f"host must be a DepartmentHost, got {type(host).__name__}")
+        self.host = host
+        self._ledgers: dict[tuple[Path, str], PrivacyLedger] = {}
+
+    def department(self, context: Context, settings: RunSettings) -> Department:
+        if self.host is not None:
+            return self.host.for_run(settings)
+        return department_from_context(context.node_config, settings)
+
+    def ledger(self, department: Department) -> PrivacyLedger:
+        key = (department.ledger_path, department.signer.fingerprint)
+        ledger = self._ledgers.get(key)
+        if ledger is None:
+            ledger = self._ledgers[key] = PrivacyLedger(department.ledger_path, department.name, department.signer)
+        ledger.department = department.name  # the name may change; the ledger belongs to the key
+        return ledger.refresh()
+
+    def __call__(self, msg: Message, context: Context, call_next: ClientAppCallable) -> Message:
+        settings = settings_of(context)
+        department = self.department(context, settings)
+        return _guard(msg, context, call_next, settings, department, self.ledger(department))
+
+
+def _guard(msg: Message, context: Context, call_next: ClientAppCallable, settings: RunSettings,
+           department: Department, ledger: PrivacyLedger) -> Message:
     policy = department.policy
-    ledger = PrivacyLedger(department.ledger_path, department.name, department.signer)
     config = msg.content.config_records.get(CONFIG_KEY) or ConfigRecord()
     server_round = int(config.get("server-round", 0))
     run_id = str(config.get(RUN_KEY, "")) or str(msg.metadata.run_id)
@@ -182,7 +255,7 @@ def privacy_budget_mod(msg: Message, context: Context, call_next: ClientAppCalla
         return refuse(STATUS_REFUSED, decision.reason, decision)
 
     # 4. Train exactly the plan; record before the update leaves.
-    msg.content[PLAN_KEY] = _plan_record(True, mechanism, settings.max_grad_norm, size)
+    plan = _plan_record(True, mechanism, settings.max_grad_norm, size)
     charge = functools.partial(
         ledger.append, run_id=run_id, round=server_round, mechanism=mechanism,
         max_grad_norm=settings.max_grad_norm, delta=terms.delta, accountant=terms.accountant,
@@ -190,7 +263,7 @@ def privacy_budget_mod(msg: Message, context: Context, call_next: ClientAppCalla
         budget=terms.max_epsilon, reported_size=size,
     )
     try:
-        reply = call_next(msg, context)
+        reply = _call_planned(call_next, msg, context, GuardedRound(department, settings, plan))
         failure = "" if not reply.has_error() else f"error reply {reply.error.code}"
     except Exception as err:  # noqa: BLE001 - whatever stopped it, the records were touched
         failure = f"{type(err).__name__}: {err}"
@@ -232,8 +305,8 @@ def _replay(msg: Message, department: Department, ledger: PrivacyLedger, replay,
 def _train_without_dp(msg, context, call_next, department: Department, ledger: PrivacyLedger,
                       terms: Terms, settings: RunSettings, size: int, run_id: str, server_round: int) -> Message:
     """Only when the department's own policy opts in: trained, and the ledger says so for good."""
-    msg.content[PLAN_KEY] = _plan_record(False, None, settings.max_grad_norm, size)
-    reply = call_next(msg, context)
+    plan = _plan_record(False, None, settings.max_grad_norm, size)
+    reply = _call_planned(call_next, msg, context, GuardedRound(department, settings, plan))
     if reply.has_error():
         return reply
     metrics = reply.content[METRICS_KEY]
@@ -248,6 +321,18 @@ def _train_without_dp(msg, context, call_next, department: Department, ledger: P
     _attach_head(reply, department, ledger, run_id, server_round, terms)
     log.warning("[%s] round %s trained WITHOUT differential privacy (the policy allows it)", department.name, server_round)
     return reply
+
+
+def _call_planned(call_next: ClientAppCallable, msg: Message, context: Context, planned: GuardedRound) -> Message:
+    token = _ROUND.set(planned)
+    try:
+        return call_next(msg, context)
+    finally:
+        _ROUND.reset(token)
+
+
+# Built from each message's node config: the simulation's mod, and the one tests call directly.
+privacy_budget_mod = PrivacyBudgetMod()
 
 
 def _plan_record(private: bool, mechanism: Mechanism | None, max_grad_norm: float, size: int) -> ConfigRecord:

@@ -108,23 +108,46 @@ def simulated_policy(text: str, model: str = "auto") -> DepartmentPolicy:
     return replace(SIMULATED_DEFAULT_POLICY, models=(model,)) if is_factory(model) else SIMULATED_DEFAULT_POLICY
 
 
-def _deployed_department(node_config: Mapping[str, Any], settings: RunSettings) -> Department:
-    for key in ("department", "ledger-dir", "identity-key", "policy"):
-        if key not in node_config:
-            raise ValueError(f"node config lacks '{key}'; start departments with `fedsilo department start`")
-    if not settings.data_schema:
-        raise ValueError(
-            "this run carries no data-schema; submit deployment runs with `fedsilo coordinator run`"
+@dataclass(frozen=True)
+class DepartmentHost:
+    """What a deployed department's host gives its executor, once: its table, ledger, identity and policy.
+
+    Set by ``fedsilo department start`` on this host (:meth:`from_config` reads
+    the executor's local config); whatever a run asks, these are the
+    department's own.  :meth:`for_run` is the department as one run sees it:
+    its table encoded with that run's schema.
+    """
+
+    name: str
+    data_path: str
+    label_column: str
+    ledger_dir: Path
+    identity_key: Path
+    policy: DepartmentPolicy
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "DepartmentHost":
+        for key in ("department", "data-path", "ledger-dir", "identity-key", "policy"):
+            if key not in config:
+                raise ValueError(f"node config lacks '{key}'; start departments with `fedsilo department start`")
+        return cls(
+            str(config["department"]), str(config["data-path"]), str(config.get("label-column", "label")),
+            Path(str(config["ledger-dir"])), Path(str(config["identity-key"])), _policy(str(config["policy"])),
         )
-    label_column = str(node_config.get("label-column", "label"))
-    schema = _run_schema(settings.data_schema, label_column)
-    # The policy is the department's own (set on this host); the run only asks.
-    policy = _policy(str(node_config["policy"]))
-    data = functools.partial(_load_own_table, str(node_config["data-path"]), label_column, settings.data_schema, policy.limits)
-    return Department(
-        str(node_config["department"]), data, Path(str(node_config["ledger-dir"])), policy,
-        Path(str(node_config["identity-key"])), schema,
-    )
+
+    def for_run(self, settings: RunSettings) -> Department:
+        if not settings.data_schema:
+            raise ValueError(
+                "this run carries no data-schema; submit deployment runs with `fedsilo coordinator run`"
+            )
+        schema = _run_schema(settings.data_schema, self.label_column)
+        data = functools.partial(_load_own_table, self.data_path, self.label_column, settings.data_schema,
+                                 self.policy.limits)
+        return Department(self.name, data, self.ledger_dir, self.policy, self.identity_key, schema)
+
+
+def _deployed_department(node_config: Mapping[str, Any], settings: RunSettings) -> Department:
+    return DepartmentHost.from_config(node_config).for_run(settings)
 
 
 @functools.lru_cache(maxsize=8)

@@ -80,7 +80,7 @@ class DepartmentExecutor:
     local_config: dict[str, Any]
     poll_interval: float = 0.1
     input_wait: float = INPUT_WAIT
-    load_app: Callable[[], Any] = field(default=lambda: _installed_clientapp())
+    load_app: Callable[[dict[str, Any]], Any] | None = None  # default: the installed ClientApp for local_config
     verdicts: dict[str, AppVerdict] = field(default_factory=dict)  # FAB hash -> verdict
     handled: int = 0
 
@@ -96,9 +96,9 @@ class DepartmentExecutor:
 
     @property
     def app(self):
-        """The installed fedsilo ClientApp, imported once (here, never from a FAB)."""
+        """The installed fedsilo ClientApp for this department, built once (here, never from a FAB)."""
         if self._app is None:
-            self._app = self.load_app()
+            self._app = (self.load_app or _installed_clientapp)(self.local_config)
         return self._app
 
     def serve(self, stop: threading.Event, alive: Callable[[], bool] = lambda: True) -> None:
@@ -195,8 +195,10 @@ def incompatible_reply(message: Message, department: str, reason: str) -> Messag
     return Message(RecordDict({STATUS_KEY: status}), reply_to=message)
 
 
-def _installed_clientapp():
-    from fedsilo.client.app import app  # this host's installed fedsilo, never the FAB's
+def _installed_clientapp(local_config: dict[str, Any]):
+    """This host's installed fedsilo ClientApp (never the FAB's), its guard built for this department."""
+    from fedsilo.client.app import department_app
+    from fedsilo.client.department import DepartmentHost
 
-    return app
+    return department_app(DepartmentHost.from_config(local_config))
 

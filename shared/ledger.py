@@ -326,7 +326,19 @@ class PrivacyLedger:
         self.signer = signer
         if signer is not None:  # the department's own ledger (not a copy read for an audit)
             secure_at_rest(self.path)
+        self._stamp: tuple | None = None
         self._entries: list[LedgerEntry] = self._read()
+
+    def refresh(self) -> "PrivacyLedger":
+        """Read the file again if it changed since this object last read or wrote it.
+
+        A department's guard keeps its ledger open across rounds: an unchanged
+        file (same inode, size and modification time) is not verified again,
+        any other is, exactly as on opening.
+        """
+        if _stamp(self.path) != self._stamp:
+            self._entries = self._read()
+        return self
 
     # ------------------------------------------------------------------ reading
     @property
@@ -390,6 +402,7 @@ class PrivacyLedger:
         self._entries = self._read()
 
     def _read(self) -> list[LedgerEntry]:
+        stamp = _stamp(self.path)  # taken first: a write while reading shows as a change next time
         found = verify_ledger(self.path, self.signer.public_key if self.signer else None)
         if not found.ok:
             raise LedgerError(
@@ -397,6 +410,7 @@ class PrivacyLedger:
                 "nothing will train against it. Restore the ledger from backup and audit it "
                 "with `fedsilo audit`"
             )
+        self._stamp = stamp
         return found.entries
 
     # ------------------------------------------------------------------ writing
@@ -426,7 +440,7 @@ class PrivacyLedger:
         if self.signer is None:
             raise ValueError("appending needs the department's signing key (signer=...)")
         with self._locked():
-            current = self._read()
+            current = list(self._entries) if _stamp(self.path) == self._stamp else self._read()
             if expected_seq is not None and len(current) != expected_seq:
                 raise LedgerError(
                     f"ledger '{self.path}' changed while this round ran: it held "
@@ -467,7 +481,8 @@ class PrivacyLedger:
             entry = replace(unsigned, signature=self.signer.sign(unsigned.payload()))
             lines = [e.to_json() for e in [*current, entry]]
             atomic_write(self.path, "".join(line + "\n" for line in lines))
-            self._entries.append(entry)
+            self._entries = [*current, entry]
+            self._stamp = _stamp(self.path)  # under the lock: this object's own write
             return entry
 
     def _locked(self):
@@ -476,6 +491,15 @@ class PrivacyLedger:
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict:
         return {"department": self.department, "entries": [asdict(e) for e in self._entries]}
+
+
+def _stamp(path: Path) -> tuple | None:
+    """What changes whenever a file is written or replaced (None: no file yet)."""
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
 
 
 def make_private_folder(folder: Path) -> None:

@@ -48,8 +48,8 @@ DOCTORS = {"head-epsilon-nan": _sign_nan_epsilon, "num-examples-inf": _infinite_
 
 def doctored(load, doctor):
     """An app loader: the installed ClientApp, its every reply with a head passed through ``doctor``."""
-    def load_doctored():
-        app = load()
+    def load_doctored(*args):
+        app = load(*args)
 
         def answer(message, context):
             reply = app(message=message, context=context)
