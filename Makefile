@@ -40,5 +40,13 @@ test: $(STAMP)
 test-all: $(STAMP)
 	$(PYTEST)
 
+# The documentation site (docs/, mkdocs.yml) into site/. --strict: a broken link or anchor
+# fails the build. The CLI and run-settings reference pages are generated from the code.
+.PHONY: docs
+docs: $(STAMP)
+	$(PY) -c "import mkdocs, material" 2>/dev/null \
+	    || $(PY) -m pip install --quiet -c constraints.txt -e ".[docs]"
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict -d site
+
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,258 @@
+"""MkDocs hook: generate the reference pages from the code, and serve BENCHMARKS.md.
+
+Nothing here is committed output: every ``mkdocs build`` walks the installed
+``fedsilo`` CLI and the run-settings catalogue again, so the reference can never
+go stale.
+
+* ``docs/reference/cli.md`` holds the marker ``<!-- fedsilo:cli -->``; it is
+  replaced by every command of ``fedsilo.cli.app`` (through
+  ``typer.main.get_command``), with its help, usage and every option's default
+  and help.
+* ``docs/reference/settings.md`` holds ``<!-- fedsilo:settings -->``; it is
+  replaced by a table of the run settings from
+  ``fedsilo.shared.settings.CATALOGUE`` or, where that module does not exist,
+  from ``fedsilo.shared.config.RUN_CONFIG_DEFAULTS`` (keys and defaults only).
+* ``BENCHMARKS.md`` (rendered by ``fedsilo bench`` at the repository root) and
+  the plots it shows are added to the site as they are. A page links it the
+  way GitHub resolves it (``../../BENCHMARKS.md``); the link is rewritten to
+  the copy in the site, so the same Markdown works in both places.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import posixpath
+import re
+from pathlib import Path
+
+import click
+from mkdocs.structure.files import File, Files
+
+CLI_MARKER = "<!-- fedsilo:cli -->"
+SETTINGS_MARKER = "<!-- fedsilo:settings -->"
+
+# Files outside docs/ that the site shows, by their path in the repository.
+_MOUNTED = ("BENCHMARKS.md",)
+_MOUNTED_GLOBS = ("benchmarks/reference/*.png",)
+
+_LINK = re.compile(r"(\]\()([^)\s]+)(\))")
+
+
+def _repo_root(config) -> Path:
+    return Path(config["config_file_path"]).resolve().parent
+
+
+def on_files(files: Files, config) -> Files:
+    """Add BENCHMARKS.md and its plots, at the same paths they have in the repository."""
+    root = _repo_root(config)
+    paths = [root / p for p in _MOUNTED]
+    for pattern in _MOUNTED_GLOBS:
+        paths.extend(sorted(root.glob(pattern)))
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(
+                f"docs: {path} is missing; the site shows it (docs/hooks/reference.py). "
+                "Render it with `fedsilo bench report`, or drop it from _MOUNTED."
+            )
+        uri = path.relative_to(root).as_posix()
+        if files.get_file_from_path(uri) is None:
+            files.append(File.generated(config, uri, abs_src_path=str(path)))
+    return files
+
+
+def on_page_markdown(markdown: str, page, config, files) -> str:
+    if CLI_MARKER in markdown:
+        markdown = markdown.replace(CLI_MARKER, cli_reference())
+    if SETTINGS_MARKER in markdown:
+        markdown = markdown.replace(SETTINGS_MARKER, settings_reference())
+    return _rewrite_repo_links(markdown, page, config)
+
+
+def _rewrite_repo_links(markdown: str, page, config) -> str:
+    """Point a link that leaves docs/ for a mounted repository file at its copy in the site."""
+    if page.file.abs_src_path is None:
+        return markdown
+    root = _repo_root(config)
+    docs = Path(config["docs_dir"]).resolve()
+    here = Path(page.file.abs_src_path).resolve().parent
+
+    def fix(match: re.Match) -> str:
+        target = match.group(2)
+        if re.match(r"^[a-z][a-z0-9+.-]*:|^#|^/", target):
+            return match.group(0)
+        path, _, anchor = target.partition("#")
+        resolved = Path(os.path.normpath(here / path))
+        if docs in resolved.parents or resolved == docs:
+            return match.group(0)
+        try:
+            uri = resolved.relative_to(root).as_posix()
+        except ValueError:
+            return match.group(0)
+        if uri not in _MOUNTED:
+            return match.group(0)
+        page_dir = posixpath.dirname(page.file.src_uri)
+        new = posixpath.relpath(uri, page_dir or ".") + (f"#{anchor}" if anchor else "")
+        return f"{match.group(1)}{new}{match.group(3)}"
+
+    return _LINK.sub(fix, markdown)
+
+
+# --- the CLI reference -------------------------------------------------------
+
+
+def _cell(text: object) -> str:
+    """Text for one Markdown table cell: one line, pipes and angle brackets escaped."""
+    text = " ".join(str(text).split())
+    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def _default(param: click.Parameter) -> str:
+    if getattr(param, "required", False):
+        return "required"
+    default = param.default
+    if callable(default):
+        return "computed"
+    if isinstance(param, click.Option) and param.is_flag:
+        if param.secondary_opts:  # --dp/--no-dp: name the side that is on by default
+            return f"`{param.opts[0] if default else param.secondary_opts[0]}`"
+        return "on" if default else "off"
+    if default is None or default == () or default == []:
+        return "—"
+    if isinstance(default, enum.Enum):
+        default = default.value
+    if isinstance(default, (list, tuple)):
+        default = ", ".join(str(d) for d in default)
+    return f"`{default}`" if str(default) != "" else '`""`'
+
+
+def _type(param: click.Parameter) -> str:
+    kind = param.type
+    if isinstance(kind, click.Choice):
+        return " \\| ".join(f"`{c}`" for c in kind.choices)
+    if isinstance(param, click.Option) and param.is_flag:
+        return "flag"
+    name = getattr(kind, "name", "") or type(kind).__name__
+    if getattr(param, "multiple", False) or getattr(param, "nargs", 1) == -1:
+        name += ", repeatable"
+    return name
+
+
+def _names(param: click.Parameter) -> str:
+    if isinstance(param, click.Argument):
+        return f"`{param.human_readable_name}` (argument)"
+    names = list(param.opts) + list(param.secondary_opts)
+    return " / ".join(f"`{n}`" for n in names)
+
+
+def _command_section(cmd: click.Command, path: list[str], ctx: click.Context) -> list[str]:
+    name = " ".join(path)
+    out = [f"## {name}", ""]
+    help_text = (cmd.help or cmd.short_help or "").strip()
+    if help_text:
+        out += [help_text.split("\b")[0].strip(), ""]
+    pieces = " ".join(cmd.collect_usage_pieces(ctx))
+    out += ["```", f"{name} {pieces}".rstrip(), "```", ""]
+    params = [p for p in cmd.params if not getattr(p, "hidden", False) and p.name != "help"]
+    if params:
+        out += ["| option | type | default | help |", "|---|---|---|---|"]
+        for p in params:
+            out.append(f"| {_names(p)} | {_type(p)} | {_cell(_default(p))} | {_cell(getattr(p, 'help', '') or '')} |")
+        out.append("")
+    return out
+
+
+def cli_reference() -> str:
+    """Every command of the ``fedsilo`` CLI as Markdown, walked from the click command tree."""
+    import typer.main
+
+    from fedsilo.cli import app
+
+    root = typer.main.get_command(app)
+    lines: list[str] = []
+    commands: list[tuple[click.Command, list[str], click.Context]] = []
+
+    def walk(cmd: click.Command, path: list[str], parent: click.Context | None) -> None:
+        ctx = click.Context(cmd, info_name=path[-1], parent=parent)
+        if isinstance(cmd, click.Group):
+            for sub_name in cmd.list_commands(ctx):
+                sub = cmd.get_command(ctx, sub_name)
+                if sub is not None and not sub.hidden:
+                    walk(sub, path + [sub_name], ctx)
+        else:
+            commands.append((cmd, path, ctx))
+
+    walk(root, ["fedsilo"], None)
+    lines += ["| command | what it does |", "|---|---|"]
+    for cmd, path, _ in commands:
+        anchor = "-".join(path)
+        summary = (cmd.short_help or (cmd.help or "").split("\n\n")[0]).strip()
+        lines.append(f"| [`{' '.join(path)}`](#{anchor}) | {_cell(summary)} |")
+    lines.append("")
+    for cmd, path, ctx in commands:
+        lines += _command_section(cmd, path, ctx)
+    return "\n".join(lines)
+
+
+# --- the run-settings reference ---------------------------------------------
+
+
+def settings_reference() -> str:
+    """The run settings as a Markdown table, from the settings catalogue (or the defaults dict)."""
+    try:
+        from fedsilo.shared.settings import CATALOGUE
+    except ImportError:
+        CATALOGUE = None
+    if CATALOGUE is not None:
+        return _catalogue_table(CATALOGUE)
+    from fedsilo.shared.config import RUN_CONFIG_DEFAULTS
+
+    lines = [
+        "!!! note",
+        "    Generated from `fedsilo.shared.config.RUN_CONFIG_DEFAULTS` (keys, types and",
+        "    defaults); `fedsilo.shared.settings.CATALOGUE` does not exist in this build.",
+        "",
+        "| key | type | default |",
+        "|---|---|---|",
+    ]
+    for key, default in RUN_CONFIG_DEFAULTS.items():
+        lines.append(f"| `{key}` | {type(default).__name__} | {_cell(_value(default))} |")
+    return "\n".join(lines) + "\n"
+
+
+def _value(default: object) -> str:
+    if isinstance(default, enum.Enum):
+        default = default.value
+    if isinstance(default, type):
+        default = default.__name__
+    return f"`{default!r}`" if isinstance(default, str) else f"`{default}`"
+
+
+def _field(entry: object, name: str, fallback: object = "") -> object:
+    value = getattr(entry, name, fallback)
+    if isinstance(value, enum.Enum):
+        value = value.value
+    return value
+
+
+def _catalogue_table(catalogue) -> str:
+    def type_name(entry) -> str:
+        kind = _field(entry, "type")
+        return kind.__name__ if isinstance(kind, type) else str(kind)
+
+    scopes: dict[str, list] = {}
+    for entry in catalogue:
+        scope = _field(entry, "scope")
+        if isinstance(scope, (set, frozenset, tuple, list)):
+            scope = ", ".join(sorted(str(getattr(s, "value", s)) for s in scope))
+        scopes.setdefault(str(scope), []).append(entry)
+    lines = [f"{len(catalogue)} settings, generated from `fedsilo.shared.settings.CATALOGUE`.", ""]
+    for scope, entries in scopes.items():
+        lines += [f"### Scope: {scope}", "", "| key | type | default | help |", "|---|---|---|---|"]
+        for entry in entries:
+            lines.append(
+                f"| `{_field(entry, 'key')}` | {_cell(type_name(entry))} | {_cell(_value(_field(entry, 'default')))} "
+                f"| {_cell(_field(entry, 'help'))} |"
+            )
+        lines.append("")
+    return "\n".join(lines)
