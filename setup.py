@@ -11,8 +11,9 @@ from setuptools import find_packages, setup
 from setuptools.command.build_py import build_py
 
 # Top-level folders that are not part of the installed package, even if one day
-# they hold an __init__.py (test helpers, examples, benchmark reference data, docs).
-NOT_SHIPPED = ("tests", "examples", "benchmarks", "docs", "build", "dist")
+# they hold an __init__.py (test helpers, examples, benchmark reference data, docs
+# and the built site).
+NOT_SHIPPED = ("tests", "examples", "benchmarks", "docs", "site", "build", "dist")
 
 
 class BuildPy(build_py):
