@@ -103,8 +103,12 @@ def _rewrite_repo_links(markdown: str, page, config) -> str:
 
 def _cell(text: object) -> str:
     """Text for one Markdown table cell: one line, pipes and angle brackets escaped."""
-    text = " ".join(str(text).split())
-    return text.replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+    parts = " ".join(str(text).split()).split("`")
+    # Outside code spans (even parts) escape what Markdown or HTML would read; a code span
+    # shows its text as it is, and Python-Markdown's tables do not split inside one.
+    for i in range(0, len(parts), 2):
+        parts[i] = parts[i].replace("|", "\\|").replace("<", "&lt;").replace(">", "&gt;")
+    return "`".join(parts)
 
 
 def _default(param: click.Parameter) -> str:
@@ -154,10 +158,11 @@ def _command_section(cmd: click.Command, path: list[str], ctx: click.Context) ->
     pieces = " ".join(cmd.collect_usage_pieces(ctx))
     out += ["```", f"{name} {pieces}".rstrip(), "```", ""]
     params = [p for p in cmd.params if not getattr(p, "hidden", False) and p.name != "help"]
+    fallback = _setting_help(path)  # an option that is a run setting and says nothing: the setting's own help
     if params:
         out += ["| option | type | default | help |", "|---|---|---|---|"]
         for p in params:
-            out.append(f"| {_names(p)} | {_type(p)} | {_cell(_default(p))} | {_cell(getattr(p, 'help', '') or '')} |")
+            out.append(f"| {_names(p)} | {_type(p)} | {_cell(_default(p))} | {_cell(getattr(p, 'help', '') or fallback.get(p.name, ''))} |")
         out.append("")
     return out
 
@@ -196,15 +201,42 @@ def cli_reference() -> str:
 
 # --- the run-settings reference ---------------------------------------------
 
+# What each scope means, for the table's headings (the catalogue's module docstring says the same).
+_SCOPE_TEXT = {
+    "department": "A department reads it: the data, model, training and privacy *asks*. Only these travel "
+                  "in the run config that `coordinator run` and `simulate` submit.",
+    "coordinator": "Only the coordinator reads it: paths, keys, aggregation, client-level DP, timeouts. "
+                   "It never leaves the coordinator's host.",
+    "simulation": "Only `fedsilo simulate` sets it (the partition, the simulated departments' own policy); "
+                  "it reaches the simulated departments from the simulation, on its host.",
+}
+_COMMANDS = {"coordinator": "coordinator run", "simulate": "simulate"}
+
+
+def _catalogue():
+    """The settings catalogue, or None where this fedsilo has none (older builds)."""
+    try:
+        from fedsilo.shared import settings
+    except ImportError:
+        return None
+    return settings if hasattr(settings, "CATALOGUE") else None
+
+
+def _setting_help(command_path: list[str]) -> dict[str, str]:
+    """The catalogue's help by CLI parameter name, for the options of ``coordinator run`` / ``simulate``."""
+    settings = _catalogue()
+    name = " ".join(command_path[1:])
+    command = {"coordinator run": "coordinator", "simulate": "simulate"}.get(name)
+    if settings is None or command is None or not hasattr(settings, "by_param"):
+        return {}
+    return {param: s.help for param, s in settings.by_param(command).items()}
+
 
 def settings_reference() -> str:
-    """The run settings as a Markdown table, from the settings catalogue (or the defaults dict)."""
-    try:
-        from fedsilo.shared.settings import CATALOGUE
-    except ImportError:
-        CATALOGUE = None
-    if CATALOGUE is not None:
-        return _catalogue_table(CATALOGUE)
+    """The run settings as Markdown tables by scope, from the settings catalogue (or the defaults dict)."""
+    settings = _catalogue()
+    if settings is not None:
+        return _catalogue_tables(settings)
     from fedsilo.shared.config import RUN_CONFIG_DEFAULTS
 
     lines = [
@@ -223,36 +255,41 @@ def settings_reference() -> str:
 def _value(default: object) -> str:
     if isinstance(default, enum.Enum):
         default = default.value
-    if isinstance(default, type):
-        default = default.__name__
     return f"`{default!r}`" if isinstance(default, str) else f"`{default}`"
 
 
-def _field(entry: object, name: str, fallback: object = "") -> object:
-    value = getattr(entry, name, fallback)
-    if isinstance(value, enum.Enum):
-        value = value.value
-    return value
+def _options(setting) -> str:
+    """Where the CLI shows a setting: ``coordinator run --rounds``, ``simulate --rounds``."""
+    shown = []
+    for attr, command in _COMMANDS.items():
+        cli = getattr(setting, attr, None)
+        if cli is None:
+            continue
+        flag = getattr(cli, "flag", "") or "--" + getattr(setting, "param", setting.key).replace("_", "-")
+        shown.append(f"`{command} {flag}`")
+    return "<br>".join(shown) if shown else "run config only"
 
 
-def _catalogue_table(catalogue) -> str:
-    def type_name(entry) -> str:
-        kind = _field(entry, "type")
-        return kind.__name__ if isinstance(kind, type) else str(kind)
-
-    scopes: dict[str, list] = {}
-    for entry in catalogue:
-        scope = _field(entry, "scope")
-        if isinstance(scope, (set, frozenset, tuple, list)):
-            scope = ", ".join(sorted(str(getattr(s, "value", s)) for s in scope))
-        scopes.setdefault(str(scope), []).append(entry)
-    lines = [f"{len(catalogue)} settings, generated from `fedsilo.shared.settings.CATALOGUE`.", ""]
-    for scope, entries in scopes.items():
-        lines += [f"### Scope: {scope}", "", "| key | type | default | help |", "|---|---|---|---|"]
-        for entry in entries:
-            lines.append(
-                f"| `{_field(entry, 'key')}` | {_cell(type_name(entry))} | {_cell(_value(_field(entry, 'default')))} "
-                f"| {_cell(_field(entry, 'help'))} |"
-            )
+def _catalogue_tables(settings) -> str:
+    catalogue = settings.CATALOGUE
+    scopes = list(getattr(settings, "SCOPES", ())) or sorted({s.scope for s in catalogue})
+    lines = [
+        f"{len(catalogue)} settings, generated from `fedsilo.shared.settings.CATALOGUE`. "
+        "*key* is the run-config key (`flwr run . --run-config \"key=value\"`); *CLI* names the options "
+        "that set it; *valid* is the check every run applies.",
+        "",
+    ]
+    for scope in scopes:
+        entries = [s for s in catalogue if s.scope == scope]
+        if not entries:
+            continue
+        lines += [f"## Scope: {scope}", "", _SCOPE_TEXT.get(scope, ""), "",
+                  "| key | type | default | help | valid | CLI |", "|---|---|---|---|---|---|"]
+        for s in entries:
+            kind = s.type.__name__ if isinstance(s.type, type) else str(s.type)
+            check = getattr(s, "check", None)
+            valid = check.message if check is not None else ""
+            lines.append(f"| `{s.key}` | {kind} | {_cell(_value(s.default))} | {_cell(s.help)} "
+                         f"| {_cell(valid)} | {_options(s)} |")
         lines.append("")
     return "\n".join(lines)
