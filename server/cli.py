@@ -5,14 +5,16 @@ from __future__ import annotations
 import signal
 import sys
 from pathlib import Path
-from typing import Annotated, Optional
+from types import SimpleNamespace
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
 from fedsilo.certs.authority import CertError, CertPaths
-from fedsilo.shared.config import RUN_CONFIG_DEFAULTS, ConfigError, RunSettings
+from fedsilo.shared.config import ConfigError, RunSettings
+from fedsilo.shared.settings import cli_options
 from fedsilo.shared.data import DataError, load_table, table_schema, split_columns
 from fedsilo.shared.model_factory import check_spec, describe_grad_sample_mode, model_changes
 from fedsilo.shared.models import build_model
@@ -120,96 +122,65 @@ def departments(
 
 
 @app.command("run")
+@cli_options("coordinator", tail=("resume", "verbose"))
 def run(
     ctx: typer.Context,
-    test_data: Annotated[Optional[Path], typer.Option(help="The coordinator's own held-out table: evaluation and the data schema (required, except with --resume: the run keeps its own).")] = None,
     certs: Annotated[Path, typer.Option(help="Certificate folder (for ca.crt).")] = Path("certs/out"),
     address: Annotated[str, typer.Option(help="The coordinator's public HOST:PORT (shown; Control is reached on loopback via --state).")] = "127.0.0.1:9443",
     state: Annotated[Path, typer.Option(help=STATE_HELP)] = Path("state"),
-    rounds: Annotated[int, typer.Option(min=1)] = 20,
-    min_departments: Annotated[int, typer.Option(min=1, help="Stop if fewer departments are connected.")] = RUN_CONFIG_DEFAULTS["min-departments"],
-    label_column: Annotated[str, typer.Option(help="Label column of --test-data.")] = "label",
-    feature_columns: Annotated[str, typer.Option(help="Comma-separated features (default: all but the label).")] = "",
     schema: Annotated[Optional[Path], typer.Option(help="The public data schema every department encodes with (from `fedsilo schema infer`, edited as needed). Default: inferred from --test-data.")] = None,
-    task: Annotated[str, typer.Option(help="auto | binary | multiclass | regression, when the schema is inferred.")] = "auto",
-    model: Annotated[str, typer.Option(help="auto | mlp | cnn | package.module:factory — installed here and on every department that allows it (--allow-model).")] = "auto",
-    fix_model: Annotated[bool, typer.Option("--fix-model", help="Let Opacus' ModuleValidator.fix replace layers DP-SGD cannot train (BatchNorm → GroupNorm).")] = False,
-    dp: Annotated[bool, typer.Option("--dp/--no-dp")] = True,
-    noise_multiplier: Annotated[Optional[float], typer.Option(min=0.0, help="σ. Default: each department plans σ so the planned rounds spend its own budget.")] = None,
-    target_epsilon: Annotated[Optional[float], typer.Option(help="Each department derives σ to spend this over the rounds.")] = None,
-    max_grad_norm: Annotated[float, typer.Option()] = 1.0,
-    delta: Annotated[Optional[float], typer.Option(help="Ask each department to state ε at no larger δ; one whose own δ is larger declines. Default: ask nothing (each department's δ).")] = None,
-    max_epsilon: Annotated[Optional[float], typer.Option(help="Ask each department to stop this run at this ε; one whose own budget is smaller declines. Default: ask nothing (each department's budget).")] = None,
-    accountant: Annotated[Optional[str], typer.Option(help="Ask for this accountant (pld | prv | rdp); a department that does not accept it declines. Default: each department's own.")] = None,
-    local_epochs: Annotated[int, typer.Option(min=1)] = 1,
-    batch_size: Annotated[int, typer.Option(min=1)] = 64,
-    learning_rate: Annotated[float, typer.Option(help="SGD learning rate.")] = 0.5,
-    momentum: Annotated[float, typer.Option()] = 0.5,
-    round_timeout: Annotated[float, typer.Option(help="Seconds a round waits for replies; late departments are left out.")] = RUN_CONFIG_DEFAULTS["round-timeout"],
-    connect_timeout: Annotated[float, typer.Option(help="Seconds to wait for --min-departments to be connected.")] = RUN_CONFIG_DEFAULTS["connect-timeout"],
-    seed: Annotated[int, typer.Option()] = 42,
-    fraction_train: Annotated[float, typer.Option(help="Fraction of departments sampled each round (with --central-dp: each one's Poisson sampling probability).")] = 1.0,
-    aggregation: Annotated[str, typer.Option(help="fedavg | trimmed-mean | median | krum: how the coordinator combines updates (robust rules resist a bad department).")] = "fedavg",
-    trim_fraction: Annotated[float, typer.Option(help="trimmed-mean: share of updates cut at each end, per coordinate.")] = 0.2,
-    byzantine: Annotated[int, typer.Option(min=0, help="krum: how many malicious departments to tolerate (needs more than 2f+2 updates).")] = 1,
-    max_update_norm: Annotated[float, typer.Option(min=0.0, help="Scale down any update that moves the global model by more than this L2 norm (0: no bound).")] = 0.0,
-    central_dp: Annotated[bool, typer.Option("--central-dp", help="Client-level DP: clip each department's update, noise the sum, own budget and signed ledger.")] = False,
-    central_noise_multiplier: Annotated[float, typer.Option(help="Client-level σ: noise on the sum / --central-clip-norm.")] = 1.0,
-    central_clip_norm: Annotated[float, typer.Option(help="Largest L2 norm of one department's model update.")] = 1.0,
-    central_delta: Annotated[float, typer.Option(help="δ of the client-level guarantee; must be below 1/departments.")] = 1e-3,
-    central_max_epsilon: Annotated[float, typer.Option(help="The coordinator's client-level budget over its whole ledger (all runs).")] = 10.0,
-    central_ledger: Annotated[Path, typer.Option(help="Folder of the coordinator's ledger; keep it across runs so ε covers them all.")] = Path("central-ledger"),
-    out: Annotated[Path, typer.Option(help="Output folder: each run gets OUT/<run-name>/ (summary.json, checkpoint, model, card, schema.json); OUT/latest points at the newest.")] = Path("runs"),
     resume: Annotated[Optional[Path], typer.Option(help="Continue this run folder (or OUT, for its latest run) from its last completed round, with its own settings.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's full log.")] = False,
+    **options: Any,
 ) -> None:
     """Train across the connected departments; write RUN_DIR/summary.json."""
+    o = SimpleNamespace(**options)  # the run settings' options (shared/settings.py)
     if resume is not None:
         return _resume(ctx, resume, certs, state, verbose)
-    if test_data is None:
+    if o.test_data is None:
         _fail("--test-data is required: the coordinator's own held-out table (only --resume takes the run's own)")
-    out = out.expanduser().resolve()
+    out = o.out.expanduser().resolve()
     try:
-        check_spec(model)
+        check_spec(o.model)
         schema = (DataSchema.load(schema) if schema is not None
-                  else table_schema(test_data, label_column, split_columns(feature_columns), task))
+                  else table_schema(o.test_data, o.label_column, split_columns(o.feature_columns), o.task))
         # The coordinator's own table must fit the schema, and the model must be trainable with DP-SGD.
-        held_out = load_table(test_data, schema.label.column, schema=schema)
-        changes = model_changes(model, held_out.input_shape, held_out.num_outputs, held_out.task) if fix_model else []
-        built = build_model(model, held_out.input_shape, held_out.num_outputs, "tabular", seed=seed, task=held_out.task,
-                            embeddings=held_out.embeddings, fix=fix_model)
+        held_out = load_table(o.test_data, schema.label.column, schema=schema)
+        changes = model_changes(o.model, held_out.input_shape, held_out.num_outputs, held_out.task) if o.fix_model else []
+        built = build_model(o.model, held_out.input_shape, held_out.num_outputs, "tabular", seed=o.seed, task=held_out.task,
+                            embeddings=held_out.embeddings, fix=o.fix_model)
         settings = RunSettings.from_run_config(
             {
-                "num-server-rounds": rounds, "dataset": str(test_data.resolve()), "label-column": schema.label.column,
-                "seed": seed, "dp": dp, "task": schema.task, "fix-model": fix_model,
-                "noise-multiplier": noise_multiplier or 0.0, "target-epsilon": target_epsilon or 0.0,
-                "max-grad-norm": max_grad_norm, "delta": delta or 0.0, "max-epsilon": max_epsilon or 0.0,
-                "accountant": accountant or "",
-                "local-epochs": local_epochs, "batch-size": batch_size, "learning-rate": learning_rate,
-                "momentum": momentum, "min-departments": min_departments, "round-timeout": round_timeout,
-                "connect-timeout": connect_timeout, "out": str(out), "run-name": new_run_name(),
-                "test-data": str(test_data.resolve()),
-                "aggregation": aggregation, "trim-fraction": trim_fraction, "byzantine": byzantine,
-                "max-update-norm": max_update_norm,
-                "data-schema": schema.to_json(), "model": model, "fraction-train": fraction_train,
-                "central-dp": central_dp, "central-noise-multiplier": central_noise_multiplier,
-                "central-clip-norm": central_clip_norm, "central-delta": central_delta,
-                "central-max-epsilon": central_max_epsilon,
-                "central-ledger": str(central_ledger.expanduser().resolve()),
+                "num-server-rounds": o.rounds, "dataset": str(o.test_data.resolve()), "label-column": schema.label.column,
+                "seed": o.seed, "dp": o.dp, "task": schema.task, "fix-model": o.fix_model,
+                "noise-multiplier": o.noise_multiplier or 0.0, "target-epsilon": o.target_epsilon or 0.0,
+                "max-grad-norm": o.max_grad_norm, "delta": o.delta or 0.0, "max-epsilon": o.max_epsilon or 0.0,
+                "accountant": o.accountant or "",
+                "local-epochs": o.local_epochs, "batch-size": o.batch_size, "learning-rate": o.learning_rate,
+                "momentum": o.momentum, "min-departments": o.min_departments, "round-timeout": o.round_timeout,
+                "connect-timeout": o.connect_timeout, "out": str(out), "run-name": new_run_name(),
+                "test-data": str(o.test_data.resolve()),
+                "aggregation": o.aggregation, "trim-fraction": o.trim_fraction, "byzantine": o.byzantine,
+                "max-update-norm": o.max_update_norm,
+                "data-schema": schema.to_json(), "model": o.model, "fraction-train": o.fraction_train,
+                "central-dp": o.central_dp, "central-noise-multiplier": o.central_noise_multiplier,
+                "central-clip-norm": o.central_clip_norm, "central-delta": o.central_delta,
+                "central-max-epsilon": o.central_max_epsilon,
+                "central-ledger": str(o.central_ledger.expanduser().resolve()),
                 # The coordinator signs its ledger with its TLS key: the audit checks it against coordinator.crt.
-                "central-signing-key": str(CertPaths(certs).coordinator_key.resolve()) if central_dp else "",
+                "central-signing-key": str(CertPaths(certs).coordinator_key.resolve()) if o.central_dp else "",
                 # The coordinator's signed record of acknowledged ledger heads: kept across runs, in its state.
                 "record": str((state / "record" / RECORD_FILE).expanduser().resolve()),
                 "record-signing-key": str(CertPaths(certs).coordinator_key.resolve()),
             }
         )
-        check_aggregation(settings, min_departments)  # the rule fits --min-departments
+        check_aggregation(settings, o.min_departments)  # the rule fits --min-departments
         if not CertPaths(certs).coordinator_key.exists():
             raise FileNotFoundError(
                 f"the coordinator signs its record of the departments' ledger heads with "
                 f"{CertPaths(certs).coordinator_key}, which is missing; run this on the coordinator host with its --certs folder"
             )
-        if central_dp and not CertPaths(certs).coordinator_key.exists():
+        if o.central_dp and not CertPaths(certs).coordinator_key.exists():
             raise FileNotFoundError(
                 f"--central-dp signs the coordinator's ledger with {CertPaths(certs).coordinator_key}, "
                 "which is missing; run this on the coordinator host with its --certs folder"
@@ -220,16 +191,16 @@ def run(
     run_dir = create_run_folder(out, settings.run_name)
     (run_dir / "schema.json").write_text(schema.to_json(indent=2) + "\n", encoding="utf-8")
     console.print(
-        f"[bold]fedsilo[/bold]: {rounds} rounds at {address}, at least {min_departments} departments, "
+        f"[bold]fedsilo[/bold]: {o.rounds} rounds at {address}, at least {o.min_departments} departments, "
         f"{schema.task} on {schema.num_features} features"
         + (f" ({len(schema.label.classes)} classes)" if schema.label.classes else "")
-        + f", model {model}, aggregation {aggregation}, evaluated on {test_data}; run {settings.run_name} in {run_dir}"
+        + f", model {o.model}, aggregation {o.aggregation}, evaluated on {o.test_data}; run {settings.run_name} in {run_dir}"
     )
-    if fix_model:
+    if o.fix_model:
         console.print("--fix-model: " + ("; ".join(changes) if changes else "nothing to change"))
-    if dp:
+    if o.dp:
         console.print(f"per-sample gradients: {describe_grad_sample_mode('auto', built)}"
-                      + ("" if noise_multiplier or target_epsilon else "; σ: each department plans it to spend its own budget over the rounds"))
+                      + ("" if o.noise_multiplier or o.target_epsilon else "; σ: each department plans it to spend its own budget over the rounds"))
     _submit(connection, settings, run_dir, verbose)
 
 

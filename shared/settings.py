@@ -149,6 +149,11 @@ CATALOGUE: tuple[Setting, ...] = (
             "The data: digits | mnist5k | breast-cancer | PATH to .csv/.parquet | a FOLDER with one table per department "
             "(a deployment: the coordinator's held-out table).", "coordinator",
             simulate=Cli(help="digits | mnist5k | breast-cancer | PATH to .csv/.parquet | a FOLDER with one table per department.")),
+    Setting("test-data", str, "",
+            "The coordinator's own held-out table (empty in a simulation: a fixed 20 % split off the data).", "coordinator",
+            coordinator=Cli(type=Path, optional=True, help="The coordinator's own held-out table: evaluation and the data "
+                            "schema (required, except with --resume: the run keeps its own)."),
+            simulate=Cli(type=Path, optional=True, help="The coordinator's held-out table (default: a fixed 20 % split off the data).")),
     Setting("label-column", str, "label", "The label column of a CSV/Parquet table.", "coordinator",
             coordinator=Cli(help="Label column of --test-data."), simulate=Cli(help="Label column of a CSV/Parquet dataset.")),
     Setting("feature-columns", str, "", "Comma-separated feature columns (empty: all but the label).", "coordinator",
@@ -269,11 +274,6 @@ CATALOGUE: tuple[Setting, ...] = (
                                  "run-name must be letters, digits, '.', '_' or '-' (a folder name), at most 100 characters")),
     Setting("resume", bool, False, "Continue run-name from its last checkpoint (OUT/<run-name>/checkpoint.safetensors).",
             "coordinator"),
-    Setting("test-data", str, "",
-            "The coordinator's own held-out table (empty in a simulation: a fixed 20 % split off the data).", "coordinator",
-            coordinator=Cli(type=Path, optional=True, help="The coordinator's own held-out table: evaluation and the data "
-                            "schema (required, except with --resume: the run keeps its own)."),
-            simulate=Cli(type=Path, optional=True, help="The coordinator's held-out table (default: a fixed 20 % split off the data).")),
     Setting("record", str, "",
             "The coordinator's signed record of the ledger heads it acknowledged (empty: OUT/record/acknowledged.jsonl).",
             "coordinator"),

@@ -8,7 +8,8 @@ import signal
 import sys
 import tempfile
 from pathlib import Path
-from typing import Annotated, Optional
+from types import SimpleNamespace
+from typing import Annotated, Any, Optional
 
 import typer
 from rich.console import Console
@@ -23,6 +24,7 @@ from fedsilo.server.robust import check_aggregation, least_updates
 from fedsilo.server.summary import SUMMARY_FILE
 from fedsilo.shared.config import ACCOUNTANTS, AGGREGATIONS, DEVICES, GRAD_SAMPLE_MODES, TASKS, ConfigError, RunSettings
 from fedsilo.shared.ledger import PrivacyLedger
+from fedsilo.shared.settings import cli_options
 from fedsilo.shared.runs import LATEST, SIMULATION, create_run_folder, keep_earlier_log, link_latest, new_run_name, refuse_with_resume
 from fedsilo.shared.data import DataError, simulated_federation, split_columns
 from fedsilo.shared.model_factory import check_spec, describe_grad_sample_mode, is_factory, model_changes
@@ -43,117 +45,86 @@ def _choice(value: str, allowed: tuple[str, ...], option: str) -> str:
     return value
 
 
+@cli_options("simulate", tail=("cpus_per_department", "resume", "verbose"))
 def simulate(
     ctx: typer.Context,
     departments: Annotated[Optional[int], typer.Option(min=1, help="Number of simulated departments (default 10; by:COLUMN and a folder decide it themselves).")] = None,
-    rounds: Annotated[int, typer.Option(min=1, help="Federated rounds.")] = 20,
-    dataset: Annotated[str, typer.Option(help="digits | mnist5k | breast-cancer | PATH to .csv/.parquet | a FOLDER with one table per department.")] = "digits",
-    label_column: Annotated[str, typer.Option(help="Label column of a CSV/Parquet dataset.")] = "label",
-    feature_columns: Annotated[str, typer.Option(help="Comma-separated feature columns (default: all but the label).")] = "",
-    partition: Annotated[Optional[str], typer.Option(help="iid | dirichlet:ALPHA (label skew; smaller = more skewed) | by:COLUMN (one department per value). Default: dirichlet:0.5, or iid for regression and a folder of tables.")] = None,
-    task: Annotated[str, typer.Option(help="auto | binary | multiclass | regression (auto refuses to guess a many-valued number).")] = "auto",
     schema: Annotated[Optional[Path], typer.Option(help="The data schema (JSON from `fedsilo schema infer`); default: inferred from the held-out rows.")] = None,
-    test_data: Annotated[Optional[Path], typer.Option(help="The coordinator's held-out table (default: a fixed 20 % split off the data).")] = None,
-    seed: Annotated[int, typer.Option(help="Seed for partitioning and model initialization.")] = 42,
-    model: Annotated[str, typer.Option(help="auto | mlp | cnn | package.module:factory (your own; see the README's contract).")] = "auto",
-    fix_model: Annotated[bool, typer.Option("--fix-model", help="Let Opacus' ModuleValidator.fix replace layers DP-SGD cannot train (BatchNorm → GroupNorm), and say what changed.")] = False,
-    dp: Annotated[bool, typer.Option("--dp/--no-dp", help="DP-SGD at every department (on by default).")] = True,
-    noise_multiplier: Annotated[Optional[float], typer.Option(min=0.0, help="σ: Gaussian noise / clipping norm. Default: each department plans σ so the planned rounds spend its budget.")] = None,
-    target_epsilon: Annotated[Optional[float], typer.Option(help="Derive σ so the planned rounds spend this whole-history ε (overrides --noise-multiplier).")] = None,
-    max_grad_norm: Annotated[float, typer.Option(help="Per-example gradient clipping norm C.")] = 1.0,
-    delta: Annotated[float, typer.Option(help="δ of the (ε, δ) guarantee.")] = 1e-5,
-    max_epsilon: Annotated[float, typer.Option(help="Each department's budget: it refuses rounds past this ε.")] = 10.0,
-    accountant: Annotated[str, typer.Option(help="pld (dp-accounting, tightest) | prv (Opacus) | rdp.")] = "pld",
-    local_epochs: Annotated[int, typer.Option(min=1, help="Local epochs per round.")] = 1,
-    batch_size: Annotated[int, typer.Option(min=1, help="Expected (Poisson) batch size.")] = 64,
-    learning_rate: Annotated[float, typer.Option(help="SGD learning rate.")] = 0.5,
-    momentum: Annotated[float, typer.Option(help="SGD momentum (reset every round).")] = 0.5,
-    grad_sample_mode: Annotated[str, typer.Option(help="Opacus per-sample gradients: auto (ghost clipping where every layer has a ghost norm, else hooks) | ghost | hooks | functorch | ew.")] = "auto",
-    device: Annotated[str, typer.Option(help="auto | cpu | cuda.")] = "auto",
-    fraction_train: Annotated[float, typer.Option(help="Fraction of departments sampled each round (with --central-dp: each one's Poisson sampling probability).")] = 1.0,
-    aggregation: Annotated[str, typer.Option(help="fedavg | trimmed-mean | median | krum: how the coordinator combines updates (robust rules resist a bad department).")] = "fedavg",
-    trim_fraction: Annotated[float, typer.Option(help="trimmed-mean: share of updates cut at each end, per coordinate.")] = 0.2,
-    byzantine: Annotated[int, typer.Option(min=0, help="krum: how many malicious departments to tolerate (needs more than 2f+2 updates).")] = 1,
-    max_update_norm: Annotated[float, typer.Option(min=0.0, help="Scale down any update that moves the global model by more than this L2 norm (0: no bound).")] = 0.0,
-    central_dp: Annotated[bool, typer.Option("--central-dp", help="Client-level DP at the coordinator: clip each department's update, noise the sum, own budget and ledger.")] = False,
-    central_noise_multiplier: Annotated[float, typer.Option(help="Client-level σ: noise on the sum / --central-clip-norm.")] = 1.0,
-    central_clip_norm: Annotated[float, typer.Option(help="Largest L2 norm of one department's model update.")] = 1.0,
-    central_delta: Annotated[float, typer.Option(help="δ of the client-level guarantee; must be below 1/departments.")] = 1e-3,
-    central_max_epsilon: Annotated[float, typer.Option(help="The coordinator's client-level budget over its whole ledger.")] = 10.0,
     cpus_per_department: Annotated[int, typer.Option(min=1, help="CPU cores Ray reserves per department.")] = 1,
-    out: Annotated[Path, typer.Option(help="Output folder: each run gets OUT/<run-name>/ (summary.json, checkpoint, model, card, schema.json), OUT/latest points at the newest; the simulated departments' ledgers/ stay in OUT across runs.")] = Path("runs"),
     resume: Annotated[Optional[Path], typer.Option(help="Continue this run folder (or OUT, for its latest run) from its last completed round, with its own settings.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's full log.")] = False,
+    **options: Any,
 ) -> None:
     """Simulate a federation of departments on embedded data, then print a privacy report."""
-    _choice(accountant, ACCOUNTANTS, "--accountant")
-    _choice(grad_sample_mode, GRAD_SAMPLE_MODES, "--grad-sample-mode")
-    _choice(device, DEVICES, "--device")
-    _choice(task, TASKS, "--task")
-    _choice(aggregation, AGGREGATIONS, "--aggregation")
+    o = SimpleNamespace(**options)  # the run settings' options (shared/settings.py)
+    _choice(o.accountant, ACCOUNTANTS, "--accountant")
+    _choice(o.grad_sample_mode, GRAD_SAMPLE_MODES, "--grad-sample-mode")
+    _choice(o.device, DEVICES, "--device")
+    _choice(o.task, TASKS, "--task")
+    _choice(o.aggregation, AGGREGATIONS, "--aggregation")
     if resume is not None:
         return _resume(ctx, resume, cpus_per_department, verbose)
-    out = out.expanduser().resolve()
+    out = o.out.expanduser().resolve()
     try:
-        check_spec(model)
-        spec = str(Path(dataset).expanduser().resolve()) if Path(dataset).expanduser().exists() else dataset
-        if partition is None:  # label skew needs classes, and a folder is split already
-            partition = "iid" if Path(spec).is_dir() or task == "regression" else "dirichlet:0.5"
-        named = partition.strip().lower().startswith("by:") or Path(spec).is_dir()
+        check_spec(o.model)
+        spec = str(Path(o.dataset).expanduser().resolve()) if Path(o.dataset).expanduser().exists() else o.dataset
+        if o.partition is None:  # label skew needs classes, and a folder is split already
+            o.partition = "iid" if Path(spec).is_dir() or o.task == "regression" else "dirichlet:0.5"
+        named = o.partition.strip().lower().startswith("by:") or Path(spec).is_dir()
         count = departments if departments is not None else (0 if named else 10)
         given = DataSchema.load(schema).to_json() if schema is not None else ""
-        held_out = str(test_data.expanduser().resolve()) if test_data is not None else ""
+        held_out = str(o.test_data.expanduser().resolve()) if o.test_data is not None else ""
         # Validate the data and model here, before any process starts.
         federation = simulated_federation(
-            spec, label_column, split_columns(feature_columns), count, partition, seed,
-            schema_json=given, test_data=held_out, task=task,
+            spec, o.label_column, split_columns(o.feature_columns), count, o.partition, o.seed,
+            schema_json=given, test_data=held_out, task=o.task,
         )
         parts, test = list(federation.parts), federation.test
-        if task not in ("auto", test.task):
-            raise ConfigError(f"--task {task}, but '{dataset}'" + (" with the given --schema" if given else "")
+        if o.task not in ("auto", test.task):
+            raise ConfigError(f"--task {o.task}, but '{o.dataset}'" + (" with the given --schema" if given else "")
                               + f" is a {test.task} task; leave --task out or change the schema's label task")
         departments = len(parts)
         # A robust rule needs enough updates per round to tolerate --byzantine bad ones.
-        least = 1 if aggregation == "fedavg" else least_updates(aggregation, byzantine, trim_fraction)
+        least = 1 if o.aggregation == "fedavg" else least_updates(o.aggregation, o.byzantine, o.trim_fraction)
         if departments < least:
             raise ConfigError(
-                f"--aggregation {aggregation} with --byzantine {byzantine} needs at least {least} departments "
+                f"--aggregation {o.aggregation} with --byzantine {o.byzantine} needs at least {least} departments "
                 f"answering every round, and this federation has {departments}; simulate more departments "
                 "or lower --byzantine"
             )
-        changes = model_changes(model, test.input_shape, test.num_outputs, test.task) if fix_model else []
-        built = build_model(model, test.input_shape, test.num_outputs, test.kind, seed=seed, task=test.task,
-                            embeddings=test.embeddings, fix=fix_model)
-        dp_path = describe_grad_sample_mode(grad_sample_mode, built) if dp else ""
+        changes = model_changes(o.model, test.input_shape, test.num_outputs, test.task) if o.fix_model else []
+        built = build_model(o.model, test.input_shape, test.num_outputs, test.kind, seed=o.seed, task=test.task,
+                            embeddings=test.embeddings, fix=o.fix_model)
+        dp_path = describe_grad_sample_mode(o.grad_sample_mode, built) if o.dp else ""
         settings = RunSettings(
-            num_server_rounds=rounds,
+            num_server_rounds=o.rounds,
             dataset=spec,
-            label_column=label_column,
-            feature_columns=feature_columns,
-            partition=partition,
-            seed=seed,
-            model=model,
-            fix_model=fix_model,
+            label_column=o.label_column,
+            feature_columns=o.feature_columns,
+            partition=o.partition,
+            seed=o.seed,
+            model=o.model,
+            fix_model=o.fix_model,
             task=test.task,
-            dp=dp,
-            noise_multiplier=noise_multiplier or 0.0,
-            target_epsilon=target_epsilon or 0.0,
-            max_grad_norm=max_grad_norm,
+            dp=o.dp,
+            noise_multiplier=o.noise_multiplier or 0.0,
+            target_epsilon=o.target_epsilon or 0.0,
+            max_grad_norm=o.max_grad_norm,
             # The simulated departments' own policy decides; the run asks nothing beyond it.
             delta=0.0,
             max_epsilon=0.0,
             accountant="",
-            local_epochs=local_epochs,
-            batch_size=batch_size,
-            learning_rate=learning_rate,
-            momentum=momentum,
-            grad_sample_mode=grad_sample_mode,
-            device=device,
-            fraction_train=fraction_train,
-            aggregation=aggregation,
-            trim_fraction=trim_fraction,
-            byzantine=byzantine,
-            max_update_norm=max_update_norm,
+            local_epochs=o.local_epochs,
+            batch_size=o.batch_size,
+            learning_rate=o.learning_rate,
+            momentum=o.momentum,
+            grad_sample_mode=o.grad_sample_mode,
+            device=o.device,
+            fraction_train=o.fraction_train,
+            aggregation=o.aggregation,
+            trim_fraction=o.trim_fraction,
+            byzantine=o.byzantine,
+            max_update_norm=o.max_update_norm,
             min_departments=least,
             round_timeout=600.0,
             connect_timeout=120.0,
@@ -163,24 +134,24 @@ def simulate(
             test_data=held_out,
             # Every simulated department encodes with exactly the schema shown below.
             data_schema=federation.schema.to_json() if federation.schema is not None else "",
-            central_dp=central_dp,
-            central_noise_multiplier=central_noise_multiplier,
-            central_clip_norm=central_clip_norm,
-            central_delta=central_delta,
-            central_max_epsilon=central_max_epsilon,
+            central_dp=o.central_dp,
+            central_noise_multiplier=o.central_noise_multiplier,
+            central_clip_norm=o.central_clip_norm,
+            central_delta=o.central_delta,
+            central_max_epsilon=o.central_max_epsilon,
             central_ledger="",
             central_signing_key="",
             record="",
             record_signing_key="",
             simulated_policy=DepartmentPolicy(
-                max_epsilon=max_epsilon, delta=delta, accountants=(accountant,), allow_non_private=not dp,
-                models=(model,) if is_factory(model) else (),
+                max_epsilon=o.max_epsilon, delta=o.delta, accountants=(o.accountant,), allow_non_private=not o.dp,
+                models=(o.model,) if is_factory(o.model) else (),
             ).to_json(),
         )
         check_aggregation(settings, least)  # every combination checked before anything starts
-        if central_dp and central_delta >= 1.0 / departments:
+        if o.central_dp and o.central_delta >= 1.0 / departments:
             raise ConfigError(
-                f"--central-delta {central_delta:g} must be below 1/{departments} departments "
+                f"--central-delta {o.central_delta:g} must be below 1/{departments} departments "
                 "(at δ ≥ 1/N one department's update could be published outright)"
             )
     except (ConfigError, DataError, ValueError) as err:  # PolicyError, ModelError are ValueErrors
@@ -193,29 +164,29 @@ def simulate(
     (run_dir / SIMULATION).write_text(json.dumps({"departments": departments}) + "\n", encoding="utf-8")
     if federation.schema is not None:
         _show_schema(federation.schema, run_dir, given=bool(given))
-    if fix_model:
+    if o.fix_model:
         console.print("--fix-model: " + ("; ".join(changes) if changes else "nothing to change, the model is valid for DP-SGD as it is"))
-    if dp:
-        console.print(f"Model {model} ({sum(p.numel() for p in built.parameters())} parameters, {test.task}), per-sample gradients: {dp_path}")
+    if o.dp:
+        console.print(f"Model {o.model} ({sum(p.numel() for p in built.parameters())} parameters, {test.task}), per-sample gradients: {dp_path}")
     sizes = [len(p) for p in parts]
     console.print(
-        f"[bold]fedsilo[/bold]: {departments} departments × {rounds} rounds on '{Path(dataset).name if federation.schema is not None else test.name}' "
+        f"[bold]fedsilo[/bold]: {departments} departments × {o.rounds} rounds on '{Path(o.dataset).name if federation.schema is not None else test.name}' "
         f"({sum(sizes)} training examples, {min(sizes)}–{max(sizes)} per department, "
-        f"{len(test)} held out), partition {partition}, "
+        f"{len(test)} held out), partition {o.partition}, "
         + (
-            f"DP-SGD C={max_grad_norm:g}, "
-            + (f"target ε={target_epsilon:g}" if target_epsilon else f"σ={noise_multiplier:g}" if noise_multiplier
+            f"DP-SGD C={o.max_grad_norm:g}, "
+            + (f"target ε={o.target_epsilon:g}" if o.target_epsilon else f"σ={o.noise_multiplier:g}" if o.noise_multiplier
                else "σ planned to spend each budget over the rounds")
-            + f", δ={delta:g}, budget ε≤{max_epsilon:g}"
-            if dp
+            + f", δ={o.delta:g}, budget ε≤{o.max_epsilon:g}"
+            if o.dp
             else "[yellow]no DP[/yellow]"
         )
-        + (f", aggregation {aggregation}" if aggregation != "fedavg" else "")
-        + (f", updates bounded to norm {max_update_norm:g}" if max_update_norm else "")
+        + (f", aggregation {o.aggregation}" if o.aggregation != "fedavg" else "")
+        + (f", updates bounded to norm {o.max_update_norm:g}" if o.max_update_norm else "")
         + (
-            f"; client-level DP σ={central_noise_multiplier:g}, C={central_clip_norm:g}, q={fraction_train:g}, "
-            f"δ={central_delta:g}, budget ε≤{central_max_epsilon:g}"
-            if central_dp
+            f"; client-level DP σ={o.central_noise_multiplier:g}, C={o.central_clip_norm:g}, q={o.fraction_train:g}, "
+            f"δ={o.central_delta:g}, budget ε≤{o.central_max_epsilon:g}"
+            if o.central_dp
             else ""
         )
     )
