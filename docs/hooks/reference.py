@@ -169,9 +169,13 @@ def _command_section(cmd: click.Command, path: list[str], ctx: click.Context) ->
 
 def cli_reference() -> str:
     """Every command of the ``fedsilo`` CLI as Markdown, walked from the click command tree."""
-    import typer.main
+    import warnings
 
-    from fedsilo.cli import app
+    with warnings.catch_warnings():  # typer's own imports of deprecated click names: not ours to fix
+        warnings.simplefilter("ignore", DeprecationWarning)
+        import typer.main
+
+        from fedsilo.cli import app
 
     root = typer.main.get_command(app)
     lines: list[str] = []
