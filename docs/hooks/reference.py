@@ -12,6 +12,9 @@ go stale.
   replaced by a table of the run settings from
   ``fedsilo.shared.settings.CATALOGUE`` or, where that module does not exist,
   from ``fedsilo.shared.config.RUN_CONFIG_DEFAULTS`` (keys and defaults only).
+* ``docs/explanation/architecture.md`` holds ``<!-- fedsilo:modules -->``; it
+  is replaced by every module of each side, with its docstring's first
+  paragraph (read with ``ast``: nothing is imported).
 * ``BENCHMARKS.md`` (rendered by ``fedsilo bench`` at the repository root) and
   the plots it shows are added to the site as they are. A page links it the
   way GitHub resolves it (``../../BENCHMARKS.md``); the link is rewritten to
@@ -31,6 +34,10 @@ from mkdocs.structure.files import File, Files
 
 CLI_MARKER = "<!-- fedsilo:cli -->"
 SETTINGS_MARKER = "<!-- fedsilo:settings -->"
+MODULES_MARKER = "<!-- fedsilo:modules -->"
+
+# Top-level folders that are not sides of the package (the same list as setup.py's).
+_NOT_PACKAGE = {"tests", "examples", "benchmarks", "docs", "site", "build", "dist"}
 
 # Files outside docs/ that the site shows, by their path in the repository.
 _MOUNTED = ("BENCHMARKS.md",)
@@ -66,6 +73,8 @@ def on_page_markdown(markdown: str, page, config, files) -> str:
         markdown = markdown.replace(CLI_MARKER, cli_reference())
     if SETTINGS_MARKER in markdown:
         markdown = markdown.replace(SETTINGS_MARKER, settings_reference())
+    if MODULES_MARKER in markdown:
+        markdown = markdown.replace(MODULES_MARKER, modules_reference(_repo_root(config)))
     return _rewrite_repo_links(markdown, page, config)
 
 
@@ -96,6 +105,31 @@ def _rewrite_repo_links(markdown: str, page, config) -> str:
         return f"{match.group(1)}{new}{match.group(3)}"
 
     return _LINK.sub(fix, markdown)
+
+
+# --- the module map ---------------------------------------------------------
+
+
+def modules_reference(root: Path) -> str:
+    """Every module of each top-level subpackage, with the first paragraph of its docstring."""
+    import ast
+
+    lines: list[str] = []
+    for side in sorted(p for p in root.iterdir() if p.is_dir() and (p / "__init__.py").is_file()):
+        if side.name in _NOT_PACKAGE or side.name.startswith("."):
+            continue
+        lines += [f"### `{side.name}/`", "", "| module | what it does |", "|---|---|"]
+        for path in sorted(side.rglob("*.py")):
+            if "__pycache__" in path.parts or (path.name == "__init__.py" and path.parent != side):
+                continue
+            doc = ast.get_docstring(ast.parse(path.read_text(encoding="utf-8"))) or ""
+            first = doc.strip().split("\n\n")[0]
+            first = re.sub(r":\w+:`~?([^`]+)`", r"`\1`", first).replace("``", "`")  # reST roles and literals
+            if path.name == "__init__.py" and first.rstrip(".") in ("", f"fedsilo.{side.name}"):
+                continue  # a package marker says nothing the heading does not
+            lines.append(f"| `{path.relative_to(root).as_posix()}` | {_cell(first) or '—'} |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 # --- the CLI reference -------------------------------------------------------
