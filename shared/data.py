@@ -17,10 +17,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from .schema import (
-    MAX_ENCODED_CELLS, TABLE_SUFFIXES, DataError, DataSchema, Label, SchemaError, infer_label, infer_schema, natural_order,
-    read_table,
-)
+from .schema import MAX_ENCODED_CELLS, DataError, DataSchema, Label, SchemaError, natural_order
+from .schema_inference import infer_label, infer_schema
+from .tables import TABLE_SUFFIXES, read_table
 
 EMBEDDED_DATASETS = ("digits", "mnist5k", "breast-cancer")
 # The held-out test split is fixed (not tied to --seed) so runs with different seeds

@@ -38,15 +38,12 @@ to a non-finite number.  A department's policy may set tighter limits.
 
 from __future__ import annotations
 
-import errno
 import json
 import math
-import os
-import stat
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -60,13 +57,7 @@ IMPUTATIONS = ("median", "mean", "zero", "error")
 ANALYZERS = ("word", "char_wb")
 SCHEMA_FORMAT = "fedsilo-schema"
 SCHEMA_VERSION = 1
-TABLE_SUFFIXES = (".csv", ".parquet", ".pq")
-# Inference thresholds (documented in the README): a text column with at most
-# MAX_CATEGORIES distinct values is categorical; a label with more distinct
-# numbers than MAX_CLASSES is not guessed to be a class label.
-MAX_CATEGORIES = 50
-MAX_CLASSES = 20
-TEXT_FEATURES = 64
+TEXT_FEATURES = 64  # hashed features of a text column a drafted schema gives
 # Hard limits of the schema format (a department's policy may be tighter).
 MAX_SCHEMA_FEATURES = 1 << 20
 MAX_TEXT_FEATURES = 1 << 20
@@ -76,8 +67,6 @@ MAX_NAME = 1024
 MAX_SCHEMA_BYTES = 16 << 20
 # rows × features of one encoded table: 2^27 cells is 512 MiB as float32.
 MAX_ENCODED_CELLS = 1 << 27
-_FLOAT32_MAX = float(np.finfo(np.float32).max)
-MAX_TABLE_BYTES = safe_read.MAX_TABLE_BYTES
 
 
 class DataError(ValueError):
@@ -331,11 +320,10 @@ class DataSchema:
 
     # ---------------------------------------------------------------- encoding
     def encode(self, frame, source: str = "the table", max_cells: int | None = MAX_ENCODED_CELLS) -> np.ndarray:
-        """The feature matrix (float32) of ``frame``, in schema order.
+        """The feature matrix (float32) of ``frame``, in schema order (:func:`fedsilo.shared.encoding.encode_features`).
 
         ``max_cells`` bounds rows × features; a department passes None, having
-        bounded its table against its own limits when it started (a bound that
-        depended on the run's schema and the row count would tell a run the count).
+        bounded its table against its own limits when it started.
 
         Raises
         ------
@@ -343,99 +331,27 @@ class DataSchema:
             A schema column is missing from the table, a numeric column holds text
             or infinite values, or a missing value where ``impute`` is ``error``.
         """
-        cells = len(frame) * self.num_features
-        if max_cells is not None and cells > max_cells:
-            raise SchemaError(
-                f"{source} has {len(frame)} rows; at {self.num_features} features each that is {cells} values, "
-                f"more than the {max_cells} encoded at once; split the table into smaller files"
-            )
-        self.check_columns(frame, source)
-        blocks = [_encode_column(c, frame[c.name], source) for c in self.inputs]
-        with np.errstate(over="ignore"):  # an overflow is named below
-            out = np.concatenate(blocks, axis=1).astype(np.float32) if blocks else np.zeros((len(frame), 0), np.float32)
-        bad = ~np.isfinite(out)
-        if bad.any():
-            row, col = (int(i[0]) for i in np.nonzero(bad))
-            raise SchemaError(
-                f"{source} row {row + 2} encodes to a non-finite feature ({self.feature_names[col]}): the value is "
-                "too large for the schema's mean and scale; fix the value, or the column's scale in the schema"
-            )
-        return out
+        from .encoding import encode_features
+
+        return encode_features(self, frame, source, max_cells)
 
     def check_columns(self, frame, source: str = "the table") -> None:
         """The schema's input columns are all in ``frame`` (a property of the table, not of a record)."""
-        missing = [c.name for c in self.inputs if c.name not in frame.columns]
-        if missing:
-            raise SchemaError(
-                f"{source} lacks the schema's column(s) {', '.join(missing)} "
-                f"(it has: {', '.join(map(str, list(frame.columns)[:20]))}); "
-                "rename them to match, or edit the schema"
-            )
+        from .encoding import check_columns
+
+        check_columns(self, frame, source)
 
     def encodable_rows(self, frame) -> np.ndarray:
-        """Which rows of ``frame`` encode, each decided from that row alone (a boolean mask).
+        """Which rows of ``frame`` encode, each decided from that row alone (:func:`fedsilo.shared.encoding.encodable_rows`)."""
+        from .encoding import encodable_rows
 
-        A department encodes its table with a schema the coordinator sent, so a
-        row that fails (text in a numeric column, a label outside the classes, a
-        value the schema's scale overflows) must not fail the table: whether any
-        record fails is a fact about the records.  Keeping exactly the rows that
-        encode is a per-record filter, so a record added or removed changes the
-        kept rows by at most that record (1-stable under add/remove adjacency).
-        The schema's columns must be in ``frame`` (a property of the table, not
-        of a record): :meth:`encode` names the missing ones.
-        """
-        import pandas as pd
-
-        ok = np.ones(len(frame), dtype=bool)
-        for column in self.inputs:
-            if column.kind != "numeric":
-                continue  # categories outside the list go to "other"; text always hashes
-            values = frame[column.name]
-            numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
-            gaps = values.isna().to_numpy()
-            ok &= ~(np.isnan(numbers) & ~gaps)  # text in a numeric column
-            if column.impute == "error":
-                ok &= ~gaps
-            with np.errstate(all="ignore"):
-                scaled = (np.where(gaps, column.fill, numbers) - column.mean) / column.scale
-            ok &= np.abs(scaled) <= _FLOAT32_MAX
-        label = self.label
-        if label.column in frame.columns:
-            values = frame[label.column]
-            ok &= ~values.isna().to_numpy()
-            if label.task == "regression":
-                numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
-                with np.errstate(all="ignore"):
-                    ok &= np.abs((numbers - label.mean) / label.scale) <= _FLOAT32_MAX
-            else:
-                known = set(label.classes)
-                ok &= np.array([v in known for v in _label_text(values)], dtype=bool)
-        return ok
+        return encodable_rows(self, frame)
 
     def encode_labels(self, frame, source: str = "the table") -> np.ndarray:
         """Integer codes (classification) or the standardized target (regression)."""
-        label = self.label
-        if label.column not in frame.columns:
-            raise SchemaError(f"label column '{label.column}' not found in {source}; pass the right one with --label-column")
-        values = frame[label.column]
-        empty = values.isna().to_numpy()
-        if empty.any():
-            raise SchemaError(f"label column '{label.column}' in {source} is empty at row {_row(empty)}")
-        if label.task == "regression":
-            target = ((_numbers(values, label.column, source) - label.mean) / label.scale).astype(np.float32)
-            if not np.isfinite(target).all():
-                raise SchemaError(f"label column '{label.column}' in {source} encodes to a non-finite value at row "
-                                  f"{_row(~np.isfinite(target))}: too large for the schema's label scale")
-            return target
-        codes = {c: i for i, c in enumerate(label.classes)}
-        text = _label_text(values)
-        unknown = [i for i, v in enumerate(text) if v not in codes]
-        if unknown:
-            raise SchemaError(
-                f"label '{text[unknown[0]]}' in {source} row {unknown[0] + 2} is not one of the "
-                f"federation's classes ({', '.join(label.classes[:20])}); fix the data or the schema"
-            )
-        return np.array([codes[v] for v in text], dtype=np.int64)
+        from .encoding import encode_labels
+
+        return encode_labels(self, frame, source)
 
     def decode_predictions(self, outputs: np.ndarray) -> np.ndarray:
         """Regression outputs back in the target's units (classification: unchanged)."""
@@ -506,167 +422,6 @@ class DataSchema:
         return DataSchema(label, tuple(c for c in self.columns if c.name != column))
 
 
-# --------------------------------------------------------------------------- inference
-
-
-def infer_schema(
-    frame, label_column: str, task: str = "auto", source: str = "the table",
-    max_categories: int = MAX_CATEGORIES, text_features: int = TEXT_FEATURES,
-    feature_columns: Sequence[str] = (),
-) -> DataSchema:
-    """Draft a schema from a table the coordinator may look at.
-
-    Every statistic it holds (category lists, medians, means, scales, the label's
-    classes or scaling) comes from ``frame``: pass only a table whose contents are
-    public to the federation — the coordinator's own held-out table.
-    """
-    if label_column not in frame.columns:
-        raise SchemaError(
-            f"label column '{label_column}' not found in {source} "
-            f"(columns: {', '.join(map(str, list(frame.columns)[:20]))}); pass the right one with --label-column"
-        )
-    label = infer_label(frame[label_column], label_column, task, source)
-    names = list(feature_columns) or [c for c in frame.columns if c != label_column]
-    absent = [c for c in names if c not in frame.columns]
-    if absent:
-        raise SchemaError(f"feature column(s) {', '.join(absent)} not found in {source}")
-    columns = tuple(_infer_column(str(c), frame[c], max_categories, text_features) for c in names)
-    return DataSchema(label, columns)
-
-
-def infer_label(values, column: str, task: str, source: str) -> Label:
-    """The task and classes of a label column; refuses to guess a many-valued number."""
-    import pandas as pd
-
-    if task not in ("auto", *TASKS):
-        raise SchemaError(f"task '{task}' is not one of auto, {', '.join(TASKS)}")
-    present = values.dropna()
-    if present.empty:
-        raise SchemaError(f"label column '{column}' in {source} is empty")
-    numeric = pd.api.types.is_numeric_dtype(present) and not pd.api.types.is_bool_dtype(present)
-    if task == "regression":
-        if not numeric:
-            raise SchemaError(f"label column '{column}' in {source} is not numeric; a regression target must be a number")
-        target = present.to_numpy(dtype=np.float64)
-        scale = float(target.std()) or 1.0
-        return Label(column, "regression", (), float(target.mean()), scale)
-    classes = tuple(sorted(set(_label_text(present)), key=natural_order))
-    if task == "auto" and numeric:
-        integral = bool(np.all(np.mod(present.to_numpy(dtype=np.float64), 1) == 0))
-        if len(classes) > MAX_CLASSES or not integral:
-            raise SchemaError(
-                f"label column '{column}' in {source} holds {len(classes)} distinct "
-                f"{'numbers' if integral else 'non-integer numbers'}; fedsilo will not guess the task: "
-                "pass --task regression, or --task multiclass to treat each value as a class"
-            )
-    if len(classes) < 2:
-        raise SchemaError(f"label column '{column}' in {source} has a single class ({classes[0]!r}); a classifier needs at least two")
-    chosen = task if task != "auto" else ("binary" if len(classes) == 2 else "multiclass")
-    return Label(column, chosen, classes)
-
-
-def _infer_column(name: str, values, max_categories: int, text_features: int) -> Column:
-    import pandas as pd
-
-    present = values.dropna()
-    if pd.api.types.is_bool_dtype(values) or (pd.api.types.is_numeric_dtype(values) and not pd.api.types.is_bool_dtype(values)):
-        numbers = present.to_numpy(dtype=np.float64)
-        numbers = numbers[np.isfinite(numbers)]
-        if numbers.size == 0:
-            return Column(name, "ignore")
-        mean, std = float(numbers.mean()), float(numbers.std())
-        return Column(name, "numeric", mean=mean, scale=std if std > 0 else 1.0, impute="median",
-                      fill=float(np.median(numbers)), indicator=bool(values.isna().any()))
-    text = present.astype(str)
-    distinct = text.nunique()
-    if distinct == 0:
-        return Column(name, "ignore")
-    words = text.str.split().str.len().mean()
-    if distinct <= max_categories and words < 4:
-        return Column(name, "categorical", categories=tuple(sorted(set(text), key=natural_order)))
-    if words < 1.5 and distinct == len(text):
-        return Column(name, "ignore")  # one token, unique per row: an identifier, not a feature
-    return Column(name, "text", features=text_features, ngrams=(1, 2), analyzer="word")
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _encode_column(column: Column, values, source: str) -> np.ndarray:
-    n = len(values)
-    if column.kind == "numeric":
-        numbers = _numbers(values, column.name, source, allow_missing=True)
-        gaps = np.isnan(numbers)
-        if gaps.any() and column.impute == "error":
-            raise SchemaError(
-                f"column '{column.name}' in {source} is empty at row {_row(gaps)}, and the schema's impute is "
-                "'error'; fill it in, or set impute to median/mean/zero with a fill value in the schema"
-            )
-        filled = np.where(gaps, column.fill, numbers)
-        out = ((filled - column.mean) / column.scale).reshape(n, 1)
-        return np.concatenate([out, gaps.reshape(n, 1).astype(np.float64)], axis=1) if column.indicator else out
-    text = values.astype("string")
-    if column.kind == "categorical":
-        slots = {c: i for i, c in enumerate(column.categories)}
-        other = len(column.categories)
-        index = np.array([slots.get(v, other) if isinstance(v, str) else other for v in _category_text(values)], dtype=np.int64)
-        if column.encoding == "embedding":
-            return index.reshape(n, 1).astype(np.float64)
-        onehot = np.zeros((n, other + 1))
-        onehot[np.arange(n), index] = 1.0
-        return onehot
-    from sklearn.feature_extraction.text import HashingVectorizer
-
-    hasher = HashingVectorizer(n_features=column.features, ngram_range=tuple(column.ngrams),
-                               analyzer=column.analyzer, alternate_sign=False, norm="l2", lowercase=True)
-    docs = text.fillna("").tolist()
-    return hasher.transform(docs).toarray()
-
-
-def _numbers(values, column: str, source: str, allow_missing: bool = False) -> np.ndarray:
-    import pandas as pd
-
-    numbers = pd.to_numeric(values, errors="coerce").to_numpy(dtype=np.float64)
-    bad = np.isnan(numbers) & ~values.isna().to_numpy()
-    if bad.any():
-        raise SchemaError(
-            f"column '{column}' in {source} is numeric in the schema but holds text at row {_row(bad)}; "
-            "fix the value, or declare the column categorical or text in the schema"
-        )
-    if np.isinf(numbers).any():
-        raise SchemaError(f"column '{column}' in {source} holds an infinite value at row {_row(np.isinf(numbers))}")
-    if not allow_missing and np.isnan(numbers).any():
-        raise SchemaError(f"column '{column}' in {source} is empty at row {_row(np.isnan(numbers))}")
-    return numbers
-
-
-def _category_text(values) -> list:
-    """Category values as text, numbers without a spurious '.0' (1.0 and 1 are the same category)."""
-    return [None if _missing(v) else _plain(v) for v in values.tolist()]
-
-
-def _label_text(values) -> list[str]:
-    return [_plain(v) for v in values.tolist()]
-
-
-def _plain(value) -> str:
-    if isinstance(value, float) and value.is_integer():
-        return str(int(value))
-    return str(value)
-
-
-def _missing(value) -> bool:
-    try:
-        return value is None or bool(value != value)
-    except (TypeError, ValueError):
-        return False
-
-
-def _row(mask: np.ndarray) -> int:
-    """The first flagged row, counting the header as row 1 (as a spreadsheet shows it)."""
-    return int(np.nonzero(mask)[0][0]) + 2
-
-
 def natural_order(value: str):
     """Numbers in numeric order, then text: codes stable across tables."""
     try:
@@ -675,39 +430,6 @@ def natural_order(value: str):
         return (1, 0.0, value)
 
 
-def read_table(path: Path | str):
-    """A CSV or Parquet file as a pandas DataFrame, with clear errors."""
-    import pandas as pd
-
-    path = Path(path).expanduser()
-    if not os.path.lexists(path):
-        raise SchemaError(f"data file '{path}' does not exist; check the path")
-    if path.suffix.lower() not in TABLE_SUFFIXES:
-        raise SchemaError(f"data file '{path}' must be .csv or .parquet")
-    try:  # regular files only, opened without blocking (a FIFO would hang pandas), bounded in size
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except OSError as err:
-        raise SchemaError(f"cannot read data file '{path}': {err.strerror or err}"
-                          + (" (a symbolic link that loops)" if err.errno == errno.ELOOP else "")) from None
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise SchemaError(f"data path '{path}' is not a file (a directory, pipe or device); give a .csv or .parquet file")
-        if info.st_size > MAX_TABLE_BYTES:
-            raise SchemaError(f"data file '{path}' is {info.st_size} bytes, more than the {MAX_TABLE_BYTES} read at once; split it")
-        os.set_blocking(fd, True)
-        with os.fdopen(os.dup(fd), "rb") as fh:
-            frame = pd.read_csv(fh) if path.suffix.lower() == ".csv" else pd.read_parquet(fh)
-    except SchemaError:
-        raise
-    except Exception as err:  # pandas/pyarrow raise many types for a bad file
-        raise SchemaError(
-            f"cannot read '{path}' as {path.suffix.lstrip('.').upper()}: {str(err)[:300]}. "
-            "Check that the file is a valid, non-empty table"
-        ) from None
-    finally:
-        os.close(fd)
-    if frame.empty:
-        raise SchemaError(f"data file '{path}' has no rows")
-    frame.columns = [str(c) for c in frame.columns]
-    return frame
+# Moved to modules of their own; still importable from here.
+from .schema_inference import MAX_CATEGORIES, MAX_CLASSES, infer_label, infer_schema  # noqa: E402,F401
+from .tables import MAX_TABLE_BYTES, TABLE_SUFFIXES, read_table  # noqa: E402,F401
