@@ -3,7 +3,9 @@
 In a simulation Flower gives each virtual SuperNode ``partition-id`` and
 ``num-partitions``: the department rebuilds its own partition of the embedded
 dataset, and takes the simulated departments' policy that ``fedsilo simulate``
-set.  A deployed department (``fedsilo department start``) is given
+set, with the rest of the simulation's own settings, from the simulation's host
+(:meth:`~fedsilo.shared.config.RunSettings.with_host_settings`), not from the run
+config.  A deployed department (``fedsilo department start``) is given
 ``department``, ``data-path``, ``label-column``, ``ledger-dir``,
 ``identity-key`` and ``policy`` by its own executor: its data, its ledger and
 its policy stay on its host, whatever the run asks for.
@@ -79,6 +81,8 @@ def department_from_context(
             "fedsilo's simulated departments need them (Flower's simulation sets them)"
         )
     pid, total = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    # The simulation's data, ledger folder and policy are on this host, not in the run config.
+    settings = settings.with_host_settings()
     federation = simulated_federation(
         settings.dataset,
         settings.label_column,

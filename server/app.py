@@ -20,7 +20,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context
 from flwr.common import log
 from flwr.serverapp import Grid, ServerApp
 
-from fedsilo.shared.config import RunSettings
+from fedsilo.shared.config import RunSettings, withdraw
 from fedsilo.shared.data import Dataset, load_table, simulated_federation, split_columns
 from fedsilo.shared.metrics import format_metrics, headline, score
 from fedsilo.shared.model_factory import describe_grad_sample_mode
@@ -47,12 +47,17 @@ app = ServerApp()
 
 @app.main()
 def main(grid: Grid, context: Context) -> None:
-    settings = RunSettings.from_run_config(context.run_config)
-    out = Path(settings.out).expanduser().resolve()
-    # The run's name is its folder and its id in every ledger, the same across resumes.
-    name = settings.run_name or new_run_name()
-    run_dir = out / name if settings.resume else create_run_folder(out, name)
-    run_federation(grid, settings, out, run_dir, run_id=name, flower_run_id=str(context.run_id))
+    # The run config holds the department-scope settings; the coordinator's own (paths, keys,
+    # aggregation, client-level DP, timeouts) are read on this host (shared/config.py).
+    try:
+        settings = RunSettings.from_run_config(context.run_config).with_host_settings()
+        out = Path(settings.out).expanduser().resolve()
+        # The run's name is its folder and its id in every ledger, the same across resumes.
+        name = settings.run_name or new_run_name()
+        run_dir = out / name if settings.resume else create_run_folder(out, name)
+        run_federation(grid, settings, out, run_dir, run_id=name, flower_run_id=str(context.run_id))
+    finally:
+        withdraw(context.run_config)  # read once, at the start; a resume is submitted afresh
 
 
 def run_federation(grid: Grid, settings: RunSettings, out: Path, run_dir: Path, run_id: str,

@@ -13,7 +13,7 @@ from rich.console import Console
 from rich.table import Table
 
 from fedsilo.certs.authority import CertError, CertPaths
-from fedsilo.shared.config import ConfigError, RunSettings
+from fedsilo.shared.config import ConfigError, RunSettings, publish, withdraw
 from fedsilo.shared.settings import cli_options
 from fedsilo.shared.data import DataError, load_table, table_schema, split_columns
 from fedsilo.shared.model_factory import check_spec, describe_grad_sample_mode, model_changes
@@ -201,7 +201,7 @@ def run(
     if o.dp:
         console.print(f"per-sample gradients: {describe_grad_sample_mode('auto', built)}"
                       + ("" if o.noise_multiplier or o.target_epsilon else "; σ: each department plans it to spend its own budget over the rounds"))
-    _submit(connection, settings, run_dir, verbose)
+    _submit(connection, settings, run_dir, verbose, state)
 
 
 def _resume(ctx: typer.Context, run: Path, certs: Path, state: Path, verbose: bool) -> None:
@@ -226,16 +226,29 @@ def _resume(ctx: typer.Context, run: Path, certs: Path, state: Path, verbose: bo
     )
     link_latest(run_dir.parent, run_dir.name)
     keep_earlier_log(run_dir)  # the killed attempt's Flower log stays, as flower.1.log
-    _submit(connection, settings, run_dir, verbose)
+    _submit(connection, settings, run_dir, verbose, state)
 
 
-def _submit(connection, settings: RunSettings, run_dir: Path, verbose: bool) -> None:
-    """Submit the run through loopback Control, stream its progress, print the report."""
+def superexec_home(state: Path) -> Path:
+    """The FLWR_HOME that `coordinator start --state STATE` gives its SuperExec (server/coordinator.py)."""
+    return (Path(state).expanduser() / "flwr-home").resolve()
+
+
+def _submit(connection, settings: RunSettings, run_dir: Path, verbose: bool, state: Path) -> None:
+    """Submit the run through loopback Control, stream its progress, print the report.
+
+    The run config carries only the department-scope settings; the coordinator's own
+    stay in a 0600 file in the SuperExec's FLWR_HOME, where the ServerApp reads them.
+    """
     show = progress_filter(lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True), verbose)
+    home = superexec_home(state)
+    run_config = publish(settings, home)
     try:
-        outcome = coord.submit(connection, settings.to_run_config(), run_dir / "flower.log", show)
+        outcome = coord.submit(connection, run_config, run_dir / "flower.log", show)
     except FlowerError as err:
         _fail(err, 1)
+    finally:
+        withdraw(run_config, home)  # the ServerApp read it at its start (and removes it itself)
     summary_path = run_dir / SUMMARY_FILE
     if summary_path.exists():
         summary = print_run_report(run_dir, console)

@@ -15,7 +15,7 @@ Scopes say who reads a setting:
     travel in the Flower run config that ``coordinator run`` and ``simulate`` submit.
 ``coordinator``
     Only the coordinator reads it: paths, keys, aggregation, client-level DP,
-    timeouts.  It never leaves the coordinator's host (:mod:`fedsilo.shared.host_settings`).
+    timeouts.  It never leaves the coordinator's host (:func:`fedsilo.shared.config.publish`).
 ``simulation``
     Only ``fedsilo simulate`` sets it (the partition, the simulated departments'
     own policy); it reaches the simulated departments from the simulation, on its host.
@@ -125,6 +125,13 @@ class Setting:
     def param(self) -> str:
         """The CLI parameter's name (the option is ``--`` + it with ``-``)."""
         return self.option or self.name
+
+    def option_name(self, command: str) -> str:
+        """How ``command`` spells the option (``--rounds``, ``--dp/--no-dp``); "" when it does not show it."""
+        cli = self.cli(command)
+        if cli is None:
+            return ""
+        return cli.flag or "--" + self.param.replace("_", "-")
 
     def cli(self, command: str) -> Cli | None:
         """How ``command`` (``coordinator`` or ``simulate``) shows this setting, or None."""
@@ -300,14 +307,14 @@ CATALOGUE: tuple[Setting, ...] = (
                             help="Folder of the coordinator's ledger; keep it across runs so ε covers them all.")),
     Setting("central-signing-key", str, "", "The key that signs the client-level ledger (empty: a key generated beside it).",
             "coordinator"),
-    # ------------------------------------------------------------------ how the host side finds the rest
-    Setting("settings-key", str, "",
-            "Set by `coordinator run` and `simulate`: the opaque name of the run's coordinator and simulation settings, "
-            "kept on the coordinator's host (empty with `flwr run .`: every setting is in the run config).", "department"),
     # ------------------------------------------------------------------ simulation only
     Setting("simulated-policy", str, "",
             "The simulated departments' own policy (JSON of client.policy.DepartmentPolicy); a deployed department never reads it.",
             "simulation"),
+    # ------------------------------------------------------------------ how the host side finds the rest
+    Setting("settings-key", str, "",
+            "Set by `coordinator run` and `simulate`: the opaque name of the run's coordinator and simulation settings, "
+            "kept on the coordinator's host (empty with `flwr run .`: every setting is in the run config).", "department"),
 )
 
 BY_KEY: dict[str, Setting] = {setting.key: setting for setting in CATALOGUE}

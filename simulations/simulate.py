@@ -22,7 +22,7 @@ from fedsilo.server.checkpoint import CHECKPOINT_FILE, CheckpointError, resumabl
 from fedsilo.server.report import print_run_report
 from fedsilo.server.robust import check_aggregation, least_updates
 from fedsilo.server.summary import SUMMARY_FILE
-from fedsilo.shared.config import ACCOUNTANTS, AGGREGATIONS, DEVICES, GRAD_SAMPLE_MODES, TASKS, ConfigError, RunSettings
+from fedsilo.shared.config import ACCOUNTANTS, AGGREGATIONS, DEVICES, GRAD_SAMPLE_MODES, TASKS, ConfigError, RunSettings, publish
 from fedsilo.shared.ledger import PrivacyLedger
 from fedsilo.shared.settings import cli_options
 from fedsilo.shared.runs import LATEST, SIMULATION, create_run_folder, keep_earlier_log, link_latest, new_run_name, refuse_with_resume
@@ -326,8 +326,11 @@ def _run(settings: RunSettings, run_dir: Path, departments: int, cpus_per_depart
         )
     try:
         with LocalFederation(workdir) as federation:
+            # Only the department-scope settings go into the run config; the rest (the coordinator's,
+            # the simulated departments' data, ledgers and policy) into the simulation's own FLWR_HOME,
+            # which its ServerApp and Ray workers inherit.
             outcome = federation.run(
-                settings.to_run_config(),
+                publish(settings, federation.connection.home),
                 num_supernodes=departments,
                 cpus_per_department=cpus_per_department,
                 on_line=show,

@@ -180,7 +180,12 @@ def test_altered_app_is_refused_by_every_department(fed, variant):
     connection = FlowerConnection(fed["root"] / f"flwr-{variant}", fed.control_address(),
                                   root_certificates=fed["certs"] / "ca.crt")
     app = _altered_app(fed["root"] / f"app-{variant}", marker, variant)
-    outcome = connection.run(settings, fed["root"] / f"altered-{variant}.log", app_dir=app)
+    # As `coordinator run` submits: the departments' settings in the run config, the coordinator's on its host.
+    from fedsilo.server.cli import superexec_home
+    from fedsilo.shared.config import RunSettings, publish
+
+    run_config = publish(RunSettings.from_run_config(settings), superexec_home(fed["state"]))
+    outcome = connection.run(run_config, fed["root"] / f"altered-{variant}.log", app_dir=app)
     assert outcome.ok, outcome  # ended cleanly, not crashed
     summary = json.loads((out / "latest" / "summary.json").read_text())
     assert summary["status"] == "app-refused" and len(summary["rounds"]) == 1

@@ -18,6 +18,7 @@ from fedsilo.server import cli as coordinator_cli
 from fedsilo.server.checkpoint import CHECKPOINT_FILE, Checkpoint, CheckpointError, resumable
 from fedsilo.shared.accounting import Mechanism
 from fedsilo.shared.config import RUN_CONFIG_DEFAULTS, RunSettings
+from fedsilo.shared.settings import defaults as setting_defaults
 from fedsilo.shared.ledger import PrivacyLedger, ledger_path
 from fedsilo.shared.runs import LATEST, RunFolderError, create_run_folder, new_run_name, resolve_run_dir
 from fedsilo.shared.signing import simulated_identity
@@ -143,7 +144,7 @@ def test_coordinator_run_defaults_are_the_app_s():
     defaults = {name: param.default for name, param in inspect.signature(coordinator_cli.run).parameters.items()}
     pyproject = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
     for key in ("round-timeout", "connect-timeout", "min-departments"):
-        assert defaults[key.replace("-", "_")] == RUN_CONFIG_DEFAULTS[key] == pyproject[key], key
+        assert defaults[key.replace("-", "_")] == setting_defaults()[key] == pyproject[key], key
     assert defaults["noise_multiplier"] is None and RUN_CONFIG_DEFAULTS["noise-multiplier"] == 0.0  # planned
 
 
@@ -156,7 +157,7 @@ def test_a_resume_takes_new_timeouts_and_refuses_any_other_option(tmp_path, monk
     _checkpoint().save(tmp_path)
     submitted = []
     monkeypatch.setattr(coordinator_cli.coord, "connect", lambda certs, state: "connection")
-    monkeypatch.setattr(coordinator_cli, "_submit", lambda connection, settings, run_dir, verbose: submitted.append(settings))
+    monkeypatch.setattr(coordinator_cli, "_submit", lambda connection, settings, run_dir, verbose, state: submitted.append(settings))
     runner = CliRunner()
 
     refused = runner.invoke(app, ["coordinator", "run", "--resume", str(tmp_path), "--rounds", "30", "--seed", "7"])
@@ -169,6 +170,6 @@ def test_a_resume_takes_new_timeouts_and_refuses_any_other_option(tmp_path, monk
     assert resumed.exit_code == 0, resumed.output
     (settings,) = submitted
     assert settings.round_timeout == 900.0 and settings.resume  # the new timeout applies …
-    assert settings.connect_timeout == RUN_CONFIG_DEFAULTS["connect-timeout"]  # … and only what was given
+    assert settings.connect_timeout == setting_defaults()["connect-timeout"]  # … and only what was given
     assert settings.num_server_rounds == RUN_CONFIG_DEFAULTS["num-server-rounds"] and settings.run_name == "run-x"
     assert "round-timeout 900 s" in resumed.output
