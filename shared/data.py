@@ -133,7 +133,7 @@ def _standardize(x: np.ndarray) -> np.ndarray:
 
     The statistics come from the whole table before any split: fedsilo treats the
     feature scale of tabular data as public domain knowledge.  The DP guarantee
-    covers training, not this preprocessing (stated in the README).
+    covers training, not this preprocessing (stated in docs/explanation/privacy-model.md).
     """
     x = x.astype(np.float64)
     std = x.std(axis=0)

@@ -1,6 +1,6 @@
 """Bring your own model: ``package.module:factory``, checked for DP-SGD before any round.
 
-The contract (also in the README)::
+The contract (also in docs/how-to/own-model.md)::
 
     factory(input_shape=(F,) or (C, H, W), num_outputs=K, task="binary"|"multiclass"|"regression")
         -> torch.nn.Module mapping a batch (B, *input_shape) of float32 to (B, K)
