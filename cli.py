@@ -177,8 +177,8 @@ def audit(
     file could not be read at all (missing, empty, not a regular file, not
     ledger entries) — it never verifies.
     """
-    from fedsilo.server.report import print_audit
-    from fedsilo.shared.audit import audit_path
+    from fedsilo.audit import audit_path
+    from fedsilo.audit.terminal import print_audit
     from fedsilo.shared.runs import resolve_run_dir
 
     path = resolve_run_dir(path)
@@ -192,7 +192,7 @@ def audit(
     else:
         print_audit(result)
     if report is not None:
-        from fedsilo.server.audit_report import load_summary, render_report
+        from fedsilo.audit.html import load_summary, render_report
 
         page = render_report(result, load_summary(path), report)
         typer.echo(f"report: {page}", err=json_out)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from fedsilo.shared.audit import key_index
+from fedsilo.audit import key_index
 from fedsilo.shared.metrics import metrics_from_outputs
 from fedsilo.shared.models import build_model, predict_outputs
 from fedsilo.shared.runs import resolve_run_dir

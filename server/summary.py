@@ -18,9 +18,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedsilo.shared.runs import SUMMARY
+
 from .strategy import RoundReport
 
-SUMMARY_FILE = "summary.json"
+SUMMARY_FILE = SUMMARY  # one name for the file, declared in shared/runs.py
 
 
 def _finite(value: float | None) -> float | None:

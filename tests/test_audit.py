@@ -8,7 +8,7 @@ import pytest
 
 from fedsilo.shared import accounting
 from fedsilo.shared.accounting import Mechanism
-from fedsilo.shared.audit import audit_path, pld_epsilon
+from fedsilo.audit import audit_path, pld_epsilon
 from fedsilo.shared.ledger import LedgerError, PrivacyLedger, ledger_path
 from fedsilo.shared.signing import Signer, generate_identity, simulated_identity
 

@@ -57,7 +57,7 @@ def test_tree_memory_counts_a_grandchild_allocation(tmp_path):
 
 def test_plain_loop_writes_verifiable_ledgers_with_one_epsilon_per_round(tmp_path):
     from fedsilo.shared import accounting
-    from fedsilo.shared.audit import audit_path
+    from fedsilo.audit import audit_path
     from fedsilo.shared.ledger import read_ledgers
 
     record = scale.run_plain_loop(3, 2, workers=2, dataset="digits", run_dir=tmp_path)

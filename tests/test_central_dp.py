@@ -15,7 +15,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord
 
 from fedsilo.server.central_dp import ClientLevelDP, CoordinatorBudgetExhausted, coordinator_ledger
 from fedsilo.server.strategy import DepartmentFedAvg
-from fedsilo.shared.audit import audit_path
+from fedsilo.audit import audit_path
 from fedsilo.shared.ledger import LedgerError
 
 pytestmark = pytest.mark.usefixtures("serverapp_identity")

@@ -18,7 +18,7 @@ from sklearn.datasets import load_digits
 from fedsilo.client.app import app
 from fedsilo.client.policy import DepartmentPolicy, PolicyError, RunRequest, size_bucket
 from fedsilo.shared import accounting
-from fedsilo.shared.audit import audit_path
+from fedsilo.audit import audit_path
 from fedsilo.shared.config import RUN_CONFIG_DEFAULTS
 from fedsilo.shared.data import load_table, table_schema
 from fedsilo.shared.ledger import PrivacyLedger, find_identity_ledger

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 from fedsilo.cli import app
 from fedsilo.shared import safe_read
 from fedsilo.shared.accounting import Mechanism
-from fedsilo.shared.audit import audit_ledger, audit_path
+from fedsilo.audit import audit_ledger, audit_path
 from fedsilo.shared.ledger import LedgerEntry, LedgerError, PrivacyLedger, verify_ledger
 from fedsilo.shared.model_card import CardError, read_card
 from fedsilo.shared.record import verify_record
@@ -257,7 +257,7 @@ def test_a_fifo_ledger_does_not_hang_the_real_audit(tmp_path):
     os.mkfifo(tmp_path / "folder" / "fifo.jsonl")
     os.mkfifo(tmp_path / "given.jsonl")
     done = subprocess.run([sys.executable, "-m", "fedsilo", "audit", str(tmp_path / "folder"), "--ledgers",
-                           str(tmp_path / "given.jsonl")], capture_output=True, text=True, timeout=60)
+                           str(tmp_path / "given.jsonl")], capture_output=True, text=True, timeout=300)
     assert done.returncode == 2, done.stderr + done.stdout
     assert done.stdout.count("named pipe") >= 2 and "Traceback" not in done.stderr, done.stdout
 

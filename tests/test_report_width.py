@@ -13,10 +13,12 @@ import pytest
 from rich.console import Console
 
 from fedsilo.server.central_dp import coordinator_ledger
-from fedsilo.server.report import Column, fitted_table, print_audit, print_run_report
+from fedsilo.audit.terminal import print_audit
+from fedsilo.server.report import print_run_report
+from fedsilo.shared.terminal import Column, fitted_table
 from fedsilo.shared import accounting
 from fedsilo.shared.accounting import Mechanism
-from fedsilo.shared.audit import audit_path
+from fedsilo.audit import audit_path
 from fedsilo.shared.ledger import PrivacyLedger, ledger_path, read_ledgers
 from fedsilo.shared.signing import simulated_identity
 

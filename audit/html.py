@@ -24,11 +24,13 @@ import matplotlib.pyplot as plt  # noqa: E402
 from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 from fedsilo.shared.metrics import format_metrics, headline
-from fedsilo.shared.audit import AuditResult, DepartmentAudit, format_date, read_summary  # noqa: E402
+from fedsilo.shared.runs import SUMMARY as SUMMARY_FILE  # noqa: E402
 from fedsilo.shared.safe_read import UnreadableFile  # noqa: E402
 
-from .report import AUDIT_COLUMNS, audit_cells  # noqa: E402
-from .summary import SUMMARY_FILE  # noqa: E402
+from .ledgers import format_date  # noqa: E402
+from .result import AuditResult, DepartmentAudit  # noqa: E402
+from .runs import read_summary  # noqa: E402
+from .terminal import AUDIT_COLUMNS, audit_cells  # noqa: E402
 
 EPSILON_PLOT = "epsilon.png"
 ACCURACY_PLOT = "accuracy.png"
