@@ -142,7 +142,7 @@ def predict(
 ) -> None:
     """Apply a run's model to new rows: checks the signed card, encodes with its schema, writes predictions."""
     from fedsilo.shared.model_card import CardError
-    from fedsilo.server.predict import predict_file, write_predictions
+    from fedsilo.serving.predict import predict_file, write_predictions
     from fedsilo.shared.metrics import format_metrics
     from fedsilo.shared.model_factory import ModelError
     from fedsilo.shared.schema import DataError
