@@ -1,0 +1,81 @@
+"""The run's typed event log: written line by line, read back typed, followed as it grows."""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+
+import pytest
+
+from fedsilo.server.events import (
+    EVENTS_FILE, DepartmentLeftOut, EventLog, Notice, RoundCompleted, RunEnded, RunResumed, RunStarted, follow,
+    parse_event, read_events,
+)
+from fedsilo.shared.safe_read import UnreadableFile
+
+EVENTS = [
+    RunStarted(run="r1", run_dir="/runs/r1", task="multiclass", model="mlp", per_sample_gradients="ghost", rounds=3,
+               initial={"accuracy": 0.1, "loss": 2.3}),
+    RoundCompleted(round=1, rounds=3, task="multiclass", metrics={"accuracy": 0.5, "loss": math.nan},
+                   epsilon={"a": 1.25, "b": math.inf}, counts={"trained": 1, "refused": 0, "failed": 0, "declined": 1}),
+    DepartmentLeftOut(round=1, department="b", status="declined", reason="delta: looser than this department's"),
+    Notice(text="round 2: only 1 department(s) connected", round=2),
+    RunResumed(run="r1", after_round=1, rounds=3, task="multiclass", metrics={"accuracy": 0.5}),
+    RunEnded(status="completed", reason="", task="multiclass", metrics={"accuracy": 0.81}),
+]
+
+
+def test_every_event_is_one_versioned_json_line_read_back_as_written(tmp_path):
+    log = EventLog(tmp_path)
+    for event in EVENTS:
+        log.emit(event)
+    lines = (tmp_path / EVENTS_FILE).read_text().splitlines()
+    assert len(lines) == len(EVENTS)
+    first = json.loads(lines[1])
+    assert first["v"] == 1 and first["kind"] == "round-completed"
+    assert first["epsilon"]["b"] is None and first["metrics"]["loss"] is None  # JSON has no inf or NaN
+    back = read_events(tmp_path)
+    assert [type(e) for e in back] == [type(e) for e in EVENTS]
+    assert back[0] == EVENTS[0] and back[2] == EVENTS[2]
+
+
+def test_the_progress_lines_say_what_the_log_lines_said():
+    texts = [e.describe() for e in EVENTS]
+    assert texts[0] == ("run r1 -> /runs/r1 (multiclass, model mlp, per-sample gradients: ghost; initial accuracy 0.1000)")
+    assert texts[1].startswith("round 1/3 accuracy=0.5000") and "trained=1 refused=0 failed=0 declined=1" in texts[1]
+    assert texts[1].endswith("max-epsilon-spent=1.250")  # the department without DP has no finite ε to show
+    assert texts[2] == "round 1: b declined: delta: looser than this department's"
+    assert texts[4] == "run r1 resumed from its checkpoint after round 1/3 (accuracy 0.5000)"
+    assert texts[5] == "finished: completed, final accuracy 0.8100"
+
+
+def test_a_reader_skips_kinds_it_does_not_know_and_refuses_other_versions_and_fields(tmp_path):
+    assert parse_event('{"v": 1, "kind": "from-the-future", "at": 1}') is None
+    with pytest.raises(UnreadableFile, match="event version 2"):
+        parse_event('{"v": 2, "kind": "notice", "text": "x"}')
+    with pytest.raises(UnreadableFile, match="notice event with other fields"):
+        parse_event('{"v": 1, "kind": "notice"}')
+    with pytest.raises(UnreadableFile):
+        parse_event('{"v": 1, "kind": "notice", "text": NaN}')
+
+
+def test_follow_yields_events_as_they_are_appended_and_only_whole_lines(tmp_path):
+    stop, seen = threading.Event(), []
+    reader = threading.Thread(target=lambda: seen.extend(follow(tmp_path, stop, poll=0.01)))
+    reader.start()
+    log = EventLog(tmp_path)
+    log.emit(EVENTS[0])
+    with open(tmp_path / EVENTS_FILE, "a") as fh:  # a line being written: not yet an event
+        fh.write(EVENTS[5].to_json()[:20])
+        fh.flush()
+        deadline = threading.Event()
+        for _ in range(500):
+            if seen:
+                break
+            deadline.wait(0.01)
+        assert seen == [EVENTS[0]]
+        fh.write(EVENTS[5].to_json()[20:] + "\n")
+    stop.set()
+    reader.join(timeout=10)
+    assert not reader.is_alive() and seen == [EVENTS[0], EVENTS[5]]
