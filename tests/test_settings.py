@@ -262,3 +262,68 @@ def test_settings_key_is_last_and_the_only_setting_with_a_default():
     assert CATALOGUE[-1].key == "settings-key"
     required = [f.name for f in dataclasses.fields(RunSettings) if f.default is dataclasses.MISSING]
     assert required == [s.name for s in CATALOGUE[:-1]]  # forgetting a setting is an error, not a default
+
+
+# ----------------------------------------------------------------------------- the CLIs
+
+
+def _command(*path):
+    import typer
+
+    from fedsilo.cli import app as cli
+
+    command = typer.main.get_command(cli)
+    for name in path:
+        command = command.commands[name]
+    return command
+
+
+# The options each command had before they came from the catalogue (v0.4): none lost, none added.
+OPTIONS = {
+    ("coordinator", "run"): "accountant address aggregation batch_size byzantine central_clip_norm central_delta central_dp "
+    "central_ledger central_max_epsilon central_noise_multiplier certs connect_timeout delta dp feature_columns fix_model "
+    "fraction_train label_column learning_rate local_epochs max_epsilon max_grad_norm max_update_norm min_departments "
+    "model momentum noise_multiplier out resume round_timeout rounds schema seed state target_epsilon task test_data "
+    "trim_fraction verbose",
+    ("simulate",): "accountant aggregation batch_size byzantine central_clip_norm central_delta central_dp central_max_epsilon "
+    "central_noise_multiplier cpus_per_department dataset delta departments device dp feature_columns fix_model "
+    "fraction_train grad_sample_mode label_column learning_rate local_epochs max_epsilon max_grad_norm max_update_norm "
+    "model momentum noise_multiplier out partition resume rounds schema seed target_epsilon task test_data trim_fraction verbose",
+}
+
+
+@pytest.mark.parametrize("path", list(OPTIONS), ids=" ".join)
+def test_the_commands_show_the_catalogue_s_options_and_their_own(path):
+    from fedsilo.shared.settings import in_cli, option_default, option_help
+
+    command = _command(*path)
+    params = {p.name: p for p in command.params}
+    assert sorted(params) == sorted(OPTIONS[path].split())
+    which = "coordinator" if path[0] == "coordinator" else "simulate"
+    for setting in in_cli(which):
+        param = params[setting.param]
+        assert param.default == option_default(setting, which), setting.key
+        assert param.help == option_help(setting, which), setting.key
+        assert setting.option_name(which).split("/")[0] in param.opts, setting.key
+    assert params["rounds"].type.min == 1 and params["byzantine"].type.min == 0  # typer's bounds, as before
+    assert params["dp"].secondary_opts == ["--no-dp"] and params["central_dp"].is_flag
+
+
+def test_a_typed_option_reaches_the_settings(tmp_path, monkeypatch):
+    """`simulate` hands what was typed to the run's settings (the catalogue's options, not a copy of them)."""
+    from typer.testing import CliRunner
+
+    from fedsilo.cli import app as cli
+    from fedsilo.simulations import simulate as simulate_module
+
+    seen = []
+    monkeypatch.setattr(simulate_module, "preflight", lambda settings, *a, **k: seen.append(settings) or (_ for _ in ()).throw(SystemExit(3)))
+    result = CliRunner().invoke(cli, ["simulate", "--departments", "2", "--rounds", "2", "--dataset", "breast-cancer",
+                                      "--batch-size", "16", "--learning-rate", "0.1", "--momentum", "0.0",
+                                      "--trim-fraction", "0.1", "--out", str(tmp_path / "out")])
+    assert result.exit_code == 3, result.output
+    (settings,) = seen
+    assert (settings.num_server_rounds, settings.batch_size, settings.learning_rate, settings.momentum,
+            settings.trim_fraction) == (2, 16, 0.1, 0.0, 0.1)
+    refused = CliRunner().invoke(cli, ["simulate", "--rounds", "0"])
+    assert refused.exit_code == 2 and "--rounds" in refused.output
