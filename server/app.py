@@ -22,7 +22,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from fedsilo.shared.config import RunSettings, withdraw
 from fedsilo.shared.data import Dataset, load_table, simulated_federation, split_columns
-from fedsilo.shared.metrics import format_metrics, headline, score
+from fedsilo.shared.metrics import score
 from fedsilo.shared.model_factory import describe_grad_sample_mode
 from fedsilo.shared.models import build_model
 from fedsilo.shared.record import verify_record
@@ -36,6 +36,7 @@ from fedsilo.shared.model_card import CARD_FILE, WEIGHTS_FILE, build_card, save_
 from .checkpoint import Checkpoint, resumable
 from .robust import TooFewUpdates, department_strategy
 from .strategy import DepartmentFedAvg
+from .events import DepartmentLeftOut, Event, EventLog, Notice, RoundCompleted, RunEnded, RunResumed, RunStarted
 from .summary import RunSummary
 
 MODEL_FILE = WEIGHTS_FILE
@@ -86,7 +87,6 @@ def run_federation(grid: Grid, settings: RunSettings, out: Path, run_dir: Path, 
     departments.heads = HeadKeeper(open_record(settings, out))
     strategy = client_level_dp(settings, departments, out, run_id) if settings.central_dp else departments
     metrics = score(model, test)
-    key = headline(test.task)
     if checkpoint is None:
         summary = RunSummary(
             run_dir, run_id, settings.to_run_config(),
@@ -97,20 +97,22 @@ def run_federation(grid: Grid, settings: RunSettings, out: Path, run_dir: Path, 
         summary.data["dp_path"] = dp_path
         if isinstance(strategy, ClientLevelDP):
             summary.set_central(strategy)
-        log(INFO, "%s run %s -> %s (%s, model %s, per-sample gradients: %s; initial %s %.4f)", PROGRESS_TAG,
-            run_id, run_dir, test.task, settings.model, dp_path, key, metrics[key])
+        announce(summary, RunStarted(run=run_id, run_dir=str(run_dir), task=test.task, model=settings.model,
+                                     per_sample_gradients=dp_path, rounds=settings.num_server_rounds,
+                                     initial=dict(metrics)))
     else:
         summary = RunSummary.restore(run_dir, checkpoint.summary)
+        summary.events = EventLog(run_dir)
         summary.resumed(checkpoint.round, flower_run_id)
         if isinstance(strategy, ClientLevelDP) and checkpoint.central_entries is not None:
             charged = len(strategy.ledger.entries) - checkpoint.central_entries
             if charged > 0:  # released into a run that died before its checkpoint: it stays counted
                 summary.data["resumes"][-1]["central_charged_and_rerun"] = charged
-                log(WARNING, "%s %d client-level release(s) were charged after the last checkpoint; the re-run "
-                    "round is charged again (the coordinator's ε counts both: an over-count, never an under-count)",
-                    PROGRESS_TAG, charged)
-        log(INFO, "%s run %s resumed from its checkpoint after round %d/%d (%s %.4f)", PROGRESS_TAG, run_id,
-            checkpoint.round, settings.num_server_rounds, key, metrics[key])
+                announce(summary, Notice(text=f"{charged} client-level release(s) were charged after the last "
+                                          "checkpoint; the re-run round is charged again (the coordinator's ε counts "
+                                          "both: an over-count, never an under-count)"), WARNING)
+        announce(summary, RunResumed(run=run_id, after_round=checkpoint.round, rounds=settings.num_server_rounds,
+                                     task=test.task, metrics=dict(metrics)))
     summary.data.setdefault("flower_run_ids", []).append(flower_run_id)
     link_ledgers(out, run_dir)
 
@@ -126,7 +128,7 @@ def run_federation(grid: Grid, settings: RunSettings, out: Path, run_dir: Path, 
                 f"{settings.connect_timeout:g} s, fewer than --min-departments "
                 f"{settings.min_departments}; stopping"
             )
-            log(WARNING, "%s %s", PROGRESS_TAG, reason)
+            announce(summary, Notice(text=reason, round=rnd), WARNING)
             summary.finish("failed", reason)
             raise RuntimeError(reason)
         if settings.central_dp and settings.central_delta >= 1.0 / connected:
@@ -152,7 +154,7 @@ def run_federation(grid: Grid, settings: RunSettings, out: Path, run_dir: Path, 
             messages = list(strategy.configure_train(rnd, arrays, ConfigRecord({RUN_KEY: run_id}), grid))
         except CoordinatorBudgetExhausted as err:
             status, reason = "central-budget-exhausted", f"round {rnd}: {err}; the run ends here"
-            log(WARNING, "%s %s", PROGRESS_TAG, reason)
+            announce(summary, Notice(text=reason, round=rnd), WARNING)
             break
         except Exception as err:
             reason = failure_reason(rnd, "could not start the round", err)
@@ -168,11 +170,11 @@ def run_federation(grid: Grid, settings: RunSettings, out: Path, run_dir: Path, 
         except TooFewUpdates as err:  # a robust rule without its guarantee: keep the model, end cleanly
             status, reason = "too-few-updates", f"{err}; the run ends here"
             keep_failed(reason, departments.last_report)
-            log(WARNING, "%s %s", PROGRESS_TAG, reason)
+            announce(summary, Notice(text=reason, round=rnd), WARNING)
             break
         except Exception as err:  # never a summary left "running": the rounds so far, why, a checkpoint
             reason = failure_reason(rnd, "could not aggregate the round", err)
-            log(WARNING, "%s %s", PROGRESS_TAG, reason)
+            announce(summary, Notice(text=reason, round=rnd), WARNING)
             keep_failed(reason, departments.last_report)
             summary.finish("failed", reason)
             raise RuntimeError(reason) from err
@@ -182,25 +184,21 @@ def run_federation(grid: Grid, settings: RunSettings, out: Path, run_dir: Path, 
             arrays, metrics = new_arrays, new_metrics
         summary.add_round(rnd, metrics, report, time.time() - started, release)
         link_ledgers(out, run_dir)
-        eps = [e for e in report.epsilon.values() if e != float("inf")]
-        log(
-            INFO,
-            "%s round %d/%d %s trained=%d refused=%d failed=%d%s",
-            PROGRESS_TAG,
-            rnd,
-            settings.num_server_rounds,
-            format_metrics(metrics, test.task),
-            len(report.trained),
-            len(report.refused),
-            len(report.failed) + len(report.rejected),
-            (f" refused-app={len(report.incompatible)}" if report.incompatible else "")
-            + (f" declined={len(report.declined)}" if report.declined else "")
-            + (f" rolled-back={len(report.rolled_back)}" if report.rolled_back else "")
-            + (f" replayed={len(report.replayed)}" if report.replayed else "")
-            + (f" bounded={len(report.clipped)}" if report.clipped else "")
-            + (f" max-epsilon-spent={max(eps):.3f}" if eps else "")
-            + (f" sampled={release.sampled}/{release.population} client-level-epsilon={release.epsilon:.3f}" if release else ""),
-        )
+        for status_name, left_out in (("refused", report.refused), ("rejected", report.rejected),
+                                      ("failed", report.failed), ("incompatible", report.incompatible),
+                                      ("declined", report.declined), ("rolled-back", report.rolled_back)):
+            for name, why in sorted(left_out.items()):
+                summary.events.emit(DepartmentLeftOut(round=rnd, department=name, status=status_name, reason=str(why)))
+        counts = {"trained": len(report.trained), "refused": len(report.refused),
+                  "failed": len(report.failed) + len(report.rejected), "refused-app": len(report.incompatible),
+                  "declined": len(report.declined), "rolled-back": len(report.rolled_back),
+                  "replayed": len(report.replayed), "bounded": len(report.clipped)}
+        announce(summary, RoundCompleted(
+            round=rnd, rounds=settings.num_server_rounds, task=test.task, metrics=dict(metrics),
+            epsilon=dict(report.epsilon), counts=counts,
+            client_level=({"sampled": release.sampled, "population": release.population, "epsilon": release.epsilon}
+                          if release else None),
+        ))
         exhausted |= set(report.refused)
         exhausted -= set(report.trained)
         # The round is complete: from here a restart resumes after it.
@@ -213,15 +211,23 @@ def run_federation(grid: Grid, settings: RunSettings, out: Path, run_dir: Path, 
             continue  # only this round's sample is out of budget; others may still train
         status, reason = no_one_trained(rnd, report)
         if status:
-            log(WARNING, "%s %s", PROGRESS_TAG, reason)
+            announce(summary, Notice(text=reason, round=rnd), WARNING)
             break
         summary.finish("failed", f"round {rnd}: no department trained: {report.failed or report.rejected}")
         raise RuntimeError(f"round {rnd}: no department produced a usable update")
 
     write_model(run_dir, model, settings, test, metrics, summary, departments, status, run_id, dp_path)
     summary.finish(status, reason, MODEL_FILE, CARD_FILE)
-    log(INFO, "%s finished: %s, final %s %.4f", PROGRESS_TAG, status, key, metrics[key])
+    log(INFO, "%s %s", PROGRESS_TAG, RunEnded(status=status, reason=reason, task=test.task, metrics=dict(metrics)).describe())
     return summary
+
+
+def announce(summary: RunSummary, event: Event, level: int = INFO) -> None:
+    """Append ``event`` to the run's events (what the CLI follows) and say it in the log, as before."""
+    if summary.events is None:
+        summary.events = EventLog(summary.path.parent)
+    summary.events.emit(event)
+    log(level, "%s %s", PROGRESS_TAG, event.describe())
 
 
 def failure_reason(rnd: int, what: str, err: BaseException) -> str:

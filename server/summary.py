@@ -20,6 +20,7 @@ from typing import Any
 
 from fedsilo.shared.runs import SUMMARY
 
+from .events import EventLog, RunEnded
 from .strategy import RoundReport
 
 SUMMARY_FILE = SUMMARY  # one name for the file, declared in shared/runs.py
@@ -78,6 +79,7 @@ class RunSummary:
     ):
         self.path = Path(out_dir) / SUMMARY_FILE
         self.started = time.time()
+        self.events: EventLog | None = None  # told when the run ends (server/events.py)
         self.data: dict[str, Any] = {
             "run_id": run_id,
             "status": "running",
@@ -115,6 +117,7 @@ class RunSummary:
         """The summary as a checkpoint left it, to continue a resumed run."""
         summary = cls.__new__(cls)
         summary.path = Path(out_dir) / SUMMARY_FILE
+        summary.events = None
         summary.data = json.loads(json.dumps(data))
         summary.started = time.time() - float(data.get("wall_time_s", 0.0))
         rounds = summary.data.get("rounds") or []
@@ -245,6 +248,10 @@ class RunSummary:
         self.data["model"] = model_file
         self.data["model_card"] = card_file
         self.write()
+        if self.events is not None:
+            final = self.data.get("final_metrics") or {}
+            self.events.emit(RunEnded(status=status, reason=reason, task=self.data.get("task") or "multiclass",
+                                      metrics=dict(final)))
 
     def write(self) -> None:
         self.data["wall_time_s"] = round(time.time() - self.started, 3)

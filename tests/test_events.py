@@ -79,3 +79,25 @@ def test_follow_yields_events_as_they_are_appended_and_only_whole_lines(tmp_path
     stop.set()
     reader.join(timeout=10)
     assert not reader.is_alive() and seen == [EVENTS[0], EVENTS[5]]
+
+
+def test_a_run_writes_its_events_as_it_goes(tmp_path, serverapp_identity):
+    """The real round loop (in-process, three departments, one of which lies): every event in order."""
+    from test_malicious_department import _Department, _metric, _run
+
+    departments = [_Department(tmp_path, "a"), _Department(tmp_path, "b"),
+                   _Department(tmp_path, "evil", doctor=_metric("num-examples", math.nan))]
+    run_dir, run = _run(tmp_path, departments)
+    run()
+    events = read_events(run_dir)
+    kinds = [e.kind for e in events]
+    assert kinds[0] == "run-started" and kinds[-1] == "run-ended"
+    assert kinds.count("round-completed") == 2
+    left_out = [e for e in events if isinstance(e, DepartmentLeftOut)]
+    assert [(e.round, e.department, e.status) for e in left_out] == [(1, "evil", "rejected"), (2, "evil", "rejected")]
+    assert "num-examples must be an integer" in left_out[0].reason
+    rounds = [e for e in events if isinstance(e, RoundCompleted)]
+    assert rounds[-1].counts["trained"] == 2 and set(rounds[-1].epsilon) >= {"a", "b"}
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert events[-1].status == summary["status"] == "completed"
+    assert events[-1].metrics == pytest.approx(summary["final_metrics"])
