@@ -19,6 +19,7 @@ Starting all that takes a while (on 2 cores: ~3 s the SuperLink, ~8 s the Server
 
 from __future__ import annotations
 
+import json
 import os
 import socket
 import subprocess
@@ -95,6 +96,35 @@ def ray_environment(token_path: Path, environ: Mapping[str, str] | None = None) 
     token = write_runtime_secret(Path(token_path)).resolve()
     # RAY_AUTH_TOKEN would take precedence over the file: empty, Ray ignores it.
     return {**RAY_LOOPBACK_ENV, "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN_PATH": str(token), "RAY_AUTH_TOKEN": ""}
+
+
+# Ray reads a job's config from this variable at ``ray.init`` (its job manager sets it), merging
+# its runtime_env with the driver's own (Flower's: PYTHONPATH).
+RAY_JOB_CONFIG = "RAY_JOB_CONFIG_JSON_ENV_VAR"
+
+
+def job_environment(flwr_home: Path, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """What carries the simulation's ``FLWR_HOME`` to the workers of a Ray cluster of the user's own.
+
+    The simulated departments read the simulation's own settings (data, ledger
+    folder, policy: :func:`fedsilo.shared.config.publish`) from ``FLWR_HOME``.  A
+    private Ray's workers inherit it from the simulation's processes; a cluster's
+    were started by its own raylets, so the job's runtime environment hands it
+    over (merged into any job config already set).  Nothing for a private Ray.
+    On another node of a cluster the folder must be there too (a shared file
+    system), as the data and ledger paths must.
+    """
+    env = os.environ if environ is None else environ
+    if user_ray_cluster(env) is None:
+        return {}
+    try:
+        job = json.loads(env.get(RAY_JOB_CONFIG) or "{}")
+    except ValueError:
+        job = {}
+    job = job if isinstance(job, dict) else {}
+    runtime = dict(job.get("runtime_env") or {})
+    runtime["env_vars"] = {**dict(runtime.get("env_vars") or {}), "FLWR_HOME": str(flwr_home)}
+    return {RAY_JOB_CONFIG: json.dumps({**job, "runtime_env": runtime})}
 
 
 def _isatty(stream: Any) -> bool:
@@ -320,7 +350,8 @@ class LocalFederation:
             self.process = subprocess.Popen(
                 [flower_executable("flower-superlink"), "--insecure", "--simulation",
                  "--host", "127.0.0.1", "--port", str(port)],
-                env={**self.connection.env, **ray_env}, stdout=log_file, stderr=subprocess.STDOUT,
+                env={**self.connection.env, **ray_env, **job_environment(self.connection.home)},
+                stdout=log_file, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
         try:

@@ -327,3 +327,16 @@ def test_a_typed_option_reaches_the_settings(tmp_path, monkeypatch):
             settings.trim_fraction) == (2, 16, 0.1, 0.0, 0.1)
     refused = CliRunner().invoke(cli, ["simulate", "--rounds", "0"])
     assert refused.exit_code == 2 and "--rounds" in refused.output
+
+
+def test_a_user_ray_cluster_s_workers_are_handed_the_simulation_s_flwr_home(tmp_path):
+    """Ray's own workers inherit FLWR_HOME; a cluster's get it in the job's runtime environment."""
+    from fedsilo.simulations.local_federation import RAY_JOB_CONFIG, job_environment
+
+    assert job_environment(tmp_path, {}) == {} and job_environment(tmp_path, {"RAY_ADDRESS": "local"}) == {}
+    env = job_environment(tmp_path, {"RAY_ADDRESS": "10.0.0.5:6379"})
+    assert json.loads(env[RAY_JOB_CONFIG]) == {"runtime_env": {"env_vars": {"FLWR_HOME": str(tmp_path)}}}
+    theirs = json.dumps({"runtime_env": {"env_vars": {"A": "1"}, "pip": ["x"]}, "metadata": {"k": "v"}})
+    merged = json.loads(job_environment(tmp_path, {"RAY_ADDRESS": "auto", RAY_JOB_CONFIG: theirs})[RAY_JOB_CONFIG])
+    assert merged == {"runtime_env": {"env_vars": {"A": "1", "FLWR_HOME": str(tmp_path)}, "pip": ["x"]},
+                      "metadata": {"k": "v"}}
