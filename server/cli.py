@@ -229,11 +229,6 @@ def _resume(ctx: typer.Context, run: Path, certs: Path, state: Path, verbose: bo
     _submit(connection, settings, run_dir, verbose, state)
 
 
-def superexec_home(state: Path) -> Path:
-    """The FLWR_HOME that `coordinator start --state STATE` gives its SuperExec (server/coordinator.py)."""
-    return (Path(state).expanduser() / "flwr-home").resolve()
-
-
 def _submit(connection, settings: RunSettings, run_dir: Path, verbose: bool, state: Path) -> None:
     """Submit the run through loopback Control, stream its progress, print the report.
 
@@ -241,7 +236,7 @@ def _submit(connection, settings: RunSettings, run_dir: Path, verbose: bool, sta
     stay in a 0600 file in the SuperExec's FLWR_HOME, where the ServerApp reads them.
     """
     show = progress_filter(lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True), verbose)
-    home = superexec_home(state)
+    home = coord.superexec_home(state)
     run_config = publish(settings, home)
     try:
         outcome = coord.submit(connection, run_config, run_dir / "flower.log", show)

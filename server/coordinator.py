@@ -61,6 +61,11 @@ def split_address(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+
+def superexec_home(state: Path) -> Path:
+    """The FLWR_HOME that `coordinator start --state STATE` gives its SuperExec (where run settings are kept)."""
+    return (Path(state).expanduser() / "flwr-home").resolve()
+
 class CoordinatorStateError(FileNotFoundError):
     """No running coordinator is recorded in the state folder."""
 
@@ -157,7 +162,7 @@ class Coordinator:
         _refuse_busy(host, public_port)
         write_runtime_secret(self.secret)
         env = offline_env({
-            "FLWR_HOME": str((self.state / "flwr-home").resolve()),
+            "FLWR_HOME": str(superexec_home(self.state)),
             # the ServerApp task starts within 0.2 s of a submitted run (default 1 s)
             "FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2",
         })

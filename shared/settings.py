@@ -178,7 +178,7 @@ CATALOGUE: tuple[Setting, ...] = (
             "department",
             Check(lambda v: v in MODELS or bool(FACTORY.match(v)), f"model must be one of {MODELS} or a factory package.module:callable"),
             coordinator=Cli(help="auto | mlp | cnn | package.module:factory — installed here and on every department that allows it (--allow-model)."),
-            simulate=Cli(help="auto | mlp | cnn | package.module:factory (your own; see the README's contract).")),
+            simulate=Cli(help="auto | mlp | cnn | package.module:factory (your own; see docs/how-to/own-model.md).")),
     Setting("fix-model", bool, False,
             "Let Opacus' ModuleValidator.fix replace layers DP-SGD cannot train (BatchNorm → GroupNorm).", "department",
             coordinator=Cli(flag="--fix-model"),

@@ -181,7 +181,7 @@ def test_altered_app_is_refused_by_every_department(fed, variant):
                                   root_certificates=fed["certs"] / "ca.crt")
     app = _altered_app(fed["root"] / f"app-{variant}", marker, variant)
     # As `coordinator run` submits: the departments' settings in the run config, the coordinator's on its host.
-    from fedsilo.server.cli import superexec_home
+    from fedsilo.server.coordinator import superexec_home
     from fedsilo.shared.config import RunSettings, publish
 
     run_config = publish(RunSettings.from_run_config(settings), superexec_home(fed["state"]))
@@ -342,7 +342,7 @@ def test_restarted_department_neither_resets_nor_double_counts_epsilon(fed):
 
 def test_a_second_coordinator_on_the_same_state_is_refused(fed):
     second = _cli("coordinator", "start", "--certs", str(fed["certs"]), "--address", f"127.0.0.1:{free_port()}",
-                  "--state", str(fed["state"]), timeout=60)
+                  "--state", str(fed["state"]))
     assert second.returncode == 2 and "already running" in second.stderr and "Traceback" not in second.stderr
     assert fed.control("departments").returncode == 0  # the first one is untouched
 
@@ -367,7 +367,7 @@ def test_restarted_coordinator_keeps_registered_departments(fed):
     assert after.returncode == 0
     ids = lambda text: sorted(w for w in text.split() if w.isdigit() and len(w) > 8)  # noqa: E731
     assert ids(after.stdout) == ids(before) and len(ids(before)) == 3
-    fed.wait_online(2, timeout=90)  # the running departments reconnect by themselves
+    fed.wait_online(2)  # the running departments reconnect by themselves (backing off up to 20 s)
     out = fed["root"] / "runs" / "after-restart"
     result = fed.run("--rounds", "1", "--min-departments", "2", "--out", str(out))
     assert result.returncode == 0, result.stdout + result.stderr

@@ -190,7 +190,7 @@ def test_coordinator_run_sends_departments_no_coordinator_path_and_the_serverapp
     seen: dict = {}
 
     def submit(connection, run_config, log_path, on_line=None):
-        home = coordinator_cli.superexec_home(state)
+        home = coordinator_cli.coord.superexec_home(state)
         seen["run_config"] = dict(run_config)
         seen["modes"] = [f.stat().st_mode & 0o777 for f in host_settings_dir(home).iterdir()]
         # What the ServerApp does on the coordinator's host (SuperExec: FLWR_HOME=STATE/flwr-home).
@@ -214,7 +214,7 @@ def test_coordinator_run_sends_departments_no_coordinator_path_and_the_serverapp
     assert settings.record == str((state / "record" / "acknowledged.jsonl").resolve())
     assert settings.out == str((tmp_path / "runs").resolve())
     assert seen["modes"] == [0o600]
-    assert not list(host_settings_dir(coordinator_cli.superexec_home(state)).iterdir())  # withdrawn after the run
+    assert not list(host_settings_dir(coordinator_cli.coord.superexec_home(state)).iterdir())  # withdrawn after the run
 
 
 def test_host_settings_are_refused_when_missing_malformed_or_foreign(tmp_path):
