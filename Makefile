@@ -27,8 +27,11 @@ demo: $(STAMP)
 	    --delta 1e-5 --max-epsilon 8 --out runs/demo
 
 # Two workers, a test file each: most tests wait on real processes (Flower, Ray, nginx)
-# rather than compute, and a file keeps its module-wide federation to itself.
-PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --durations=25 --strict-markers
+# rather than compute, and a file keeps its module-wide federation to itself (tests/conftest.py
+# keeps files that share a session-wide fixture together).
+# More pytest options after them: make test PYTEST_ARGS="-k policy --junitxml=times.xml".
+PYTEST_ARGS ?=
+PYTEST := $(PY) -m pytest -q -n 2 --dist loadfile --durations=25 --strict-markers $(PYTEST_ARGS)
 
 # The fast tier (at most 10 min on 2 cores): every unit and in-process test, a real simulation,
 # a real TLS deployment through nginx, the intruder and the policy tests.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -22,6 +23,18 @@ from fedsilo.shared.flower_cli import descendants, free_port, offline_env, termi
 
 FEDSILO = [sys.executable, "-m", "fedsilo"]
 
+# A row of `fedsilo coordinator departments`: node id, status, online since.
+ONLINE_ROW = re.compile(r"^\W*\d+\W+online\W", re.MULTILINE)
+
+
+def online(departments_output: str) -> int:
+    """How many departments `fedsilo coordinator departments` shows online.
+
+    Rows, not the word: the table's header ("online since") has it too, and counting it
+    let a wait for N departments end at N - 1, and a wait for one to go offline never end.
+    """
+    return len(ONLINE_ROW.findall(departments_output))
+
 
 def cli(*args, timeout=300):
     return subprocess.run([*FEDSILO, *args], capture_output=True, text=True, timeout=timeout, env=offline_env())
@@ -34,7 +47,16 @@ def spawn(args, log: Path) -> subprocess.Popen:
     return proc
 
 
-def stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
+def stop(proc: subprocess.Popen, sig=signal.SIGTERM, grace: float = 60.0) -> None:
+    """End ``proc`` and everything under it: SIGKILL to the whole tree, or a clean stop.
+
+    A clean stop signals ``proc`` alone and waits (up to ``grace`` seconds) for it to end what
+    it started: a ``fedsilo department start`` then stops its SuperNode, which tells the
+    coordinator it leaves and is counted offline at once.  SIGTERM to the whole tree at once
+    reaches that SuperNode twice (from here and from its parent), the second signal cuts its
+    goodbye short, and the coordinator counts it online until its heartbeat lapses (~2 min).
+    Whatever is left after that (the tree was noted first) is ended by its PID.
+    """
     tree = [proc.pid, *descendants(proc.pid)]
     if sig == signal.SIGKILL:
         for pid in tree:
@@ -42,6 +64,12 @@ def stop(proc: subprocess.Popen, sig=signal.SIGTERM) -> None:
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
+    else:
+        try:
+            proc.send_signal(sig)
+            proc.wait(timeout=grace)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
     terminate(tree)
     proc.wait(timeout=10)
 
@@ -75,7 +103,8 @@ class Federation(dict):
         return cli("coordinator", *args, "--certs", str(self["certs"]), "--address", self["address"],
                    "--state", str(self["state"]), timeout=timeout)
 
-    def start_coordinator(self, timeout: float = 60.0):
+    def start_coordinator(self, timeout: float = 300.0):
+        """Start ``fedsilo coordinator start``; wait until it serves (``timeout`` bounds a hang only)."""
         began = time.time()
         self["coordinator"] = spawn(
             ["coordinator", "start", "--certs", str(self["certs"]), "--address", self["address"], "--state", str(self["state"])],
@@ -114,7 +143,8 @@ class Federation(dict):
             self["root"] / f"{name}.log",
         )
 
-    def wait_online(self, count: int, timeout: float = 90.0) -> None:
+    def wait_online(self, count: int, timeout: float = 300.0) -> None:
+        """Until ``count`` departments are online and each running one answers (``timeout`` bounds a hang)."""
         deadline = time.monotonic() + timeout
         result = None
         while time.monotonic() < deadline:
@@ -123,7 +153,7 @@ class Federation(dict):
                     raise AssertionError(f"department {name} exited {proc.returncode}: "
                                          + (self["root"] / f"{name}.log").read_text()[-3000:])
             result = self.control("departments")
-            if result.stdout.count("online") >= count and all(
+            if online(result.stdout) >= count and all(
                 "answering with the fedsilo installed here" in (self["root"] / f"{n}.log").read_text()
                 for n, p in self["departments"].items() if p.poll() is None
             ):
@@ -134,17 +164,27 @@ class Federation(dict):
     def restart_departments(self, names, before=None, **options) -> None:
         """Stop ``names``, call ``before()``, and start them again (``options[name]``: start_department's
         keywords) once the coordinator counts them offline: a restart it still counts online is refused."""
+        began = time.monotonic()
         for name in names:
             stop(self["departments"][name])
+        stopped = time.monotonic()
         if before is not None:
             before()
-        online = len(self["departments"]) - len(names)
-        deadline = time.monotonic() + 90
-        while self.control("departments").stdout.count("online") > online and time.monotonic() < deadline:
+        still = len(self["departments"]) - len(names)
+        deadline = time.monotonic() + 180  # a stopped SuperNode deactivates; a killed one lapses in 2 x 30 s
+        while online(self.control("departments").stdout) > still and time.monotonic() < deadline:
             time.sleep(1.0)
+        offline = time.monotonic()
         for name in names:
             self.start_department(name, **options.get(name, {}))
         self.wait_online(len(self["departments"]))
+        self.note(f"restarted {', '.join(names)}: stopped in {stopped - began:.1f} s, counted offline "
+                  f"{offline - stopped:.1f} s later, online again {time.monotonic() - offline:.1f} s after that")
+
+    def note(self, text: str) -> None:
+        """A line in ROOT/federation.log: where a test's time went, for whoever reads a slow run."""
+        with open(self["root"] / "federation.log", "a") as log:
+            log.write(f"{time.strftime('%H:%M:%S')} {text}\n")
 
     def run(self, *args, timeout=300):
         # σ = 1 unless a test asks otherwise (the default plans σ to spend each budget in one run,
@@ -184,13 +224,17 @@ def federation(root: Path, departments: tuple[str, ...], extra_keys: tuple[str, 
                      address=f"127.0.0.1:{free_port()}", departments={}, label_column=label_column,
                      policies=dict(policies or {}))
     try:
+        began = time.monotonic()
         fed.start_coordinator()
+        started = time.monotonic()
         registered = fed.control("register", *departments)
         assert registered.returncode == 0, (registered.stdout + registered.stderr + "\ncoordinator.log:\n"
                                             + (root / "coordinator.log").read_text()[-4000:])
         for name in departments:
             fed.start_department(name)
         fed.wait_online(len(departments))
+        fed.note(f"coordinator up in {started - began:.1f} s, {len(departments)} department(s) online "
+                 f"{time.monotonic() - started:.1f} s later")
         yield fed
     finally:
         fed.stop_all()

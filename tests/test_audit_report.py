@@ -26,13 +26,12 @@ def _images(page: Path) -> list[str]:
     return re.findall(r'<img src="([^"]+)"', page.read_text(encoding="utf-8"))
 
 
+# A real simulated run: conftest's digits_simulation, shared with test_simulation_e2e.py (one worker, one run).
+
+
 @pytest.fixture(scope="module")
-def run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("report") / "run"
-    result = subprocess.run([*FEDSILO, "simulate", "--departments", "2", "--rounds", "2", "--out", str(out)],
-                            capture_output=True, text=True, timeout=600)
-    assert result.returncode == 0, result.stdout + result.stderr
-    return out
+def run(digits_simulation):
+    return digits_simulation.out
 
 
 @pytest.fixture(scope="module")
@@ -116,20 +115,22 @@ def test_the_page_renders_in_a_headless_browser(report, tmp_path):
     assert blue > 500 and orange > 100, (blue, orange)
 
 
-def test_the_coordinators_record_catches_a_truncated_ledger_and_an_edited_record(run, tmp_path):
+def test_the_coordinators_record_catches_a_truncated_ledger_and_an_edited_record(digits_simulation, tmp_path):
     """A real simulated run: its signed record of acknowledged heads is what exposes a ledger cut short."""
+    rounds = digits_simulation.rounds
+    assert rounds >= 2  # a ledger cut to its first entry is then short of what was acknowledged
     copy = tmp_path / "run"
-    shutil.copytree(run, copy, symlinks=True)
+    shutil.copytree(digits_simulation.out, copy, symlinks=True)
     honest = subprocess.run([*FEDSILO, "audit", str(copy), "--json"], capture_output=True, text=True, timeout=300)
     report = json.loads(honest.stdout)
-    assert honest.returncode == 0 and all(d["acknowledged"] == 2 for d in report["departments"]), honest.stdout
+    assert honest.returncode == 0 and all(d["acknowledged"] == rounds for d in report["departments"]), honest.stdout
     assert any("coordinator's record" in line for line in report["checked"])
     ledger = sorted((copy / "ledgers").glob("*.jsonl"))[0]
     ledger.write_text(ledger.read_text().splitlines()[0] + "\n")  # a valid chain, one round short
     cut = subprocess.run([*FEDSILO, "audit", str(copy), "--json"], capture_output=True, text=True, timeout=300)
     assert cut.returncode == 1
     problems = " ".join(p for d in json.loads(cut.stdout)["departments"] for p in d["problems"])
-    assert "the coordinator acknowledged 2 entries" in problems and "rolled back" in problems
+    assert f"the coordinator acknowledged {rounds} entries" in problems and "rolled back" in problems
     record = copy / "record" / "acknowledged.jsonl"
     lines = record.read_text().splitlines()
     entry = json.loads(lines[0])

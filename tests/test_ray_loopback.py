@@ -179,7 +179,7 @@ def test_every_listener_of_a_running_simulation_is_on_loopback(tmp_path):
     with open(log, "w") as log_file:
         proc = subprocess.Popen(command, env=env, stdout=log_file, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        while proc.poll() is None and time.monotonic() - started < 240:
+        while proc.poll() is None and time.monotonic() - started < 600:  # bounds a hang; ~40 s on 2 idle cores
             sockets = listening_sockets()
             tree = process_tree(proc.pid)
             members.update(tree)

@@ -3,6 +3,7 @@
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -36,12 +37,13 @@ def _independent_epsilon(entries, accountant_cls, delta):
     return acc.get_epsilon(delta=delta)
 
 
-@pytest.fixture(scope="module")
-def demo_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("demo") / "R"
-    result = _simulate("--departments", "4", "--rounds", "3", "--dataset", "digits", "--out", str(out))
-    assert result.returncode == 0, result.stdout + result.stderr
-    return out, result
+# The demo run is conftest's digits_simulation (4 departments × 3 rounds), shared with test_audit_report.py.
+
+
+@pytest.fixture
+def demo_run(digits_simulation):
+    assert (digits_simulation.departments, digits_simulation.rounds) == (4, 3)  # what the tests below check
+    return digits_simulation.out, digits_simulation.result
 
 
 def test_simulation_writes_summary_with_growing_epsilon(demo_run):
@@ -92,8 +94,9 @@ def test_audit_verifies_a_real_run(demo_run):
 
 
 @pytest.mark.slow
-def test_rerun_in_same_directory_resumes_ledgers_in_a_run_folder_of_its_own(demo_run):
-    out, _ = demo_run
+def test_rerun_in_same_directory_resumes_ledgers_in_a_run_folder_of_its_own(demo_run, tmp_path):
+    out = tmp_path / "R"  # a copy: the demo run is shared, and a rerun moves its latest/
+    shutil.copytree(demo_run[0], out, symlinks=True)
     before = {k: v[-1]["epsilon"] for k, v in run_ledgers(out).items()}
     first = (out / "latest").resolve()
     first_summary = (first / "summary.json").read_bytes()

@@ -346,7 +346,8 @@ def wait_online(certs: Path, address: str, state: Path, count: int, timeout: flo
             output = "`fedsilo coordinator departments` did not answer before the wait ran out"
             break
         output = result.stdout + result.stderr
-        if result.stdout.count("online") >= count:
+        # Rows whose status is online: the header ("online since") has the word too.
+        if len(re.findall(r"^\W*\d+\W+online\W", result.stdout, re.MULTILINE)) >= count:
             return time.monotonic() - started
         time.sleep(1.0)
     raise RuntimeError(f"fewer than {count} departments online after {timeout:.0f} s: {output[-1500:]}")
