@@ -355,20 +355,9 @@ def wait_online(certs: Path, address: str, state: Path, count: int, timeout: flo
 
 def clientapp_runtime(database: Path, run_id: str) -> float | None:
     """Flower's total ClientApp runtime for ``run_id`` (the SuperLink's ``run.clientapp_runtime``), or None."""
-    import sqlite3
-    from contextlib import closing
+    from fedsilo.shared.flower_internals import clientapp_runtime as read
 
-    database = Path(database)
-    if not database.exists():
-        return None
-    try:
-        value = int(run_id)
-        stored = value - 2**64 if value >= 2**63 else value  # Flower stores uint64 ids as sint64
-        with closing(sqlite3.connect(database)) as db:
-            row = db.execute("SELECT clientapp_runtime FROM run WHERE run_id = ?", (stored,)).fetchone()
-    except (sqlite3.Error, ValueError):
-        return None
-    return float(row[0]) if row and row[0] is not None else None
+    return read(database, run_id)
 
 
 def run_deployment(root: Path, data: dict[str, Path], rounds: int, logs: Path) -> dict[str, Any]:
@@ -713,12 +702,9 @@ def _steady(seconds: list[float]) -> float:
 
 
 def _flower_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
+    from fedsilo.shared.flower_internals import flower_version
 
-    try:
-        return version("flwr")
-    except PackageNotFoundError:
-        return "?"
+    return flower_version()
 
 
 def _get(block: dict[str, Any] | None, key: str) -> float | None:

@@ -115,20 +115,11 @@ class _Grid:
         return list(self.ids)
 
 
-@contextlib.contextmanager
-def server_identity() -> Iterator[None]:
+def server_identity():
     """Flower stamps messages with the running task's identity; outside a ServerApp there is none: lend one."""
-    from flwr.supercore.task_identity import TaskIdentity
+    from fedsilo.shared.flower_internals import lend_task_identity
 
-    saved = {attr: getattr(TaskIdentity, attr) for attr in ("_run_id", "_task_id", "_node_id")}
-    for attr, value in (("_run_id", 1), ("_task_id", 1), ("_node_id", 0)):
-        if saved[attr] is None:
-            setattr(TaskIdentity, attr, value)
-    try:
-        yield
-    finally:
-        for attr, value in saved.items():
-            setattr(TaskIdentity, attr, value)
+    return lend_task_identity()
 
 
 @contextlib.contextmanager
