@@ -10,7 +10,7 @@ from fedsilo.shared import safe_read
 from fedsilo.shared.ledger import COORDINATOR
 from fedsilo.shared.model_card import CARD_FILE, CardError, card_problems, read_card
 from fedsilo.shared.record import RECORD_FILE, RecordVerification, verify_record
-from fedsilo.shared.runs import SIMULATION, resolve_run_dir
+from fedsilo.shared.runs import EVENTS, SIMULATION, resolve_run_dir
 from fedsilo.shared.safe_read import UnreadableFile
 from fedsilo.shared.signing import SigningKeyError, load_public_key
 
@@ -162,7 +162,7 @@ def audit_path(path: Path | str, keys: Path | str | None = None, record: Path | 
         files = [path]
     else:
         folder = path / "ledgers" if (path / "ledgers").is_dir() else path
-        files = sorted(folder.glob("*.jsonl"))
+        files = [f for f in sorted(folder.glob("*.jsonl")) if f.name != EVENTS]  # the run's events are no ledger
         if os.path.lexists(path / "summary.json"):
             try:
                 summary = read_summary(path / "summary.json")

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Any, ClassVar, Iterator
 
 from fedsilo.shared import safe_read
+from fedsilo.shared.runs import EVENTS
 from fedsilo.shared.metrics import format_metrics, headline
 
-EVENTS_FILE = "events.jsonl"
+EVENTS_FILE = EVENTS
 EVENTS_VERSION = 1
 MAX_EVENT_BYTES = 1 << 20  # one line: a round's ε per department fits many times over
 

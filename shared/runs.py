@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 SUMMARY = "summary.json"
+EVENTS = "events.jsonl"  # the run's event log (server/events.py): not a ledger, though JSON lines too
 LATEST = "latest"
 SIMULATION = "simulation.json"  # written by `fedsilo simulate` only: a simulated run's own facts
 

@@ -101,3 +101,21 @@ def test_a_run_writes_its_events_as_it_goes(tmp_path, serverapp_identity):
     summary = json.loads((run_dir / "summary.json").read_text())
     assert events[-1].status == summary["status"] == "completed"
     assert events[-1].metrics == pytest.approx(summary["final_metrics"])
+
+
+def test_the_audit_never_reads_a_runs_events_as_a_ledger(tmp_path, serverapp_identity):
+    """A deployment's run folder holds the coordinator's files only: summary.json, events.jsonl, no ledgers."""
+    import shutil
+
+    from fedsilo.audit import audit_path
+    from test_malicious_department import _Department, _run
+
+    run_dir, run = _run(tmp_path, [_Department(tmp_path, "a"), _Department(tmp_path, "b")])
+    run()
+    folder = tmp_path / "deployment-run"
+    folder.mkdir()
+    for name in ("summary.json", EVENTS_FILE):
+        shutil.copy(run_dir / name, folder / name)
+    result = audit_path(folder)
+    assert all(row.id != "events" for row in result.departments)
+    assert not any("events" in problem for problem in result.problems), result.problems
