@@ -11,7 +11,7 @@ export FLWR_TELEMETRY_ENABLED := 0
 
 setup: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+$(STAMP): pyproject.toml setup.py constraints.txt
 	python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
 	# torch first, pinned: a looser spec would pull a multi-GB CUDA build.
