@@ -169,7 +169,9 @@ def _outsider(port: int, home: Path) -> subprocess.Popen:
 def test_every_listener_of_a_running_simulation_is_on_loopback(tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.update(FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION="1", FLWR_TELEMETRY_ENABLED="0")
-    command = [sys.executable, "-m", "fedsilo", "simulate", "--departments", "2", "--rounds", "1",
+    # Rounds enough that Ray is still up when the outsider, started once Ray listens, asks it (a busy
+    # machine takes tens of seconds to start a Python with Ray): asking a Ray that has gone proves nothing.
+    command = [sys.executable, "-m", "fedsilo", "simulate", "--departments", "2", "--rounds", "8",
                "--dataset", "breast-cancer", "--out", str(tmp_path / "out")]
     log = tmp_path / "simulate.log"
     seen: dict[tuple[str, str, str, int], float] = {}  # (process, protocol, host, port) -> when
@@ -191,7 +193,7 @@ def test_every_listener_of_a_running_simulation_is_on_loopback(tmp_path):
                 outsider = _outsider(gcs[0], tmp_path)
             time.sleep(0.25)
         if outsider is not None:
-            said = outsider.communicate(timeout=60)[0]
+            said = outsider.communicate(timeout=180)[0]
         proc.wait(timeout=5)
     finally:
         if outsider is not None and outsider.poll() is None:
