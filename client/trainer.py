@@ -169,8 +169,7 @@ def train_dp(
     if steps != mechanism.steps:
         raise RuntimeError(f"ran {steps} steps, the mechanism charged {mechanism.steps}")
     private._close()  # remove Opacus' hooks and per-sample buffers: a plain module again
-    if not all(bool(torch.isfinite(v).all()) for v in model.state_dict().values() if v.is_floating_point()):
-        raise TrainingStopped("the trained model is not finite (the run's learning rate or model diverged)")
+    _require_finite(model)
     return TrainResult(steps, len(data), float(np.mean(losses)) if losses else float("nan"), grad_sample_mode)
 
 
@@ -217,6 +216,12 @@ def _ghost_guard(private, per_sample_loss: nn.Module, xb: torch.Tensor, yb: torc
         p.grad = g
 
 
+def _require_finite(model: nn.Module) -> None:
+    """A trained model must be finite; whether it is, is post-processing of the noisy steps."""
+    if not all(bool(torch.isfinite(v).all()) for v in model.state_dict().values() if v.is_floating_point()):
+        raise TrainingStopped("the trained model is not finite (the run's learning rate or model diverged)")
+
+
 def _noise_only(model, data, mechanism, max_grad_norm, learning_rate, momentum, device, planned_size, deadline,
                 grad_sample_mode) -> TrainResult:
     """DP-SGD's steps on a sum of no gradients: N(0, σ²C²) / (n·q) each, then SGD."""
@@ -232,8 +237,7 @@ def _noise_only(model, data, mechanism, max_grad_norm, learning_rate, momentum, 
             if p.requires_grad:
                 p.grad = torch.normal(0.0, scale, p.shape, generator=noise, device=device, dtype=p.dtype)
         optimizer.step()
-    if not all(bool(torch.isfinite(v).all()) for v in model.state_dict().values() if v.is_floating_point()):
-        raise TrainingStopped("the trained model is not finite (the run's learning rate or model diverged)")
+    _require_finite(model)
     return TrainResult(mechanism.steps, 0, float("nan"), grad_sample_mode)
 
 
