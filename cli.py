@@ -29,7 +29,7 @@ os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
 from fedsilo.certs.cli import app as certs_app  # noqa: E402
 from fedsilo.client.cli import app as department_app  # noqa: E402
 from fedsilo.server.cli import app as coordinator_app  # noqa: E402
-from fedsilo.simulations.bench.cli import app as bench_app  # noqa: E402
+from fedsilo.benchmarks.cli import app as bench_app  # noqa: E402
 from fedsilo.simulations.simulate import simulate  # noqa: E402
 
 def reader_errors() -> tuple[type[BaseException], ...]:

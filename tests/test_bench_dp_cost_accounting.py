@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from fedsilo.shared.accounting import Mechanism
-from fedsilo.simulations.bench import accounting_tightness as acct
-from fedsilo.simulations.bench import dp_cost
-from fedsilo.simulations.bench.report import render
+from fedsilo.benchmarks import accounting_tightness as acct
+from fedsilo.benchmarks import dp_cost
+from fedsilo.benchmarks.report import render
 
 
 @pytest.fixture

@@ -22,10 +22,10 @@ from pathlib import Path
 import pytest
 
 import flwr
-from fedsilo.simulations.bench import deployment_overhead as dep
-from fedsilo.simulations.bench import scale
-from fedsilo.simulations.bench.common import TreeMemory
-from fedsilo.simulations.bench.report import render
+from fedsilo.benchmarks import deployment_overhead as dep
+from fedsilo.benchmarks import scale
+from fedsilo.benchmarks.common import TreeMemory
+from fedsilo.benchmarks.report import render
 from fedsilo.shared.flower_cli import stop_tree
 
 ALLOCATE = textwrap.dedent(

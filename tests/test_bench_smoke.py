@@ -17,8 +17,8 @@ from matplotlib.image import imread
 from typer.testing import CliRunner
 
 from fedsilo.cli import app
-from fedsilo.simulations.bench.cli import SUITE
-from fedsilo.simulations.bench.report import render
+from fedsilo.benchmarks.cli import SUITE
+from fedsilo.benchmarks.report import render
 
 
 @pytest.fixture(scope="module")
@@ -130,11 +130,11 @@ def test_smoke_is_each_benchmark_in_quick_mode_at_no_larger_a_size(tmp_path, mon
     import importlib
     import inspect
 
-    from fedsilo.simulations.bench import cli as bench_cli
-    from fedsilo.simulations.bench import dp_cost, robustness, scale, utility
+    from fedsilo.benchmarks import cli as bench_cli
+    from fedsilo.benchmarks import dp_cost, robustness, scale, utility
 
     for module in SUITE.values():
-        run = importlib.import_module(f"fedsilo.simulations.bench.{module}").run
+        run = importlib.import_module(f"fedsilo.benchmarks.{module}").run
         assert inspect.signature(run).parameters["smoke"].default is False, module
     assert scale.SMOKE_SIZES[-1] <= scale.QUICK_SIZES[-1] and scale.SMOKE_ROUNDS <= scale.QUICK_ROUNDS
     assert utility.SMOKE.rounds <= utility.QUICK.rounds and utility.SMOKE.departments <= utility.QUICK.departments

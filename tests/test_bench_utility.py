@@ -24,8 +24,8 @@ from fedsilo.shared.accounting import Mechanism
 from fedsilo.shared.data import federation_data, load_dataset, train_test_split
 from fedsilo.shared.ledger import PrivacyLedger
 from fedsilo.shared.signing import Signer
-from fedsilo.simulations.bench import utility
-from fedsilo.simulations.bench.report import render
+from fedsilo.benchmarks import utility
+from fedsilo.benchmarks.report import render
 
 DELTA = 1e-5
 

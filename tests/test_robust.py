@@ -262,7 +262,7 @@ def test_department_strategy_builds_each_rule_as_a_department_fedavg(rule):
 
 def test_five_dp_departments_one_attacking_robust_rules_beat_fedavg():
     """5 departments train digits with DP-SGD; one sends w_global − 10·Δ; each rule runs its own federation."""
-    from fedsilo.simulations.bench.robustness import Setup, run_cell
+    from fedsilo.benchmarks.robustness import Setup, run_cell
 
     setup = Setup(rounds=6, repeats=1, noise_multiplier=1.0)
     started = time.perf_counter()

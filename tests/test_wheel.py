@@ -24,7 +24,10 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 # Top-level folders of the checkout that are not part of the package (setup.py's NOT_SHIPPED).
-NOT_SHIPPED = {"tests", "examples", "benchmarks", "docs", "build", "dist", "site"}
+NOT_SHIPPED = {"tests", "examples", "docs", "build", "dist", "site"}
+# Folders inside a subpackage that are the project's, not the package's: the reference
+# measurements BENCHMARKS.md shows (no __init__.py, no package-data pattern matches them).
+PROJECT_DATA = (Path("benchmarks/reference"),)
 
 
 def _sources() -> list[Path]:
@@ -38,7 +41,8 @@ def _sources() -> list[Path]:
 
 def _shipped(relative: Path) -> bool:
     parts = relative.parts
-    return len(parts) > 1 and parts[0] not in NOT_SHIPPED and not parts[0].startswith(".")
+    return (len(parts) > 1 and parts[0] not in NOT_SHIPPED and not parts[0].startswith(".")
+            and not any(folder in relative.parents for folder in PROJECT_DATA))
 
 
 def _package_dirs(sources: list[Path]) -> set[Path]:
@@ -71,7 +75,7 @@ def test_wheel_ships_every_subpackage(wheel):
     expected = {"fedsilo"} | {"fedsilo." + ".".join(d.parts) for d in _package_dirs(sources)}
     shipped = {n.rsplit("/", 1)[0].replace("/", ".") for n in wheel.namelist() if n.endswith("/__init__.py")}
     assert shipped == expected, f"missing from the wheel: {sorted(expected - shipped)}; unexpected: {sorted(shipped - expected)}"
-    assert "fedsilo.simulations.bench" in shipped  # the one v0.4 forgot
+    assert "fedsilo.benchmarks" in shipped  # v0.4 forgot the benchmarks (then fedsilo.simulations.bench)
     # Every module of every subpackage, not just its __init__.
     modules = {f"fedsilo/{p.as_posix()}" for p in sources if p.suffix == ".py" and p.parent in _package_dirs(sources)}
     modules |= {f"fedsilo/{p.name}" for p in sources if p.suffix == ".py" and len(p.parts) == 1 and p.name != "setup.py"}
@@ -82,12 +86,13 @@ def test_wheel_ships_the_data_files_of_its_packages_and_nothing_of_the_project(w
     names = set(wheel.namelist())
     packages = _package_dirs(_sources())
     data = {f"fedsilo/{p.as_posix()}" for p in _sources()
-            if p.suffix not in (".py", ".pyc") and any(d == p.parent or d in p.parents for d in packages)}
+            if p.suffix not in (".py", ".pyc") and _shipped(p) and any(d == p.parent or d in p.parents for d in packages)}
     missing = sorted(data - names)
     assert not missing, (f"files inside the package are not in the wheel: {missing}; add their pattern "
                          "to [tool.setuptools.package-data] in pyproject.toml")
     top = {n.split("/")[1] for n in names if n.startswith("fedsilo/") and n.count("/") >= 1}
-    for project_only in ("setup.py", "tests", "examples", "benchmarks", "docs", "README.md", "pyproject.toml",
+    assert not any(n.startswith("fedsilo/benchmarks/reference/") for n in names), "reference results must not ship"
+    for project_only in ("setup.py", "tests", "examples", "docs", "README.md", "pyproject.toml",
                          "constraints.txt", "Makefile"):
         assert project_only not in top, f"{project_only} must not ship inside the package"
     assert not any("__pycache__" in n or n.endswith(".pyc") for n in names)

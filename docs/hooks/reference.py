@@ -37,7 +37,7 @@ SETTINGS_MARKER = "<!-- fedsilo:settings -->"
 MODULES_MARKER = "<!-- fedsilo:modules -->"
 
 # Top-level folders that are not sides of the package (the same list as setup.py's).
-_NOT_PACKAGE = {"tests", "examples", "benchmarks", "docs", "site", "build", "dist"}
+_NOT_PACKAGE = {"tests", "examples", "docs", "site", "build", "dist"}
 
 # Files outside docs/ that the site shows, by their path in the repository.
 _MOUNTED = ("BENCHMARKS.md",)

@@ -6,7 +6,7 @@ local training is timed with :func:`~fedsilo.client.trainer.train_dp` against
 :func:`~fedsilo.client.trainer.train_plain` (same data, batch size, lr, epochs).
 
 Each (model, variant) runs in a fresh interpreter —
-``python -m fedsilo.simulations.bench.dp_cost --one --config C --variant V`` prints
+``python -m fedsilo.benchmarks.dp_cost --one --config C --variant V`` prints
 one JSON line — so its peak RSS (``ru_maxrss``) belongs to that configuration
 alone.  A variant that fails is recorded with its error; the benchmark goes on.
 """

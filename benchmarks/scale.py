@@ -11,7 +11,7 @@ epoch, PRV accounting, budget ε ≤ 10):
   department's reply, FedAvg and the evaluation of the new global model); peak
   memory is the proportional set size (PSS) of the whole process tree — the CLI,
   the SuperLink, the simulation process, Ray's services and workers — sampled
-  every 0.5 s by :class:`~fedsilo.simulations.bench.common.TreeMemory`.
+  every 0.5 s by :class:`~fedsilo.benchmarks.common.TreeMemory`.
 * **a plain loop without Flower** — per round, for every department, what the
   ClientApp and its ``privacy_budget_mod`` do: resolve the department
   (:func:`~fedsilo.client.department.department_from_context`: its partition and
