@@ -26,7 +26,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .common import BenchResult, Table, Target
+from . import dp_cost_summary as summary
+from .common import BenchResult, Target
 
 NAME = "dp-cost"
 PLOT = "dp_cost.png"
@@ -279,244 +280,46 @@ def add_ratios(records: list[dict[str, Any]]) -> dict[str, dict[str, float]]:
     return ratios
 
 
-def _s(seconds: float) -> str:
-    return f"{seconds:.3f}" if seconds < 10 else f"{seconds:.1f}"
-
-
-def _x(ratio: float | None) -> str:
-    if ratio is None:
-        return "–"
-    return f"{ratio:.2f}×" if ratio < 10 else f"{ratio:.0f}×"
-
-
-def _mib(value: int | None) -> str:
-    return "–" if value is None else f"{value / 2**20:.0f}"
-
-
-def default_mode(records: list[dict[str, Any]], config: str) -> str:
-    """What fedsilo's ``auto`` grad-sample-mode ran for ``config``'s model (as its children resolved it)."""
-    return next((r["default_mode"] for r in records if r["config"] == config and r.get("default_mode")), "ghost")
+def labels() -> dict[str, str]:
+    """Each configuration's label, in the order the benchmark runs them."""
+    return {c: spec.label for c, spec in CONFIGS.items()}
 
 
 def targets_for(records: list[dict[str, Any]]) -> list[Target]:
-    """One target row per model: the default DP path within 2× of non-private training."""
-    by = {(r["config"], r["variant"]): r for r in records}
-    targets = []
-    for config, spec in CONFIGS.items():
-        plain = by.get((config, "plain"))
-        default = default_mode(records, config)
-        ghost = by.get((config, default))
-        if plain is None and ghost is None:
-            continue
-        target = f"default DP path (auto → {default}) ≤ {TARGET_RATIO:g}× non-private: {spec.label}"
-        if not (plain and plain.get("ok") and ghost and ghost.get("ok")):
-            why = "; ".join(
-                f"{v} " + ("not run" if r is None else f"failed ({r.get('error', '')[:120]})")
-                for v, r in (("plain", plain), (default, ghost)) if r is None or not r.get("ok")
-            )
-            targets.append(Target(target, f"not measured: {why}", None))
-            continue
-        ratio = ghost["median_s"] / plain["median_s"]
-        steps = max(ghost["steps"], 1)
-        plain_ms = 1000 * plain["median_s"] / max(plain["steps"], 1)
-        ghost_ms = 1000 * ghost["median_s"] / steps
-        others = [
-            (v, r["ratio"]) for (c, v), r in by.items()
-            if c == config and v not in ("plain", default) and r.get("ok") and r.get("ratio")
-        ]
-        best = min(others, key=lambda vr: vr[1]) if others else None
-        measured = (
-            f"{ratio:.2f}× ({_s(ghost['median_s'])} s vs {_s(plain['median_s'])} s per epoch; "
-            f"{ghost_ms:.1f} vs {plain_ms:.1f} ms per step)"
-        )
-        overhead = ghost["median_s"] - plain["median_s"]
-        setup = ghost.get("setup_s")
-        per_step = 1000 * (overhead - (setup or 0.0)) / steps
-        materialized = ghost.get("materialized_layers") or []
-        note = (
-            f"DP adds {1000 * overhead:.0f} ms per epoch: "
-            + (f"{1000 * setup:.1f} ms of Opacus set-up per round (make_private/_close, timed as a 0-step "
-               "train_dp) and " if setup is not None else "")
-            + f"{per_step:.1f} ms per step (plain step: {plain_ms:.1f} ms) for "
-            + ("the norm pass plus the second backward of ghost clipping" if default == "ghost" else
-               f"per-sample gradients ({default}) and their clipping")
-            + ", Poisson batching and noise on every parameter"
-            + (f"; fastest other mode: {best[0]} {_x(best[1])}" if best else "")
-            + "."
-        )
-        if materialized:
-            ghost_run = by.get((config, "ghost")) or {}
-            note += (
-                f" Opacus 1.6 has ghost norms only for {', '.join(ghost.get('ghost_norm_layers') or ['none'])}: under "
-                f"ghost clipping this model's {', '.join(materialized)} per-sample gradients are materialized anyway, "
-                "plus a second backward"
-                + (f" ({_x(ghost_run['ratio'])})" if ghost_run.get("ok") and ghost_run.get("ratio") else "")
-                + f", so fedsilo's auto mode runs {default} for it."
-            )
-        if ratio > TARGET_RATIO:
-            fixes = []
-            if setup is not None and setup > 0.25 * overhead:
-                fixes.append("amortize the set-up (keep the wrapped model and optimizer across rounds, or run more "
-                             "local steps per round)")
-            if materialized:
-                fixes.append(f"ghost norm samplers for {', '.join(materialized)} (or {best[0]} for this model)"
-                             if best else f"ghost norm samplers for {', '.join(materialized)}")
-            if plain_ms < 5:
-                fixes.append("larger batches (a plain step here is so short that Opacus' fixed per-step work dominates)")
-            else:
-                fixes.append("a GPU (per-sample work on one CPU core is compute-bound)")
-            fixes.append("book-keeping clipping (norms and clipped gradient in one backward; not in Opacus 1.6)")
-            note += " What would close it: " + "; ".join(fixes) + "."
-        targets.append(Target(target, measured, ratio <= TARGET_RATIO, note))
-    return targets
-
-
-def plot(records: list[dict[str, Any]], path: Path, reps: int) -> None:
-    """Grouped bars: time per epoch by variant, one group per model, log scale."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    configs = [c for c in CONFIGS if any(r["config"] == c for r in records)]
-    by = {(r["config"], r["variant"]): r for r in records}
-    width = 0.8 / len(VARIANTS)
-    fig, ax = plt.subplots(figsize=(9, 4.8))
-    colors = plt.get_cmap("tab10").colors
-    ok_values = [r["median_s"] for r in records if r.get("ok")]
-    floor = min(ok_values) / 3 if ok_values else 1e-3
-    for i, variant in enumerate(VARIANTS):
-        xs, ys = [], []
-        for j, config in enumerate(configs):
-            x = j + (i - (len(VARIANTS) - 1) / 2) * width
-            r = by.get((config, variant))
-            if r is not None and r.get("ok"):
-                xs.append(x)
-                ys.append(r["median_s"])
-                if r.get("ratio") and variant != "plain":
-                    ax.annotate(_x(r["ratio"]), (x, r["median_s"]), ha="center", va="bottom", fontsize=7)
-            elif r is not None:
-                ax.annotate("failed", (x, floor), ha="center", va="bottom", fontsize=7, rotation=90, color="red")
-        ax.bar(xs, ys, width, label=variant, color=colors[i % len(colors)])
-    ax.set_yscale("log")
-    ax.set_ylim(bottom=floor)
-    ax.set_xticks(range(len(configs)))
-    ax.set_xticklabels([CONFIGS[c].label.replace(" on ", "\non ") + f"\n(fedsilo default: {default_mode(records, c)})"
-                        for c in configs], fontsize=8)
-    ax.set_ylabel("seconds per epoch (log scale)")
-    device = next((r.get("device") for r in records if r.get("device")), "cpu")
-    ax.set_title(f"DP-SGD time per epoch by grad_sample_mode ({device}, median of {reps}; labels: × plain)", fontsize=10)
-    ax.legend(fontsize=8, ncol=3)
-    ax.grid(axis="y", which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    """One target row per model: the default DP path within :data:`TARGET_RATIO` of non-private training."""
+    return summary.targets_for(records, labels(), TARGET_RATIO)
 
 
 def build_result(records: list[dict[str, Any]], out: Path, quick: bool, reps: int, jobs: int) -> BenchResult:
     """Tables, targets, plot and raw data from the configurations' records."""
     ratios = add_ratios(records)
-    time_rows, mem_rows = [], []
-    cuda = any(r.get("cuda_peak_allocated") for r in records)
-    for r in records:
-        label = CONFIGS[r["config"]].label
-        if r.get("ok"):
-            secs = r["seconds"]
-            time_rows.append([
-                label, r["variant"], str(r["examples"]), str(r["steps"]), _s(r["median_s"]),
-                f"{_s(min(secs))}–{_s(max(secs))}", f"{1000 * r['median_s'] / max(r['steps'], 1):.1f}",
-                "–" if r.get("setup_s") is None else f"{1000 * r['setup_s']:.1f}", _x(r["ratio"]), "ok",
-            ])
-        else:
-            time_rows.append([label, r["variant"], str(r.get("examples", "–")), "–", "–", "–", "–", "–", "–",
-                              f"failed: {r.get('error', '')[:160]}".replace("|", "/").replace("\n", " ")])
-        if "rss_peak" in r:
-            row = [label, r["variant"], _mib(r["rss_after_imports"]), _mib(r["rss_loading_peak"]),
-                   _mib(r["rss_before_training"]), _mib(r["rss_peak"]),
-                   _mib(r["rss_peak"] - r["rss_before_training"])]
-            if cuda:
-                row.append(_mib(r.get("cuda_peak_allocated")))
-            mem_rows.append(row)
-    mem_columns = ["model", "variant", "RSS after imports", "peak while loading data", "RSS before training",
-                   "peak RSS while training", "training increment"]
-    if cuda:
-        mem_columns.append("GPU peak allocated")
-    plot(records, Path(out) / PLOT, reps)
-    ok = [r for r in records if r.get("ok")]
-    sizes = {r["config"]: r.get("examples") for r in records if r.get("examples")}
-    device = next((r.get("device") for r in records if r.get("device")), "cpu")
-    threads = next((r.get("torch_threads") for r in records if r.get("torch_threads")), None)
-    failed = sorted({f"{r['variant']} ({r['config']})" for r in records if not r.get("ok")})
-    m512 = ratios.get("mlp512-digits", {})
-    comparison = (
-        f" On the 512-wide MLP the issue quoted hooks at 40× and ghost at ~3× non-private; here hooks ran at "
-        f"{_x(m512.get('hooks'))} and ghost at {_x(m512.get('ghost'))}."
-        if m512 else ""
-    )
-    text = (
-        "One department's local training, timed per epoch: `train_plain` (non-private SGD, shuffled batches of "
-        f"{BATCH_SIZE}) against `train_dp` with each Opacus grad_sample_mode (Poisson batches of expected size "
-        f"{BATCH_SIZE}, σ={NOISE_MULTIPLIER:g}, C={MAX_GRAD_NORM:g}), both with lr={LEARNING_RATE:g}, momentum "
-        f"{MOMENTUM:g}, {EPOCHS} epoch, a freshly built model for each repetition. The department's data is a "
-        "seeded random subset of the dataset's fixed 80 % training split (all of it for digits): "
-        + ", ".join(f"{CONFIGS[c].label}: {n} examples" for c, n in sizes.items())
-        + ". One epoch is one whole `train_dp`/`train_plain` call — what a department pays per round, Opacus' "
-        "`make_private` set-up included (also timed alone, as a `train_dp` of zero steps). Each (model, variant) "
-        "runs in its own fresh Python process: one warm-up "
-        f"epoch, then the median of {reps} timed epochs. Memory is the process' peak RSS (`ru_maxrss`, nothing "
-        "subtracted) at three points: right after importing torch/Opacus/fedsilo, after loading the data and "
-        "building the model, and over warm-up plus timed training — the high-water mark is reset (Linux "
-        "`/proc/self/clear_refs`) after loading, because loading the data peaks above what training needs and "
-        "would hide it; the training increment is that training peak minus the RSS just before training"
-        + (
-            "" if all(r.get("peak_reset", True) for r in records)
-            else " (the high-water mark could not be reset here: training peaks include loading)"
-        )
-        + (" (and `torch.cuda.max_memory_allocated`)" if cuda else "")
-        + f". Device: {device}"
-        + (
-            f", {threads} torch thread(s) per process (a simulated department reserves one core; more threads "
-            "than free cores make OpenMP spin and the timings meaningless on a shared machine)"
-            if threads else ""
-        )
-        + (f"; {jobs} configurations ran at a time" if jobs > 1 else "; configurations ran one at a time")
-        + "."
-        + comparison
-        + (f" Failed variants (recorded, not fatal): {', '.join(failed)}." if failed else "")
-        + (
-            " Quick mode: smaller departments, fewer repetitions, fedsilo's two shipped models only (no 512-wide "
-            "MLP); the times are not reference numbers."
-            if quick else ""
-        )
-    )
-    return BenchResult(
-        name=NAME,
-        title="DP-SGD cost: time per epoch and peak memory, DP vs non-private",
-        quick=quick,
-        text=text,
-        tables=[
-            Table(
-                f"Time per epoch (median of {reps}) and ratio to non-private training",
-                ["model", "variant", "examples", "steps", "s/epoch", "range (s)", "ms/step", "Opacus set-up (ms)",
-                 "× plain", "status"],
-                time_rows,
-            ),
-            Table("Peak memory per configuration (MiB; each in a fresh process)", mem_columns, mem_rows),
-        ],
-        plots=[PLOT],
-        targets=targets_for(records),
-        raw={
-            "configs": {c: asdict(CONFIGS[c]) for c in CONFIGS if any(r["config"] == c for r in records)},
-            "settings": {
-                "batch_size": BATCH_SIZE, "learning_rate": LEARNING_RATE, "momentum": MOMENTUM, "epochs": EPOCHS,
-                "noise_multiplier": NOISE_MULTIPLIER, "max_grad_norm": MAX_GRAD_NORM, "reps": reps,
-                "parallel_jobs": jobs, "target_ratio": TARGET_RATIO, "default_mode": {c: default_mode(records, c) for c in CONFIGS},
-            },
-            "records": records,
-            "ratios": ratios,
-            "all_ok": len(ok) == len(records),
+    raw = {
+        "configs": {c: asdict(CONFIGS[c]) for c in CONFIGS if any(r["config"] == c for r in records)},
+        "settings": {
+            "batch_size": BATCH_SIZE, "learning_rate": LEARNING_RATE, "momentum": MOMENTUM, "epochs": EPOCHS,
+            "noise_multiplier": NOISE_MULTIPLIER, "max_grad_norm": MAX_GRAD_NORM, "reps": reps,
+            "parallel_jobs": jobs, "target_ratio": TARGET_RATIO,
+            "default_mode": {c: summary.default_mode(records, c) for c in CONFIGS},
         },
-    )
+        "records": records,
+        "ratios": ratios,
+        "all_ok": all(r.get("ok") for r in records),
+    }
+    summary.plot(records, labels(), Path(out) / PLOT, reps)
+    return BenchResult(name=NAME, quick=quick, plots=[PLOT], raw=raw, **summary.summarize(raw, quick))
+
+
+def rerender(path: Path, draw_plots: bool = True) -> BenchResult:
+    """Rebuild a saved ``dp-cost.json`` (title, text, tables, targets; the plot unless not ``draw_plots``) from its raw data."""
+    saved = json.loads(Path(path).read_text())
+    raw = saved["raw"]
+    if draw_plots:
+        summary.plot(raw["records"], {c: spec["label"] for c, spec in raw["configs"].items()},
+                     Path(path).parent / PLOT, raw["settings"]["reps"])
+    result = BenchResult(name=NAME, quick=saved["quick"], plots=saved["plots"], raw=raw,
+                         **summary.summarize(raw, saved["quick"]))
+    result.seconds, result.load_before = saved.get("seconds", 0.0), saved.get("load_before")
+    return result
 
 
 def run(out: Path, quick: bool, smoke: bool = False) -> BenchResult:
