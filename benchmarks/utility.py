@@ -50,7 +50,9 @@ from fedsilo.shared.ledger import read_ledgers
 from fedsilo.shared.runs import resolve_run_dir
 from fedsilo.shared.models import build_model, evaluate, to_tensor_dataset
 
-from .common import BenchResult, Table, Target
+from . import utility_summary as summary
+from .common import BenchResult
+from .utility_summary import _eps, _key, _pct
 
 DELTA = SIMULATED_DEFAULT_POLICY.delta  # a simulated department's δ
 ACCOUNTANT = ACCOUNTANTS[0]  # what a department runs with by default
@@ -129,13 +131,6 @@ def _quiet() -> Iterator[None]:
     with warnings.catch_warnings(), np.errstate(divide="ignore", invalid="ignore"):
         warnings.simplefilter("ignore")
         yield
-
-
-def _key(epsilon: float | None) -> str:
-    return "no-dp" if epsilon is None else f"eps{epsilon:g}"
-
-
-# --------------------------------------------------------------------------- data
 
 
 def pooled(parts: list[Dataset]) -> Dataset:
@@ -422,32 +417,6 @@ def run_recipe(
 # --------------------------------------------------------------------------- the benchmark
 
 
-def _pct(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.1f} %"
-
-
-def at_chance(cell: dict[str, Any], num_classes: int) -> bool:
-    """The model guesses: chance accuracy at a loss of about ln(classes) (uniform predictions)."""
-    loss = cell.get("loss")
-    return (
-        loss is not None and cell["accuracy"] <= 1.5 / num_classes
-        and abs(loss - math.log(num_classes)) < 0.05 * math.log(num_classes)
-    )
-
-
-def _acc(cell: dict[str, Any], num_classes: int) -> str:
-    return _pct(cell["accuracy"]) + (" (at chance)" if at_chance(cell, num_classes) else "")
-
-
-def _eps(value: float | None) -> str:
-    return "—" if value is None else f"{value:.2f}"
-
-
-def _se_points(acc: float, n: int) -> float:
-    """Binomial standard error of a test accuracy, in points."""
-    return 100 * math.sqrt(max(acc * (1 - acc), 1e-12) / n)
-
-
 def bench_dataset(dataset: str, setup: Setup, out: Path) -> dict[str, Any]:
     """Every cell of one dataset: fedsilo, centralized and the recipe at each ε and without DP."""
     parts, test = federation_data(dataset, "label", (), setup.departments, setup.partition, setup.seed)
@@ -482,233 +451,6 @@ def bench_dataset(dataset: str, setup: Setup, out: Path) -> dict[str, Any]:
     return record
 
 
-def _table(dataset: str, rec: dict[str, Any], setup: Setup) -> Table:
-    rows = []
-    for eps in [*setup.epsilons, None]:
-        k = _key(eps)
-        f, c, r, rf = rec["fedsilo"][k], rec["centralized"][k], rec["recipe"][k], rec["recipe_fedsilo_hp"][k]
-        rows.append([
-            "no DP" if eps is None else f"ε = {eps:g}",
-            _acc(f, rec["num_classes"]),
-            _eps(f["max_epsilon"]),
-            _acc(c, rec["num_classes"]),
-            _eps(c["epsilon"]),
-            _acc(r, rec["num_classes"]),
-            _eps(r["reported_epsilon"]),
-            _eps(r["honest_epsilon"]),
-            _acc(rf, rec["num_classes"]),
-        ])
-    sizes = rec["department_sizes"]
-    return Table(
-        f"{dataset}: {setup.departments} departments ({min(sizes)}–{max(sizes)} training examples each, "
-        f"{rec['num_train']} in all, {setup.partition}), {setup.rounds} rounds, {rec['num_test']} test examples, "
-        f"{rec['model']}",
-        ["setting", "fedsilo acc", "fedsilo max ε", "centralized acc", "centralized ε", "recipe acc",
-         "recipe reported ε", "recipe honest ε", "recipe acc, fedsilo's lr/batch"],
-        rows,
-    )
-
-
-def _time_table(results: dict[str, Any], setup: Setup) -> Table:
-    rows = []
-    for dataset, rec in results.items():
-        for eps in [*setup.epsilons, None]:
-            k = _key(eps)
-            rows.append([
-                dataset, "no DP" if eps is None else f"ε = {eps:g}",
-                f"{rec['fedsilo'][k]['seconds']:.0f}",
-                f"{rec['centralized'][k]['seconds']:.0f}",
-                f"{rec['recipe'][k]['seconds']:.0f}",
-                f"{rec['recipe_fedsilo_hp'][k]['seconds']:.0f}",
-            ])
-    return Table(
-        "Wall time per cell (seconds; fedsilo = the whole `fedsilo simulate` subprocess, Flower start-up included)",
-        ["dataset", "setting", "fedsilo", "centralized", "recipe", "recipe, fedsilo's lr/batch"],
-        rows,
-    )
-
-
-def _targets(results: dict[str, Any], setup: Setup) -> list[Target]:
-    targets = []
-    top = max(setup.epsilons)
-    for dataset, rec in results.items():
-        k, n = _key(top), rec["num_test"]
-        f, c = rec["fedsilo"][k], rec["centralized"][k]
-        gap = 100 * (c["accuracy"] - f["accuracy"])
-        se = math.hypot(_se_points(f["accuracy"], n), _se_points(c["accuracy"], n))
-        depts = f["departments"].values()
-        sigmas = [d["noise_multiplier"] for d in depts]
-        rates = [d["sample_rate"] for d in depts]
-        # Noise std on one step's mean gradient, in units of C: σ / expected batch (N q).
-        ratio = [d["noise_multiplier"] / (d["num_examples"] * d["sample_rate"]) for d in depts]
-        pooled_ratio = c["noise_multiplier"] / (c["num_examples"] * c["sample_rate"])
-        nodp = [rec[name]["no-dp"] for name in ("centralized", "fedsilo")]
-        nodp_text = (
-            f"Without DP the runs stayed at chance (lr {FEDSILO_HP.learning_rate:g}), so "
-            "there is no no-DP gap to compare."
-            if any(at_chance(x, rec["num_classes"]) for x in nodp)
-            else f"Without DP the gap is {100 * (nodp[0]['accuracy'] - nodp[1]['accuracy']):+.1f} points."
-        )
-        met = gap <= GAP_POINTS
-        note = (f"one run each, DP noise unseeded; ±{se:.1f} points (binomial SE of the gap on {n} test examples). "
-                f"Each department is calibrated to its own sample rate: σ {min(sigmas):.2f}–{max(sigmas):.2f} at "
-                f"q {min(rates):.2f}–{max(rates):.2f}, i.e. noise σ/B = {min(ratio):.3f}–{max(ratio):.3f} "
-                f"per step's mean gradient, vs σ {c['noise_multiplier']:.2f} at q {c['sample_rate']:.3f} "
-                f"(σ/B = {pooled_ratio:.3f}) for the pooled data. {nodp_text}")
-        if not met:
-            note += (" The DP part of the gap: every department pays "
-                     "for record-level DP at its own, higher sample rate (weaker amplification by sampling). "
-                     "What would close it: larger departments (lower q: fewer, merged silos), noise added once "
-                     "on the aggregate instead of in every department (secure aggregation with distributed "
-                     "noise), or more rounds and a learning rate tuned for the noisier federated updates.")
-        targets.append(Target(
-            f"fedsilo within {GAP_POINTS:g} points of centralized DP-SGD at ε = {top:g} ({dataset})",
-            f"fedsilo {_pct(f['accuracy'])} (max ε {_eps(f['max_epsilon'])}) vs centralized {_pct(c['accuracy'])} "
-            f"(ε {_eps(c['epsilon'])}): gap {gap:+.1f} points",
-            met,
-            note,
-        ))
-    for dataset, rec in results.items():
-        n = rec["num_test"]
-        for eps in setup.epsilons:
-            k = _key(eps)
-            f, r, rf = rec["fedsilo"][k], rec["recipe"][k], rec["recipe_fedsilo_hp"][k]
-            diff = 100 * (f["accuracy"] - r["accuracy"])
-            met = diff > 0
-            same_hp = 100 * (f["accuracy"] - rf["accuracy"])
-            note = (f"the recipe reports ε {_eps(r['reported_epsilon'])} (last round only) for an honest "
-                    f"{_eps(r['honest_epsilon'])}. With fedsilo's lr/batch the recipe reaches "
-                    f"{_pct(rf['accuracy'])} (σ {rf['noise_multiplier']:.2f} for every department, sized for the "
-                    f"smallest): fedsilo {same_hp:+.1f} points against it. ±{_se_points(f['accuracy'], n):.1f} "
-                    f"points binomial SE.")
-            if same_hp <= 0:
-                note += (" At equal optimizer settings the only difference left is fedsilo's per-department σ "
-                         "(less noise for the larger departments), a gain one run per cell cannot resolve: "
-                         "repeated runs are needed to call it.")
-            if not met:
-                note += (" Missed: at equal honest ε the recipe's single σ is the only privacy difference; "
-                         "a gap this small needs several seeds to resolve, and per-department σ or more rounds "
-                         "would move fedsilo ahead.")
-            targets.append(Target(
-                f"fedsilo more accurate than the recipe at equal honest ε = {eps:g} ({dataset})",
-                f"fedsilo {_pct(f['accuracy'])} (ε {_eps(f['max_epsilon'])}) vs recipe {_pct(r['accuracy'])} "
-                f"(honest ε {_eps(r['honest_epsilon'])}): {diff:+.1f} points",
-                met,
-                note,
-            ))
-    return targets
-
-
-def plot(results: dict[str, Any], setup: Setup, path: Path) -> None:
-    """Accuracy vs ε (log x), one panel per dataset; no-DP levels as horizontal lines."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, len(results), figsize=(max(9.0, 6.2 * len(results)), 5.4), squeeze=False)
-    styles = {
-        "fedsilo": ("tab:blue", "o", "-"),
-        "centralized": ("tab:green", "s", "-"),
-        "recipe": ("tab:red", "^", "-"),
-        "recipe_fedsilo_hp": ("tab:orange", "v", "--"),
-    }
-    labels = {
-        "fedsilo": "fedsilo (ε: max over ledgers)",
-        "centralized": "centralized DP-SGD, pooled data",
-        "recipe": "Flower Opacus recipe (honest ε)",
-        "recipe_fedsilo_hp": "recipe with fedsilo's lr/batch (honest ε)",
-    }
-    eps_field = {"fedsilo": "max_epsilon", "centralized": "epsilon", "recipe": "honest_epsilon",
-                 "recipe_fedsilo_hp": "honest_epsilon"}
-    for ax, (dataset, rec) in zip(axes[0], results.items()):
-        for name, (color, marker, line) in styles.items():
-            cells = [rec[name][_key(e)] for e in setup.epsilons]
-            xs = [c[eps_field[name]] for c in cells]
-            ys = [100 * c["accuracy"] for c in cells]
-            ax.plot(xs, ys, line, color=color, marker=marker, label=labels[name])
-            if not at_chance(rec[name]["no-dp"], rec["num_classes"]):  # a guessing model is no reference
-                ax.axhline(100 * rec[name]["no-dp"]["accuracy"], color=color, linestyle=":", linewidth=1)
-        cells = [rec["recipe"][_key(e)] for e in setup.epsilons]
-        ax.scatter([c["reported_epsilon"] for c in cells], [100 * c["accuracy"] for c in cells],
-                   facecolors="none", edgecolors="tab:red", marker="^", s=60,
-                   label="recipe at the ε it reports (last round)")
-        for c in cells:
-            ax.annotate("", xy=(c["honest_epsilon"], 100 * c["accuracy"]),
-                        xytext=(c["reported_epsilon"], 100 * c["accuracy"]),
-                        arrowprops=dict(arrowstyle="->", color="tab:red", alpha=0.4))
-        ax.set_xscale("log")
-        ticks = sorted({*setup.epsilons, *[round(c["reported_epsilon"], 2) for c in cells]})
-        ax.set_xticks(ticks)
-        ax.set_xticklabels([f"{t:g}" for t in ticks], fontsize=8)
-        ax.minorticks_off()
-        ax.set_xlabel(f"whole-history ε at δ = {DELTA:g} ({ACCOUNTANT.upper()}), log scale")
-        ax.set_ylabel("final test accuracy (%)")
-        ax.set_title(f"{dataset}: {setup.departments} departments, {setup.rounds} rounds (dotted: no DP, if it trained)")
-        ax.grid(True, alpha=0.3)
-        ax.set_xlim(min(ticks) / 1.25, max(ticks) * 1.25)
-    handles, names = axes[0][0].get_legend_handles_labels()
-    fig.legend(handles, names, loc="lower center", ncol=3, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.13, 1, 1))
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _chance_text(results: dict[str, Any], setup: Setup) -> str:
-    """Name the cells whose model ended at chance, and why, grouped by optimizer settings."""
-    groups: dict[str, list[str]] = {"fedsilo": [], "recipe": []}
-    for dataset, rec in results.items():
-        for e in [*setup.epsilons, None]:
-            for name, group in (("fedsilo", "fedsilo"), ("centralized", "fedsilo"),
-                                ("recipe_fedsilo_hp", "fedsilo"), ("recipe", "recipe")):
-                if at_chance(rec[name][_key(e)], rec["num_classes"]):
-                    label = name.replace("recipe_fedsilo_hp", "recipe with fedsilo's lr/batch")
-                    groups[group].append(f"{dataset} {'no DP' if e is None else f'ε = {e:g}'} {label}")
-    text = ""
-    if groups["fedsilo"]:
-        text += (f" **At chance** (loss ≈ ln(classes)) with fedsilo's settings (lr {FEDSILO_HP.learning_rate:g}): "
-                 + "; ".join(groups["fedsilo"]) + ". These rows measure fedsilo's defaults, not the best accuracy "
-                 "the model can reach; a no-DP line at chance is left out of the plot.")
-    if groups["recipe"]:
-        text += (f" **At chance** with the recipe's lr {RECIPE_HP.learning_rate:g}: " + "; ".join(groups["recipe"])
-                 + f": {setup.rounds} rounds of one small local epoch barely move the model from its initialization.")
-    return text
-
-
-def _text(results: dict[str, Any], setup: Setup) -> str:
-    first = next(iter(results.values()))
-    eps = next((first["recipe"][_key(e)] for e in setup.epsilons), None)
-    return (
-        f"Final test accuracy across {setup.departments} non-IID departments ({setup.partition}, seed {setup.seed}), "
-        f"{setup.rounds} rounds × {setup.local_epochs} local epoch, at whole-history ε ∈ "
-        f"{{{', '.join(f'{e:g}' for e in setup.epsilons)}}} (δ = {DELTA:g}, {ACCOUNTANT.upper()}) and without DP. "
-        f"**fedsilo**: the real `fedsilo simulate` CLI as a subprocess (`--target-epsilon k --max-epsilon k`; "
-        f"defaults batch {FEDSILO_HP.batch_size}, lr {FEDSILO_HP.learning_rate:g}, momentum {FEDSILO_HP.momentum:g}, "
-        f"C = {FEDSILO_HP.max_grad_norm:g}); ε is the largest whole-history ε in the departments' ledgers. "
-        f"**Centralized DP-SGD**: the same departments' training examples pooled, the same model and "
-        f"initialization (seed {setup.seed}), fedsilo's `train_dp` with the same batch/lr/momentum/C for "
-        f"{setup.central_epochs} epochs (= rounds × local epochs: every example is used as often as in the "
-        f"federation), σ from `noise_for_target` for all those steps; the no-DP row is plain SGD. "
-        f"**Recipe**: Flower's Opacus example (adap/flower examples/opacus) — a new `PrivacyEngine()` and "
-        f"`make_private` on every client every round, its own optimizer (SGD lr {RECIPE_HP.learning_rate:g}, "
-        f"momentum {RECIPE_HP.momentum:g}, batch {RECIPE_HP.batch_size}, 1 local epoch, C = {RECIPE_HP.max_grad_norm:g}, "
-        f"Poisson sampling, hooks), one fixed noise multiplier for every client, the same model and initialization; "
-        f"run in-process with example-weighted FedAvg and no Flower, since what is compared is its training "
-        f"recipe and its privacy accounting. Its σ is set so its *honest* ε — one accountant over all rounds' "
-        f"steps, max over departments — equals the target (σ {eps['noise_multiplier']:.2f} for "
-        f"ε = {setup.epsilons[0]:g} on {next(iter(results))}); \"reported ε\" is what its "
-        f"`privacy_engine.get_epsilon(delta)` returns after the last round (that round only, max over departments; "
-        f"Opacus' default accountant, PRV in the Opacus 1.6 used here). "
-        f"The last column reruns the recipe with fedsilo's lr/momentum/batch, to separate the optimizer settings "
-        f"from the accounting. The in-process baselines train on one thread, as each simulated department does. "
-        f"One run per cell, DP noise unseeded: at these data sizes repeated runs differ by several points, "
-        f"most at small ε; the binomial SE in the targets' notes is only a lower bound on that noise. "
-        f"Runs and logs: `OUT/utility/`."
-        + _chance_text(results, setup)
-        if eps else ""
-    )
-
-
 def run(out: Path, quick: bool, setup: Setup | None = None, smoke: bool = False) -> BenchResult:
     """The benchmark; ``setup`` overrides the quick/full sizes (tests); ``smoke``: :data:`SMOKE`, in quick mode."""
     quick = quick or smoke
@@ -726,35 +468,28 @@ def run(out: Path, quick: bool, setup: Setup | None = None, smoke: bool = False)
     return build_result(results, setup, quick, out)
 
 
-def build_result(results: dict[str, Any], setup: Setup, quick: bool, out: Path) -> BenchResult:
+def build_result(results: dict[str, Any], setup: Setup, quick: bool, out: Path, draw_plots: bool = True) -> BenchResult:
     """Tables, targets, text and the plot from measured ``results`` (also re-renders a saved run)."""
-    plot(results, setup, Path(out) / PLOT)
-    return BenchResult(
-        name="utility",
-        title="Privacy–utility: fedsilo vs centralized DP-SGD vs Flower's Opacus recipe",
-        quick=quick,
-        text=_text(results, setup),
-        tables=[*(_table(d, rec, setup) for d, rec in results.items()), _time_table(results, setup)],
-        plots=[PLOT],
-        targets=_targets(results, setup),
-        raw={
-            "setup": {**asdict(setup), "central_epochs": setup.central_epochs},
-            "delta": DELTA,
-            "accountant": ACCOUNTANT,
-            "fedsilo_hyperparameters": asdict(FEDSILO_HP),
-            "recipe_hyperparameters": asdict(RECIPE_HP),
-            "recipe_fedsilo_hyperparameters": asdict(RECIPE_FEDSILO_HP),
-            "datasets": results,
-        },
-    )
+    raw = {
+        "setup": {**asdict(setup), "central_epochs": setup.central_epochs},
+        "delta": DELTA,
+        "accountant": ACCOUNTANT,
+        "fedsilo_hyperparameters": asdict(FEDSILO_HP),
+        "recipe_hyperparameters": asdict(RECIPE_HP),
+        "recipe_fedsilo_hyperparameters": asdict(RECIPE_FEDSILO_HP),
+        "datasets": results,
+    }
+    if draw_plots:
+        summary.plot(results, setup, DELTA, ACCOUNTANT, Path(out) / PLOT)
+    return BenchResult(name="utility", quick=quick, plots=[PLOT], raw=raw, **summary.summarize(raw, setup, GAP_POINTS))
 
 
-def rerender(path: Path) -> BenchResult:
-    """Rebuild a saved ``utility.json`` (text, tables, targets, plot) without re-running anything."""
+def rerender(path: Path, draw_plots: bool = True) -> BenchResult:
+    """Rebuild a saved ``utility.json`` (title, text, tables, targets; the plot unless not ``draw_plots``) without re-running anything."""
     saved = json.loads(Path(path).read_text())
     raw = saved["raw"]
     fields = {k: v for k, v in raw["setup"].items() if k != "central_epochs"}
     setup = Setup(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-    result = build_result(raw["datasets"], setup, saved["quick"], Path(path).parent)
-    result.seconds = saved.get("seconds", 0.0)
+    result = build_result(raw["datasets"], setup, saved["quick"], Path(path).parent, draw_plots)
+    result.seconds, result.load_before = saved.get("seconds", 0.0), saved.get("load_before")
     return result
