@@ -19,7 +19,7 @@ from fedsilo.shared.data import DataError, load_table, table_schema, split_colum
 from fedsilo.shared.model_factory import check_spec, describe_grad_sample_mode, model_changes
 from fedsilo.shared.models import build_model
 from fedsilo.shared.schema import DataSchema
-from fedsilo.shared.flower_cli import FlowerError, progress_filter
+from fedsilo.shared.flower_cli import FlowerError
 
 from . import coordinator as coord
 from .proxy import ProxyError
@@ -28,6 +28,7 @@ from fedsilo.shared.record import RECORD_FILE
 from fedsilo.shared.runs import create_run_folder, keep_earlier_log, link_latest, new_run_name, refuse_with_resume, typed_options
 
 from .checkpoint import CHECKPOINT_FILE, CheckpointError, resumable
+from .progress import RunProgress
 from .report import print_run_report
 from .robust import check_aggregation
 from .summary import SUMMARY_FILE
@@ -230,16 +231,18 @@ def _resume(ctx: typer.Context, run: Path, certs: Path, state: Path, verbose: bo
 
 
 def _submit(connection, settings: RunSettings, run_dir: Path, verbose: bool, state: Path) -> None:
-    """Submit the run through loopback Control, stream its progress, print the report.
+    """Submit the run through loopback Control, show its events as it goes, print the report.
 
     The run config carries only the department-scope settings; the coordinator's own
     stay in a 0600 file in the SuperExec's FLWR_HOME, where the ServerApp reads them.
     """
-    show = progress_filter(lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True), verbose)
+    progress = RunProgress(run_dir, lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True),
+                           lambda text: err_console.print(text, markup=False, highlight=False), verbose=verbose)
     home = coord.superexec_home(state)
     run_config = publish(settings, home)
     try:
-        outcome = coord.submit(connection, run_config, run_dir / "flower.log", show)
+        with progress:
+            outcome = coord.submit(connection, run_config, run_dir / "flower.log", progress.flower_line)
     except FlowerError as err:
         _fail(err, 1)
     finally:

@@ -2,8 +2,10 @@
 
 Both the simulation (a private, loopback SuperLink) and the coordinator (a TLS
 SuperLink) submit the fedsilo app the same way: through a named SuperLink
-connection in a private ``FLWR_HOME``, streaming the log, then reading the run's
-final status back, because ``flwr run`` exits 0 even when the run failed.
+connection in a private ``FLWR_HOME``, streaming Flower's log (to a file, and to a
+line handler), then reading the run's final status back, because ``flwr run``
+exits 0 even when the run failed.  What the user sees of a run's progress comes
+from its events, not from this log (:mod:`fedsilo.server.progress`).
 
 Every process started from here runs with runtime dependency installation and
 telemetry off, and processes are ended with their whole descendant tree.
@@ -13,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import secrets
 import shutil
 import signal
@@ -246,58 +247,6 @@ def toml_value(value: Any) -> str:
     if isinstance(value, (int, float)):
         return repr(value)
     return json.dumps(str(value))  # a TOML basic string
-
-
-ANSI = re.compile(r"\x1b\[[0-9;]*m")
-_PROGRESS = re.compile(r"fedsilo: (.*)$")  # the ServerApp's progress lines (server/app.py)
-# Its first line, once it has its data and model: "run ID -> OUT (...)" or "run ID resumed ...".
-_RUN_HEADER = re.compile(r"^run \S+ (->|resumed) ")
-
-
-def progress_text(line: str) -> str | None:
-    """The text of a ServerApp ``fedsilo:`` progress line in a Flower log line, else None."""
-    match = _PROGRESS.search(ANSI.sub("", line))
-    return match.group(1) if match else None
-
-
-def is_run_header(text: str) -> bool:
-    """True for the ServerApp's first progress line (the run is set up; no round has run yet)."""
-    return bool(_RUN_HEADER.match(text))
-
-
-class ProgressFilter:
-    """A line handler for a streamed Flower log: every line when ``verbose``, else
-    only the ServerApp's ``fedsilo:`` progress lines, once each (Flower prints
-    every log record twice: to the console and in its own format).
-
-    :meth:`shows` says, without handling it, whether a line would be emitted:
-    whoever draws on the terminal meanwhile (the startup progress) steps aside first.
-    """
-
-    def __init__(self, emit: Callable[[str], None], verbose: bool = False) -> None:
-        self.emit = emit
-        self.verbose = verbose
-        self._last = ""
-
-    def shows(self, line: str) -> bool:
-        if self.verbose:
-            return True
-        text = progress_text(line)
-        return text is not None and text != self._last
-
-    def __call__(self, line: str) -> None:
-        if self.verbose:
-            self.emit(line)
-            return
-        text = progress_text(line)
-        if text is not None and text != self._last:
-            self._last = text
-            self.emit(f"  {text}")
-
-
-def progress_filter(emit: Callable[[str], None], verbose: bool = False) -> ProgressFilter:
-    """See :class:`ProgressFilter`."""
-    return ProgressFilter(emit, verbose)
 
 
 def config_arg(values: dict[str, Any]) -> str:

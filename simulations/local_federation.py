@@ -35,12 +35,11 @@ from fedsilo.shared.flower_cli import (
     RunOutcome,
     flower_executable,
     free_port,
-    is_run_header,
-    progress_text,
     stop_tree,
     wait_for_port,
     write_runtime_secret,
 )
+from fedsilo.server.events import Event, RunResumed, RunStarted
 
 
 # Ray binds its gRPC servers (GCS, raylet, object manager, every worker), the
@@ -127,6 +126,12 @@ def job_environment(flwr_home: Path, environ: Mapping[str, str] | None = None) -
     return {RAY_JOB_CONFIG: json.dumps({**job, "runtime_env": runtime})}
 
 
+# What Flower's simulation process logs first (flwr/simulation/app.py), and the stage it begins.
+SIMULATION_STARTED = "Starting Flower Simulation"
+SIMULATION_STAGE = "ServerApp and Ray"
+SUBMIT_STAGE = "Flower SuperExec"  # the run submitted; the SuperExec starts the simulation process
+
+
 def _isatty(stream: Any) -> bool:
     try:
         return bool(stream.isatty())
@@ -149,11 +154,14 @@ class StartupProgress:
         still starting the simulation engine (4 departments in Ray, first round): 20 s
         simulation engine started in 23 s
 
-    It draws on ``stream`` (stderr: stdout stays the run's own output).  Wrap
-    the run's line handler with :meth:`handler`: before a line that handler
-    shows, the progress steps aside; the ServerApp's first line (the run is set
-    up) moves it to its last stage, any other shown line ends it.  ``clock``,
-    ``live`` and ``thread=False`` (then call :meth:`tick` yourself) are for tests.
+    It draws on ``stream`` (stderr: stdout stays the run's own output).  Until
+    the ServerApp exists its stages come from the processes and Flower's log:
+    the SuperLink answering on its port, then the simulation process's first
+    log line (:meth:`log_line`).  From then on the run's events drive it
+    (:class:`~fedsilo.server.progress.RunProgress` calls :meth:`around_event`
+    and :meth:`around_log_line`): the run's first event moves it to its last
+    stage, :attr:`set_up`, the next ends it.  ``clock``, ``live`` and
+    ``thread=False`` (then call :meth:`tick` yourself) are for tests.
     """
 
     WHAT = "starting the simulation engine"
@@ -178,6 +186,7 @@ class StartupProgress:
         self.threaded = thread
         self.active = False
         self.stage_text = ""
+        self.set_up = "the departments in Ray, first round"  # the stage after the run's first event
         self._started_at = 0.0
         self._reported = 0.0  # the last multiple of `every` written (plain lines)
         self._spinner = None  # the rich Spinner while drawn (live)
@@ -261,31 +270,39 @@ class StartupProgress:
         if thread is not None and thread is not threading.current_thread():
             thread.join(timeout=5)
 
-    def handler(
-        self, on_line: Callable[[str], None] | None, set_up: str = "the departments in Ray, first round"
-    ) -> Callable[[str], None]:
-        """``on_line`` with the progress stepping aside for the lines it shows.
+    def log_line(self, line: str) -> None:
+        """One line of Flower's streamed log: the simulation process has started, ServerApp and Ray next.
 
-        A handler with a ``shows(line)`` method (a :class:`~fedsilo.shared.flower_cli.ProgressFilter`)
-        is asked; any other is taken to show every line.  ``set_up``: the stage after
-        the ServerApp's first line.
+        This stage must come from the log: the SuperExec, not fedsilo, starts that
+        process, and the ServerApp in it has written no event yet (no event can
+        say that the ServerApp is about to exist).
         """
-        shows = getattr(on_line, "shows", None) or (lambda line: True)
+        if self.active and SIMULATION_STARTED in line:
+            self.stage(SIMULATION_STAGE)
 
-        def handle(line: str) -> None:
-            if self.active and on_line is not None and shows(line):
-                text = progress_text(line)
-                if text is not None and is_run_header(text):
-                    self.pause()
-                    on_line(line)
-                    self.stage(set_up)
-                    self.resume()
-                    return
-                self.stop(done=text is not None)
-            if on_line is not None:
-                on_line(line)
+    def around_event(self, event: Event, show: Callable[[], None]) -> None:
+        """Show one of the run's events (``show`` prints its line) with the progress out of the way.
 
-        return handle
+        The ServerApp's first event (the run started, or resumed: its data and model
+        are loaded) moves the progress on to :attr:`set_up`; any other event (the
+        first round, a notice, the end) ends it, having said how long starting took.
+        """
+        if self.active and isinstance(event, (RunStarted, RunResumed)):
+            self.pause()
+            show()
+            self.stage(self.set_up)
+            self.resume()
+            return
+        self.stop(done=True)
+        show()
+
+    def around_log_line(self, show: Callable[[], None]) -> None:
+        """A line of Flower's own log is shown (``--verbose``, or an error): the progress ends.
+
+        Not "started": the full log speaks for itself, and an error means it did not.
+        """
+        self.stop()
+        show()
 
     def _draw(self) -> None:
         from rich.console import Console
@@ -360,7 +377,7 @@ class LocalFederation:
             self.stop()
             raise
         if self.progress is not None:
-            self.progress.stage("ServerApp and Ray")
+            self.progress.stage(SUBMIT_STAGE)
 
     def stop(self) -> None:
         """End the SuperLink and every process it spawned."""
@@ -388,9 +405,15 @@ class LocalFederation:
         progress = self.progress
         if progress is None:
             return self.connection.run(run_config, log_path or self.workdir / "flower.log", federation, on_line)
-        progress.start("ServerApp and Ray")  # already running since start(): only the stage
-        handler = progress.handler(on_line, set_up=f"{int(num_supernodes)} departments in Ray, first round")
+        progress.start(SUBMIT_STAGE)  # already running since start(): only the stage
+        progress.set_up = f"{int(num_supernodes)} departments in Ray, first round"
+
+        def handle(line: str) -> None:
+            progress.log_line(line)
+            if on_line is not None:
+                on_line(line)
+
         try:
-            return self.connection.run(run_config, log_path or self.workdir / "flower.log", federation, handler)
+            return self.connection.run(run_config, log_path or self.workdir / "flower.log", federation, handle)
         finally:
             progress.stop()  # the run ended (or failed) before its first progress line

@@ -31,7 +31,8 @@ from fedsilo.shared.model_factory import check_spec, describe_grad_sample_mode, 
 from fedsilo.shared.models import build_model
 from fedsilo.shared.schema import DataSchema
 
-from fedsilo.shared.flower_cli import ANSI, FlowerError, progress_filter
+from fedsilo.server.progress import RunProgress, print_log_tail
+from fedsilo.shared.flower_cli import FlowerError
 
 from .local_federation import LocalFederation, user_ray_cluster
 
@@ -311,11 +312,10 @@ def _say_history(forecasts: list[Forecast], ledgers: Path) -> None:
 
 
 def _run(settings: RunSettings, run_dir: Path, departments: int, cpus_per_department: int, verbose: bool) -> None:
-    """Start the Simulation Engine on ``settings``, stream its progress, print the report."""
+    """Start the Simulation Engine on ``settings``, show the run's events as it goes, print the report."""
     # On SIGTERM unwind normally, so the SuperLink and its children are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = Path(tempfile.mkdtemp(prefix=".flower-", dir=run_dir))
-    show = progress_filter(lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True), verbose)
     cluster = user_ray_cluster()
     if cluster is not None:  # else a private Ray on loopback (LocalFederation)
         err_console.print(
@@ -325,7 +325,7 @@ def _run(settings: RunSettings, run_dir: Path, departments: int, cpus_per_depart
             markup=True, highlight=False,
         )
     try:
-        with LocalFederation(workdir) as federation:
+        with LocalFederation(workdir) as federation, _progress(run_dir, verbose, federation.progress) as progress:
             # Only the department-scope settings go into the run config; the rest (the coordinator's,
             # the simulated departments' data, ledgers and policy) into the simulation's own FLWR_HOME,
             # which its ServerApp and Ray workers inherit.
@@ -333,7 +333,7 @@ def _run(settings: RunSettings, run_dir: Path, departments: int, cpus_per_depart
                 publish(settings, federation.connection.home),
                 num_supernodes=departments,
                 cpus_per_department=cpus_per_department,
-                on_line=show,
+                on_line=progress.flower_line,
                 log_path=run_dir / "flower.log",
             )
     except FlowerError as err:
@@ -348,7 +348,7 @@ def _run(settings: RunSettings, run_dir: Path, departments: int, cpus_per_depart
             f"[red]error:[/red] run {outcome.run_id} ended as '{outcome.status}'. "
             f"Full log: {outcome.log_path}"
         )
-        _print_tail(outcome.log_path)
+        print_log_tail(outcome.log_path, _say_error)
         if (run_dir / CHECKPOINT_FILE).exists():
             err_console.print(f"Its completed rounds are kept: continue with `fedsilo simulate --resume {run_dir}`")
         raise typer.Exit(1)
@@ -371,10 +371,11 @@ def _show_schema(schema: DataSchema, run_dir: Path, given: bool) -> None:
         console.print(f"  {column.name}: {column.describe()}", markup=False, highlight=False)
 
 
-def _print_tail(log_path: Path, lines: int = 25) -> None:
-    try:
-        tail = log_path.read_text(encoding="utf-8", errors="replace").splitlines()[-lines:]
-    except OSError:
-        return
-    for line in tail:
-        err_console.print(ANSI.sub("", line), markup=False, highlight=False)
+def _progress(run_dir: Path, verbose: bool, startup=None) -> RunProgress:
+    """The run's events as progress lines on stdout, Flower's errors on stderr (``--verbose``: its whole log)."""
+    return RunProgress(run_dir, lambda text: console.print(text, markup=False, highlight=False, soft_wrap=True),
+                       _say_error, verbose=verbose, startup=startup)
+
+
+def _say_error(text: str) -> None:
+    err_console.print(text, markup=False, highlight=False)
