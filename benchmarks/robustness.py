@@ -52,7 +52,10 @@ from fedsilo.shared.metrics import score
 from fedsilo.shared.models import build_model
 from fedsilo.shared.protocol import ARRAYS_KEY, METRICS_KEY, STATUS_KEY, STATUS_TRAINED
 
-from .common import BenchResult, Table, Target, machine
+from . import robustness_summary as summary
+from .common import BenchResult, machine
+from .prose import prose
+from .robustness_summary import _pct
 
 NAME = "robustness"
 PLOT = "robustness.png"
@@ -262,24 +265,6 @@ def run_cell(rule: str, attack: str, setup: Setup, parts: tuple[Dataset, ...] | 
 # --------------------------------------------------------------------------- the benchmark
 
 
-def _pct(x: float) -> str:
-    return f"{100 * x:.1f} %"
-
-
-def _summary(cells: list[dict[str, Any]]) -> dict[str, float]:
-    finals = [c["accuracy"][-1] for c in cells]
-    return {"mean": statistics.fmean(finals), "min": min(finals), "max": max(finals)}
-
-
-def _attacker(cells: dict[str, dict[str, list[dict[str, Any]]]]) -> str:
-    return next(runs[0]["attacker"] for by_attack in cells.values() for runs in by_attack.values() if runs)
-
-
-def _cell_text(cells: list[dict[str, Any]]) -> str:
-    s = _summary(cells)
-    return _pct(s["mean"]) if len(cells) == 1 else f"{_pct(s['mean'])} ({100 * s['min']:.1f}–{100 * s['max']:.1f})"
-
-
 def bench(setup: Setup) -> dict[str, Any]:
     """Every (rule, attack) cell, ``setup.repeats`` times; the rules interleaved so machine load hits all alike."""
     federation = simulated_federation(setup.dataset, num_departments=setup.departments, scheme=setup.partition,
@@ -302,144 +287,6 @@ def bench(setup: Setup) -> dict[str, Any]:
     }
 
 
-def _tables(data: dict[str, Any], setup: Setup) -> list[Table]:
-    cells = data["cells"]
-    accuracy = Table(
-        f"Final held-out accuracy after {setup.rounds} rounds: mean over {setup.repeats} run(s)"
-        + (" (min–max)" if setup.repeats > 1 else "")
-        + f"; {setup.departments} departments, one of them ({_attacker(cells)}) attacking",
-        ["rule", *setup.attacks],
-        [[rule, *(_cell_text(cells[rule][a]) for a in setup.attacks)] for rule in setup.rules],
-    )
-    rows = []
-    for attack in setup.attacks:
-        for rule in setup.rules:
-            runs = cells[rule][attack]
-            honest = [n for c in runs for n in c["honest_norm"]]
-            attacker = [n for c in runs for n in c["attacker_norm"]]
-            clipped = sum(len(r) for c in runs for r in c["clipped"])
-            picked = [s for c in runs for s in c["krum_selected"]]
-            rows.append([
-                attack, rule,
-                f"{statistics.median(honest):.2f}", f"{statistics.median(attacker):.2f}",
-                f"{clipped} of {len(runs) * setup.rounds * setup.departments}" if rule == "fedavg+bound" else "—",
-                (f"{sum(1 for s in picked if s == _attacker(cells))} of {len(picked)}" if rule == "krum" else "—"),
-                f"{statistics.fmean(c['seconds'] for c in runs):.1f}",
-            ])
-    details = Table(
-        "Update norms (median ‖w − w_global‖₂ over rounds and runs), the norm bound's clips, Krum's picks, time",
-        ["attack", "rule", "honest norm", "attacker norm", f"updates clipped to B = {setup.max_update_norm:g}",
-         f"Krum picked {_attacker(cells)} (the attacker; honest under 'none')", "s per run"],
-        rows,
-    )
-    return [accuracy, details]
-
-
-def _targets(data: dict[str, Any], setup: Setup) -> list[Target]:
-    cells = data["cells"]
-    targets = []
-    if "scaled" in setup.attacks and "fedavg" in setup.rules:
-        fedavg = _summary(cells["fedavg"]["scaled"])
-        for rule in [r for r in ROBUST if r in setup.rules]:
-            robust = _summary(cells[rule]["scaled"])
-            gap = 100 * (robust["mean"] - fedavg["mean"])
-            worst = 100 * (robust["min"] - fedavg["max"])
-            met = worst >= MARGIN_POINTS
-            targets.append(Target(
-                f"{rule} ≥ {MARGIN_POINTS:g} points above FedAvg under the scaled attack (1 of {setup.departments})",
-                f"{_pct(robust['mean'])} vs {_pct(fedavg['mean'])}: {gap:+.1f} points (worst run vs best: {worst:+.1f})",
-                met,
-                f"{setup.repeats} run(s) each, DP noise unseeded; judged on the worst {rule} run against the best "
-                "FedAvg run." + ("" if met else " Missed: more rounds, or a rule whose guarantee covers more "
-                                 "departments, would be needed."),
-            ))
-    if "none" in setup.attacks and "fedavg" in setup.rules:
-        base = _summary(cells["fedavg"]["none"])
-        for rule in [r for r in setup.rules if r != "fedavg"]:
-            own = _summary(cells[rule]["none"])
-            cost = 100 * (base["mean"] - own["mean"])
-            met = cost <= COST_POINTS
-            note = f"mean of {setup.repeats} run(s) each, DP noise unseeded: the price of the rule when nobody attacks."
-            if rule == "krum":
-                note += (" Krum keeps one department's update a round, so it averages neither the data nor the "
-                         "DP noise of the others: it learns slower in the first rounds.")
-            if rule in ("trimmed-mean", "median"):
-                note += " Coordinate-wise rules discard honest values too (the extremes of DP-noisy updates)."
-            if not met:
-                note += " Missed: more rounds (the rules converge to the same level later) or more departments."
-            targets.append(Target(
-                f"{rule} within {COST_POINTS:g} points of FedAvg without an attack",
-                f"{_pct(own['mean'])} vs {_pct(base['mean'])}: {cost:.1f} points lower",
-                met,
-                note,
-            ))
-    return targets
-
-
-def plot(data: dict[str, Any], setup: Setup, path: Path) -> None:
-    """Held-out accuracy per round, one panel per attack, one line per rule (mean over runs)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    cells = data["cells"]
-    fig, axes = plt.subplots(1, len(setup.attacks), figsize=(5.2 * len(setup.attacks), 4.4), squeeze=False,
-                             sharey=True)
-    colors = dict(zip(RULES, ("tab:red", "tab:blue", "tab:green", "tab:purple", "tab:orange")))
-    rounds = list(range(1, setup.rounds + 1))
-    for ax, attack in zip(axes[0], setup.attacks):
-        for rule in setup.rules:
-            runs = cells[rule][attack]
-            mean = [100 * statistics.fmean(c["accuracy"][i] for c in runs) for i in range(setup.rounds)]
-            ax.plot(rounds, mean, marker="o", markersize=3, color=colors.get(rule), label=rule)
-        ax.set_title(f"attack: {attack}")
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.set_xlabel("round")
-        ax.set_ylim(0, 100)
-        ax.grid(True, alpha=0.3)
-    axes[0][0].set_ylabel("held-out accuracy (%)")
-    axes[0][-1].legend(loc="lower right", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-def _text(data: dict[str, Any], setup: Setup, quick: bool) -> str:
-    cells = data["cells"]
-    eps = max(c["epsilon"] for r in cells.values() for runs in r.values() for c in runs)
-    mech = next(runs[0] for by_attack in cells.values() for runs in by_attack.values() if runs)["mechanisms"]
-    mech = next(iter(mech.values()))
-    sizes = data["department_sizes"]
-    m = data.get("machine") or {}
-    return (
-        f"{setup.departments} departments with IID parts of `{setup.dataset}` ({min(sizes)}–{max(sizes)} training "
-        f"examples each, {data['num_test']} held-out), model `{setup.model}` (seed {setup.seed}), real DP-SGD at "
-        f"σ {setup.noise_multiplier:g}, C {setup.max_grad_norm:g}, batch {setup.batch_size}, lr "
-        f"{setup.learning_rate:g}, momentum {setup.momentum:g}, {setup.local_epochs} local epoch "
-        f"(q {mech['sample_rate']:.2f}, {mech['steps']} steps a round, planned from the reported size bucket): "
-        f"whole-history ε {eps:.2f} at δ {DELTA:g} ({ACCOUNTANT.upper()}) per department after {setup.rounds} rounds. "
-        f"One department ({_attacker(cells)}) attacks: it trains "
-        "honestly, then `scaled` sends w_global − "
-        f"{setup.scale:g}·Δ (its honest delta flipped and scaled), `sign-flip` w_global − Δ. Rules are built by "
-        "`fedsilo.server.robust.department_strategy` from the run config a coordinator would get "
-        f"(`--aggregation`, `--trim-fraction {setup.trim_fraction:g}`, `--byzantine {setup.byzantine}`, "
-        f"`--min-departments {setup.departments}`; `fedavg+bound` is FedAvg with `--max-update-norm "
-        f"{setup.max_update_norm:g}`) and fed reply Messages shaped as the ClientApp's, in-process (no Flower "
-        "runtime or ledgers: what is measured is the aggregation rule on DP-trained updates). "
-        f"{setup.repeats} run(s) per cell; data split and initialization seeded ({setup.seed}), DP noise and "
-        "Poisson sampling unseeded (OS entropy, as in fedsilo), so runs differ. "
-        "The trimmed mean and the median drop the attacker at one end of each coordinate and honest values at "
-        "the other, so an attack that always sits at one end still biases them a little; Krum keeps one whole "
-        "update a round (no averaging of the DP noise); `fedavg+bound` limits how far the attacker moves each "
-        "round, not its direction. "
-        f"Measured on {m.get('cpu') or '?'} ({m.get('cores')} cores, GPU: {m.get('gpu') or 'none'}; torch "
-        f"{m.get('torch')}), one torch thread; reproduce with `fedsilo bench run robustness"
-        f"{' --quick' if quick else ''} --out DIR`."
-    )
-
-
 def run(out: Path, quick: bool, setup: Setup | None = None, smoke: bool = False) -> BenchResult:
     """The benchmark; ``setup`` overrides the quick/full sizes (tests); ``smoke``: :data:`SMOKE`, in quick mode."""
     quick = quick or smoke
@@ -448,29 +295,31 @@ def run(out: Path, quick: bool, setup: Setup | None = None, smoke: bool = False)
     return build_result(data, setup, quick, Path(out))
 
 
-def build_result(data: dict[str, Any], setup: Setup, quick: bool, out: Path) -> BenchResult:
+def build_result(data: dict[str, Any], setup: Setup, quick: bool, out: Path, draw_plots: bool = True) -> BenchResult:
+    """Tables, targets, text and (unless not ``draw_plots``) the plot from the measured cells."""
     out.mkdir(parents=True, exist_ok=True)
-    plot(data, setup, out / PLOT)
+    if draw_plots:
+        summary.plot(data, setup, out / PLOT)
     return BenchResult(
         name=NAME,
-        title="Robust aggregation: accuracy with one attacking department",
+        title=prose(summary.TEMPLATE, "title"),
         quick=quick,
-        text=_text(data, setup, quick),
-        tables=_tables(data, setup),
+        text=summary.text(data, setup, quick, DELTA, ACCOUNTANT),
+        tables=summary.tables(data, setup),
         plots=[PLOT],
-        targets=_targets(data, setup),
+        targets=summary.targets(data, setup, ROBUST, MARGIN_POINTS, COST_POINTS),
         raw={"setup": asdict(setup), "delta": DELTA, "accountant": ACCOUNTANT, **data},
     )
 
 
-def rerender(path: Path) -> BenchResult:
-    """Rebuild a saved ``robustness.json`` (text, tables, targets, plot) without re-running anything."""
+def rerender(path: Path, draw_plots: bool = True) -> BenchResult:
+    """Rebuild a saved ``robustness.json`` (text, tables, targets; the plot unless not ``draw_plots``) without re-running anything."""
     saved = json.loads(Path(path).read_text())
     raw = dict(saved["raw"])
     setup = Setup(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.pop("setup").items()})
     data = {k: raw[k] for k in ("department_sizes", "num_test", "num_classes", "cells")}
     data["machine"] = raw.get("machine") or saved.get("machine")
-    result = build_result(data, setup, saved["quick"], Path(path).parent)
+    result = build_result(data, setup, saved["quick"], Path(path).parent, draw_plots)
     result.seconds, result.load_before = saved.get("seconds", 0.0), saved.get("load_before")
     return result
 
