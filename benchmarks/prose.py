@@ -47,3 +47,11 @@ def prose(template: str, block: str | None = None, **values: Any) -> str:
         text = "".join(tpl.blocks[block](ctx))
     paragraphs = [" ".join(p.split()) for p in text.strip().split("\n\n")]
     return "\n\n".join(p for p in paragraphs if p)
+
+
+def document(template: str, **values: Any) -> str:
+    """Render the whole of ``templates/TEMPLATE`` with ``values``, verbatim: for line-based Markdown (tables, headings).
+
+    Unlike :func:`prose`, whitespace is kept as the template lays it out.
+    """
+    return _environment().get_template(template).render(**values)
