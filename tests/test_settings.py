@@ -125,6 +125,8 @@ def test_a_simulated_department_receives_only_department_settings_and_its_policy
     seen: dict = {}
 
     class Federation:  # LocalFederation without processes: what `simulate` submits, and to whom
+        progress = None  # no startup progress to show
+
         def __init__(self, workdir):
             self.connection = type("Connection", (), {"home": Path(workdir) / "flwr-home"})()
 
