@@ -277,8 +277,9 @@ class StartupProgress:
         process, and the ServerApp in it has written no event yet (no event can
         say that the ServerApp is about to exist).
         """
-        if self.active and SIMULATION_STARTED in line:
-            self.stage(SIMULATION_STAGE)
+        with self._lock:  # never back from a later stage (an event may be shown before this line comes)
+            if self.active and self.stage_text == SUBMIT_STAGE and SIMULATION_STARTED in line:
+                self.stage(SIMULATION_STAGE)
 
     def around_event(self, event: Event, show: Callable[[], None]) -> None:
         """Show one of the run's events (``show`` prints its line) with the progress out of the way.
