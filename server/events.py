@@ -5,8 +5,8 @@ completes (its metrics and every department's whole-history ε), when a
 department is left out of a round (declined, refused, rejected, failed, its
 app refused, its ledger rolled back), when a round fails, and when the run
 ends.  ``fedsilo simulate`` and ``fedsilo coordinator run`` follow this file
-for their progress lines (:func:`follow`), instead of reading Flower's log;
-anyone else can too (``tail -f``, a dashboard).  ``summary.json`` stays the
+for their progress lines (:func:`follow`, from :mod:`fedsilo.server.progress`),
+instead of reading Flower's log; anyone else can too (``tail -f``, a dashboard).  ``summary.json`` stays the
 run's final record; the events are how it got there.
 
 Each line is ``{"v": 1, "kind": ..., "at": UNIX_TIME, ...fields}``.  A reader

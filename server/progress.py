@@ -145,6 +145,7 @@ class RunProgress:
                 printer(line)
 
     def show_event(self, event: Event) -> None:
+        """Show one event's line (what the follower thread does with each)."""
         line = f"  {event.describe()}"
         with self._lock:
             if self.startup is not None:
