@@ -159,4 +159,5 @@ class RunProgress:
                 self.show_event(event)
         except (UnreadableFile, OSError, ValueError, KeyError, TypeError) as err:
             # The run goes on; only its progress lines stop.
-            self.warn(f"  (progress stopped: {err}; the run goes on, see {self.run_dir / 'flower.log'})")
+            self._show_log_line(f"  (progress stopped: {err}; the run goes on, see {self.run_dir / 'flower.log'})",
+                                self.warn)
