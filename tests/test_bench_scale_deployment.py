@@ -22,7 +22,13 @@ from pathlib import Path
 import pytest
 
 import flwr
-from fedsilo.benchmarks import deployment_overhead as dep
+from fedsilo.benchmarks.deployment_overhead import data as dep_data
+from fedsilo.benchmarks.deployment_overhead import measure as dep_measure
+from fedsilo.benchmarks.deployment_overhead import phases as dep_phases
+from fedsilo.benchmarks.deployment_overhead import polls as dep_polls
+from fedsilo.benchmarks.deployment_overhead import present as dep_present
+from fedsilo.benchmarks.deployment_overhead import probe as dep_probe
+from fedsilo.benchmarks.deployment_overhead import processes as dep_processes
 from fedsilo.benchmarks import scale
 from fedsilo.benchmarks.common import TreeMemory
 from fedsilo.benchmarks.report import render
@@ -152,7 +158,7 @@ def test_timeline_sees_department_processes_and_summary_writes(tmp_path):
     department = subprocess.Popen(["sh", "-c", f'sleep 0.6; "{sys.executable}" "{fake}"; sleep 5'])
     try:
         time.sleep(0.2)  # sh has started its first `sleep` before the first sample
-        with dep.Timeline({"finance": department}, summary, interval=0.05) as timeline:
+        with dep_processes.Timeline({"finance": department}, summary, interval=0.05) as timeline:
             time.sleep(0.2)
             written = {0: write(0)}
             time.sleep(1.0)
@@ -197,13 +203,13 @@ def test_stamped_output_reads_flowers_own_log_lines(tmp_path):
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONIOENCODING": "utf-8"}
     proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, encoding="utf-8", errors="replace", env=env)
-    reader = dep.StampedOutput(proc.stdout, tmp_path / "finance.log")
+    reader = dep_processes.StampedOutput(proc.stdout, tmp_path / "finance.log")
     reader.start()
     assert proc.wait(timeout=120) == 0
     reader.join(timeout=10)
     stamps = [t for t, _ in reader.lines]
     assert stamps == sorted(stamps) and len(stamps) >= 9
-    events = dep.department_events(reader.lines)
+    events = dep_processes.department_events(reader.lines)
     assert [len(events[k]) for k in ("receiving", "received", "sending", "sent")] == [1, 1, 1, 1]
     assert [r for r, _ in events["epsilon_lines"]] == [1]
     assert events["receiving"][0] <= events["received"][0] <= events["epsilon_lines"][0][1] <= events["sending"][0]
@@ -213,7 +219,7 @@ def test_stamped_output_reads_flowers_own_log_lines(tmp_path):
     first = logged.splitlines()[0].split(" ", 1)[0]
     assert float(first) == pytest.approx(stamps[0], abs=1e-3)
     # Nothing before `since` counts: a run's events only.
-    assert dep.department_events(reader.lines, since=stamps[-1] + 1) == {
+    assert dep_processes.department_events(reader.lines, since=stamps[-1] + 1) == {
         "receiving": [], "received": [], "sending": [], "sent": [], "epsilon_lines": []}
 
 
@@ -226,8 +232,8 @@ def test_the_parsed_lines_are_the_ones_flower_and_fedsilo_log():
 
     guard = (Path(fedsilo.__file__).parent / "client" / "budget_guard.py").read_text(encoding="utf-8")
     assert '"[%s] round %s: ε=%.3f (δ=%g)"' in guard
-    assert dep.EPSILON_LINE.search("INFO :      [hr] round 12: ε=0.512 (δ=1e-05)").group("round") == "12"
-    assert dep.EPSILON_LINE.search("WARNING :   [hr] round 12 refused: budget") is None
+    assert dep_processes.EPSILON_LINE.search("INFO :      [hr] round 12: ε=0.512 (δ=1e-05)").group("round") == "12"
+    assert dep_processes.EPSILON_LINE.search("WARNING :   [hr] round 12 refused: budget") is None
 
 
 def test_department_events_pairs_each_message_with_its_success_line():
@@ -244,7 +250,7 @@ def test_department_events_pairs_each_message_with_its_success_line():
         (9.1, "INFO :      Received successfully"),
         (9.2, "INFO :      Received successfully"),  # a second one: only the first counts
     ]
-    events = dep.department_events(lines)
+    events = dep_processes.department_events(lines)
     assert events == {"receiving": [2.0, 9.0], "received": [2.5, 9.1], "sending": [4.0], "sent": [4.2],
                       "epsilon_lines": [[1, 3.0]]}
 
@@ -261,15 +267,15 @@ def test_clientapp_runtime_reads_the_superlink_schema(tmp_path):
     with engine.begin() as conn:
         conn.execute(insert(Run.__table__).values(run_id=run_id - 2**64, primary_task_id=1, clientapp_runtime=4.5))
     engine.dispose()
-    assert dep.clientapp_runtime(database, str(run_id)) == pytest.approx(4.5)
-    assert dep.clientapp_runtime(database, "17") is None
-    assert dep.clientapp_runtime(tmp_path / "missing.db", str(run_id)) is None
+    assert dep_measure.clientapp_runtime(database, str(run_id)) == pytest.approx(4.5)
+    assert dep_measure.clientapp_runtime(database, "17") is None
+    assert dep_measure.clientapp_runtime(tmp_path / "missing.db", str(run_id)) is None
 
 
 def _deployment_record() -> dict:
     """Two rounds, three departments: stamps chosen so that every phase is known (see the comments)."""
     t0 = 1000.0
-    names = dep.DEPARTMENTS
+    names = dep_data.DEPARTMENTS
     departments, ledgers = {}, {}
     for i, name in enumerate(names):
         # Round 1 starts at t0: messages received 1 + 0.5 i s in, 0.2 s download, the ledger entry
@@ -300,7 +306,7 @@ def _deployment_record() -> dict:
 
 
 def test_deployment_phases_tile_each_round():
-    split = dep.phases(_deployment_record())
+    split = dep_phases.phases(_deployment_record())
     assert split["complete"] and split["incomplete"] == [] and split["complete_rounds"] == 2
     one, two = split["rounds"]
     assert one["critical"] == two["critical"] == "sales"
@@ -312,7 +318,7 @@ def test_deployment_phases_tile_each_round():
                        "collect": 0.48, "span": 4.8, "between_rounds": 0.05}.items():
         assert two[key] == pytest.approx(value), key
     for r in (one, two):  # the critical path's phases add up to the round's span
-        assert sum(r[key] for key in dep.PHASES) == pytest.approx(r["span"])
+        assert sum(r[key] for key in dep_phases.PHASES) == pytest.approx(r["span"])
     assert split["first"]["wait"] == pytest.approx(2.0) and split["steady"]["wait"] == pytest.approx(2.62)
     assert split["departments"]["download"]["count"] == 6
     ev = split["evidence"]
@@ -329,12 +335,12 @@ def test_deployment_phases_tile_each_round():
 def test_deployment_phases_name_incomplete_rounds():
     record = _deployment_record()
     record["departments"]["sales"]["sent"].pop()  # sales' round-2 reply never logged as sent
-    split = dep.phases(record)
+    split = dep_phases.phases(record)
     assert not split["complete"] and split["incomplete"] == [2] and split["complete_rounds"] == 1
     assert split["rounds"][1]["critical"] == "hr" and len(split["rounds"][1]["departments"]) == 2
     record = _deployment_record()
     record["round_ends"] = [[0, 1000.0, 1000.0], [2, 1012.0, 1012.05]]  # round 1's write was not seen
-    split = dep.phases(record)
+    split = dep_phases.phases(record)
     assert split["incomplete"] == [1] and split["rounds"][0]["round"] == 2
     assert split["rounds"][0]["start_from"] == "clock" and split["rounds"][0]["span"] == pytest.approx(4.75)
 
@@ -348,7 +354,7 @@ def _probe() -> dict:
 
 def test_deployment_result_tables_targets_and_report(tmp_path):
     sim = {"status": "completed", "seconds": [4.0, 1.25], "trained": [3, 3], "final_accuracy": 0.8, "wall_s": 40.0}
-    result = dep.build_result(_deployment_record(), sim, _probe(), tmp_path, quick=False, rounds=2)
+    result = dep_present.build_result(_deployment_record(), sim, _probe(), tmp_path, quick=False, rounds=2)
     saved = json.loads(result.save(tmp_path).read_text())
     assert saved["name"] == "deployment"
     tables = {t["title"].split(" (")[0].split(":")[0]: t for t in saved["tables"]}
@@ -356,9 +362,9 @@ def test_deployment_result_tables_targets_and_report(tmp_path):
         assert table["rows"] and all(len(row) == len(table["columns"]) for row in table["rows"]), table["title"]
     assert saved["tables"][0]["rows"][-1] == ["mean of rounds ≥ 2", "4.75", "1.25", "+3.50", "3.8×"]
     where = {row[0]: row for row in tables["Where a deployed round's time goes"]["rows"]}
-    assert where[dep.PHASE_LABELS["wait"]][1:3] == ["2.00", "2.62"]
-    assert where[dep.PHASE_LABELS["collect"]][1:3] == ["0.40", "0.48"]
-    assert "1.00 s per message" in where[dep.PHASE_LABELS["clientapp"]][3]  # Flower's runtime, 6.0 s / 6 replies
+    assert where[dep_present.PHASE_LABELS["wait"]][1:3] == ["2.00", "2.62"]
+    assert where[dep_present.PHASE_LABELS["collect"]][1:3] == ["0.40", "0.48"]
+    assert "1.00 s per message" in where[dep_present.PHASE_LABELS["clientapp"]][3]  # Flower's runtime, 6.0 s / 6 replies
     assert where["sum: previous summary.json write → this round's"][1:3] == ["7.20", "4.80"]
     evidence = {row[0]: row for row in tables["Evidence for the intervals"]["rows"]}
     assert "whole 3 s sleeps: 1 (3×)" in evidence[
@@ -371,20 +377,20 @@ def test_deployment_result_tables_targets_and_report(tmp_path):
     assert slower["met"] is False and slower["measured"].endswith("+3.50 s per round")  # 4.75 s vs 1.25 s
     assert "2.62 s waiting for its message" in slower["note"] and "+0.88 s" in slower["note"]  # 4.75 − 2.62 − 1.25
     assert accounted["met"] is True and accounted["measured"].startswith("2 of 2 rounds")
-    assert (tmp_path / dep.PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / dep_present.PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     markdown = render(tmp_path).read_text()
     assert "Deployment overhead" in markdown and "| deployment | a deployed round at most 3 s slower" in markdown
 
-    quick = dep.build_result(_deployment_record(), sim, _probe(), tmp_path / "quick", quick=True, rounds=2)
+    quick = dep_present.build_result(_deployment_record(), sim, _probe(), tmp_path / "quick", quick=True, rounds=2)
     assert quick.targets[0].met is None and quick.targets[1].met is True
     within = {**sim, "seconds": [4.0, 2.0]}
-    assert dep.build_result(_deployment_record(), within, _probe(), tmp_path / "within", quick=False,
+    assert dep_present.build_result(_deployment_record(), within, _probe(), tmp_path / "within", quick=False,
                             rounds=2).targets[0].met is True  # 4.75 s vs 2.0 s
 
 
 def test_cited_flower_constants_are_in_the_installed_flower():
     root = Path(flwr.__file__).parent
-    for path, code, _, _ in dep.FLOWER_POLLS:
+    for path, code, _, _ in dep_polls.FLOWER_POLLS:
         assert code in (root / path).read_text(), f"{code!r} is no longer in flwr/{path}"
 
 
@@ -392,16 +398,16 @@ def test_cited_fedsilo_intervals_are_in_the_code():
     import fedsilo
 
     root = Path(fedsilo.__file__).parent
-    for path, code, _, _ in dep.FEDSILO_POLLS:
+    for path, code, _, _ in dep_polls.FEDSILO_POLLS:
         assert code in (root / path).read_text(encoding="utf-8"), f"{code!r} is no longer in fedsilo/{path}"
 
 
 def test_fresh_interpreter_probe(tmp_path):
-    data = dep.write_data(tmp_path)
-    assert sum(1 for _ in open(data["test"])) - 1 == dep.TEST_ROWS
-    sizes = [sum(1 for _ in open(data[name])) - 1 for name in dep.DEPARTMENTS]
-    assert len(set(sizes)) == 1 and sum(sizes) == 1797 - dep.TEST_ROWS
-    result = dep.run_probe(data["finance"], data["test"], repeats=1, together=2)
+    data = dep_data.write_data(tmp_path)
+    assert sum(1 for _ in open(data["test"])) - 1 == dep_data.TEST_ROWS
+    sizes = [sum(1 for _ in open(data[name])) - 1 for name in dep_data.DEPARTMENTS]
+    assert len(set(sizes)) == 1 and sum(sizes) == 1797 - dep_data.TEST_ROWS
+    result = dep_probe.run_probe(data["finance"], data["test"], repeats=1, together=2)
     assert len(result["runs"]) == 1 and len(result["together_runs"]) == 2
     run = result["runs"][0]
     assert run["examples"] == sizes[0] and run["steps"] > 0
