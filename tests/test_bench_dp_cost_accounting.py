@@ -123,6 +123,9 @@ def test_result_saves_renders_and_plots(tmp_path):
     assert failed[-1].startswith("failed: RuntimeError") and "|" not in failed[-1]  # no broken Markdown row
     text = render(tmp_path).read_text()
     assert "DP-SGD cost" in text and "dp_cost.png" in text
+    # The saved result re-renders from its raw records alone: the same text, tables and targets.
+    again = dp_cost.rerender(tmp_path / "dp-cost.json", draw_plots=False)
+    assert (again.text, again.tables, again.targets) == (result.text, result.tables, result.targets)
 
 
 def test_run_starts_one_process_per_model_and_variant(tmp_path, monkeypatch):
@@ -217,3 +220,7 @@ def test_accounting_run_end_to_end(tmp_path, monkeypatch):
     assert result.targets[2].met == (fraction <= acct.SMALL_FRACTION)
     curve = result.raw["curve"]["prv"]
     assert [r for r, _ in curve] == [1, 5, 10, 20] and all(a[1] < b[1] for a, b in zip(curve, curve[1:]))
+    # The saved result re-renders from its raw numbers alone, without computing an ε.
+    monkeypatch.setattr(acct, "epsilon_with", lambda *a: pytest.fail("a re-render computed an ε"))
+    again = acct.rerender(tmp_path / "accounting.json")
+    assert (again.text, again.tables, again.targets) == (result.text, result.tables, result.targets)

@@ -201,5 +201,6 @@ def test_quick_result_structure(tmp_path, monkeypatch):
     md = render(tmp_path).read_text()
     assert "Privacy–utility" in md and "utility.png" in md
     # The saved result re-renders to the same targets without re-running anything.
-    again = utility.rerender(tmp_path / "utility.json")
+    again = utility.rerender(tmp_path / "utility.json", draw_plots=False)
     assert [t.measured for t in again.targets] == [t["measured"] for t in saved["targets"]]
+    assert (again.text, again.tables, again.targets) == (result.text, result.tables, result.targets)
