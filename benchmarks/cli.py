@@ -86,9 +86,17 @@ def run(
 def report(
     out: Annotated[Path, typer.Option(help="Folder holding NAME.json results.")] = Path("bench"),
     to: Annotated[Optional[Path], typer.Option(help="Write the summary here instead of OUT/BENCHMARKS.md (plot links follow).")] = None,
+    stored_text: Annotated[bool, typer.Option(
+        "--stored-text", help="Use each result's text as saved, instead of re-rendering it from its raw numbers.",
+    )] = False,
 ) -> None:
-    """Re-render OUT/BENCHMARKS.md (or --to) from the JSON results already there."""
+    """Re-render OUT/BENCHMARKS.md (or --to) from the JSON results already there.
+
+    Each result's title, text, tables and targets are rebuilt from its raw numbers through its
+    benchmark's templates (so a wording change reaches the summary without re-measuring); a result
+    its benchmark cannot re-render keeps the text it was saved with. Plots are left as they are.
+    """
     if not any(out.glob("*.json")):
         console.print(f"[red]error:[/red] no results (*.json) in {out}; run `fedsilo bench all --out {out}` first")
         raise typer.Exit(2)
-    console.print(render(out, to))
+    console.print(render(out, to, rerender=not stored_text))
