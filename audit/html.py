@@ -26,10 +26,10 @@ from matplotlib.ticker import MaxNLocator  # noqa: E402
 from fedsilo.shared.metrics import format_metrics, headline
 from fedsilo.shared.runs import SUMMARY as SUMMARY_FILE  # noqa: E402
 from fedsilo.shared.safe_read import UnreadableFile  # noqa: E402
+from fedsilo.shared.summary_format import RoundRecord, Summary, read_summary  # noqa: E402
 
 from .ledgers import format_date  # noqa: E402
 from .result import AuditResult, DepartmentAudit  # noqa: E402
-from .runs import read_summary  # noqa: E402
 from .terminal import AUDIT_COLUMNS, audit_cells  # noqa: E402
 
 EPSILON_PLOT = "epsilon.png"
@@ -38,7 +38,7 @@ TRADEOFF_PLOT = "privacy-utility.png"
 REPORT_FILE = "index.html"
 
 
-def load_summary(path: Path | str) -> dict | None:
+def load_summary(path: Path | str) -> Summary | None:
     """Read a run's coordinator record.
 
     Parameters
@@ -48,7 +48,7 @@ def load_summary(path: Path | str) -> dict | None:
 
     Returns
     -------
-    dict or None
+    Summary or None
         ``summary.json`` when ``path`` is a run directory holding one, else ``None`` (also when it
         cannot be read: the audit names that problem itself).
     """
@@ -56,12 +56,12 @@ def load_summary(path: Path | str) -> dict | None:
     if not summary.is_file():
         return None
     try:
-        return read_summary(summary)  # read safely, shape checked as the audit checks it
+        return read_summary(summary)  # read safely, every field typed, as the audit reads it
     except UnreadableFile:
         return None
 
 
-def render_report(result: AuditResult, summary: dict | None, out_dir: Path | str) -> Path:
+def render_report(result: AuditResult, summary: Summary | None, out_dir: Path | str) -> Path:
     """Write the HTML report and its plots.
 
     Parameters
@@ -175,24 +175,24 @@ def _identities(result: AuditResult) -> str:
     )
 
 
-def _run(result: AuditResult, summary: dict | None) -> str:
+def _run(result: AuditResult, summary: Summary | None) -> str:
     if summary is None:
         return (
             f"<p>Ledgers only (no run summary): {len(result.departments)} department ledger(s). "
             "Budgets, accuracy and the coordinator's cross-check come with a run directory.</p>"
         )
-    status = summary.get("status", "–") + (f": {summary['stop_reason']}" if summary.get("stop_reason") else "")
+    status = summary.status + (f": {summary.stop_reason}" if summary.stop_reason else "")
     facts = [
-        ("run", summary.get("run_id", "–")),
+        ("run", summary.run_id or "–"),
         ("status", status),
-        ("dataset", (summary.get("dataset") or {}).get("name", "–")),
-        ("rounds (this run)", len(summary.get("rounds", []))),
-        ("task", summary.get("task") or "–"),
-        ("final held-out metrics", format_metrics(summary["final_metrics"], summary.get("task") or "multiclass")
-         if summary.get("final_metrics") else _num(summary.get("final_accuracy"), ".4f")),
-        ("model card", summary.get("model_card") or "–"),
-        ("record-level δ", "no record-level DP" if summary.get("dp") is False else _num(summary.get("delta"), "g")),
-        ("accountant", (summary.get("accountant") or "–").upper()),
+        ("dataset", summary.dataset.get("name", "–")),
+        ("rounds (this run)", len(summary.rounds)),
+        ("task", summary.task or "–"),
+        ("final held-out metrics", format_metrics(summary.final_metrics, summary.task or "multiclass")
+         if summary.final_metrics else _num(summary.final_accuracy, ".4f")),
+        ("model card", summary.model_card or "–"),
+        ("record-level δ", "no record-level DP" if summary.dp is False else _num(summary.delta, "g")),
+        ("accountant", (summary.accountant or "–").upper()),
     ]
     cells = "".join(f"<tr><th>{_e(k)}</th><td>{_e(v)}</td></tr>" for k, v in facts)
     return f'<table class="facts">{cells}</table>'
@@ -237,18 +237,23 @@ def _epsilon_plot(result: AuditResult, out: Path) -> str:
     return "<h2>ε over rounds</h2>" + _img(EPSILON_PLOT, "whole-history ε per department against its budget")
 
 
-def _accuracy_plot(summary: dict | None, out: Path) -> str:
+def _round_metric(record: RoundRecord, key: str) -> float | None:
+    """A round's held-out ``key`` (a summary of fedsilo 0.1 holds accuracy and loss only, no metrics)."""
+    return record.metrics.get(key) if record.metrics else getattr(record, key, None)
+
+
+def _accuracy_plot(summary: Summary | None, out: Path) -> str:
     if summary is None:
         return (
             "<h2>Accuracy and privacy–utility</h2><p>Not shown: these come from the run's summary.json, "
             "and only ledgers were audited. Audit the run directory for them.</p>"
         )
-    key = headline(summary.get("task") or "multiclass")
-    rounds = [r for r in summary.get("rounds", []) if (r.get("metrics") or r).get(key) is not None]
+    key = headline(summary.task or "multiclass")
+    rounds = [r for r in summary.rounds if _round_metric(r, key) is not None]
     if not rounds:
         return "<h2>Accuracy over rounds</h2><p>The run finished no round.</p>"
-    xs, ys = [r["round"] for r in rounds], [(r.get("metrics") or r)[key] for r in rounds]
-    initial = (summary.get("initial") or {}).get(key)
+    xs, ys = [r.round for r in rounds], [_round_metric(r, key) for r in rounds]
+    initial = summary.initial.get(key)
     if initial is not None:
         xs, ys = [0, *xs], [initial, *ys]
     fig, ax = plt.subplots(figsize=(8, 4))
@@ -263,16 +268,16 @@ def _accuracy_plot(summary: dict | None, out: Path) -> str:
     return "<h2>Accuracy over rounds</h2>" + _img(ACCURACY_PLOT, "global test accuracy over rounds")
 
 
-def _tradeoff_plot(result: AuditResult, summary: dict | None, out: Path) -> str:
+def _tradeoff_plot(result: AuditResult, summary: Summary | None, out: Path) -> str:
     if summary is None:
         return ""  # said in the accuracy section
     title = "<h2>Privacy–utility</h2>"
-    accuracy = summary.get("final_accuracy")
-    if accuracy is None and summary.get("task") == "regression":
+    accuracy = summary.final_accuracy
+    if accuracy is None and summary.task == "regression":
         return title + "<p>A regression run: its R² over rounds is plotted above; the ε of each department is in the table.</p>"
     if accuracy is None:
         return title + "<p>The run finished no round: there is no final accuracy.</p>"
-    if summary.get("dp") is False:
+    if summary.dp is False:
         return title + (
             f"<p>This run had no record-level DP: ε is unbounded (∞) for every department's examples, "
             f"so there is no privacy–utility point to plot. Final accuracy {accuracy:.4f}.</p>"
@@ -286,7 +291,7 @@ def _tradeoff_plot(result: AuditResult, summary: dict | None, out: Path) -> str:
     ax.annotate(f"this run: ε={worst.epsilon:.2f} ({_plain(worst.id)}),\naccuracy {accuracy:.4f}",
                 (worst.epsilon, accuracy), textcoords="offset points", ha="center", fontsize=9,
                 xytext=(0, 12) if accuracy < 0.6 else (0, -12), va="bottom" if accuracy < 0.6 else "top")
-    initial = (summary.get("initial") or {}).get("accuracy")
+    initial = summary.initial.get("accuracy")
     if initial is not None:
         ax.axhline(initial, color="grey", linestyle=":", linewidth=1, label=f"initial model {initial:.4f}")
         ax.legend(fontsize=8, loc="lower right")
@@ -299,17 +304,17 @@ def _tradeoff_plot(result: AuditResult, summary: dict | None, out: Path) -> str:
     return title + _img(TRADEOFF_PLOT, "privacy-utility point of the run")
 
 
-def _central(row: DepartmentAudit | None, summary: dict | None) -> str:
+def _central(row: DepartmentAudit | None, summary: Summary | None) -> str:
     if row is None:
         return ""
-    settings = (summary or {}).get("central") or {}
+    settings = summary.central if summary is not None else None
     state = "verified" if row.verified else "FAILED verification"
     return (
         "<h2>The coordinator: client-level DP</h2>"
         f"<p>Whole-history <b>ε = {_num(row.epsilon)}</b> at δ = {_num(row.delta, 'g')} over {row.rounds} "
         f"release(s) (re-derived: PRV {_num(row.epsilon_prv)}, RDP {_num(row.epsilon_rdp)}, PLD "
         f"{_num(row.epsilon_pld)}); σ = {_num(row.noise_multiplier, 'g')}, departments sampled with q = "
-        f"{_num(row.sample_rate, 'g')}, update clip C = {_e(settings.get('clip_norm', '–'))}; budget "
+        f"{_num(row.sample_rate, 'g')}, update clip C = {_e(settings.clip_norm if settings else '–')}; budget "
         f"{_num(row.budget, 'g')}. Ledger {state}, signatures {_e(row.signatures)}.</p>"
         "<p>This bounds what the released model reveals about whether any one department took part, with all "
         "of its data. It does not protect against the coordinator, which sees each update before the noise; "

@@ -5,14 +5,13 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-
-from fedsilo.shared import safe_read
 from fedsilo.shared.ledger import COORDINATOR
 from fedsilo.shared.model_card import CARD_FILE, CardError, card_problems, read_card
 from fedsilo.shared.record import RECORD_FILE, RecordVerification, verify_record
 from fedsilo.shared.runs import EVENTS, SIMULATION, resolve_run_dir
 from fedsilo.shared.safe_read import UnreadableFile
 from fedsilo.shared.signing import SigningKeyError, load_public_key
+from fedsilo.shared.summary_format import Summary, read_summary
 
 from .ledgers import _certificate_key, audit_ledger, format_date
 from .result import AuditResult, DepartmentAudit
@@ -21,26 +20,27 @@ from .result import AuditResult, DepartmentAudit
 # ----------------------------------------------------------------------------- runs
 
 
-def cross_check_central(summary: dict, row: DepartmentAudit) -> None:
+def cross_check_central(summary: Summary, row: DepartmentAudit) -> None:
     """Every client-level release the summary records must be in the coordinator's ledger."""
-    run_id = str(summary.get("run_id", ""))
-    for rnd in summary.get("rounds", []):
-        release = rnd.get("central")
+    run_id = summary.run_id
+    for rnd in summary.rounds:
+        release = rnd.central
         if release is None:
             continue
         # The last: a release charged just before the coordinator died stays in the ledger, before the re-run's.
-        entry = next((e for e in reversed(row.entries) if e.run_id == run_id and e.round == rnd["round"]), None)
+        entry = next((e for e in reversed(row.entries) if e.run_id == run_id and e.round == rnd.round), None)
         if entry is None:
             row.problems.append(
-                f"the run released a client-level DP model in round {rnd['round']} of run {run_id}, "
+                f"the run released a client-level DP model in round {rnd.round} of run {run_id}, "
                 "but the coordinator's ledger has no entry for it (truncated or deleted?)"
             )
-        elif abs(release["epsilon"] - entry.epsilon) > 1e-9 * max(1.0, abs(entry.epsilon)):
+        elif release.epsilon is None or abs(release.epsilon - entry.epsilon) > 1e-9 * max(1.0, abs(entry.epsilon)):
+            stated = "none" if release.epsilon is None else f"ε={release.epsilon:.4f}"
             row.problems.append(
-                f"round {rnd['round']}: the run recorded client-level ε={release['epsilon']:.4f}, "
+                f"round {rnd.round}: the run recorded client-level {stated}, "
                 f"the coordinator's ledger says ε={entry.epsilon:.4f} (edited?)"
             )
-    row.budget = summary.get("central", {}).get("max_epsilon")
+    row.budget = summary.central.max_epsilon if summary.central else None
     row.verified = not row.problems
 
 
@@ -87,31 +87,37 @@ def cross_check_record(record: RecordVerification, rows: list[DepartmentAudit], 
         row.verified = not row.problems
 
 
-def cross_check(summary: dict, rows: dict[str, DepartmentAudit]) -> None:
+def cross_check(summary: Summary, rows: dict[str, DepartmentAudit]) -> None:
     """A run without a coordinator record (fedsilo 0.1): compare its summary with the ledgers, by name."""
-    run_id = str(summary.get("run_id", ""))
-    for rnd in summary.get("rounds", []):
-        for name in rnd.get("trained", []):
+    run_id = summary.run_id
+    for rnd in summary.rounds:
+        for name in rnd.trained:
             if name not in rows:
                 continue
-            entry = next((e for e in rows[name].entries if e.run_id == run_id and e.round == rnd["round"]), None)
+            entry = next((e for e in rows[name].entries if e.run_id == run_id and e.round == rnd.round), None)
             if entry is None:
                 rows[name].problems.append(
-                    f"the coordinator saw '{name}' train round {rnd['round']} of run {run_id}, "
+                    f"the coordinator saw '{name}' train round {rnd.round} of run {run_id}, "
                     "but its ledger has no entry for it (truncated or deleted?)"
                 )
                 continue
-            reported = rnd.get("epsilon", {}).get(name)
+            reported = rnd.epsilon.get(name)
             if reported is not None and abs(reported - entry.epsilon) > 1e-9 * max(1.0, abs(reported)):
                 rows[name].problems.append(
-                    f"round {rnd['round']}: the coordinator recorded ε={reported:.4f}, the ledger "
+                    f"round {rnd.round}: the coordinator recorded ε={reported:.4f}, the ledger "
                     f"says ε={entry.epsilon:.4f} (edited?)"
                 )
     for name, row in rows.items():
         if row.budget is None:
-            budget = summary.get("departments", {}).get(name, {}).get("max_epsilon") or summary.get("max_epsilon")
-            row.budget = float(budget) if isinstance(budget, (int, float)) else None
+            row.budget = _budget(summary, name)
         row.verified = not row.problems
+
+
+def _budget(summary: Summary, name: str) -> float | None:
+    """The budget the summary states for department ``name``, else the run's."""
+    totals = summary.departments.get(name)
+    budget = (totals.max_epsilon if totals else None) or summary.max_epsilon
+    return float(budget) if budget is not None else None
 
 
 def _record_key(record_path: Path, keys: Path | None) -> tuple[object | None, str]:
@@ -168,14 +174,14 @@ def audit_path(path: Path | str, keys: Path | str | None = None, record: Path | 
                 summary = read_summary(path / "summary.json")
             except UnreadableFile as err:
                 unreadable.append(f"the run's summary: {err}")
-        if summary is not None and summary.get("central"):
-            central_file = Path(summary["central"]["ledger"])
+        if summary is not None and summary.central is not None:
+            central_file = Path(summary.central.ledger)
             if not central_file.is_absolute():
                 central_file = path / central_file
         elif os.path.lexists(path / "central" / f"{COORDINATOR}.jsonl"):
             central_file = path / "central" / f"{COORDINATOR}.jsonl"
-    if record is None and summary is not None and summary.get("record"):
-        record = Path(summary["record"]) if Path(summary["record"]).is_absolute() else path / summary["record"]
+    if record is None and summary is not None and summary.record:
+        record = Path(summary.record) if Path(summary.record).is_absolute() else path / summary.record
     elif record is None and path.is_dir() and os.path.lexists(path / "record" / RECORD_FILE):
         record = path / "record" / RECORD_FILE
     record = Path(record) if record else None
@@ -211,11 +217,11 @@ def audit_path(path: Path | str, keys: Path | str | None = None, record: Path | 
             result.problems.append(result.unreadable[-1])
     if verification is not None:
         result.problems += [f"coordinator record: {p}" for p in verification.problems]
-        cross_check_record(verification, result.departments, result, expect_all=summary is not None and summary.get("ledgers") is not None and (path / "ledgers").is_dir())
+        cross_check_record(verification, result.departments, result, expect_all=summary is not None and summary.ledgers is not None and (path / "ledgers").is_dir())
         if deployment and collected:
             given = {row.identity for row in result.departments}
             missing = sorted({ack.department for ack in verification.entries
-                              if ack.run_id == summary.get("run_id") and ack.identity not in given})
+                              if summary is not None and ack.run_id == summary.run_id and ack.identity not in given})
             if missing:
                 result.unavailable.append(
                     f"the ledgers of {', '.join(missing)}: acknowledged in this run's record but not given "
@@ -242,8 +248,7 @@ def audit_path(path: Path | str, keys: Path | str | None = None, record: Path | 
             result.checked.append("the run's summary.json (unsigned, by name) against the ledgers")
     for row in result.departments:
         if row.budget is None and summary is not None:
-            budget = summary.get("departments", {}).get(row.id, {}).get("max_epsilon") or summary.get("max_epsilon")
-            row.budget = float(budget) if isinstance(budget, (int, float)) else None
+            row.budget = _budget(summary, row.id)
     if path.is_dir() and os.path.lexists(path / CARD_FILE):
         key, where = _record_key(record, keys) if record is not None else (None, "")
         _guarded(result, "the model card", cross_check_card, path, verification, result, key, where)
@@ -264,24 +269,6 @@ def _is_folder(path: Path) -> bool:
         return path.is_dir()
     except OSError:  # a symlink loop: not a folder, and refused when read as a ledger
         return False
-
-
-def read_summary(path: Path) -> dict:
-    """A run's ``summary.json``, read safely and checked for the shape the audit relies on."""
-    summary = safe_read.load_json(path, "run summary")
-    shape = {"run_id": (str, int), "rounds": list, "departments": dict, "central": (dict, type(None)),
-             "record": (str, type(None)), "ledgers": object, "max_epsilon": (int, float, type(None))}
-    for name, kind in shape.items():
-        if name in summary and not isinstance(summary[name], kind):
-            raise UnreadableFile(path, f"the run summary's '{name}' is of the wrong type", hint="it is not a summary fedsilo wrote")
-    if not all(isinstance(r, dict) and type(r.get("round")) is int for r in summary.get("rounds", [])):
-        raise UnreadableFile(path, "the run summary's rounds must be objects with a whole 'round'", hint="it is not a summary fedsilo wrote")
-    central = summary.get("central")
-    if central and not isinstance(central.get("ledger"), str):
-        raise UnreadableFile(path, "the run summary's central 'ledger' must be a path", hint="it is not a summary fedsilo wrote")
-    if not all(isinstance(v, dict) for v in summary.get("departments", {}).values()):
-        raise UnreadableFile(path, "the run summary's departments must be objects", hint="it is not a summary fedsilo wrote")
-    return summary
 
 
 def _same_epsilon(stated: float | None, acknowledged: float) -> bool:

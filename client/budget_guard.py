@@ -43,9 +43,10 @@ from fedsilo.shared.config import RunSettings
 from fedsilo.shared.ledger import PrivacyLedger
 from fedsilo.shared.model_factory import ModelError, is_factory, load_factory
 from fedsilo.shared.protocol import (
-    ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, RUN_KEY, STATUS_TRAINED, STATUS_DECLINED, STATUS_KEY, STATUS_REFUSED, STATUS_ROLLED_BACK,
+    ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, STATUS_TRAINED, STATUS_DECLINED, STATUS_KEY, STATUS_REFUSED, STATUS_ROLLED_BACK,
 )
-from fedsilo.shared.record import ACK_HEAD_KEY, ACK_SEQ_KEY, HEAD_KEY, LedgerHead, public_key_line
+from fedsilo.shared.record import HEAD_KEY, LedgerHead, public_key_line
+from fedsilo.shared.train_request import MalformedRequest, TrainRequest
 
 from .admission import AdmissionError, ModelSpec, admit_model, schema_limits, verified_state_dict
 from .department import Department, DepartmentHost, department_from_context
@@ -179,8 +180,12 @@ def _guard(msg: Message, context: Context, call_next: ClientAppCallable, setting
            department: Department, ledger: PrivacyLedger) -> Message:
     policy = department.policy
     config = msg.content.config_records.get(CONFIG_KEY) or ConfigRecord()
-    server_round = int(config.get("server-round", 0))
-    run_id = str(config.get(RUN_KEY, "")) or str(msg.metadata.run_id)
+    try:
+        request = TrainRequest.from_config(config)
+    except MalformedRequest as err:  # tampered or from an unknown fedsilo: declined, nothing read or spent
+        return _refusal(msg, department, ledger, "", 0, STATUS_DECLINED, f"train request: {err}")
+    server_round = request.server_round
+    run_id = request.run_key or str(msg.metadata.run_id)  # a coordinator that names no run: Flower's id
     limits = policy.limits
     bad_key = limits.check_run_key(run_id)
     if bad_key:  # it would be written into every ledger entry: declined before anything else
@@ -188,7 +193,7 @@ def _guard(msg: Message, context: Context, call_next: ClientAppCallable, setting
     refuse = functools.partial(_refusal, msg, department, ledger, run_id, server_round)
 
     # 1. The coordinator's acknowledged head must still be in this ledger.
-    behind = ledger.continues(int(config.get(ACK_SEQ_KEY, 0)), str(config.get(ACK_HEAD_KEY, "")))
+    behind = ledger.continues(*request.acknowledged) if request.acknowledged else ""
     if behind:
         return refuse(STATUS_ROLLED_BACK, behind)
 

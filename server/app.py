@@ -28,7 +28,7 @@ from fedsilo.shared.models import build_model
 from fedsilo.shared.record import verify_record
 from fedsilo.shared.runs import create_run_folder, link_ledgers, new_run_name
 from fedsilo.shared.schema import DataSchema
-from fedsilo.shared.protocol import RUN_KEY
+from fedsilo.shared.train_request import TrainRequest
 
 from .acknowledgements import HeadKeeper, open_record, registered_keys
 from .central_dp import ClientLevelDP, CoordinatorBudgetExhausted, client_level_dp
@@ -94,7 +94,7 @@ def run_federation(grid: Grid, settings: RunSettings, out: Path, run_dir: Path, 
             record=departments.heads.record.path,
         )
         summary.set_initial(metrics, test.task)
-        summary.data["dp_path"] = dp_path
+        summary.summary.dp_path = dp_path
         if isinstance(strategy, ClientLevelDP):
             summary.set_central(strategy)
         announce(summary, RunStarted(run=run_id, run_dir=str(run_dir), task=test.task, model=settings.model,
@@ -107,13 +107,13 @@ def run_federation(grid: Grid, settings: RunSettings, out: Path, run_dir: Path, 
         if isinstance(strategy, ClientLevelDP) and checkpoint.central_entries is not None:
             charged = len(strategy.ledger.entries) - checkpoint.central_entries
             if charged > 0:  # released into a run that died before its checkpoint: it stays counted
-                summary.data["resumes"][-1]["central_charged_and_rerun"] = charged
+                summary.summary.resumes[-1].central_charged_and_rerun = charged
                 announce(summary, Notice(text=f"{charged} client-level release(s) were charged after the last "
                                           "checkpoint; the re-run round is charged again (the coordinator's ε counts "
                                           "both: an over-count, never an under-count)"), WARNING)
         announce(summary, RunResumed(run=run_id, after_round=checkpoint.round, rounds=settings.num_server_rounds,
                                      task=test.task, metrics=dict(metrics)))
-    summary.data.setdefault("flower_run_ids", []).append(flower_run_id)
+    summary.summary.flower_run_ids.append(flower_run_id)
     link_ledgers(out, run_dir)
 
     status, reason = "completed", ""
@@ -146,12 +146,13 @@ def run_federation(grid: Grid, settings: RunSettings, out: Path, run_dir: Path, 
         def keep_failed(reason: str, report=None) -> None:
             """The failed round in the summary, and a checkpoint of the rounds before it to resume from."""
             summary.add_failed_round(rnd, report, reason, time.time() - started)
-            Checkpoint(run_id, rnd - 1, settings.to_run_config(), summary.data,
+            Checkpoint(run_id, rnd - 1, settings.to_run_config(), summary.summary.to_dict(),
                        {k: v.numpy() for k, v in arrays.items()}, sorted(exhausted), central_before).save(run_dir)
 
         try:
             # The run's name, not Flower's run id, names the run in the departments' ledgers.
-            messages = list(strategy.configure_train(rnd, arrays, ConfigRecord({RUN_KEY: run_id}), grid))
+            request = ConfigRecord(TrainRequest(run_key=run_id, server_round=rnd).to_config())
+            messages = list(strategy.configure_train(rnd, arrays, request, grid))
         except CoordinatorBudgetExhausted as err:
             status, reason = "central-budget-exhausted", f"round {rnd}: {err}; the run ends here"
             announce(summary, Notice(text=reason, round=rnd), WARNING)
@@ -202,7 +203,7 @@ def run_federation(grid: Grid, settings: RunSettings, out: Path, run_dir: Path, 
         exhausted |= set(report.refused)
         exhausted -= set(report.trained)
         # The round is complete: from here a restart resumes after it.
-        Checkpoint(run_id, rnd, settings.to_run_config(), summary.data, {k: v.numpy() for k, v in arrays.items()},
+        Checkpoint(run_id, rnd, settings.to_run_config(), summary.summary.to_dict(), {k: v.numpy() for k, v in arrays.items()},
                    sorted(exhausted), len(strategy.ledger.entries) if isinstance(strategy, ClientLevelDP) else None,
                    ).save(run_dir)
         if report.trained or (release is not None and not messages):
@@ -260,9 +261,9 @@ def write_model(out_dir: Path, model, settings: RunSettings, test: Dataset, metr
          "ledger_seq": ack.ledger_seq, "ledger_head": ack.ledger_head}
         for ack in sorted(acknowledged.values(), key=lambda a: a.department)
     ]
-    central = summary.data.get("central")
-    client_level = ({"epsilon": central["epsilon"], "delta": central["delta"], "accountant": central["accountant"],
-                     "noise_multiplier": central["noise_multiplier"], "clip_norm": central["clip_norm"]}
+    central = summary.summary.central
+    client_level = ({"epsilon": central.epsilon, "delta": central.delta, "accountant": central.accountant,
+                     "noise_multiplier": central.noise_multiplier, "clip_norm": central.clip_norm}
                     if central else None)
     card = build_card(
         run_id=run_id, model=settings.model, fix_model=settings.fix_model, input_shape=test.input_shape,
@@ -270,7 +271,7 @@ def write_model(out_dir: Path, model, settings: RunSettings, test: Dataset, metr
         schema=test.schema.to_dict() if test.schema is not None else None, dataset=settings.dataset,
         held_out={"name": test.name, "rows": len(test), "source": settings.test_data or "split off the dataset"},
         metrics=metrics, departments=privacy, client_level=client_level, weights_sha256=sha,
-        grad_sample_mode=dp_path, status=status, rounds=len(summary.data["rounds"]),
+        grad_sample_mode=dp_path, status=status, rounds=len(summary.summary.rounds),
     )
     write_card(sign_card(card, record.signer), out_dir / CARD_FILE)
 

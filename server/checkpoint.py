@@ -48,7 +48,7 @@ class Checkpoint:
     run_name: str
     round: int
     settings: dict[str, Any]
-    summary: dict[str, Any]
+    summary: dict[str, Any]  # the run summary so far, as its JSON object (Summary.to_dict())
     arrays: dict[str, np.ndarray]
     exhausted: list[str] = field(default_factory=list)
     # Entries in the coordinator's client-level ledger at this checkpoint (None: no --central-dp).
@@ -129,15 +129,17 @@ def resumable(run: Path) -> tuple[Path, Checkpoint]:
     first round failed), so the resume runs that round again.
     """
     from fedsilo.shared.runs import SUMMARY, resolve_run_dir
+    from fedsilo.shared.safe_read import UnreadableFile
+    from fedsilo.shared.summary_format import read_summary
 
     run_dir = resolve_run_dir(run).resolve()
     summary = run_dir / SUMMARY
     if not summary.exists():
         raise CheckpointError(f"{run} holds no run ({SUMMARY} is missing); give a run folder, e.g. runs/latest")
     try:
-        status = json.loads(summary.read_text(encoding="utf-8")).get("status")
-    except ValueError as err:
-        raise CheckpointError(f"{summary} is not readable JSON ({err})") from None
+        status = read_summary(summary).status
+    except UnreadableFile as err:  # the message names the file, the field and what to do
+        raise CheckpointError(f"the run cannot be resumed: {err}") from None
     if status not in RESUMABLE:
         raise CheckpointError(f"{run_dir} ended as '{status}': there is nothing to resume; start a new run")
     return run_dir, Checkpoint.load(run_dir)

@@ -12,41 +12,38 @@ from pathlib import Path
 from rich.console import Console
 from rich.markup import escape
 
-from fedsilo.shared import safe_read
 from fedsilo.shared.terminal import Column, fitted_table
 from fedsilo.shared.ledger import read_ledgers
 from fedsilo.shared.metrics import format_metrics, headline
+from fedsilo.shared.summary_format import DepartmentTotals, Summary, read_summary
 
-from .summary import SUMMARY_FILE
 
-
-def print_run_report(run_dir: Path, console: Console | None = None) -> dict:
-    """Print accuracy and the per-department privacy table; return the summary."""
+def print_run_report(run_dir: Path, console: Console | None = None) -> Summary:
+    """Print accuracy and the per-department privacy table; return the run's (typed) summary."""
     console = console or Console()
-    summary = safe_read.load_json(Path(run_dir) / SUMMARY_FILE, "run summary")
-    rounds = summary["rounds"]
-    accuracy = summary.get("final_accuracy")
+    summary = read_summary(run_dir)
+    rounds = summary.rounds
     console.print(
-        f"\n[bold]Run {summary['run_id']}[/bold] — {summary['status']}"
-        + (f": {summary['stop_reason']}" if summary.get("stop_reason") else "")
+        f"\n[bold]Run {summary.run_id}[/bold] — {summary.status}"
+        + (f": {summary.stop_reason}" if summary.stop_reason else "")
     )
-    final = summary.get("final_metrics") or {}
-    task = summary.get("task") or "multiclass"
+    final = summary.final_metrics
+    task = summary.task or "multiclass"
     if final:
         head = headline(task)
-        initial = (summary.get("initial") or {}).get(head)
+        initial = summary.initial.get(head)
         console.print(
             f"Final held-out {head} [bold]{final[head]:.4f}[/bold] after {len(rounds)} round(s) "
-            f"on {summary['dataset']['num_test']} held-out examples"
+            f"on {summary.dataset['num_test']} held-out examples"
             + (f" (initial {initial:.4f})" if initial is not None else "")
             + f"; {task}: {format_metrics(final, task)}"
         )
-    elif accuracy is not None:
-        console.print(f"Final test accuracy [bold]{accuracy:.4f}[/bold] after {len(rounds)} round(s)")
-    if summary.get("model_card"):
-        console.print(f"Model: {Path(run_dir) / summary['model']} with its signed card {Path(run_dir) / summary['model_card']}")
+    elif summary.final_accuracy is not None:
+        console.print(f"Final test accuracy [bold]{summary.final_accuracy:.4f}[/bold] after {len(rounds)} round(s)")
+    if summary.model_card:
+        console.print(f"Model: {Path(run_dir) / summary.model} with its signed card {Path(run_dir) / summary.model_card}")
     print_failed_rounds(summary, console)
-    if not summary["dp"]:
+    if not summary.dp:
         console.print("[yellow]No record-level DP at the departments: ε is unbounded (∞) for each department's examples.[/yellow]")
         print_central(summary, console)
         return summary
@@ -54,24 +51,24 @@ def print_run_report(run_dir: Path, console: Console | None = None) -> dict:
     ledgers = read_ledgers(Path(run_dir) / "ledgers") if (Path(run_dir) / "ledgers").exists() else {}
     source = "from the ledgers" if ledgers else "as reported by the departments (their ledgers stay on their hosts)"
     rows = []
-    departments = summary["departments"]
+    departments = summary.departments
     for name in sorted(set(departments) | set(ledgers)):
-        info = departments.get(name, {})
+        info = departments.get(name) or DepartmentTotals()
         ledger = ledgers.get(name)
         entries = ledger.entries if ledger else []
         last = entries[-1] if entries else None
         if ledgers:
             eps, rounds, steps = (ledger.epsilon if ledger else 0.0), len(entries), sum(e.steps for e in entries)
         else:
-            eps, rounds, steps = info.get("epsilon"), info.get("rounds_trained", 0), info.get("steps", 0)
-            eps = math.inf if eps is None and info.get("rounds_trained") else (eps or 0.0)
+            eps, rounds, steps = info.epsilon, info.rounds_trained, info.steps
+            eps = math.inf if eps is None and info.rounds_trained else (eps or 0.0)
         # The budget the department's own policy granted (its ledger records it), else what it reported.
-        own = (last.budget if last and last.budget else None) or info.get("max_epsilon") or summary.get("max_epsilon") or math.inf
-        delta = last.delta if last else info.get("delta")
+        own = (last.budget if last and last.budget else None) or info.max_epsilon or summary.max_epsilon or math.inf
+        delta = last.delta if last else info.delta
         rows.append([
             escape(name),
             str(rounds),
-            str(info.get("rounds_refused", 0)),
+            str(info.rounds_refused),
             str(steps),
             f"{last.noise_multiplier:.3f}" if last else "-",
             f"{last.sample_rate:.4f}" if last else "-",
@@ -105,31 +102,31 @@ def print_run_report(run_dir: Path, console: Console | None = None) -> dict:
     return summary
 
 
-def print_failed_rounds(summary: dict, console: Console) -> None:
+def print_failed_rounds(summary: Summary, console: Console) -> None:
     """Rounds that produced no model: why, and who was charged for them all the same."""
-    for failed in summary.get("failed_rounds") or []:
-        charged = sorted(failed.get("charged") or {})
-        rejected = failed.get("rejected") or {}
+    for failed in summary.failed_rounds:
+        charged = sorted(failed.charged)
+        rejected = failed.rejected
         console.print(
-            f"[yellow]Round {failed.get('round')} produced no model[/yellow]: {escape(str(failed.get('reason', '')))}"
+            f"[yellow]Round {failed.round} produced no model[/yellow]: {escape(failed.reason)}"
             + (f"; rejected: {escape(', '.join(f'{n} ({why})' for n, why in sorted(rejected.items())))}" if rejected else "")
             + (f"; charged all the same: {escape(', '.join(charged))}" if charged else "")
         )
 
 
-def print_central(summary: dict, console: Console) -> None:
+def print_central(summary: Summary, console: Console) -> None:
     """The coordinator's client-level guarantee, stated apart from the departments' own."""
-    central = summary.get("central")
-    if not central:
+    central = summary.central
+    if central is None:
         return
-    releases = sum(1 for r in summary["rounds"] if "central" in r)
+    releases = sum(1 for r in summary.rounds if r.central is not None)
     console.print(
-        f"Client-level DP at the coordinator: whole-history [bold]ε={central['epsilon']:.3f}[/bold] at "
-        f"δ={central['delta']:g} ({central['accountant'].upper()}, dp-accounting) after {releases} release(s) "
-        f"in this run; σ={central['noise_multiplier']:g}, update clip C={central['clip_norm']:g}, "
-        f"departments sampled with q={central['sample_rate']:g}; budget {central['max_epsilon']:g}, "
-        f"left {max(central['max_epsilon'] - central['epsilon'], 0.0):.3f}. It bounds what the released "
+        f"Client-level DP at the coordinator: whole-history [bold]ε={central.epsilon:.3f}[/bold] at "
+        f"δ={central.delta:g} ({central.accountant.upper()}, dp-accounting) after {releases} release(s) "
+        f"in this run; σ={central.noise_multiplier:g}, update clip C={central.clip_norm:g}, "
+        f"departments sampled with q={central.sample_rate:g}; budget {central.max_epsilon:g}, "
+        f"left {max(central.max_epsilon - central.epsilon, 0.0):.3f}. It bounds what the released "
         f"model reveals about whether any one department took part, with all its data; the coordinator "
-        f"itself still sees each update. Ledger: {central['ledger']}",
+        f"itself still sees each update. Ledger: {central.ledger}",
         soft_wrap=True,
     )

@@ -50,7 +50,8 @@ from flwr.serverapp.strategy import FedAvg
 from fedsilo.shared.protocol import (
     CONFIG_KEY, STATUS_DECLINED, STATUS_INCOMPATIBLE, STATUS_REFUSED, STATUS_ROLLED_BACK, STATUS_TRAINED,
 )
-from fedsilo.shared.record import ACK_HEAD_KEY, ACK_SEQ_KEY, LedgerHead, MalformedHead, RecordError
+from fedsilo.shared.record import LedgerHead, MalformedHead, RecordError
+from fedsilo.shared.train_request import TrainRequest
 
 from .acknowledgements import HeadKeeper
 from .replies import (
@@ -131,11 +132,11 @@ class DepartmentFedAvg(FedAvg):
         messages = list(super()._construct_messages(record, node_ids, message_type))
         if self.heads is None:
             return messages
+        shared = dict(record[CONFIG_KEY]) if CONFIG_KEY in record else {}
+        request = TrainRequest.from_config(shared)  # the run key and round, the same for every node
         for message in messages:
             expected = self.heads.expectation(message.metadata.dst_node_id)
-            config = ConfigRecord(dict(record[CONFIG_KEY])) if CONFIG_KEY in record else ConfigRecord()
-            if expected is not None:
-                config[ACK_SEQ_KEY], config[ACK_HEAD_KEY] = expected
+            config = ConfigRecord({**shared, **request.acknowledging(expected).to_config()})
             own = RecordDict({key: value for key, value in record.items() if key != CONFIG_KEY})
             own[CONFIG_KEY] = config
             message.content = own

@@ -6,12 +6,12 @@ kept apart, under ``failed_rounds``: who did what in it, why it failed, and
 which departments' ledgers were charged for it (``charged``) — a resume runs
 that round again, and the departments that trained it send the same update
 again without a new charge.  Every number is written as JSON can hold it:
-NaN and ±∞ become ``null``.
+NaN and ±∞ become ``null``.  The file's format (its fields, their types, its
+version) is :mod:`fedsilo.shared.summary_format`.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
@@ -19,6 +19,9 @@ from pathlib import Path
 from typing import Any
 
 from fedsilo.shared.runs import SUMMARY
+from fedsilo.shared.summary_format import (
+    RUNNING, Asked, Central, DepartmentTotals, FailedRound, Resume, RoundCentral, RoundRecord, Summary,
+)
 
 from .events import EventLog, RunEnded
 from .strategy import RoundReport
@@ -38,26 +41,19 @@ def _metrics(metrics: dict[str, float]) -> dict[str, float | None]:
     return {str(key): _finite(value) for key, value in metrics.items()}
 
 
-def _report(report: RoundReport) -> dict[str, Any]:
-    """Who did what in a round, as the summary's round records say it."""
+def _participation(report: RoundReport) -> dict[str, Any]:
+    """Who did what in a round, as the summary's round records say it (the fields of a Participation)."""
     return {
         "trained": sorted(report.trained),
         "refused": dict(sorted(report.refused.items())),
         "rejected": dict(sorted(report.rejected.items())),
         "failed": dict(sorted(report.failed.items())),
-        # Departments whose executor would not answer the run's app, and why.
         "incompatible": dict(sorted(report.incompatible.items())),
-        # Departments whose policy is stricter than the run asks (setting, both values).
         "declined": dict(sorted(report.declined.items())),
-        # Departments whose ledger no longer holds the head the coordinator acknowledged.
         "rolled_back": dict(sorted(report.rolled_back.items())),
-        # Departments that sent again the update they had released for this round
-        # before the coordinator restarted, with the ledger entry that charged it.
         "replayed": dict(sorted(report.replayed.items())),
-        # Updates scaled down to max-update-norm: name -> their norm before scaling.
         "bounded": {name: _finite(norm) for name, norm in sorted(report.clipped.items())},
-        # Departments whose ledger recorded a new release in this round, used or not (a rejected
-        # update was charged all the same): name -> {ledger_seq, ledger_head, epsilon}.
+        # A rejected update was charged all the same.
         "charged": {name: {**what, "epsilon": _finite(what.get("epsilon"))}
                     for name, what in sorted(report.charged.items())},
     }
@@ -72,7 +68,7 @@ def _relative(path: Path, base: Path) -> str:
 
 
 class RunSummary:
-    """Accumulates rounds and per-department totals; writes ``summary.json``."""
+    """Accumulates rounds and per-department totals in a :class:`Summary`; writes ``summary.json``."""
 
     def __init__(
         self, out_dir: Path, run_id: str, settings: dict[str, Any], dataset: dict[str, Any], record: Path | None = None
@@ -80,106 +76,83 @@ class RunSummary:
         self.path = Path(out_dir) / SUMMARY_FILE
         self.started = time.time()
         self.events: EventLog | None = None  # told when the run ends (server/events.py)
-        self.data: dict[str, Any] = {
-            "run_id": run_id,
-            "status": "running",
-            "stop_reason": "",
-            "settings": settings,
-            "dataset": dataset,
-            "dp": bool(settings["dp"]),
-            # δ at which the departments state ε: each department's own (see
-            # `departments`); this is the largest of them, the weakest stated.
-            "delta": (settings["delta"] or None) if settings["dp"] else None,
-            # What the run asked of the departments' policies (None: nothing).
-            "asked": {
-                "delta": settings["delta"] or None, "max_epsilon": settings["max-epsilon"] or None,
-                "accountant": settings["accountant"] or None, "dp": bool(settings["dp"]),
-            },
-            "accountant": (settings["accountant"] or "each department's") if settings["dp"] else None,
-            "max_epsilon": (settings["max-epsilon"] or None) if settings["dp"] else None,
-            "initial": {},
-            "rounds": [],
-            "departments": {},
-            "task": None,
-            "final_accuracy": None,
-            "final_loss": None,
-            "final_metrics": {},
-            "model": None,
-            "ledgers": "ledgers",
-            # The coordinator's signed record of acknowledged ledger heads (fedsilo audit reads it).
-            "record": _relative(record, out_dir) if record is not None else None,
-            "wall_time_s": 0.0,
-        }
+        dp = bool(settings["dp"])
+        self.summary = Summary(
+            run_id=run_id,
+            settings=settings,
+            dataset=dataset,
+            dp=dp,
+            # Each department's own δ (see `departments`); this is the largest of them.
+            delta=(settings["delta"] or None) if dp else None,
+            asked=Asked(delta=settings["delta"] or None, max_epsilon=settings["max-epsilon"] or None,
+                        accountant=settings["accountant"] or None, dp=dp),
+            accountant=(settings["accountant"] or "each department's") if dp else None,
+            max_epsilon=(settings["max-epsilon"] or None) if dp else None,
+            ledgers="ledgers",
+            record=_relative(record, out_dir) if record is not None else None,
+        )
         self._epsilon: dict[str, float | None] = {}
 
     @classmethod
     def restore(cls, out_dir: Path, data: dict[str, Any]) -> "RunSummary":
-        """The summary as a checkpoint left it, to continue a resumed run."""
+        """The summary as a checkpoint left it (its JSON object), to continue a resumed run."""
         summary = cls.__new__(cls)
         summary.path = Path(out_dir) / SUMMARY_FILE
         summary.events = None
-        summary.data = json.loads(json.dumps(data))
-        summary.started = time.time() - float(data.get("wall_time_s", 0.0))
-        rounds = summary.data.get("rounds") or []
-        summary._epsilon = dict(rounds[-1]["epsilon"]) if rounds else {}
-        failed = summary.data.get("failed_rounds") or []
-        if failed and (not rounds or failed[-1]["round"] > rounds[-1]["round"]):
-            summary._epsilon.update(failed[-1].get("epsilon") or {})
+        summary.summary = Summary.from_dict(data, f"the checkpoint's copy of {summary.path}")
+        summary.started = time.time() - float(summary.summary.wall_time_s)
+        rounds, failed = summary.summary.rounds, summary.summary.failed_rounds
+        summary._epsilon = dict(rounds[-1].epsilon) if rounds else {}
+        if failed and (not rounds or failed[-1].round > rounds[-1].round):
+            summary._epsilon.update(failed[-1].epsilon)
         return summary
 
     def resumed(self, after_round: int, flower_run_id: str) -> None:
         """Say that the run continues after ``after_round`` (a restarted coordinator)."""
-        self.data["status"], self.data["stop_reason"] = "running", ""
-        self.data.setdefault("resumes", []).append({
-            "after_round": after_round, "flower_run_id": flower_run_id, "at": time.time(),
-            # Filled in when the first resumed round completes: who sent again the
-            # update it had released before the restart (no new ε), who trained it.
-            "replayed": None, "trained": None,
-        })
+        self.summary.status, self.summary.stop_reason = RUNNING, ""
+        self.summary.resumes.append(Resume(after_round=after_round, flower_run_id=flower_run_id, at=time.time()))
         self.write()
 
     def set_initial(self, metrics: dict[str, float], task: str) -> None:
         """The untrained model's held-out metrics (``accuracy`` is None for regression)."""
         metrics = _metrics(metrics)
-        self.data["task"] = task
-        self.data["initial"] = {"accuracy": metrics.get("accuracy"), **metrics}
+        self.summary.task = task
+        self.summary.initial = {"accuracy": metrics.get("accuracy"), **metrics}
         self.write()
 
     def set_central(self, central) -> None:
         """Record the coordinator's client-level DP settings (a :class:`ClientLevelDP`)."""
-        self.data["central"] = {
-            "level": "client (each department's whole contribution)",
-            "noise_multiplier": central.noise_multiplier,
-            "clip_norm": central.clipping_norm,
-            "sample_rate": central.sample_rate,
-            "delta": central.delta,
-            "max_epsilon": central.guard.max_epsilon,
-            "accountant": central.guard.accountant,
-            "ledger": _relative(central.ledger.path, self.path.parent),
-            "epsilon": central.epsilon,
-        }
+        self.summary.central = Central(
+            level="client (each department's whole contribution)",
+            noise_multiplier=central.noise_multiplier,
+            clip_norm=central.clipping_norm,
+            sample_rate=central.sample_rate,
+            delta=central.delta,
+            max_epsilon=central.guard.max_epsilon,
+            accountant=central.guard.accountant,
+            ledger=_relative(central.ledger.path, self.path.parent),
+            epsilon=central.epsilon,
+        )
         self.write()
 
-    def _record_departments(self, report: RoundReport) -> dict[str, Any]:
+    def _record_departments(self, report: RoundReport) -> dict[str, DepartmentTotals]:
         """Fold ``report``'s ε, budgets and δ into the per-department totals; the departments dict."""
         for name, eps in report.epsilon.items():
             self._epsilon[name] = _finite(eps)
-        departments = self.data["departments"]
+        departments = self.summary.departments
         for name in {*report.trained, *report.refused, *report.rejected, *report.epsilon, *report.declined,
                      *report.charged, *report.budget, *report.delta}:
-            departments.setdefault(
-                name, {"epsilon": None, "rounds_trained": 0, "rounds_refused": 0, "steps": 0}
-            )
+            departments.setdefault(name, DepartmentTotals())
         for name, eps in self._epsilon.items():
             if name in departments:
-                departments[name]["epsilon"] = eps
+                departments[name].epsilon = eps
         for name, budget in report.budget.items():
-            departments[name]["max_epsilon"] = _finite(budget)
+            departments[name].max_epsilon = _finite(budget)
         for name, delta in report.delta.items():
-            departments[name]["delta"] = _finite(delta)
-        deltas = [d["delta"] for d in departments.values() if d.get("delta")]
-        if deltas and self.data["dp"]:
-            self.data["delta"] = max(deltas)
+            departments[name].delta = _finite(delta)
+        deltas = [d.delta for d in departments.values() if d.delta]
+        if deltas and self.summary.dp:
+            self.summary.delta = max(deltas)
         return departments
 
     def add_round(
@@ -189,36 +162,27 @@ class RunSummary:
         accuracy, loss = metrics.get("accuracy"), metrics.get("loss")
         departments = self._record_departments(report)
         for name in report.trained:
-            departments[name]["rounds_trained"] += 1
-            departments[name]["steps"] += report.steps.get(name, 0)
-            departments[name]["num_examples"] = report.trained[name]
+            departments[name].rounds_trained += 1
+            departments[name].steps += report.steps.get(name, 0)
+            departments[name].num_examples = report.trained[name]
         for name in report.refused:
-            departments[name]["rounds_refused"] += 1
-        self.data["rounds"].append(
-            {
-                "round": rnd,
-                "accuracy": accuracy,
-                "loss": loss,
-                # Every held-out metric of the task (accuracy, f1, roc_auc; r2, rmse, mae; loss).
-                "metrics": dict(metrics),
-                # Whole-history ε of every department known so far, at `delta`.
-                "epsilon": dict(sorted(self._epsilon.items())),
-                **_report(report),
-                "seconds": round(seconds, 3),
-            }
+            departments[name].rounds_refused += 1
+        record = RoundRecord(
+            round=rnd, accuracy=accuracy, loss=loss, metrics=dict(metrics),
+            epsilon=dict(sorted(self._epsilon.items())), **_participation(report), seconds=round(seconds, 3),
         )
-        resumes = self.data.get("resumes") or []
-        if resumes and resumes[-1]["replayed"] is None and resumes[-1]["after_round"] == rnd - 1:
-            resumes[-1]["replayed"] = sorted(report.replayed)
-            resumes[-1]["trained"] = sorted(set(report.trained) - set(report.replayed))
+        self.summary.rounds.append(record)
+        resumes = self.summary.resumes
+        if resumes and resumes[-1].replayed is None and resumes[-1].after_round == rnd - 1:
+            resumes[-1].replayed = sorted(report.replayed)
+            resumes[-1].trained = sorted(set(report.trained) - set(report.replayed))
         if release is not None:  # a CentralRelease
-            self.data["rounds"][-1]["central"] = {
-                "epsilon": release.epsilon, "sampled": release.sampled, "population": release.population,
-            }
-            self.data["central"]["epsilon"] = release.epsilon
-        self.data["final_accuracy"] = accuracy
-        self.data["final_loss"] = loss
-        self.data["final_metrics"] = dict(metrics)
+            record.central = RoundCentral(epsilon=release.epsilon, sampled=release.sampled,
+                                          population=release.population)
+            self.summary.central.epsilon = release.epsilon
+        self.summary.final_accuracy = accuracy
+        self.summary.final_loss = loss
+        self.summary.final_metrics = dict(metrics)
         self.write()
 
     def add_failed_round(self, rnd: int, report: RoundReport | None, reason: str, seconds: float) -> None:
@@ -231,31 +195,26 @@ class RunSummary:
         """
         report = report if report is not None else RoundReport()
         self._record_departments(report)
-        self.data.setdefault("failed_rounds", []).append(
-            {
-                "round": rnd,
-                "reason": reason,
-                "epsilon": dict(sorted(self._epsilon.items())),
-                **_report(report),
-                "seconds": round(seconds, 3),
-            }
-        )
+        self.summary.failed_rounds.append(FailedRound(
+            round=rnd, reason=reason, epsilon=dict(sorted(self._epsilon.items())), **_participation(report),
+            seconds=round(seconds, 3),
+        ))
         self.write()
 
     def finish(self, status: str, reason: str = "", model_file: str | None = None, card_file: str | None = None) -> None:
-        self.data["status"] = status
-        self.data["stop_reason"] = reason
-        self.data["model"] = model_file
-        self.data["model_card"] = card_file
+        self.summary.status = status
+        self.summary.stop_reason = reason
+        self.summary.model = model_file
+        self.summary.model_card = card_file
         self.write()
         if self.events is not None:
-            final = self.data.get("final_metrics") or {}
-            self.events.emit(RunEnded(status=status, reason=reason, task=self.data.get("task") or "multiclass",
-                                      metrics=dict(final)))
+            self.events.emit(RunEnded(status=status, reason=reason, task=self.summary.task or "multiclass",
+                                      metrics=dict(self.summary.final_metrics)))
 
     def write(self) -> None:
-        self.data["wall_time_s"] = round(time.time() - self.started, 3)
+        """Rewrite ``summary.json`` atomically: a reader sees the old file or the new one, never half."""
+        self.summary.wall_time_s = round(time.time() - self.started, 3)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(f".{self.path.name}.tmp")
-        tmp.write_text(json.dumps(self.data, indent=2, allow_nan=False) + "\n", encoding="utf-8")
+        tmp.write_text(self.summary.to_json(), encoding="utf-8")
         os.replace(tmp, self.path)
