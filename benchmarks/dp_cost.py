@@ -14,6 +14,7 @@ alone.  A variant that fails is recorded with its error; the benchmark goes on.
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import math
 import os
@@ -127,7 +128,7 @@ def measure_one(config: str, variant: str, examples: int, reps: int, threads: in
     the returned record.
     """
     import torch
-    import opacus  # noqa: F401  (train_dp imports it lazily: load it before the baseline for every variant)
+    importlib.import_module("opacus")  # train_dp imports it lazily: load it before the baseline for every variant
 
     from fedsilo.client.trainer import (
         ghost_norm_coverage, plan_mechanism, resolve_grad_sample_mode, train_dp, train_plain,
