@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from dataclasses import asdict
 import subprocess
 import sys
 import textwrap
@@ -30,6 +31,7 @@ from fedsilo.benchmarks.deployment_overhead import present as dep_present
 from fedsilo.benchmarks.deployment_overhead import probe as dep_probe
 from fedsilo.benchmarks.deployment_overhead import processes as dep_processes
 from fedsilo.benchmarks import scale
+from fedsilo.benchmarks.prose import TEMPLATES
 from fedsilo.benchmarks.common import TreeMemory
 from fedsilo.benchmarks.report import render
 from fedsilo.shared.flower_cli import stop_tree
@@ -415,3 +417,46 @@ def test_fresh_interpreter_probe(tmp_path):
                 "evaluate_s"):
         assert run[key] > 0
     assert run["process_wall_s"] > run["import_client_app_s"]
+
+
+# --------------------------------------------------------------------------- re-rendering saved results
+
+REFERENCE = TEMPLATES.parent / "reference"
+SHOWN = ("title", "text", "tables", "targets")  # what BENCHMARKS.md shows of a result
+
+
+def _normalised(value):
+    """Whitespace-normalised strings, lists for tuples: a saved result and a rebuilt one compare equal."""
+    if isinstance(value, str):
+        return " ".join(value.split())
+    if isinstance(value, (list, tuple)):
+        return [_normalised(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _normalised(v) for k, v in value.items()}
+    return value
+
+
+@pytest.mark.parametrize("module", [dep_present, scale], ids=["deployment", "scale"])
+def test_reference_results_rerender_from_their_raw_numbers(module):
+    """The stored reference result, rebuilt from its ``raw`` alone: the same text, tables and targets."""
+    saved = json.loads((REFERENCE / f"{module.NAME}.json").read_text(encoding="utf-8"))
+    rebuilt = asdict(module.rerender(saved["raw"], saved["quick"]))
+    for key in SHOWN:
+        assert _normalised(rebuilt[key]) == _normalised(saved[key]), key
+
+
+def test_a_saved_result_rerenders_to_itself(tmp_path):
+    """Through JSON (int keys become strings, tuples lists) and back: raw holds everything the summary shows."""
+    sim = {"status": "completed", "seconds": [4.0, 1.25], "trained": [3, 3], "final_accuracy": 0.8, "wall_s": 40.0}
+    rows = [{"departments": n, "simulation": _fake_sim(n, [20.0, 5.0, 5.0], 2.5, 60.0),
+             "plain_parallel": _fake_plain(n, [5.0, 5.0, 5.0], 2)} for n in (10, 100)]
+    for quick in (False, True):
+        for module, result in (
+            (dep_present, dep_present.build_result(_deployment_record(), sim, _probe(), None, quick, rounds=2)),
+            (scale, scale.build_result(rows, None, quick, rounds=3)),
+        ):
+            saved = json.loads(result.save(tmp_path).read_text(encoding="utf-8"))
+            rebuilt = asdict(module.rerender(saved["raw"], saved["quick"], out=tmp_path / "plots"))
+            for key in SHOWN:
+                assert _normalised(rebuilt[key]) == _normalised(saved[key]), (module.NAME, quick, key)
+            assert (tmp_path / "plots" / module.PLOT).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

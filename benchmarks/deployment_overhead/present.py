@@ -167,16 +167,16 @@ def build_result(deploy: dict[str, Any], sim: dict[str, Any], probe_result: dict
         plots=[PLOT],
         targets=targets,
         raw={"rounds": rounds, "deployment": deploy, "simulation": sim, "phases": split, "probe": probe_result,
-             **polls},
+             **polls, "flower": flower},
     )
 
 
-def rerender(raw: dict[str, Any], quick: bool, out: Path | None = None, flower: str | None = None) -> BenchResult:
+def rerender(raw: dict[str, Any], quick: bool, out: Path | None = None) -> BenchResult:
     """The result rebuilt from a saved result's ``raw`` (its cited intervals as they were; the plot only with ``out``).
 
-    ``flower``: the version in the polling table's title (default: the installed one, which
-    is also what a saved result was measured with unless Flower was upgraded since).
+    The Flower version in the polling table's title is the one ``raw`` names; results saved
+    before it did are taken to be from the installed Flower.
     """
     polls = {group: raw[group] for group in ("flower_polls", "fedsilo_polls")}
     return build_result(raw["deployment"], raw["simulation"], raw["probe"], out, quick, raw["rounds"],
-                        polls=polls, flower=flower)
+                        polls=polls, flower=raw.get("flower"))
