@@ -91,3 +91,37 @@ def test_the_train_handler_runs_only_under_the_guard(host, serverapp_identity):
 def test_a_host_config_without_its_settings_is_refused_by_name():
     with pytest.raises(ValueError, match="lacks 'policy'"):
         DepartmentHost.from_config({"department": "x", "data-path": "d.csv", "ledger-dir": "l", "identity-key": "k"})
+
+
+@pytest.mark.parametrize("tamper,field", [
+    ({"server-round": -1}, "server-round"),
+    ({"server-round": "1"}, "server-round"),
+    ({"run-key": 7}, "run-key"),
+    ({"acknowledged-seq": -2, "acknowledged-head": ""}, "acknowledged-seq"),
+    ({"acknowledged-seq": 1, "acknowledged-head": "zz" * 32}, "acknowledged-head"),
+    ({"acknowledged-seq": 1, "acknowledged-head": "a" * 10_000}, "acknowledged-head"),
+    ({"acknowledged-seq": 1}, "acknowledged-head"),
+    ({"request-version": 99}, "upgrade fedsilo on the department"),
+])
+def test_a_malformed_train_request_is_declined_with_a_reason_and_charges_nothing(host, serverapp_identity, tamper,
+                                                                                 field):
+    app = department_app(DepartmentHost.from_config(host["config"]))
+    message, context = _request(host, 1)
+    config = message.content[CONFIG_KEY]
+    for key, value in tamper.items():
+        config[key] = value
+    reply = app(message=message, context=context)
+    assert not reply.has_error()
+    status = reply.content[STATUS_KEY]
+    assert status["status"] == "declined" and field in status["reason"], status["reason"]
+    assert ARRAYS_KEY not in reply.content
+    assert ledger_module.PrivacyLedger(_ledger_path(host), "finance").entries == []
+
+
+def test_a_request_without_a_run_key_still_trains_under_flowers_run_id(host, serverapp_identity):
+    app = department_app(DepartmentHost.from_config(host["config"]))
+    message, context = _request(host, 1)  # a coordinator of fedsilo 0.4 sends no request-version, no run key
+    reply = app(message=message, context=context)
+    assert reply.content[STATUS_KEY]["status"] == "trained", reply.content[STATUS_KEY]["reason"]
+    (entry,) = ledger_module.PrivacyLedger(_ledger_path(host), "finance").entries
+    assert entry.run_id == str(message.metadata.run_id)
