@@ -17,10 +17,12 @@ A department's train reply holds:
 * ``ledger-head`` (ConfigRecord) — the department's signed ledger head
   (``shared/record.py``), except on ``incompatible`` replies.
 
-The train task's ``config`` carries ``acknowledged-seq`` and
+The train task's ``config`` is a :class:`fedsilo.shared.train_request.TrainRequest`
+(built and read there, every field checked): ``acknowledged-seq`` and
 ``acknowledged-head``: the head the coordinator last recorded for the
-department's identity, and ``run-key``: the run's name, the same across the
-coordinator's resumes, which names the run in the department's ledger.  A train
+department's identity, ``run-key``: the run's name, the same across the
+coordinator's resumes, which names the run in the department's ledger,
+Flower's ``server-round``, and ``request-version``.  A train
 reply's metrics say ``replayed-seq``: 0 for an update trained now, else the
 ledger entry (counted from 1) that charged the update it sends again.
 
