@@ -29,10 +29,11 @@ The package is the auditor's room: :mod:`.result` (what was found),
 (the table ``fedsilo audit`` prints) and :mod:`.html` (``--report``).
 """
 
+from fedsilo.shared.summary_format import read_summary  # the run summary, typed (also read by the audit)
+
 from .ledgers import audit_ledger, format_date, key_index, pld_epsilon, prv_feasible
 from .result import AuditResult, DepartmentAudit
 from .runs import audit_path
-from fedsilo.shared.summary_format import read_summary  # the run summary, typed (also read by the audit)
 
 __all__ = ["AuditResult", "DepartmentAudit", "audit_ledger", "audit_path", "format_date", "key_index", "pld_epsilon",
            "prv_feasible", "read_summary"]
