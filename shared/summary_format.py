@@ -30,7 +30,7 @@ from .safe_read import UnreadableFile
 
 # 1: the file says "v" (fedsilo 0.4 wrote the same fields without it).
 SUMMARY_VERSION = 1
-# Statuses a run ends with; "running" while the coordinator works (or died).
+# A run's status while the coordinator works (or after it died); the others say how it ended.
 RUNNING = "running"
 _NOT_OURS = "it is not a summary fedsilo wrote"
 
@@ -256,7 +256,7 @@ def _to_plain(record: Any) -> dict[str, Any]:
         value = getattr(record, f.name)
         if f.metadata.get("omit_empty") and value in (None, [], {}):
             continue
-        plain[f.name] = _to_plain(value) if is_dataclass(value) else _plain_value(value)
+        plain[f.name] = _plain_value(value)
     return plain
 
 
