@@ -17,6 +17,7 @@ strict: every field is checked for its type and an error names the field
 
 from __future__ import annotations
 
+import functools
 import json
 import types
 import typing
@@ -274,12 +275,17 @@ def _where(at: str, key: str) -> str:
     return f"{at}.{key}" if at else key
 
 
+@functools.cache
+def _layout(cls: type) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A record's field types and fields, resolved once (a summary holds a record per round)."""
+    return typing.get_type_hints(cls), {f.name: f for f in fields(cls)}
+
+
 def _typed(cls: type, raw: Any, at: str, path: Path | str, legacy: bool) -> Any:
     """``raw`` as a ``cls`` record, every field checked; unknown fields refused unless ``legacy``."""
     if not isinstance(raw, dict):
         raise SummaryFormatError(path, f"the run summary's '{at}' must be an object", hint=_NOT_OURS)
-    hints = typing.get_type_hints(cls)
-    known = {f.name: f for f in fields(cls)}
+    hints, known = _layout(cls)
     unknown = sorted(str(k) for k in raw if k not in known)
     if unknown and not legacy:
         raise SummaryFormatError(path, f"the run summary has unknown field(s) {', '.join(_where(at, k) for k in unknown)[:200]}",
