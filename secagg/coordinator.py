@@ -27,6 +27,7 @@ from .session import SessionParams
 class _RoundState:
     participants: tuple[str, ...]                                      # U2
     masked: dict[str, np.ndarray] = field(default_factory=dict, repr=False)
+    mask_signatures: dict[str, str] = field(default_factory=dict, repr=False)
     responders: tuple[str, ...] | None = None                           # U3, fixed once asked
     signatures: dict[str, str] = field(default_factory=dict, repr=False)
     unmaskings: dict[str, Unmasking] = field(default_factory=dict, repr=False)
@@ -98,7 +99,11 @@ class CoordinatorSession:
         if state.responders is not None:
             raise ProtocolViolation(f"round {answer.round}: U3 is already fixed; '{answer.name}' is too late")
         p = self.params
+        if self._roster is not None and not verify(self._roster[answer.name],
+                                                   p.masked_payload(answer.round, state.participants), answer.signature):
+            raise ProtocolViolation(f"the masked input of '{answer.name}' is not signed over U2 of round {answer.round}")
         state.masked[answer.name] = masking.from_bytes(answer.masked, p.vector_length, p.modulus_bits)
+        state.mask_signatures[answer.name] = answer.signature
 
     def consistency_request(self, round_number: int) -> ConsistencyRequest | None:
         """Fix U3 (who sent y); when someone in U2 did not, the request each member of U3 must sign."""
@@ -124,7 +129,8 @@ class CoordinatorSession:
                                     "(the others signed it), so the round ends with nothing released")
             signatures = {n: state.signatures[n] for n in state.responders}
         p = self.params
-        return UnmaskRequest(p.run_key, p.session_id, round_number, state.responders, signatures)
+        mask_signatures = {n: state.mask_signatures[n] for n in state.responders}
+        return UnmaskRequest(p.run_key, p.session_id, round_number, state.responders, mask_signatures, signatures)
 
     def receive_unmasking(self, answer: Unmasking) -> None:
         state = self._round(answer)

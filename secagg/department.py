@@ -184,7 +184,8 @@ class DepartmentSession:
         for peer in peers:
             pair = masking.prg(keys.pair_seed(self._pair_keys[peer], r, params.context), length, bits)
             y = masking.add(y, pair, bits) if self.name < peer else masking.subtract(y, pair, bits)
-        answer = MaskedInput(params.run_key, params.session_id, r, self.name, masking.to_bytes(y))
+        signature = self._signer.sign(params.masked_payload(r, participants))
+        answer = MaskedInput(params.run_key, params.session_id, r, self.name, masking.to_bytes(y), signature)
         self._rounds[r] = _Round(participants, answer)
         return answer
 
@@ -234,6 +235,15 @@ class DepartmentSession:
                                         "one answer per round")
             return state.unmasking
         self._check_set(responders, state.participants, "U3", "the round's U2")
+        # A share of b_v is revealed only if v masked over this same U2 (so y_v carries a pair mask with
+        # this department): a coordinator showing departments different U2s gains nothing from it.
+        masked_over = params.masked_payload(r, state.participants)
+        for member in responders:
+            signature = request.mask_signatures.get(member)
+            if member != self.name and (signature is None or not verify(self._roster[member], masked_over,
+                                                                       signature)):
+                raise ProtocolViolation(f"round {r}: no valid signature of '{member}' on having masked over "
+                                        f"this department's U2 {list(state.participants)}")
         dropped = [d for d in state.participants if d not in responders]
         if dropped or state.committed is not None:
             # Seeds are revealed only for a U3 that every member signed, and that this department signed:
@@ -244,7 +254,8 @@ class DepartmentSession:
             payload = params.responders_payload(r, responders)
             for member in responders:
                 signature = request.signatures.get(member)
-                if signature is None or not verify(self._roster[member], payload, signature):
+                if member != self.name and (signature is None or not verify(self._roster[member], payload,
+                                                                           signature)):
                     raise ProtocolViolation(f"round {r}: no valid signature of '{member}' on U3; every member "
                                             "of U3 must sign it when a department is declared dropped")
         state.committed = responders

@@ -198,14 +198,16 @@ class MaskRequest(_Message):
     version: int = VERSION
 
 
-@_message(round="round", name="name", masked="vector")
+@_message(round="round", name="name", masked="vector", signature="signature")
 class MaskedInput(_Message):
-    """Department -> coordinator: y = x + self mask + pair masks, little-endian uint64 words."""
+    """Department -> coordinator: y = x + self mask + pair masks, little-endian uint64 words, and its
+    identity signature over (context, r, U2): the one U2 it masked over in this round."""
     run_key: str
     session_id: bytes
     round: int
     name: str
     masked: bytes = field(repr=False)
+    signature: str
     version: int = VERSION
 
 
@@ -230,14 +232,15 @@ class ConsistencySignature(_Message):
     version: int = VERSION
 
 
-@_message(round="round", responders="names", signatures="signatures")
+@_message(round="round", responders="names", mask_signatures="signatures", signatures="signatures")
 class UnmaskRequest(_Message):
-    """Coordinator -> each member of U3: reveal what removes the masks; signatures of every member of
-    U3 over U3 when U3 != U2 (empty otherwise)."""
+    """Coordinator -> each member of U3: reveal what removes the masks.  Carries every member's
+    MaskedInput signature over (r, U2), and, when U3 != U2, every member's signature over (r, U3)."""
     run_key: str
     session_id: bytes
     round: int
     responders: tuple[str, ...]
+    mask_signatures: dict = field(default_factory=dict, repr=False)
     signatures: dict = field(default_factory=dict, repr=False)
     version: int = VERSION
 

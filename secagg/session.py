@@ -11,6 +11,7 @@ from .messages import VERSION, AdvertiseRequest
 CONTEXT_LABEL = "fedsilo-secagg/context/v1"
 ADVERTISEMENT_LABEL = "fedsilo-secagg/advertisement/v1"
 RESPONDERS_LABEL = "fedsilo-secagg/responders/v1"
+MASKED_LABEL = "fedsilo-secagg/masked-over/v1"
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,12 @@ class SessionParams:
         return encode(ADVERTISEMENT_LABEL, self.context, name, public_key)
 
     def responders_payload(self, round_number: int, responders) -> bytes:
+        """What a department signs to commit to U3 for a round."""
         return encode(RESPONDERS_LABEL, self.context, round_number, sorted(responders))
+
+    def masked_payload(self, round_number: int, participants) -> bytes:
+        """What a department signs with its masked input: the U2 it masked over."""
+        return encode(MASKED_LABEL, self.context, round_number, sorted(participants))
 
     def check_header(self, message, round_number: int | None = None) -> None:
         """Refuse a message of another version, run, session or (where given) round: a replay."""

@@ -174,9 +174,14 @@ def _masked_round():
     fed = federation(n=5, t=3)
     fed.setup()
     fed.mask(0, fed.inputs())
-    p = fed.params
-    return fed, p, lambda responders, signatures=None: UnmaskRequest(p.run_key, p.session_id, 0, tuple(responders),
-                                                                      signatures or {})
+    return fed, fed.params, lambda responders, signatures=None: _request(fed, responders, signatures)
+
+
+def _request(fed, responders, signatures=None, round_number=0):
+    """An UnmaskRequest for ``responders`` with the masked-input signatures the coordinator holds."""
+    p, state = fed.params, fed.coordinator._rounds[0]
+    mask_signatures = {n: state.mask_signatures[n] for n in responders if n in state.mask_signatures}
+    return UnmaskRequest(p.run_key, p.session_id, round_number, tuple(responders), mask_signatures, signatures or {})
 
 
 def test_unmask_twice_with_a_different_u3_is_refused():
@@ -201,11 +206,11 @@ def test_u3_smaller_than_t_or_not_within_u2_is_refused():
     with pytest.raises(ProtocolViolation, match="fewer than the threshold"):
         dept.sign_responders(ConsistencyRequest(p.run_key, p.session_id, 0, ("dept0", "dept1")))
     with pytest.raises(ProtocolViolation, match="fewer than the threshold"):
-        dept.unmask(UnmaskRequest(p.run_key, p.session_id, 0, ("dept0", "dept1"), {}))
+        dept.unmask(_request(fed, ("dept0", "dept1")))
     with pytest.raises(ProtocolViolation, match="not in the round's U2"):
-        dept.unmask(UnmaskRequest(p.run_key, p.session_id, 0, tuple(fed.names), {}))
+        dept.unmask(_request(fed, fed.names))
     with pytest.raises(ProtocolViolation, match="for round 1, not 0|never masked"):
-        dept.unmask(UnmaskRequest(p.run_key, p.session_id, 1, tuple(fed.names[:4]), {}))
+        dept.unmask(_request(fed, fed.names[:4], round_number=1))
 
 
 def test_a_dropout_claim_needs_every_member_of_u3_to_have_signed_it():
@@ -257,7 +262,7 @@ def _certified(fed, p, u3, honest, sign):
     for name in honest:
         signatures[name] = fed.departments[name].sign_responders(
             ConsistencyRequest(p.run_key, p.session_id, 0, u3)).signature
-    return UnmaskRequest(p.run_key, p.session_id, 0, u3, signatures)
+    return _request(fed, u3, signatures)
 
 
 def _owners(p):
@@ -273,11 +278,11 @@ def test_claiming_d_dropped_to_its_peers_while_unmasking_it_recovers_nothing():
     for name in ("dept1", "dept2", "dept3"):
         known_seeds.update({name: fed.departments[name].unmask(request).seeds["dept0"]})
     shares[p.share_index("dept0")] = fed.departments["dept0"].unmask(
-        UnmaskRequest(p.run_key, p.session_id, 0, tuple(fed.names), {})).shares["dept0"]
+        _request(fed, fed.names)).shares["dept0"]
     # Every honest peer refuses to add a share of b_0 now: one answer, one U3, per round.
     for name in ("dept1", "dept2", "dept3"):
         with pytest.raises(ProtocolViolation):
-            fed.departments[name].unmask(UnmaskRequest(p.run_key, p.session_id, 0, tuple(fed.names), {}))
+            fed.departments[name].unmask(_request(fed, fed.names))
     assert len(shares) == 2 < p.threshold          # b_0 is hidden (Shamir: 2 shares say nothing)
     with pytest.raises(ProtocolViolation):
         sharing.combine(shares, p.threshold, _owners(p), "dept0")
@@ -299,10 +304,10 @@ def test_splitting_the_views_of_dropouts_leaves_one_honest_pair_mask():
     shares[p.share_index("dept0")] = answer.shares["dept0"]
     for name in ("dept2", "dept3"):
         shares[p.share_index(name)] = fed.departments[name].unmask(
-            UnmaskRequest(p.run_key, p.session_id, 0, tuple(fed.names), {})).shares["dept0"]
+            _request(fed, fed.names)).shares["dept0"]
     b0 = sharing.combine(shares, p.threshold, _owners(p), "dept0")
     with pytest.raises(ProtocolViolation, match="already unmasked|signed"):
-        fed.departments["dept1"].unmask(UnmaskRequest(p.run_key, p.session_id, 0, ("dept1", "dept2", "dept3"), {}))
+        fed.departments["dept1"].unmask(_request(fed, ("dept1", "dept2", "dept3")))
     assert set(known_seeds) == {"dept2", "dept3", "dept4"}
     rest = _residual(fed, p, "dept0", y0, b0, known_seeds)       # = x_0 + PRG(seed_01): uniform
     assert chisquare(np.bincount((rest >> np.uint64(28)).astype(np.int64), minlength=16)).pvalue > 1e-3
@@ -319,3 +324,38 @@ def test_with_t_minus_1_colluders_the_same_split_exposes_x_d_which_is_why_t_is_a
     b0 = sharing.combine(shares, p.threshold, _owners(p), "dept0")
     assert not _residual(fed, p, "dept0", y0, b0, known_seeds).any()    # x_0 = 0, exposed
 
+
+
+def test_showing_d_a_smaller_u2_does_not_buy_a_share_of_b_d_from_a_department_outside_it():
+    # c = 1 (dept4).  dept0 is made to mask over U2 = {dept0, dept1, dept4} only, so y_0 carries no pair mask
+    # with dept2.  dept1 is told dept0 dropped (it reveals seed_01); dept0 unmasks its own U2 (its share of
+    # b_0); a share of b_0 from dept2, which still believes in the full U2, would complete b_0.  Both are
+    # refused: every member of U3 must have signed masking over the U2 of the department asked.
+    fed = federation(n=5, t=3, bits=32, length=512)
+    fed.setup()
+    p, coordinator = fed.params, fed.coordinator
+    small = ("dept0", "dept1", "dept4")
+    full = coordinator.mask_request("dept0", 0)
+    to_d = _replace(full, participants=small, ciphertexts={v: full.ciphertexts[v] for v in ("dept1", "dept4")})
+    zeros = np.zeros(512, dtype=np.uint64)
+    y0 = masking.from_bytes(fed.departments["dept0"].mask(to_d, zeros).masked, 512, 32)
+    for name in fed.names[1:]:
+        coordinator.receive_masked(fed.departments[name].mask(coordinator.mask_request(name, 0), zeros))
+    state = coordinator._rounds[0]
+    state.mask_signatures["dept0"] = fed.departments["dept0"]._rounds[0].answer.signature
+    u3 = ("dept1", "dept3", "dept4")
+    signatures = {n: fed.departments[n].sign_responders(ConsistencyRequest(p.run_key, p.session_id, 0, u3)).signature
+                  for n in ("dept1", "dept3")}
+    signatures["dept4"] = signer("dept4").sign(p.responders_payload(0, u3))
+    seed_01 = fed.departments["dept1"].unmask(_request(fed, u3, signatures)).seeds["dept0"]
+    with pytest.raises(ProtocolViolation, match="no valid signature of 'dept1' on having masked over"):
+        fed.departments["dept0"].unmask(_request(fed, small))
+    with pytest.raises(ProtocolViolation, match="no valid signature of 'dept0' on having masked over"):
+        fed.departments["dept2"].unmask(_request(fed, fed.names))
+    # The refusals are what protect x_0: had dept0 and dept2 answered, their shares would have exposed it.
+    shares = {p.share_index("dept0"): fed.departments["dept0"]._own_shares[0],
+              p.share_index("dept2"): fed.departments["dept2"]._received["dept0"][0],
+              p.share_index("dept4"): fed.departments["dept4"]._received["dept0"][0]}
+    b0 = sharing.combine(shares, 3, _owners(p), "dept0")
+    seed_04 = keys.pair_seed(fed.departments["dept4"]._pair_keys["dept0"], 0, p.context)
+    assert not _residual(fed, p, "dept0", y0, b0, {"dept1": seed_01, "dept4": seed_04}).any()

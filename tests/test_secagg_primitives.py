@@ -188,10 +188,11 @@ EXAMPLES = [
     messages.ShareRequest(RUN, SID, (ADV, messages.Advertisement(RUN, SID, "bob", bytes(32), "c2ln"))),
     messages.Shares(RUN, SID, "alice", {"bob": bytes(40), "carol": bytes(44)}),
     messages.MaskRequest(RUN, SID, 2, ("alice", "bob", "carol"), {"bob": bytes(40), "carol": bytes(40)}),
-    messages.MaskedInput(RUN, SID, 2, "alice", bytes(80)),
+    messages.MaskedInput(RUN, SID, 2, "alice", bytes(80), "c2lnbmF0dXJl"),
     messages.ConsistencyRequest(RUN, SID, 2, ("alice", "bob", "carol")),
     messages.ConsistencySignature(RUN, SID, 2, "alice", "c2lnbmF0dXJl"),
-    messages.UnmaskRequest(RUN, SID, 2, ("alice", "bob", "carol"), {"alice": "c2ln", "bob": "c2ln"}),
+    messages.UnmaskRequest(RUN, SID, 2, ("alice", "bob", "carol"), {"bob": "c2ln", "carol": "c2ln"},
+                           {"alice": "c2ln", "bob": "c2ln"}),
     messages.Unmasking(RUN, SID, 2, "alice", {"alice": b"s" * 16, "bob": b"t" * 16}, {"carol": b"k" * 32}),
 ]
 
@@ -236,4 +237,4 @@ def test_secrets_never_appear_in_repr():
     secret_share, secret_seed = b"S" * 16, b"K" * 32
     text = repr(messages.Unmasking(RUN, SID, 2, "alice", {"alice": secret_share}, {"bob": secret_seed}))
     assert "SSSS" not in text and "KKKK" not in text
-    assert "SSSS" not in repr(messages.MaskedInput(RUN, SID, 2, "alice", secret_share))
+    assert "SSSS" not in repr(messages.MaskedInput(RUN, SID, 2, "alice", secret_share, "c2ln"))
