@@ -253,21 +253,32 @@ def read_summary(path: Path | str) -> Summary:
 
 def _to_plain(record: Any) -> dict[str, Any]:
     plain = {}
-    for f in fields(record):
-        value = getattr(record, f.name)
-        if f.metadata.get("omit_empty") and value in (None, [], {}):
+    for name, omit_empty in _writing(type(record)):
+        value = getattr(record, name)
+        if omit_empty and value in (None, [], {}):
             continue
-        plain[f.name] = _plain_value(value)
+        plain[name] = _plain_value(value)
     return plain
 
 
+@functools.cache
+def _writing(cls: type) -> tuple[tuple[str, bool], ...]:
+    """A record's field names, each with whether it is left out when empty."""
+    return tuple((f.name, bool(f.metadata.get("omit_empty"))) for f in fields(cls))
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
 def _plain_value(value: Any) -> Any:
-    if is_dataclass(value):
-        return _to_plain(value)
+    if isinstance(value, _SCALARS):
+        return value
     if isinstance(value, list):
         return [_plain_value(v) for v in value]
     if isinstance(value, dict):
-        return {k: _plain_value(v) for k, v in value.items()}
+        return {k: v if isinstance(v, _SCALARS) else _plain_value(v) for k, v in value.items()}
+    if is_dataclass(value):
+        return _to_plain(value)
     return value
 
 
