@@ -48,11 +48,11 @@ from pathlib import Path
 from ..common import BenchResult
 from .data import DEPARTMENTS, write_data
 from .measure import run_deployment, run_simulation
-from .present import NAME, PLOT, build_result, format_s, rerender
+from .present import NAME, PLOT, build_result, format_s, from_raw, rerender
 from .probe import run_probe
 from .processes import progress
 
-__all__ = ["NAME", "PLOT", "build_result", "rerender", "run"]
+__all__ = ["NAME", "PLOT", "build_result", "from_raw", "rerender", "run"]
 
 QUICK_ROUNDS = 1
 FULL_ROUNDS = 5

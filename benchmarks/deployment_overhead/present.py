@@ -1,11 +1,13 @@
 """The deployment benchmark's result: tables of formatted cells and targets from its numbers; words from the template.
 
-:func:`build_result` is called with what was measured; :func:`rerender` rebuilds the same
-result from a saved result's ``raw`` (``OUT/deployment.json``), without measuring again.
+:func:`build_result` is called with what was measured; :func:`from_raw` rebuilds the same
+result from a saved result's ``raw``, and :func:`rerender` from the saved ``OUT/deployment.json``
+itself (what ``fedsilo bench report`` calls), without measuring again.
 """
 
 from __future__ import annotations
 
+import json
 import statistics
 from pathlib import Path
 from typing import Any
@@ -171,7 +173,7 @@ def build_result(deploy: dict[str, Any], sim: dict[str, Any], probe_result: dict
     )
 
 
-def rerender(raw: dict[str, Any], quick: bool, out: Path | None = None) -> BenchResult:
+def from_raw(raw: dict[str, Any], quick: bool, out: Path | None = None) -> BenchResult:
     """The result rebuilt from a saved result's ``raw`` (its cited intervals as they were; the plot only with ``out``).
 
     The Flower version in the polling table's title is the one ``raw`` names; results saved
@@ -180,3 +182,14 @@ def rerender(raw: dict[str, Any], quick: bool, out: Path | None = None) -> Bench
     polls = {group: raw[group] for group in ("flower_polls", "fedsilo_polls")}
     return build_result(raw["deployment"], raw["simulation"], raw["probe"], out, quick, raw["rounds"],
                         polls=polls, flower=raw.get("flower"))
+
+
+def rerender(path: Path, draw_plots: bool = True) -> BenchResult:
+    """Rebuild a saved ``deployment.json`` (title, text, tables, targets; the plot beside it unless not ``draw_plots``).
+
+    Its time and load average are the saved ones: nothing is measured again.
+    """
+    saved = json.loads(Path(path).read_text(encoding="utf-8"))
+    result = from_raw(saved["raw"], saved["quick"], Path(path).parent if draw_plots else None)
+    result.seconds, result.load_before = saved.get("seconds", 0.0), saved.get("load_before")
+    return result

@@ -37,11 +37,11 @@ from typing import Any
 from ..common import BenchResult
 from .config import FULL_ROUNDS, FULL_SIZES, PLAIN_WORKERS, QUICK_ROUNDS, QUICK_SIZES, SMOKE_ROUNDS, SMOKE_SIZES
 from .plain_loop import run_plain_loop
-from .present import NAME, PLOT, build_result, format_s, rerender
+from .present import NAME, PLOT, build_result, format_s, from_raw, rerender
 from .simulation import progress, run_simulation
 
 __all__ = ["FULL_ROUNDS", "FULL_SIZES", "NAME", "PLOT", "QUICK_ROUNDS", "QUICK_SIZES", "SMOKE_ROUNDS", "SMOKE_SIZES",
-           "build_result", "rerender", "run", "run_plain_loop", "run_simulation"]
+           "build_result", "from_raw", "rerender", "run", "run_plain_loop", "run_simulation"]
 
 
 def run(out: Path, quick: bool, smoke: bool = False) -> BenchResult:

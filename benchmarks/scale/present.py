@@ -1,11 +1,13 @@
 """The scale benchmark's result: tables of formatted cells and targets from its rows; words from the template.
 
-:func:`build_result` is called with what was measured; :func:`rerender` rebuilds the same
-result from a saved result's ``raw`` (``OUT/scale.json``), without measuring again.
+:func:`build_result` is called with what was measured; :func:`from_raw` rebuilds the same
+result from a saved result's ``raw``, and :func:`rerender` from the saved ``OUT/scale.json``
+itself (what ``fedsilo bench report`` calls), without measuring again.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -192,7 +194,18 @@ def build_result(rows: list[dict[str, Any]], out: Path | None, quick: bool, roun
     )
 
 
-def rerender(raw: dict[str, Any], quick: bool, out: Path | None = None) -> BenchResult:
+def from_raw(raw: dict[str, Any], quick: bool, out: Path | None = None) -> BenchResult:
     """The result rebuilt from a saved result's ``raw`` (the plot only with ``out``)."""
     return build_result(raw["rows"], out, quick, raw["rounds"], dataset=raw["dataset"], partition=raw["partition"],
                         plain_workers=raw["plain_workers"])
+
+
+def rerender(path: Path, draw_plots: bool = True) -> BenchResult:
+    """Rebuild a saved ``scale.json`` (title, text, tables, targets; the plot beside it unless not ``draw_plots``).
+
+    Its time and load average are the saved ones: nothing is measured again.
+    """
+    saved = json.loads(Path(path).read_text(encoding="utf-8"))
+    result = from_raw(saved["raw"], saved["quick"], Path(path).parent if draw_plots else None)
+    result.seconds, result.load_before = saved.get("seconds", 0.0), saved.get("load_before")
+    return result
