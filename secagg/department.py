@@ -195,7 +195,7 @@ class DepartmentSession:
         plaintext = keys.open_sealed(keys.share_key(self._pair_keys[dealer], params.context), sealed,
                                      self._shares_ad(dealer, self.name), dealer)
         try:
-            sender, recipient, first, window, shares = decode(plaintext, 64 + 20 * (params.window + 8))
+            sender, recipient, first, window, shares = decode(plaintext, 512 + 24 * params.window)
         except (MalformedMessage, ValueError):
             raise ProtocolViolation(f"the shares from '{dealer}' do not parse") from None
         if ((sender, recipient, first, window) != (dealer, self.name, params.first_round, params.window)
@@ -244,13 +244,16 @@ class DepartmentSession:
                                                                        signature)):
                 raise ProtocolViolation(f"round {r}: no valid signature of '{member}' on having masked over "
                                         f"this department's U2 {list(state.participants)}")
+        if state.committed is not None and state.committed != responders:
+            raise ProtocolViolation(f"round {r}: this department signed U3 = {list(state.committed)} for the "
+                                    "round and unmasks for that set only")
         dropped = [d for d in state.participants if d not in responders]
-        if dropped or state.committed is not None:
-            # Seeds are revealed only for a U3 that every member signed, and that this department signed:
-            # no two honest departments can then hold different views of who dropped.
-            if state.committed != responders:
-                raise ProtocolViolation(f"round {r}: U3 differs from U2 but this department signed "
-                                        f"{state.committed or 'nothing'} for the round")
+        if dropped:
+            # Seeds are revealed only for a U3 that every member signed, this department included: no two
+            # honest members of a U3 can then disagree about who dropped.
+            if state.committed is None:
+                raise ProtocolViolation(f"round {r}: U3 differs from U2 but this department signed nothing "
+                                        "for the round")
             payload = params.responders_payload(r, responders)
             for member in responders:
                 signature = request.signatures.get(member)

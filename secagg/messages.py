@@ -24,7 +24,7 @@ MAX_PARTICIPANTS = 1000
 MAX_VECTOR_LENGTH = 1 << 25
 MAX_WINDOW = 10_000
 MAX_SIGNATURE = 256  # base64 of a DER ECDSA-P384 signature is about 140 characters
-MAX_CIPHERTEXT = 64 + 16 * (MAX_WINDOW + 8)
+MAX_CIPHERTEXT = 512 + 24 * MAX_WINDOW  # a window of 16-byte shares, each with its 5-byte tag
 MAX_MESSAGE_BYTES = 64 + 8 * MAX_VECTOR_LENGTH + 64 * 1024 * 1024
 NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*\Z")
 

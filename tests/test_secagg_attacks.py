@@ -359,3 +359,11 @@ def test_showing_d_a_smaller_u2_does_not_buy_a_share_of_b_d_from_a_department_ou
     b0 = sharing.combine(shares, 3, _owners(p), "dept0")
     seed_04 = keys.pair_seed(fed.departments["dept4"]._pair_keys["dept0"], 0, p.context)
     assert not _residual(fed, p, "dept0", y0, b0, {"dept1": seed_01, "dept4": seed_04}).any()
+
+
+def test_a_coordinator_with_the_roster_pins_a_bad_advertisement_on_its_sender():
+    fed = federation(n=5, t=3, roster={n: signer(n).public_key for n in [f"dept{i}" for i in range(5)]})
+    request = fed.coordinator.advertise_request()
+    adv = fed.departments["dept1"].advertise(request)
+    with pytest.raises(ProtocolViolation, match="'dept1' is not signed"):
+        fed.coordinator.receive_advertisement(_replace(adv, public_key=keys.new_key_pair()[1]))

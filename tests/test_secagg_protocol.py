@@ -176,3 +176,11 @@ def test_an_unmasking_covering_other_departments_is_refused_by_the_coordinator()
     answer = fed.departments["dept0"].unmask(fed.coordinator.unmask_request(0))
     with pytest.raises(ProtocolViolation, match="covers other departments"):
         fed.coordinator.receive_unmasking(dataclasses.replace(answer, seeds={"dept1": bytes(32)}))
+
+
+def test_the_largest_window_a_policy_allows_deals_and_sums():
+    from fedsilo.secagg import DepartmentPolicy
+    fed = federation(n=3, t=3, length=4, window=1000, policy=DepartmentPolicy(max_window=1000))
+    fed.setup()
+    inputs = fed.inputs()
+    assert np.array_equal(fed.round(999, inputs), expected_sum(inputs, fed.names, 32))
