@@ -6,7 +6,8 @@ tree, that the plain-loop baseline does the ClientApp's real work (signed,
 verifiable ledgers, one ε call per department-round), that the deployment
 benchmark's instruments read what the processes really log (Flower's own
 logger, the SuperLink's own schema, summary.json written as the ServerApp
-writes it), that its breakdown tiles each round, and that results render.
+writes it), that its breakdown tiles each round, that results render, and that a
+saved result (the stored references included) re-renders from its raw numbers alone.
 """
 
 from __future__ import annotations

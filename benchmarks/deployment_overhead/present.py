@@ -150,7 +150,10 @@ def build_result(deploy: dict[str, Any], sim: dict[str, Any], probe_result: dict
         Target(slower, slower_measured, None if quick else values["extra"] <= TARGET_EXTRA_S, slower_note),
         Target(accounted, accounted_measured, split["complete"], accounted_note),
     ]
-    title = lambda block: _text(block, **values)  # noqa: E731
+
+    def title(block: str) -> str:
+        return _text(block, **values)
+
     return BenchResult(
         name=NAME,
         title=title("title"),
