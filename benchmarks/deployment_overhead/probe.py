@@ -116,7 +116,8 @@ def run_probe(department_csv: Path, test_csv: Path, repeats: int, together: int 
 
 def main(argv: list[str] | None = None) -> int:
     """``--probe DEPARTMENT_CSV TEST_CSV``: print the probe's timings as one marked JSON line."""
-    parser = argparse.ArgumentParser(description="The deployment benchmark's fresh-interpreter probe.")
+    parser = argparse.ArgumentParser(prog=f"python -m {__package__}",
+                                     description="The deployment benchmark's fresh-interpreter probe.")
     parser.add_argument("--probe", nargs=2, metavar=("DEPARTMENT_CSV", "TEST_CSV"), required=True)
     args = parser.parse_args(argv)
     import warnings
