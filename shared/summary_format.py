@@ -215,7 +215,7 @@ class Summary:
         if not isinstance(raw, dict):
             raise SummaryFormatError(path, "a run summary is a JSON object", hint=_NOT_OURS)
         version = raw.get("v", 0)
-        if type(version) is not int or version < 1 and "v" in raw:
+        if type(version) is not int or (version < 1 and "v" in raw):
             raise SummaryFormatError(path, f"the run summary's format version 'v' is {version!r}", hint=_NOT_OURS)
         if version > SUMMARY_VERSION:
             raise SummaryFormatError(
