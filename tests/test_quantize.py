@@ -157,15 +157,21 @@ def test_a_secure_sum_at_bits_for_does_not_wrap():
     """Worst-case signals plus noise, summed in Z_2^k as secagg does, decode to the true sum."""
     rng = np.random.default_rng(11)
     n, bound, mu, d, tail = 6, 5.0, 40.0, 8, 1e-3
-    bits = max(qz.bits_for(n, bound, mu, d, tail), masking.MIN_BITS)
-    trials, wraps = 20_000, 0
+    bits = qz.bits_for(n, bound, mu, d, tail)
+    trials = 20_000
     signal = np.full((trials, d), n * math.floor(bound), dtype=np.int64)  # beyond any real sum
     signal[: trials // 2] *= -1
     noisy = signal + qz.skellam_noise(mu, (trials, d), rng)
-    half = 1 << (bits - 1)
-    wraps = int(np.sum(np.any((noisy < -half) | (noisy >= half), axis=1)))
-    assert wraps <= tail * trials
+
+    def wraps(k):
+        half = 1 << (k - 1)
+        return int(np.sum(np.any((noisy < -half) | (noisy >= half), axis=1)))
+
+    assert wraps(bits) <= tail * trials
+    assert wraps(bits - 1) > tail * trials  # one bit fewer does wrap: the check can fail
     # Through the secure-aggregation arithmetic: three departments' shares sum exactly.
+    bits = max(bits, masking.MIN_BITS)
+    half = 1 << (bits - 1)
     fits = noisy[np.all((noisy >= -half) & (noisy < half), axis=1)][:3]
     parts = [fits[0] - fits[1], fits[1], fits[2] - fits[0]]  # any integer split of a sum
     total = np.zeros(d, dtype=np.uint64)
