@@ -122,7 +122,7 @@ def rounded_bound(c_scaled: float, d: int, beta: float = DEFAULT_BETA) -> float:
 def conditional_round(
     x: np.ndarray, bound: float, rng: np.random.Generator, max_tries: int = DEFAULT_MAX_TRIES
 ) -> np.ndarray:
-    """Round each row of ``x`` to integers, up or down with probability by distance, until ‖row‖₂ ≤ ``bound``.
+    """Round each row of ``x`` to integers at random, redrawing until ‖row‖₂ ≤ ``bound``.
 
     Each coordinate becomes ``floor(v)`` or ``floor(v) + 1``, the latter with
     probability ``v − floor(v)`` (unbiased); a row whose rounded norm exceeds
@@ -131,6 +131,9 @@ def conditional_round(
     norm check is exact integer arithmetic.  Raises ``RuntimeError`` when a row
     still exceeds the bound after ``max_tries`` draws (with the default bound
     and β, that has probability below β^max_tries).
+
+    ``bound`` must come from the clip norm, ``rounded_bound(γ·C, D, β)``, never
+    from the data being rounded: it is the sensitivity the accounting uses.
     """
     values = np.asarray(x, dtype=np.float64)
     rows = values.reshape(-1, values.shape[-1]) if values.ndim else values.reshape(1, 1)
@@ -191,7 +194,7 @@ def skellam_tail_threshold(mu: float, d: int, tail: float) -> int:
 
 
 def bits_for(n: int, bound: float, mu: float, d: int, tail: float = 1e-9) -> int:
-    """Modulus bits k so the secure sum of ``n`` rounded records plus Sk(μ) wraps with probability ≤ ``tail``.
+    """Modulus bits k so that ``n`` rounded records plus Sk(μ) wrap with probability ≤ ``tail``.
 
     Each record's rounded vector has ‖·‖₂ ≤ ``bound``, so every coordinate of the
     signal sum lies in [−n·bound, n·bound] whatever the data; the noise exceeds

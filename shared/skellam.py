@@ -46,6 +46,7 @@ The neighbouring relation is add/remove one record, as for Opacus' DP-SGD.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Callable, Iterable, Sequence
 
@@ -88,7 +89,9 @@ class SkellamMechanism:
     def __post_init__(self) -> None:
         for name in ("mu", "l1", "l2"):
             value = getattr(self, name)
-            if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or not (
+                value > 0 and math.isfinite(value)
+            ):
                 raise ValueError(f"{name} must be a positive finite number, got {value!r}")
         if not 0 < self.sample_rate <= 1:
             raise ValueError(f"sample_rate must be in (0, 1], got {self.sample_rate}")

@@ -74,6 +74,23 @@ def test_theorem_bounds_the_exact_1d_divergence(mu, shift):
         assert bound <= limit * exact, (mu, shift, alpha, bound / exact)
 
 
+def test_theorem_bounds_an_exact_multidimensional_divergence():
+    """Coordinates are independent, so D_α adds over them; Δ1 = 4, Δ2 = √6 for the shift (2, −1, 1)."""
+    mu, shift = 10.0, (2, -1, 1)
+    for alpha in (2, 8, 32):
+        exact = 0.0
+        for s in shift:
+            k = support(mu, abs(s), alpha)
+            exact += renyi(skellam_logpmf(mu, k - s), skellam_logpmf(mu, k), alpha)
+        bound = skellam.skellam_rdp(mu, 4.0, math.sqrt(6.0), [alpha])[0]
+        assert exact <= bound * (1 + 1e-9), (alpha, exact, bound)
+
+
+@pytest.mark.parametrize("value", [np.float64(1e4), np.int64(10_000), 10_000])
+def test_numpy_and_python_numbers_are_accepted(value):
+    assert SkellamMechanism(value, 3e3, 100.0, 0.01, 10).mu == value
+
+
 # --- Poisson subsampling -------------------------------------------------------------------
 
 
@@ -221,7 +238,7 @@ def test_mu_for_target_refuses_what_it_cannot_reach(monkeypatch):
     "kwargs,match",
     [(dict(mu=0.0), "mu"), (dict(mu=math.inf), "mu"), (dict(l1=-1.0), "l1"), (dict(l2=0.0), "l2"),
      (dict(sample_rate=0.0), "sample_rate"), (dict(sample_rate=1.5), "sample_rate"),
-     (dict(steps=-1), "steps"), (dict(steps=2.5), "steps")],
+     (dict(steps=-1), "steps"), (dict(steps=2.5), "steps"), (dict(mu=True), "mu"), (dict(l2="1"), "l2")],
 )
 def test_bad_mechanisms_raise(kwargs, match):
     fields = dict(mu=1e4, l1=3e3, l2=100.0, sample_rate=0.01, steps=10) | kwargs
