@@ -248,13 +248,10 @@ def _submit(connection, settings: RunSettings, run_dir: Path, verbose: bool, sta
     finally:
         withdraw(run_config, home)  # the ServerApp read it at its start (and removes it itself)
     summary_path = run_dir / SUMMARY_FILE
-    if summary_path.exists():
-        summary = print_run_report(run_dir, console)
-    else:
-        summary = {"status": "failed"}
-    if not outcome.ok or summary["status"] in ("failed", "too-few-updates"):
+    status = print_run_report(run_dir, console).status if summary_path.exists() else "failed"
+    if not outcome.ok or status in ("failed", "too-few-updates"):
         if (run_dir / CHECKPOINT_FILE).exists():
             err_console.print(f"Its completed rounds are kept: continue with `fedsilo coordinator run --resume {run_dir}`")
         _fail(f"run {outcome.run_id} ended as '{outcome.status}'; full log: {outcome.log_path}", 1)
-    if summary["status"] in ("declined", "app-refused"):
-        _fail(f"run {outcome.run_id}: no department would train it ({summary['status']}); see above", 1)
+    if status in ("declined", "app-refused"):
+        _fail(f"run {outcome.run_id}: no department would train it ({status}); see above", 1)

@@ -353,7 +353,7 @@ def _run(settings: RunSettings, run_dir: Path, departments: int, cpus_per_depart
             err_console.print(f"Its completed rounds are kept: continue with `fedsilo simulate --resume {run_dir}`")
         raise typer.Exit(1)
     summary = print_run_report(run_dir, console)
-    if summary["status"] == "failed":
+    if summary.status == "failed":
         raise typer.Exit(1)
     console.print(f"Summary: {summary_path}")
 

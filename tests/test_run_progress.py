@@ -10,6 +10,7 @@ import io
 import signal
 import threading
 import time
+from types import SimpleNamespace
 
 from rich.console import Console
 
@@ -142,7 +143,7 @@ def test_simulate_prints_the_runs_events_as_its_progress(tmp_path, monkeypatch):
     monkeypatch.setattr(simulate, "err_console", Console(file=err, width=300))
     monkeypatch.setattr(simulate, "LocalFederation", FakeFederation)
     monkeypatch.setattr(simulate, "publish", lambda settings, home: {})
-    monkeypatch.setattr(simulate, "print_run_report", lambda run_dir, console: console.print("REPORT") or {"status": "completed"})
+    monkeypatch.setattr(simulate, "print_run_report", lambda run_dir, console: console.print("REPORT") or SimpleNamespace(status="completed"))
     run_dir = tmp_path / "run-1"
     run_dir.mkdir()
     sigterm = signal.getsignal(signal.SIGTERM)
@@ -171,7 +172,7 @@ def test_coordinator_run_prints_the_runs_events_as_its_progress(tmp_path, monkey
     fake = FakeFederation(tmp_path)
     monkeypatch.setattr(cli.coord, "submit", lambda connection, run_config, log_path, on_line:
                         fake.run(run_config, 2, 1, on_line, log_path))
-    monkeypatch.setattr(cli, "print_run_report", lambda run_dir, console: {"status": "completed"})
+    monkeypatch.setattr(cli, "print_run_report", lambda run_dir, console: SimpleNamespace(status="completed"))
     run_dir = tmp_path / "run-1"
     run_dir.mkdir()
     cli._submit(None, None, run_dir, verbose=False, state=tmp_path / "state")
