@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
@@ -155,6 +156,34 @@ class EventLog:
 
     def __init__(self, run_dir: Path | str) -> None:
         self.path = Path(run_dir) / EVENTS_FILE
+        self._drop_torn_tail()
+
+    def _drop_torn_tail(self) -> None:
+        """Cut a last line a killed run left half-written, so a resumed run appends whole lines only.
+
+        Every event is one write of a whole line; bytes after the last newline are
+        therefore a write the process did not finish, never an event.
+        """
+        try:
+            with open(self.path, "rb+") as fh:
+                size = fh.seek(0, os.SEEK_END)
+                if size == 0:
+                    return
+                fh.seek(size - 1)
+                if fh.read(1) == b"\n":
+                    return
+                block, end = 65536, size
+                while end > 0:
+                    start = max(0, end - block)
+                    fh.seek(start)
+                    cut = fh.read(end - start).rfind(b"\n")
+                    if cut >= 0:
+                        fh.truncate(start + cut + 1)
+                        return
+                    end = start
+                fh.truncate(0)
+        except FileNotFoundError:
+            return
 
     def emit(self, event: Event) -> Event:
         line = event.to_json() + "\n"

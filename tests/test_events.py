@@ -119,3 +119,21 @@ def test_the_audit_never_reads_a_runs_events_as_a_ledger(tmp_path, serverapp_ide
     result = audit_path(folder)
     assert all(row.id != "events" for row in result.departments)
     assert not any("events" in problem for problem in result.problems), result.problems
+
+
+@pytest.mark.parametrize("torn", [b'{"v": 1, "kind": "round-comp', b"x" * 70000])
+def test_a_resumed_run_cuts_the_half_written_line_a_killed_run_left(tmp_path, torn):
+    log = EventLog(tmp_path)
+    for event in EVENTS[:2]:
+        log.emit(event)
+    with open(tmp_path / EVENTS_FILE, "ab") as fh:  # killed in the middle of a write
+        fh.write(torn)
+    resumed = EventLog(tmp_path)
+    resumed.emit(EVENTS[4])
+    assert [type(e) for e in read_events(tmp_path)] == [RunStarted, RoundCompleted, RunResumed]
+
+
+def test_a_torn_first_line_leaves_an_empty_log(tmp_path):
+    (tmp_path / EVENTS_FILE).write_bytes(b'{"v": 1, "ki')
+    EventLog(tmp_path).emit(EVENTS[0])
+    assert read_events(tmp_path) == [EVENTS[0]]
