@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from ..shared.signing import Signer, verify
 from . import keys, masking, sharing
+from . import state as state_form
 from .encoding import decode, encode
 from .errors import MalformedMessage, ProtocolViolation
 from .messages import (VERSION, Advertisement, AdvertiseRequest, ConsistencyRequest, ConsistencySignature,
@@ -39,7 +40,7 @@ class DepartmentPolicy:
 @dataclass
 class _Round:
     participants: tuple[str, ...]
-    answer: MaskedInput
+    answer: MaskedInput | None = field(repr=False)   # dropped once unmasked: it is never sent again
     committed: tuple[str, ...] | None = None     # the one U3 this department accepts for the round
     signature: ConsistencySignature | None = None
     unmasking: Unmasking | None = field(default=None, repr=False)
@@ -74,6 +75,15 @@ class DepartmentSession:
             if params != self.params:
                 raise ProtocolViolation("this department already joined another session; start a new one")
             return self._advertisement
+        self._check_params(params)
+        self.params = params
+        self._private, self._public = keys.new_key_pair()
+        signature = self._signer.sign(params.advertisement_payload(self.name, self._public))
+        self._advertisement = Advertisement(params.run_key, params.session_id, self.name, self._public, signature)
+        return self._advertisement
+
+    def _check_params(self, params: SessionParams) -> None:
+        """Refuse a session this department's policy does not accept."""
         n, t, policy = len(params.participants), params.threshold, self.policy
         if params.version != VERSION:
             raise ProtocolViolation(f"protocol version {params.version} is not supported")
@@ -91,11 +101,6 @@ class DepartmentSession:
             raise ProtocolViolation(f"vector length {params.vector_length} outside [1, {policy.max_vector_length}]")
         if not 0 < params.window <= policy.max_window:
             raise ProtocolViolation(f"window {params.window} outside [1, {policy.max_window}]")
-        self.params = params
-        self._private, self._public = keys.new_key_pair()
-        signature = self._signer.sign(params.advertisement_payload(self.name, self._public))
-        self._advertisement = Advertisement(params.run_key, params.session_id, self.name, self._public, signature)
-        return self._advertisement
 
     # --- 2. key agreement and dealing ---------------------------------------------------------------
     def share(self, request: ShareRequest) -> Shares:
@@ -265,7 +270,41 @@ class DepartmentSession:
         shares = {v: (self._own_shares[r] if v == self.name else self._received[v][r]) for v in responders}
         seeds = {d: keys.pair_seed(self._pair_keys[d], r, params.context) for d in dropped}
         state.unmasking = Unmasking(params.run_key, params.session_id, r, self.name, shares, seeds)
+        state.answer = None   # mask() refuses an unmasked round, so y is dead weight in the saved state
         return state.unmasking
+
+    # --- state between messages (Flower's context.state) ----------------------------------------------
+    def to_state(self) -> bytes:
+        """Everything this session holds, as canonical bytes for :meth:`from_state`; they hold its secrets."""
+        rounds = {r: state_form.RoundState(s.participants, s.answer, s.committed, s.signature, s.unmasking)
+                  for r, s in self._rounds.items()}
+        state = state_form.DepartmentState(
+            self.name, self.params, state_form.private_bytes(self._private), self._advertisement, self._verified,
+            self._pair_keys, self._own_seeds, self._own_shares, self._received, self._shares_answer, rounds)
+        return state_form.dump(state, self._roster)
+
+    @classmethod
+    def from_state(cls, data: bytes, signer: Signer, roster: Mapping[str, ec.EllipticCurvePublicKey],
+                   policy: DepartmentPolicy = DepartmentPolicy()) -> "DepartmentSession":
+        """The session :meth:`to_state` wrote, for the department whose identity ``signer`` holds.
+
+        A state of another department or roster, or one that does not parse, is ``MalformedMessage``;
+        a session the ``policy`` does not accept is ``ProtocolViolation``.
+        """
+        name = state_form.roster_name(signer.public_key, roster)
+        state = state_form.load(data, name, roster)
+        session = cls(name, signer, roster, policy)
+        if state.params is not None:
+            session._check_params(state.params)
+        session.params = state.params
+        session._private = state.private()
+        session._public = session._private and keys.public_bytes(session._private)
+        session._advertisement, session._verified = state.advertisement, state.verified
+        session._pair_keys, session._own_seeds, session._own_shares = state.pair_keys, state.own_seeds, state.own_shares
+        session._received, session._shares_answer = state.received, state.shares_answer
+        session._rounds = {r: _Round(s.participants, s.answer, s.committed, s.signature, s.unmasking)
+                           for r, s in state.rounds.items()}
+        return session
 
     # --- helpers ------------------------------------------------------------------------------------
     def _check_set(self, members: tuple[str, ...], within, what: str, within_what: str) -> None:
