@@ -102,7 +102,7 @@ def test_a_rolled_back_refusal_from_the_real_clientapp_carries_no_host_path(site
     assert _status(first)[0] != "rolled-back"
     (path,) = site["ledgers"].glob("*.jsonl")
     path.unlink()  # deleted: the coordinator acknowledged one entry
-    reply = _ask(site, POLICY, rnd=2, ack=(1, "a-head"))
+    reply = _ask(site, POLICY, rnd=2, ack=(1, "a" * 64))
     status, reason = _status(reply)
     assert status == "rolled-back" and "is empty" in reason
     assert str(site["root"]) not in reason and str(site["ledgers"]) not in reason and path.name not in reason
