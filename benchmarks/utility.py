@@ -49,6 +49,7 @@ from fedsilo.shared.data import Dataset, federation_data
 from fedsilo.shared.ledger import read_ledgers
 from fedsilo.shared.runs import resolve_run_dir
 from fedsilo.shared.models import build_model, evaluate, to_tensor_dataset
+from fedsilo.shared.summary_format import read_summary
 
 from . import utility_summary as summary
 from .common import BenchResult
@@ -186,7 +187,7 @@ def read_fedsilo_run(run_dir: Path) -> dict[str, Any]:
     same accountant, as a check on the ledger.
     """
     run_dir = resolve_run_dir(run_dir)  # the output folder's latest run
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = read_summary(run_dir)
     ledgers = read_ledgers(run_dir / "ledgers") if (run_dir / "ledgers").exists() else {}
     departments = {}
     for name, ledger in sorted(ledgers.items()):
@@ -203,16 +204,16 @@ def read_fedsilo_run(run_dir: Path) -> dict[str, Any]:
             "num_examples": entries[-1].num_examples,
         }
     return {
-        "status": summary["status"],
-        "accuracy": summary["final_accuracy"],
-        "loss": summary.get("final_loss"),
-        "initial_accuracy": summary.get("initial", {}).get("accuracy"),
-        "rounds_completed": len(summary["rounds"]),
-        "curve": [r["accuracy"] for r in summary["rounds"]],
+        "status": summary.status,
+        "accuracy": summary.final_accuracy,
+        "loss": summary.final_loss,
+        "initial_accuracy": summary.initial.get("accuracy"),
+        "rounds_completed": len(summary.rounds),
+        "curve": [r.accuracy for r in summary.rounds],
         "max_epsilon": max((d["epsilon"] for d in departments.values()), default=None),
         "max_epsilon_rederived": max((d["epsilon_rederived"] for d in departments.values()), default=None),
         "departments": departments,
-        "wall_time_s": summary.get("wall_time_s"),
+        "wall_time_s": summary.wall_time_s,
     }
 
 

@@ -36,12 +36,11 @@ from fedsilo.shared.model_card import CARD_FILE, WEIGHTS_FILE, build_card, save_
 from .checkpoint import Checkpoint, resumable
 from .robust import TooFewUpdates, department_strategy
 from .strategy import DepartmentFedAvg
-from .events import DepartmentLeftOut, Event, EventLog, Notice, RoundCompleted, RunEnded, RunResumed, RunStarted
+from .events import ECHO_TAG, DepartmentLeftOut, Event, EventLog, Notice, RoundCompleted, RunEnded, RunResumed, RunStarted
 from .summary import RunSummary
 
 MODEL_FILE = WEIGHTS_FILE
-# Lines the `fedsilo simulate` CLI shows from the streamed log start with this tag.
-PROGRESS_TAG = "fedsilo:"
+PROGRESS_TAG = ECHO_TAG
 
 app = ServerApp()
 

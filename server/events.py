@@ -151,6 +151,11 @@ KINDS: dict[str, type[Event]] = {cls.kind: cls for cls in (RunStarted, RunResume
                                                             Notice, RunEnded)}
 
 
+# The ServerApp logs each event it writes with this tag too (so flower.log tells the same
+# story); the CLIs show progress from events.jsonl and leave these echoes out of --verbose.
+ECHO_TAG = "fedsilo:"
+
+
 class EventLog:
     """Appends events to ``RUN_DIR/events.jsonl``; each line is flushed as it is written."""
 

@@ -23,12 +23,12 @@ from typing import Callable, Protocol
 
 from fedsilo.shared.safe_read import UnreadableFile
 
-from .events import EVENTS_FILE, Event, follow
+from .events import ECHO_TAG, EVENTS_FILE, Event, follow
 
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
-# The tag server/app.py puts on its log echo of each event: with --verbose that echo is
-# left out of the streamed log, the event itself is shown (once, from events.jsonl).
-EVENT_ECHO = "fedsilo: "
+# With --verbose the ServerApp's log echo of each event is left out of the streamed log;
+# the event itself is shown (once, from events.jsonl).
+EVENT_ECHO = ECHO_TAG + " "
 # Flower renders every record twice: its console handler ("ERROR :  text", maybe with a
 # timestamp) and, for what the ServerApp or simulation logged, "MM/DD/YYYY HH:MM:SS:ERROR:text".
 _CONSOLE_ERROR = re.compile(r"^(?:ERROR|CRITICAL) (?:\d{4}-\d\d-\d\d [\d:,.]+)?\s*: *(.*)$")

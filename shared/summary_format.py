@@ -190,10 +190,6 @@ class Summary:
     failed_rounds: list[FailedRound] = _optional(factory=list)
     model_card: str | None = _optional()
 
-    def __getitem__(self, key: str) -> Any:
-        """The file's value for ``key``, for callers that still read the summary as a dict."""
-        return self.to_dict()[key]
-
     def to_dict(self) -> dict[str, Any]:
         """The JSON object written to ``summary.json`` (fields with nothing to say left out)."""
         return _to_plain(self)

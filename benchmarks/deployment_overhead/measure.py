@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsilo.shared.runs import LATEST, resolve_run_dir
+from fedsilo.shared.summary_format import read_summary
 
 from .data import DEPARTMENTS, LABEL
 from .processes import FEDSILO, StampedOutput, Timeline, cli, department_events, env, must, spawn, spawn_stamped, stop
@@ -121,7 +122,7 @@ def run_deployment(root: Path, data: dict[str, Path], rounds: int, logs: Path) -
         for reader in readers.values():
             reader.join(timeout=10)
     run_dir = resolve_run_dir(run_dir)
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = read_summary(run_dir)
     if (run_dir / "flower.log").exists():
         shutil.copy(run_dir / "flower.log", logs / "coordinator-flower.log")
     for name in ("superlink.log", "superexec.log"):
@@ -132,19 +133,19 @@ def run_deployment(root: Path, data: dict[str, Path], rounds: int, logs: Path) -
         path = root / "ledgers" / name / f"{name}.jsonl"
         ledgers[name] = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
     record.update(
-        status=summary["status"],
-        run_id=summary["run_id"],
-        seconds=[float(r["seconds"]) for r in summary["rounds"]],
-        trained=[len(r["trained"]) for r in summary["rounds"]],
-        final_accuracy=summary.get("final_accuracy"),
-        run_wall_time_s=summary.get("wall_time_s"),
+        status=summary.status,
+        run_id=summary.run_id,
+        seconds=[float(r.seconds) for r in summary.rounds],
+        trained=[len(r.trained) for r in summary.rounds],
+        final_accuracy=summary.final_accuracy,
+        run_wall_time_s=summary.wall_time_s,
         round_ends=timeline.round_ends,
         processes=sorted(timeline.processes.values(), key=lambda p: p["first"]),
         departments={name: department_events(readers[name].lines, since=record["run_started"])
                      for name in DEPARTMENTS},
-        ledger_times={n: [[e["round"], e["timestamp"]] for e in entries if e["run_id"] == summary["run_id"]]
+        ledger_times={n: [[e["round"], e["timestamp"]] for e in entries if e["run_id"] == summary.run_id]
                       for n, entries in ledgers.items()},
-        clientapp_runtime_s=clientapp_runtime(state / "superlink.db", summary["run_id"]),
+        clientapp_runtime_s=clientapp_runtime(state / "superlink.db", summary.run_id),
     )
     return record
 
@@ -171,12 +172,12 @@ def run_simulation(data: dict[str, Path], rounds: int, run_dir: Path, log: Path)
     run_dir = resolve_run_dir(run_dir)  # the output folder's latest (only) run
     if proc.returncode != 0 or not (run_dir / "summary.json").exists():
         raise RuntimeError(f"fedsilo simulate exited {proc.returncode}; log {log}: {log.read_text()[-2000:]}")
-    summary = json.loads((run_dir / "summary.json").read_text())
+    summary = read_summary(run_dir)
     return {
-        "status": summary["status"],
-        "seconds": [float(r["seconds"]) for r in summary["rounds"]],
-        "trained": [len(r["trained"]) for r in summary["rounds"]],
-        "final_accuracy": summary.get("final_accuracy"),
+        "status": summary.status,
+        "seconds": [float(r.seconds) for r in summary.rounds],
+        "trained": [len(r.trained) for r in summary.rounds],
+        "final_accuracy": summary.final_accuracy,
         "wall_s": wall,
         "command": cmd[1:],
     }

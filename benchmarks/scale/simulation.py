@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import statistics
@@ -13,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from fedsilo.shared.runs import resolve_run_dir
+from fedsilo.shared.summary_format import read_summary
 
 from ..common import Sampler, TreeMemory
 from .config import DATASET, PARTITION, SEED, SIM_TIMEOUT_S
@@ -110,22 +110,22 @@ def run_simulation(departments: int, rounds: int, base: Path, dataset: str = DAT
     if proc.returncode != 0 or not summary_path.exists():
         tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-20:])
         raise RuntimeError(f"`{' '.join(cmd[1:])}` exited {proc.returncode}; log {log_path}:\n{tail}")
-    summary = json.loads(summary_path.read_text())
-    seconds = [float(r["seconds"]) for r in summary["rounds"]]
-    trained = [len(r["trained"]) for r in summary["rounds"]]
+    summary = read_summary(summary_path)
+    seconds = [float(r.seconds) for r in summary.rounds]
+    trained = [len(r.trained) for r in summary.rounds]
     return {
         "departments": departments,
         "rounds": len(seconds),
-        "status": summary["status"],
+        "status": summary.status,
         "seconds": seconds,
         "trained": trained,
-        "refused": [len(r["refused"]) for r in summary["rounds"]],
-        "failed": [len(r["failed"]) + len(r["rejected"]) for r in summary["rounds"]],
+        "refused": [len(r.refused) for r in summary.rounds],
+        "failed": [len(r.failed) + len(r.rejected) for r in summary.rounds],
         "mean_round_s": statistics.mean(seconds),
         "steady_round_s": statistics.mean(seconds[1:]) if len(seconds) > 1 else seconds[0],
         "department_rounds_per_s": sum(trained) / sum(seconds) if sum(seconds) else None,
         "wall_s": wall,
-        "run_wall_time_s": summary.get("wall_time_s"),
+        "run_wall_time_s": summary.wall_time_s,
         "startup_s": wall - sum(seconds),
         "peak_pss_bytes": memory.peak,
         "peak_pss_gib": memory.peak_gib,
@@ -134,8 +134,8 @@ def run_simulation(departments: int, rounds: int, base: Path, dataset: str = DAT
         "load_before": load_before,
         "load_after": os.getloadavg()[0],
         "ray_client_workers": census.ray_workers,
-        "final_accuracy": summary.get("final_accuracy"),
-        "max_epsilon": max((d.get("epsilon") or 0.0 for d in summary.get("departments", {}).values()), default=None),
+        "final_accuracy": summary.final_accuracy,
+        "max_epsilon": max((d.epsilon or 0.0 for d in summary.departments.values()), default=None),
         "run_dir": str(run_dir),
         "command": cmd[1:],
     }
