@@ -169,7 +169,10 @@ def test_a_state_altered_in_any_field_is_refused_without_showing_secrets(index, 
         _restore(fed, "dept0", _altered(data, index, value))
     secrets = [state_form.private_bytes(session._private)] + list(session._pair_keys.values()) + \
         list(session._own_seeds.values())
-    shown = str(err.value) + repr(session) + repr(_restore(fed, "dept0", data))
+    roster = {n: signer(n).public_key for n in fed.names}
+    parsed = state_form.load(data, "dept0", roster)
+    shown = (str(err.value) + repr(session) + repr(_restore(fed, "dept0", data)) + repr(parsed)
+             + repr(list(parsed.rounds.values())))
     assert not any(s.hex() in shown or repr(s) in shown for s in secrets)
 
 
