@@ -13,6 +13,10 @@ import pytest
 from matplotlib.image import imread
 from test_audit import _write_run
 
+# Minutes of real simulations: the fast tier (`make test`, ≤ 10 min) keeps one real simulation,
+# one TLS deployment, the intruder and the policy tests; `make test-all` runs these too.
+pytestmark = pytest.mark.slow
+
 FEDSILO = [sys.executable, "-m", "fedsilo"]
 PLOTS = ("epsilon.png", "accuracy.png", "privacy-utility.png")
 

@@ -64,6 +64,7 @@ def test_tree_memory_counts_a_grandchild_allocation(tmp_path):
     assert memory.peak > 190 * 2**20, memory.peak  # sh alone is a few hundred KiB
 
 
+@pytest.mark.slow
 def test_plain_loop_writes_verifiable_ledgers_with_one_epsilon_per_round(tmp_path):
     from fedsilo.shared import accounting
     from fedsilo.audit import audit_path
@@ -405,6 +406,7 @@ def test_cited_fedsilo_intervals_are_in_the_code():
         assert code in (root / path).read_text(encoding="utf-8"), f"{code!r} is no longer in fedsilo/{path}"
 
 
+@pytest.mark.slow
 def test_fresh_interpreter_probe(tmp_path):
     data = dep_data.write_data(tmp_path)
     assert sum(1 for _ in open(data["test"])) - 1 == dep_data.TEST_ROWS

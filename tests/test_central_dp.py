@@ -18,7 +18,9 @@ from fedsilo.server.strategy import DepartmentFedAvg
 from fedsilo.audit import audit_path
 from fedsilo.shared.ledger import LedgerError
 
-pytestmark = pytest.mark.usefixtures("serverapp_identity")
+# Minutes of real simulations: the fast tier (`make test`, ≤ 10 min) keeps one real simulation,
+# one TLS deployment, the intruder and the policy tests; `make test-all` runs these too.
+pytestmark = [pytest.mark.usefixtures("serverapp_identity"), pytest.mark.slow]
 
 
 class _NoNoise:

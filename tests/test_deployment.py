@@ -80,6 +80,7 @@ def test_a_run_asking_looser_than_the_departments_policy_is_declined(fed, ask, n
         assert fed.ledger(name) == before[name]  # nothing trained, nothing charged
 
 
+@pytest.mark.slow
 def test_a_rolled_back_or_deleted_ledger_is_refused_and_flagged_by_the_audit(fed):
     """finance's ledger is restored from an older copy, hr's is deleted: both refused at the next round.
 
@@ -170,7 +171,7 @@ def _altered_app(folder, marker, variant: str):
     return app
 
 
-@pytest.mark.parametrize("variant", ["ships-code", "other-protocol"])
+@pytest.mark.parametrize("variant", ["ships-code", pytest.param("other-protocol", marks=pytest.mark.slow)])
 def test_altered_app_is_refused_by_every_department(fed, variant):
     """The coordinator's operators submit a changed app: no department runs it, the run ends cleanly."""
     legit = fed["root"] / "runs" / "two" / "latest" / "summary.json"
@@ -245,6 +246,7 @@ def test_department_trusting_another_ca_is_refused(fed):
     assert "does not vouch" in result.stderr and "Traceback" not in result.stderr
 
 
+@pytest.mark.slow
 def test_bad_department_inputs_fail_before_connecting(fed, tmp_path):
     base = ["department", "start", "--coordinator", fed["address"], "--ca", str(fed["certs"] / "ca.crt"),
             "--ledger", str(tmp_path / "ledger"), "--max-epsilon", "10"]
@@ -274,6 +276,7 @@ def test_bad_department_inputs_fail_before_connecting(fed, tmp_path):
     assert loose_delta.returncode == 2 and "is not below 1/" in loose_delta.stderr and "records" in loose_delta.stderr
 
 
+@pytest.mark.slow
 def test_too_few_departments_stops_with_a_clear_message(fed):
     out = fed["root"] / "runs" / "few"
     result = fed.run("--rounds", "1", "--min-departments", "5", "--connect-timeout", "3", "--out", str(out))

@@ -25,6 +25,10 @@ import pytest
 from federation import run_ledgers
 from fedsilo.shared.metrics import format_metrics
 
+# Minutes of real simulations: the fast tier (`make test`, ≤ 10 min) keeps one real simulation,
+# one TLS deployment, the intruder and the policy tests; `make test-all` runs these too.
+pytestmark = pytest.mark.slow
+
 REPO = Path(__file__).resolve().parents[1]
 FEDSILO = [sys.executable, "-m", "fedsilo"]
 CUSTOMERS = REPO / "examples" / "customers.csv"
