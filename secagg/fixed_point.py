@@ -13,6 +13,7 @@ coordinate.  The modulus is the least that no sum of ``n`` contributions can wra
 from __future__ import annotations
 
 import math
+import os
 from typing import Mapping
 
 import numpy as np
@@ -85,15 +86,16 @@ class FixedPointCodec:
     def quantize(self, update: Mapping[str, np.ndarray], weight: int,
                  rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
         """The signed integer vector of ``weight · clip(update)`` (and ``weight`` last), and how many
-        coordinates were clipped.  ``rng`` defaults to a generator seeded from OS entropy."""
+        coordinates were clipped.  The rounding draws from the OS CSPRNG; ``rng`` (a seeded numpy
+        generator) is only for reproducible tests."""
         if isinstance(weight, bool) or not isinstance(weight, (int, np.integer)) or not 0 <= weight <= self.max_weight:
             raise ValueError(f"the weight must be an integer in [0, {self.max_weight}], not {weight!r}")
         flat = self._flatten(update)
         clipped = int(np.count_nonzero(np.abs(flat) > self.bound))
         scaled = (float(weight) * np.clip(flat, -self.bound, self.bound)) * self._scale
         low = np.floor(scaled)
-        rng = np.random.default_rng() if rng is None else rng
-        rounded = low + (rng.random(scaled.shape) < (scaled - low))
+        uniform = _csprng_uniform(scaled.shape) if rng is None else rng.random(scaled.shape)
+        rounded = low + (uniform < (scaled - low))
         return np.append(rounded.astype(np.int64), np.int64(weight)), clipped
 
     def encode(self, update: Mapping[str, np.ndarray], weight: int,
@@ -133,3 +135,11 @@ class FixedPointCodec:
         if not np.all(np.isfinite(flat)):
             raise ValueError("the update has NaN or infinite coordinates")
         return flat
+
+
+def _csprng_uniform(shape) -> np.ndarray:
+    """Uniform floats in [0, 1) with 53 random bits each, from ``os.urandom``: the rounding of what a
+    department masks is unpredictable to the coordinator, like every other secret the protocol draws."""
+    count = int(np.prod(shape, dtype=np.int64))
+    words = np.frombuffer(os.urandom(8 * count), dtype=np.uint64) >> np.uint64(11)
+    return (words.astype(np.float64) * 2.0 ** -53).reshape(shape)

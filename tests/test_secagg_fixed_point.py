@@ -122,3 +122,17 @@ def test_contributions_summed_by_the_protocol_decode_to_the_weighted_mean():
     exact = _weighted_mean([updates[n] for n in fed.names], [weights[n] for n in fed.names], 1.0)
     assert total_weight == sum(weights.values())
     assert all(np.max(np.abs(mean[k] - exact[k])) <= codec.max_error(total_weight) for k in LAYOUT)
+
+
+def test_rounding_without_a_test_generator_draws_from_the_os_csprng_and_stays_unbiased(monkeypatch):
+    import os as os_module
+
+    from fedsilo.secagg import fixed_point
+
+    codec = FixedPointCodec({"x": (1,)}, bound=1.0, frac_bits=0, max_weight=1, n=2)
+    calls = []
+    real = os_module.urandom
+    monkeypatch.setattr(fixed_point.os, "urandom", lambda k: calls.append(k) or real(k))
+    draws = [codec.quantize({"x": np.array([0.25])}, 1)[0][0] for _ in range(4000)]
+    assert calls and all(k == 8 for k in calls)
+    assert set(draws) <= {0, 1} and abs(np.mean(draws) - 0.25) < 4 * np.sqrt(0.25 * 0.75 / 4000)
