@@ -24,7 +24,7 @@ from fedsilo.shared.accounting import Mechanism
 
 from . import accounting_summary as summary
 from .accounting_summary import DEPARTMENT_DEFAULT, DEPARTMENT_ORDER
-from .common import BenchResult
+from .common import BenchResult, rerendered
 
 NAME = "accounting"
 PLOT = "accounting_epsilon_vs_rounds.png"
@@ -358,15 +358,13 @@ def _dp_cost_labels() -> dict[str, str]:
 
 def rerender(path: Path, draw_plots: bool = True) -> BenchResult:
     """Rebuild a saved ``accounting.json`` (title, text, tables, targets; the plot unless not ``draw_plots``) from its raw data."""
-    import json
+    def rebuild(saved: dict[str, Any]) -> BenchResult:
+        raw = saved["raw"]
+        # Results saved before the setting was recorded ran at today's value.
+        raw["settings"] = {"curve_target": CURVE_TARGET, **raw["settings"]}
+        if draw_plots:
+            summary.plot_curve(raw, Path(path).parent / PLOT)
+        return BenchResult(name=NAME, quick=saved["quick"], plots=saved["plots"], raw=raw,
+                           **summary.summarize(raw, saved["quick"], _dp_cost_labels()))
 
-    saved = json.loads(Path(path).read_text())
-    raw = saved["raw"]
-    # Results saved before the setting was recorded ran at today's value.
-    raw["settings"] = {"curve_target": CURVE_TARGET, **raw["settings"]}
-    if draw_plots:
-        summary.plot_curve(raw, Path(path).parent / PLOT)
-    result = BenchResult(name=NAME, quick=saved["quick"], plots=saved["plots"], raw=raw,
-                         **summary.summarize(raw, saved["quick"], _dp_cost_labels()))
-    result.seconds, result.load_before = saved.get("seconds", 0.0), saved.get("load_before")
-    return result
+    return rerendered(path, rebuild)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from . import dp_cost_summary as summary
-from .common import BenchResult, Target
+from .common import BenchResult, Target, rerendered
 
 NAME = "dp-cost"
 PLOT = "dp_cost.png"
@@ -312,15 +312,15 @@ def build_result(records: list[dict[str, Any]], out: Path, quick: bool, reps: in
 
 def rerender(path: Path, draw_plots: bool = True) -> BenchResult:
     """Rebuild a saved ``dp-cost.json`` (title, text, tables, targets; the plot unless not ``draw_plots``) from its raw data."""
-    saved = json.loads(Path(path).read_text())
-    raw = saved["raw"]
-    if draw_plots:
-        summary.plot(raw["records"], {c: spec["label"] for c, spec in raw["configs"].items()},
-                     Path(path).parent / PLOT, raw["settings"]["reps"])
-    result = BenchResult(name=NAME, quick=saved["quick"], plots=saved["plots"], raw=raw,
-                         **summary.summarize(raw, saved["quick"]))
-    result.seconds, result.load_before = saved.get("seconds", 0.0), saved.get("load_before")
-    return result
+    def rebuild(saved: dict[str, Any]) -> BenchResult:
+        raw = saved["raw"]
+        if draw_plots:
+            summary.plot(raw["records"], {c: spec["label"] for c, spec in raw["configs"].items()},
+                         Path(path).parent / PLOT, raw["settings"]["reps"])
+        return BenchResult(name=NAME, quick=saved["quick"], plots=saved["plots"], raw=raw,
+                           **summary.summarize(raw, saved["quick"]))
+
+    return rerendered(path, rebuild)
 
 
 def run(out: Path, quick: bool, smoke: bool = False) -> BenchResult:

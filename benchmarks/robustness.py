@@ -27,7 +27,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
-import json
 import logging
 import math
 import statistics
@@ -53,7 +52,7 @@ from fedsilo.shared.models import build_model
 from fedsilo.shared.protocol import ARRAYS_KEY, METRICS_KEY, STATUS_KEY, STATUS_TRAINED
 
 from . import robustness_summary as summary
-from .common import BenchResult, machine
+from .common import BenchResult, machine, rerendered
 from .prose import prose
 from .robustness_summary import _pct
 
@@ -314,14 +313,14 @@ def build_result(data: dict[str, Any], setup: Setup, quick: bool, out: Path, dra
 
 def rerender(path: Path, draw_plots: bool = True) -> BenchResult:
     """Rebuild a saved ``robustness.json`` (text, tables, targets; the plot unless not ``draw_plots``) without re-running anything."""
-    saved = json.loads(Path(path).read_text())
-    raw = dict(saved["raw"])
-    setup = Setup(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.pop("setup").items()})
-    data = {k: raw[k] for k in ("department_sizes", "num_test", "num_classes", "cells")}
-    data["machine"] = raw.get("machine") or saved.get("machine")
-    result = build_result(data, setup, saved["quick"], Path(path).parent, draw_plots)
-    result.seconds, result.load_before = saved.get("seconds", 0.0), saved.get("load_before")
-    return result
+    def rebuild(saved: dict[str, Any]) -> BenchResult:
+        raw = dict(saved["raw"])
+        setup = Setup(**{k: tuple(v) if isinstance(v, list) else v for k, v in raw.pop("setup").items()})
+        data = {k: raw[k] for k in ("department_sizes", "num_test", "num_classes", "cells")}
+        data["machine"] = raw.get("machine") or saved.get("machine")
+        return build_result(data, setup, saved["quick"], Path(path).parent, draw_plots)
+
+    return rerendered(path, rebuild)
 
 
 __all__ = ["FULL", "QUICK", "Setup", "attacked", "department_reply", "run", "run_cell"]

@@ -25,7 +25,6 @@ Three ways to train on the same non-IID departments of one dataset:
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 import os
 import shutil
@@ -52,7 +51,7 @@ from fedsilo.shared.models import build_model, evaluate, to_tensor_dataset
 from fedsilo.shared.summary_format import read_summary
 
 from . import utility_summary as summary
-from .common import BenchResult
+from .common import BenchResult, rerendered
 from .utility_summary import _eps, _key, _pct
 
 DELTA = SIMULATED_DEFAULT_POLICY.delta  # a simulated department's δ
@@ -487,10 +486,10 @@ def build_result(results: dict[str, Any], setup: Setup, quick: bool, out: Path, 
 
 def rerender(path: Path, draw_plots: bool = True) -> BenchResult:
     """Rebuild a saved ``utility.json`` (title, text, tables, targets; the plot unless not ``draw_plots``) without re-running anything."""
-    saved = json.loads(Path(path).read_text())
-    raw = saved["raw"]
-    fields = {k: v for k, v in raw["setup"].items() if k != "central_epochs"}
-    setup = Setup(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
-    result = build_result(raw["datasets"], setup, saved["quick"], Path(path).parent, draw_plots)
-    result.seconds, result.load_before = saved.get("seconds", 0.0), saved.get("load_before")
-    return result
+    def rebuild(saved: dict[str, Any]) -> BenchResult:
+        raw = saved["raw"]
+        fields = {k: v for k, v in raw["setup"].items() if k != "central_epochs"}
+        setup = Setup(**{k: tuple(v) if isinstance(v, list) else v for k, v in fields.items()})
+        return build_result(raw["datasets"], setup, saved["quick"], Path(path).parent, draw_plots)
+
+    return rerendered(path, rebuild)

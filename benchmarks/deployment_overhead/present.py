@@ -7,12 +7,11 @@ itself (what ``fedsilo bench report`` calls), without measuring again.
 
 from __future__ import annotations
 
-import json
 import statistics
 from pathlib import Path
 from typing import Any
 
-from ..common import BenchResult, Table, Target
+from ..common import BenchResult, Table, Target, rerendered
 from .data import DEPARTMENTS, TEST_ROWS
 from .figure import plot, steady as steady_mean
 from .phases import PATH, PHASES, phases
@@ -192,7 +191,5 @@ def rerender(path: Path, draw_plots: bool = True) -> BenchResult:
 
     Its time and load average are the saved ones: nothing is measured again.
     """
-    saved = json.loads(Path(path).read_text(encoding="utf-8"))
-    result = from_raw(saved["raw"], saved["quick"], Path(path).parent if draw_plots else None)
-    result.seconds, result.load_before = saved.get("seconds", 0.0), saved.get("load_before")
-    return result
+    return rerendered(path, lambda saved: from_raw(saved["raw"], saved["quick"],
+                                                   Path(path).parent if draw_plots else None))
