@@ -23,7 +23,6 @@ from pathlib import Path
 from fedsilo.certs.authority import CertError, load_certificate, load_department_key
 from fedsilo.shared.data import count_rows, load_table
 from fedsilo.shared.schema import DataSchema
-from fedsilo.shared.model_factory import load_factory
 from fedsilo.shared.flower_cli import flower_executable, free_port, offline_env, write_runtime_secret
 from fedsilo.shared.ledger import PrivacyLedger, find_identity_ledger
 from fedsilo.shared.signing import Signer
@@ -69,6 +68,8 @@ class DepartmentNode:
             schema = DataSchema.load(self.schema).with_label_column(self.label_column)
             load_table(self.data, self.label_column, schema=schema)
         for factory in self.policy.models:
+            from fedsilo.shared.model_factory import load_factory  # torch: only for a policy that allows a factory
+
             load_factory(factory)  # ModelError: an allowed factory must be installed here
         self.policy.check_records(rows)  # PolicyError: δ must be below 1/records
         self.ledger.mkdir(parents=True, exist_ok=True, mode=0o700)

@@ -29,7 +29,6 @@ from fedsilo.benchmarks.deployment_overhead import measure as dep_measure
 from fedsilo.benchmarks.deployment_overhead import phases as dep_phases
 from fedsilo.benchmarks.deployment_overhead import polls as dep_polls
 from fedsilo.benchmarks.deployment_overhead import present as dep_present
-from fedsilo.benchmarks.deployment_overhead import probe as dep_probe
 from fedsilo.benchmarks.deployment_overhead import processes as dep_processes
 from fedsilo.benchmarks import scale
 from fedsilo.benchmarks.prose import TEMPLATES
@@ -62,35 +61,6 @@ def test_tree_memory_counts_a_grandchild_allocation(tmp_path):
     finally:
         stop_tree(proc)
     assert memory.peak > 190 * 2**20, memory.peak  # sh alone is a few hundred KiB
-
-
-@pytest.mark.slow
-def test_plain_loop_writes_verifiable_ledgers_with_one_epsilon_per_round(tmp_path):
-    from fedsilo.shared import accounting
-    from fedsilo.audit import audit_path
-    from fedsilo.shared.ledger import read_ledgers
-
-    record = scale.run_plain_loop(3, 2, workers=2, dataset="digits", run_dir=tmp_path)
-    assert record["workers"] == 2 and record["trained"] == [3, 3] and record["refused"] == [0, 0]
-    assert len(record["seconds"]) == 2 and all(s > 0 for s in record["seconds"])
-    # The budget guard's dry run: at most one accountant call per department-round (the ε before comes from
-    # the ledger), fewer where departments in one worker share a sample rate and σ (the guard remembers ε).
-    assert 1 <= record["epsilon_nonempty_calls"] <= 6
-    assert 0 < record["epsilon_calls_per_department_round"] <= 1.0
-    assert 0 < record["accounting_share"] < 1
-    assert record["clock"]["training"] > 0 and record["clock"]["ledger"] > 0 and record["clock"]["server"] > 0
-    assert record["workers_peak_pss_bytes"] > 50 * 2**20  # two interpreters with torch loaded
-    assert 0.0 <= record["final_accuracy"] <= 1.0
-
-    ledgers = tmp_path / "ledgers"
-    audit = audit_path(ledgers)
-    assert audit.ok, [d.problems for d in audit.departments]
-    assert sorted(d.id for d in audit.departments) == ["dept-00", "dept-01", "dept-02"]
-    assert all(d.rounds == 2 and d.signatures == "valid" for d in audit.departments)
-    for name, ledger in read_ledgers(ledgers).items():
-        entries = ledger.entries
-        assert [e.round for e in entries] == [1, 2]
-        assert entries[-1].epsilon == pytest.approx(accounting.epsilon(ledger.history, entries[-1].delta), rel=1e-9)
 
 
 def _fake_sim(n: int, seconds: list[float], peak_gib: float, wall: float) -> dict:
@@ -404,22 +374,6 @@ def test_cited_fedsilo_intervals_are_in_the_code():
     root = Path(fedsilo.__file__).parent
     for path, code, _, _ in dep_polls.FEDSILO_POLLS:
         assert code in (root / path).read_text(encoding="utf-8"), f"{code!r} is no longer in fedsilo/{path}"
-
-
-@pytest.mark.slow
-def test_fresh_interpreter_probe(tmp_path):
-    data = dep_data.write_data(tmp_path)
-    assert sum(1 for _ in open(data["test"])) - 1 == dep_data.TEST_ROWS
-    sizes = [sum(1 for _ in open(data[name])) - 1 for name in dep_data.DEPARTMENTS]
-    assert len(set(sizes)) == 1 and sum(sizes) == 1797 - dep_data.TEST_ROWS
-    result = dep_probe.run_probe(data["finance"], data["test"], repeats=1, together=2)
-    assert len(result["runs"]) == 1 and len(result["together_runs"]) == 2
-    run = result["runs"][0]
-    assert run["examples"] == sizes[0] and run["steps"] > 0
-    for key in ("import_client_app_s", "import_opacus_s", "epsilon_s", "train_dp_cold_s", "train_dp_warm_s",
-                "evaluate_s"):
-        assert run[key] > 0
-    assert run["process_wall_s"] > run["import_client_app_s"]
 
 
 # --------------------------------------------------------------------------- re-rendering saved results

@@ -104,6 +104,58 @@ def test_report_rerenders_the_same_summary(smoke_bench, tmp_path):
     assert render(copy) == copy / "BENCHMARKS.md"
 
 
+@pytest.mark.slow
+def test_the_deployment_probe_timed_a_departments_own_work_in_fresh_interpreters(smoke_bench):
+    """The probe of the deployment benchmark: one department's table, one after the other, then together."""
+    from fedsilo.benchmarks.deployment_overhead import data as dep_data
+
+    raw = _results(smoke_bench)["deployment"]["raw"]
+    examples = raw["deployment"]["examples"]  # each department's third of digits, less the held-out rows
+    assert examples * len(dep_data.DEPARTMENTS) == 1797 - dep_data.TEST_ROWS
+    probe = raw["probe"]
+    assert len(probe["runs"]) == probe["repeats"] == 1 and len(probe["together_runs"]) == probe["together"] >= 2
+    for run in probe["runs"] + probe["together_runs"]:
+        assert run["examples"] == examples and run["steps"] > 0
+        for key in ("import_client_app_s", "import_opacus_s", "epsilon_s", "train_dp_cold_s", "train_dp_warm_s",
+                    "evaluate_s"):
+            assert run[key] > 0, key
+        assert run["process_wall_s"] > run["import_client_app_s"]
+
+
+@pytest.mark.slow
+def test_the_scale_plain_loop_wrote_verifiable_ledgers_with_one_epsilon_per_round(smoke_bench):
+    """The plain-loop baseline does the federation's real work: signed ledgers the audit verifies."""
+    from fedsilo.audit import audit_path
+    from fedsilo.benchmarks import scale
+    from fedsilo.shared import accounting
+    from fedsilo.shared.ledger import read_ledgers
+
+    (row,) = _results(smoke_bench)["scale"]["raw"]["rows"]
+    n, rounds = row["departments"], scale.SMOKE_ROUNDS
+    record = row["plain_parallel"]
+    assert record["workers"] == 2 and record["trained"] == [n] * rounds and record["refused"] == [0] * rounds
+    assert len(record["seconds"]) == rounds and all(s > 0 for s in record["seconds"])
+    # The budget guard's dry run: at most one accountant call per department-round (the ε before comes from
+    # the ledger), fewer where departments in one worker share a sample rate and σ (the guard remembers ε).
+    assert 1 <= record["epsilon_nonempty_calls"] <= n * rounds
+    assert 0 < record["epsilon_calls_per_department_round"] <= 1.0
+    assert 0 < record["accounting_share"] < 1
+    assert record["clock"]["training"] > 0 and record["clock"]["ledger"] > 0 and record["clock"]["server"] > 0
+    assert record["workers_peak_pss_bytes"] > 50 * 2**20  # two interpreters with torch loaded
+    assert 0.0 <= record["final_accuracy"] <= 1.0
+
+    ledgers = Path(record["ledger_dir"])
+    assert ledgers.is_relative_to(smoke_bench)  # kept beside the results
+    audit = audit_path(ledgers)
+    assert audit.ok, [d.problems for d in audit.departments]
+    assert sorted(d.id for d in audit.departments) == [f"dept-{i:02d}" for i in range(n)]
+    assert all(d.rounds == rounds and d.signatures == "valid" for d in audit.departments)
+    for ledger in read_ledgers(ledgers).values():
+        entries = ledger.entries
+        assert [e.round for e in entries] == list(range(1, rounds + 1))
+        assert entries[-1].epsilon == pytest.approx(accounting.epsilon(ledger.history, entries[-1].delta), rel=1e-9)
+
+
 def test_bad_bench_input_is_named(tmp_path):
     result = CliRunner().invoke(app, ["bench", "run", "speed", "--out", str(tmp_path)])
     assert result.exit_code == 2 and "unknown benchmark(s) speed" in result.output

@@ -64,7 +64,8 @@ def run(out: Path, quick: bool, smoke: bool = False) -> BenchResult:
             baselines = baselines[:1] if n == sizes[-1] else []
         for key, workers in baselines:
             progress(f"  plain loop, {workers} process(es) …")
-            row[key] = run_plain_loop(n, rounds, workers)
+            # Its ledgers are kept beside the results, as the simulation's are: anyone can audit them.
+            row[key] = run_plain_loop(n, rounds, workers, run_dir=base / f"plain-{n}-{workers}")
             progress(f"  rounds {', '.join(format_s(x) for x in row[key]['seconds'])} s")
         rows.append(row)
         (base / "partial.json").write_text(json.dumps(rows, indent=1, default=str))
