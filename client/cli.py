@@ -16,10 +16,8 @@ from rich.console import Console
 from fedsilo.shared.data import DataError, split_columns
 from fedsilo.shared.flower_cli import FlowerError, stop_group, stop_tree, wait_for_port
 from fedsilo.shared.ledger import LedgerError
-from fedsilo.shared.model_factory import ModelError
 
-from .executor import INPUT_WAIT, DepartmentExecutor
-from .limits import LimitError, RunLimits
+from .limits import INPUT_WAIT, LimitError, RunLimits
 from .policy import DepartmentPolicy, PolicyError
 from .supernode import DepartmentNode, DepartmentStartError, explain_exit
 
@@ -82,6 +80,8 @@ def start(
         feature_columns=split_columns(feature_columns),
         schema=schema,
     )
+    from fedsilo.shared.model_factory import ModelError  # torch, which the executor loads next anyway
+
     try:
         rows = node.preflight()
     except (DepartmentStartError, DataError, LedgerError, PolicyError, ModelError) as err:
@@ -146,6 +146,8 @@ def _serve(node: DepartmentNode, task_input_wait: float = INPUT_WAIT) -> tuple[i
     try:
         host, port = runtime.rsplit(":", 1)
         wait_for_port(host, int(port), proc, 60.0, node.home / "department.log")
+        from .executor import DepartmentExecutor  # Flower's runtime client: only once the node runs
+
         executor = DepartmentExecutor(node.name, runtime, node.secret.read_bytes(), node.local_config(),
                                       input_wait=task_input_wait)
         # Import torch, Opacus and the ClientApp now, once, not per message.

@@ -43,16 +43,10 @@ from fedsilo.shared.protocol import STATUS_INCOMPATIBLE, STATUS_KEY
 
 from .app_check import AppVerdict, check_app
 from .containment import FAILURE_REASON, failure_reply
+from .limits import INPUT_WAIT
 
 log = logging.getLogger("fedsilo.department")
 
-# Seconds a task's message may take to be complete in the SuperNode.  Flower's
-# own ClientApp waits up to 2 hours (500 tries per object).  But a SuperNode that
-# was pulling a message when the coordinator went away, and learns on
-# reconnecting that its run has ended, drops the message and leaves its task
-# behind without the message's objects (flwr 1.41): they never arrive.  One
-# long-lived executor waiting on that task would answer nothing else, for hours.
-INPUT_WAIT = 120.0
 
 
 @dataclass

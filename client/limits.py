@@ -17,6 +17,14 @@ from typing import Any, Mapping
 
 RUN_KEY = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]*$")
 
+# Seconds a task's message may take to be complete in the SuperNode.  Flower's
+# own ClientApp waits up to 2 hours (500 tries per object).  But a SuperNode that
+# was pulling a message when the coordinator went away, and learns on
+# reconnecting that its run has ended, drops the message and leaves its task
+# behind without the message's objects (flwr 1.41): they never arrive.  One
+# long-lived executor waiting on that task would answer nothing else, for hours.
+INPUT_WAIT = 120.0
+
 
 class LimitError(ValueError):
     """A limit setting itself is out of range; the message names it."""

@@ -17,9 +17,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from fedsilo.shared import accounting
-from fedsilo.shared.accounting import Mechanism
-
-from .trainer import plan_mechanism
+from fedsilo.shared.accounting import Mechanism, plan_mechanism
 
 
 class PlanError(ValueError):

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader
 
-from fedsilo.shared.accounting import Mechanism
+from fedsilo.shared.accounting import Mechanism, plan_mechanism  # noqa: F401 (plan_mechanism re-exported)
 
 # Opacus' hooks fire on inputs that need no gradient; harmless and very noisy.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
@@ -46,23 +46,6 @@ class TrainResult:
     num_examples: int
     train_loss: float
     grad_sample_mode: str = ""  # the Opacus mode that ran ("" for plain SGD)
-
-
-def plan_mechanism(
-    num_examples: int, batch_size: int, epochs: int, noise_multiplier: float
-) -> Mechanism:
-    """The mechanism one round of local DP-SGD runs.
-
-    Poisson sampling at ``q = 1 / ceil(N / B)`` (an expected batch of about ``B``)
-    for ``epochs * ceil(N / B)`` steps — the same convention as Opacus'
-    ``make_private``, so the plan and the executed run agree step for step.
-    A department plans from the size it reports (its policy's public size or
-    size bucket), so q, the steps and ε reveal nothing finer about N.
-    """
-    if num_examples < 1:
-        raise ValueError("a department needs at least one training example")
-    batches = math.ceil(num_examples / batch_size)
-    return Mechanism(noise_multiplier, 1.0 / batches, epochs * batches)
 
 
 def train_dp(

@@ -16,8 +16,6 @@ from fedsilo.certs.authority import CertError, CertPaths
 from fedsilo.shared.config import ConfigError, RunSettings, publish, withdraw
 from fedsilo.shared.settings import cli_options
 from fedsilo.shared.data import DataError, load_table, table_schema, split_columns
-from fedsilo.shared.model_factory import check_spec, describe_grad_sample_mode, model_changes
-from fedsilo.shared.models import build_model
 from fedsilo.shared.schema import DataSchema
 from fedsilo.shared.flower_cli import FlowerError
 
@@ -135,6 +133,10 @@ def run(
     **options: Any,
 ) -> None:
     """Train across the connected departments; write RUN_DIR/summary.json."""
+    # torch only for the commands that build a model: `coordinator departments` and the like start fast.
+    from fedsilo.shared.model_factory import check_spec, describe_grad_sample_mode, model_changes
+    from fedsilo.shared.models import build_model
+
     o = SimpleNamespace(**options)  # the run settings' options (shared/settings.py)
     if resume is not None:
         return _resume(ctx, resume, certs, state, verbose)

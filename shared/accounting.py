@@ -41,6 +41,23 @@ class Mechanism:
             raise ValueError(f"steps must be >= 0, got {self.steps}")
 
 
+def plan_mechanism(
+    num_examples: int, batch_size: int, epochs: int, noise_multiplier: float
+) -> Mechanism:
+    """The mechanism one round of local DP-SGD runs.
+
+    Poisson sampling at ``q = 1 / ceil(N / B)`` (an expected batch of about ``B``)
+    for ``epochs * ceil(N / B)`` steps — the same convention as Opacus'
+    ``make_private``, so the plan and the executed run agree step for step.
+    A department plans from the size it reports (its policy's public size or
+    size bucket), so q, the steps and ε reveal nothing finer about N.
+    """
+    if num_examples < 1:
+        raise ValueError("a department needs at least one training example")
+    batches = math.ceil(num_examples / batch_size)
+    return Mechanism(noise_multiplier, 1.0 / batches, epochs * batches)
+
+
 def merge_history(history: Iterable[Mechanism]) -> list[tuple[float, float, int]]:
     """Group identical mechanisms (composition commutes) into Opacus history tuples."""
     merged: "OrderedDict[tuple[float, float], int]" = OrderedDict()

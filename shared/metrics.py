@@ -10,7 +10,6 @@ from __future__ import annotations
 import math
 
 import numpy as np
-import torch
 
 HEADLINE = {"binary": "accuracy", "multiclass": "accuracy", "regression": "r2"}
 METRICS = {
@@ -22,6 +21,7 @@ METRICS = {
 
 def metrics_from_outputs(outputs: np.ndarray, y: np.ndarray, task: str, schema=None) -> dict[str, float]:
     """Every metric of ``task`` from the model's raw outputs and the encoded targets."""
+    import torch  # here: the CLI reads metrics without loading torch
     from sklearn import metrics as sk
 
     if task == "regression":

@@ -16,10 +16,10 @@ allows.
 from __future__ import annotations
 
 import importlib
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
-import torch
-from torch import nn
+if TYPE_CHECKING:  # torch is loaded by whoever builds a model, not by every importer of these checks
+    from torch import nn
 
 from .config import FACTORY as SPEC
 
@@ -92,6 +92,9 @@ def make_trainable(model: nn.Module, spec: str) -> tuple[nn.Module, list[str]]:
 
 def check_model(model: nn.Module, spec: str, input_shape: tuple[int, ...], num_outputs: int) -> None:
     """A module DP-SGD can train, mapping ``(B, *input_shape)`` to ``(B, num_outputs)``."""
+    import torch
+    from torch import nn
+
     if not isinstance(model, nn.Module):
         raise ModelError(f"model factory '{spec}' returned {type(model).__name__}, not a torch.nn.Module")
     problems = dp_problems(model)

@@ -27,8 +27,6 @@ from fedsilo.shared.ledger import PrivacyLedger
 from fedsilo.shared.settings import cli_options
 from fedsilo.shared.runs import LATEST, SIMULATION, create_run_folder, keep_earlier_log, link_latest, new_run_name, refuse_with_resume
 from fedsilo.shared.data import DataError, simulated_federation, split_columns
-from fedsilo.shared.model_factory import check_spec, describe_grad_sample_mode, is_factory, model_changes
-from fedsilo.shared.models import build_model
 from fedsilo.shared.schema import DataSchema
 
 from fedsilo.server.progress import RunProgress, print_log_tail
@@ -57,6 +55,10 @@ def simulate(
     **options: Any,
 ) -> None:
     """Simulate a federation of departments on embedded data, then print a privacy report."""
+    # torch here, not at import: every other `fedsilo` command starts without it.
+    from fedsilo.shared.model_factory import check_spec, describe_grad_sample_mode, is_factory, model_changes
+    from fedsilo.shared.models import build_model
+
     o = SimpleNamespace(**options)  # the run settings' options (shared/settings.py)
     _choice(o.accountant, ACCOUNTANTS, "--accountant")
     _choice(o.grad_sample_mode, GRAD_SAMPLE_MODES, "--grad-sample-mode")
