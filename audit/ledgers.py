@@ -7,7 +7,6 @@ import time
 from pathlib import Path
 
 import numpy as np
-from opacus.accountants import PRVAccountant, RDPAccountant
 
 from fedsilo.shared import accounting, safe_read
 from fedsilo.shared.ledger import LedgerEntry, first_entry, signer_of, verify_ledger
@@ -31,12 +30,15 @@ def prv_feasible(entries: list[LedgerEntry]) -> bool:
     return all(steps <= PRV_MAX_STEPS for _, _, steps in _history(entries))
 
 
-def _opacus_epsilon(entries: list[LedgerEntry], accountant_cls, delta: float) -> float | None:
-    acc = accountant_cls()
+def _opacus_epsilon(entries: list[LedgerEntry], accountant: str, delta: float) -> float | None:
+    """ε of ``entries`` by Opacus' ``accountant`` ("rdp" or "prv"), or None where PRV cannot in bounds."""
+    from opacus.accountants import PRVAccountant, RDPAccountant  # torch: only where a ledger is re-derived
+
+    acc = {"rdp": RDPAccountant, "prv": PRVAccountant}[accountant]()
     acc.history = _history(entries)
     if not acc.history:
         return 0.0
-    if accountant_cls is PRVAccountant and not prv_feasible(entries):
+    if accountant == "prv" and not prv_feasible(entries):
         return None
     with np.errstate(divide="ignore"):  # PRV at q = 1 takes log(0) on the way
         return float(acc.get_epsilon(delta=delta))
@@ -134,7 +136,7 @@ def _check_epsilon(row: DepartmentAudit, entries: list[LedgerEntry], every_entry
         prefix = [e for e in entries[:i] if e.private]
         # RDP is a sound upper bound and cheap: a record at or above it is no
         # under-report.  Past EXACT_MAX_EPSILON only RDP is affordable.
-        rdp = _opacus_epsilon(prefix, RDPAccountant, recorded.delta)
+        rdp = _opacus_epsilon(prefix, "rdp", recorded.delta)
         if recorded.epsilon >= rdp:
             continue
         if rdp > EXACT_MAX_EPSILON:
@@ -150,7 +152,7 @@ def _check_epsilon(row: DepartmentAudit, entries: list[LedgerEntry], every_entry
         pld = pld_epsilon(prefix, recorded.delta)
         if recorded.epsilon >= pld * (1 - TOLERANCE) - 1e-9:
             continue
-        prv = _opacus_epsilon(prefix, PRVAccountant, recorded.delta)
+        prv = _opacus_epsilon(prefix, "prv", recorded.delta)
         floor = min(prv, pld) if prv is not None else pld * (1 - PLD_ONLY_SLACK)
         if recorded.epsilon < floor * (1 - TOLERANCE) - 1e-9:
             shown = f"PRV {prv:.4f}, " if prv is not None else "PRV not run: too many steps; "
@@ -159,14 +161,14 @@ def _check_epsilon(row: DepartmentAudit, entries: list[LedgerEntry], every_entry
                 f"ε ({shown}PLD {pld:.4f}) at δ={recorded.delta:g}: budget under-reported"
             )
     delta = entries[-1].delta
-    row.epsilon_rdp = _opacus_epsilon(private, RDPAccountant, delta)
+    row.epsilon_rdp = _opacus_epsilon(private, "rdp", delta)
     if row.epsilon_rdp > EXACT_MAX_EPSILON:
         row.findings.append(
             f"ε ≈ {row.epsilon_rdp:.0f} by RDP, past {EXACT_MAX_EPSILON:g}: such a history protects nothing, and "
             "PLD and PRV (whose cost grows with ε) were not re-derived"
         )
         return
-    row.epsilon_prv = _opacus_epsilon(private, PRVAccountant, delta)
+    row.epsilon_prv = _opacus_epsilon(private, "prv", delta)
     if row.epsilon_prv is None:
         row.findings.append(
             f"Opacus PRV not re-derived: one mechanism ran more than {PRV_MAX_STEPS} steps, past what PRV "
