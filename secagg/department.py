@@ -35,6 +35,10 @@ class DepartmentPolicy:
     min_participants: int = 3
     max_vector_length: int = 1 << 24
     max_window: int = 1000
+    # Require 2t > n + c, c = min_threshold - 2: no two disjoint-enough sets of t can each reconstruct
+    # (a coordinator forking the departments' views of who dropped).  Off for the bare protocol's own
+    # tests; every wired department (client/secure_aggregation.py) turns it on.
+    majority_rule: bool = False
 
 
 @dataclass
@@ -95,6 +99,12 @@ class DepartmentSession:
             raise ProtocolViolation(f"{n} participants; this department's policy needs {policy.min_participants}")
         if not max(2, policy.min_threshold) <= t <= n:
             raise ProtocolViolation(f"threshold {t} outside [{max(2, policy.min_threshold)}, {n}] (policy and n)")
+        # With c = min_threshold - 2 colluders assumed, 2t > n + c keeps two disjoint sets of t (a forked
+        # view of the dropouts) from both being reconstructible: each would need more than c honest members.
+        colluders = max(policy.min_threshold - 2, 0)
+        if policy.majority_rule and not 2 * t > n + colluders:
+            raise ProtocolViolation(f"threshold {t} with {n} participants breaks 2t > n + c (c = {colluders} "
+                                    "colluders assumed by this department's policy)")
         if not masking.MIN_BITS <= params.modulus_bits <= masking.MAX_BITS:
             raise ProtocolViolation(f"modulus bits {params.modulus_bits} outside [8, 62]")
         if not 0 < params.vector_length <= policy.max_vector_length:

@@ -22,11 +22,13 @@ ACTION_SHARE = "query.secagg_share"                # ShareRequest -> Shares
 ACTION_CONSISTENCY = "query.secagg_consistency"    # ConsistencyRequest -> ConsistencySignature
 ACTION_UNMASK = "query.secagg_unmask"              # UnmaskRequest -> Unmasking
 ACTIONS = (ACTION_ADVERTISE, ACTION_SHARE, ACTION_CONSISTENCY, ACTION_UNMASK)
+ACTION_HELLO = "query.secagg_hello"                # hello -> the name a department claims (simulation only)
 # MaskRequest rides on the train request and MaskedInput on its reply: masking needs no exchange of its own.
 
 RECORD_NAME = "secagg"                             # the ConfigRecord's name in a Message's RecordDict
 STATE_RECORD_NAME = "secagg-state"                 # the department's saved session in context.state
 STATE_KEY = "secagg-department-state"
+HELLO_KIND = "secagg-hello"                        # the hello request's only key; its value is empty bytes
 
 KINDS = {
     AdvertiseRequest: "secagg-advertise-request",
@@ -54,6 +56,17 @@ def from_record(record, cls):
     """The ``cls`` message in ``record``; any other content is ``MalformedMessage``."""
     kind = KINDS[cls]
     return cls.from_bytes(_single_bytes(record, kind, cls.__name__))
+
+
+def hello_record() -> ConfigRecord:
+    """The hello request: asks a department the name it goes by (a deployment uses the registered name)."""
+    return ConfigRecord({HELLO_KIND: b""})
+
+
+def read_hello(record) -> None:
+    """Check that ``record`` is exactly :func:`hello_record`'s; anything else is ``MalformedMessage``."""
+    if _single_bytes(record, HELLO_KIND, "hello") != b"":
+        raise MalformedMessage("a hello carries empty bytes")
 
 
 def state_to_record(state: bytes) -> ConfigRecord:
