@@ -35,6 +35,9 @@ from .central_dp import ClientLevelDP, CoordinatorBudgetExhausted, client_level_
 from fedsilo.shared.model_card import CARD_FILE, WEIGHTS_FILE, build_card, save_weights, sign_card, write_card
 from .checkpoint import Checkpoint, resumable
 from .robust import TooFewUpdates, department_strategy
+from fedsilo.secagg import SecAggAborted
+from .secure_aggregation import SecureAggregation
+from .secure_fedavg import SecureFedAvg
 from .strategy import DepartmentFedAvg
 from .events import ECHO_TAG, DepartmentLeftOut, Event, EventLog, Notice, RoundCompleted, RunEnded, RunResumed, RunStarted
 from .summary import RunSummary
@@ -76,13 +79,16 @@ def run_federation(grid: Grid, settings: RunSettings, out: Path, run_dir: Path, 
     if checkpoint is not None:
         model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in checkpoint.arrays.items()})
     arrays = ArrayRecord(model.state_dict())
+    # Secure aggregation refuses what it cannot do (robust rules, --central-dp, non-float models) here.
+    secure = SecureAggregation(settings, run_id, arrays) if settings.secure_aggregation else None
     departments = department_strategy(
         settings,
         # With client-level DP the wrapper Poisson-samples at fraction-train itself.
         fraction_train=1.0 if settings.central_dp else settings.fraction_train,
         min_train_nodes=settings.min_departments,
         min_available_nodes=settings.min_departments,
-    )
+    ) if secure is None else SecureFedAvg(secure=secure, fraction_train=1.0, min_train_nodes=settings.min_departments,
+                                          min_available_nodes=settings.min_departments)
     departments.heads = HeadKeeper(open_record(settings, out))
     strategy = client_level_dp(settings, departments, out, run_id) if settings.central_dp else departments
     metrics = score(model, test)
@@ -138,6 +144,21 @@ def run_federation(grid: Grid, settings: RunSettings, out: Path, run_dir: Path, 
             summary.finish("failed", reason)
             raise RuntimeError(reason)
         departments.node_names, departments.heads.registered = node_registry(grid)
+        if secure is not None and secure.session is None:  # one session per run, opened before its first round
+            try:
+                setup = secure.open(grid, departments.node_names, rnd, settings.num_server_rounds - rnd + 1,
+                                    departments.heads.registered)
+            except SecAggAborted as err:
+                status, reason = "secure-aggregation-aborted", f"round {rnd}: secure aggregation could not start: {err}"
+                announce(summary, Notice(text=reason, round=rnd), WARNING)
+                break
+            summary.add_secagg_session(setup)
+            announce(summary, Notice(text=(
+                f"secure aggregation: {len(setup.dealt)}/{len(setup.participants)} departments dealt their shares, "
+                f"threshold {setup.threshold}, {setup.modulus_bits}-bit sums of {setup.vector_length} coordinates; "
+                f"setup {setup.setup_bytes} bytes in {setup.setup_seconds:.2f} s"), round=rnd))
+        if secure is not None and secure.session is not None and not departments.node_names:
+            departments.node_names = dict(secure.name_of)  # a simulation: the names its departments gave
         # The client-level ledger before this round: a release charged in a round that then fails is
         # named when the run resumes (and the round is charged again: an over-count, never an under-count).
         central_before = len(strategy.ledger.entries) if isinstance(strategy, ClientLevelDP) else None
@@ -167,6 +188,12 @@ def run_federation(grid: Grid, settings: RunSettings, out: Path, run_dir: Path, 
             if new_arrays is not None:
                 model.load_state_dict(new_arrays.to_torch_state_dict())
                 new_metrics = score(model, test)
+        except SecAggAborted as err:  # too few answered to unmask: nothing released, the model unchanged
+            said = str(err) if str(err).startswith(f"round {rnd}:") else f"round {rnd}: {err}"
+            status, reason = "secure-aggregation-aborted", f"{said}; the run ends here"
+            keep_failed(reason, departments.last_report)
+            announce(summary, Notice(text=reason, round=rnd), WARNING)
+            break
         except TooFewUpdates as err:  # a robust rule without its guarantee: keep the model, end cleanly
             status, reason = "too-few-updates", f"{err}; the run ends here"
             keep_failed(reason, departments.last_report)
@@ -189,6 +216,9 @@ def run_federation(grid: Grid, settings: RunSettings, out: Path, run_dir: Path, 
                                       ("declined", report.declined), ("rolled-back", report.rolled_back)):
             for name, why in sorted(left_out.items()):
                 summary.events.emit(DepartmentLeftOut(round=rnd, department=name, status=status_name, reason=str(why)))
+        for name, why in sorted((report.secagg.left_out if report.secagg else {}).items()):
+            if name not in report.rejected:  # a bad secure-aggregation answer after masking: it counts as dropped
+                summary.events.emit(DepartmentLeftOut(round=rnd, department=name, status="secagg-left-out", reason=why))
         counts = {"trained": len(report.trained), "refused": len(report.refused),
                   "failed": len(report.failed) + len(report.rejected), "refused-app": len(report.incompatible),
                   "declined": len(report.declined), "rolled-back": len(report.rolled_back),
@@ -198,6 +228,7 @@ def run_federation(grid: Grid, settings: RunSettings, out: Path, run_dir: Path, 
             epsilon=dict(report.epsilon), counts=counts,
             client_level=({"sampled": release.sampled, "population": release.population, "epsilon": release.epsilon}
                           if release else None),
+            secure_aggregation=_secagg_line(report.secagg),
         ))
         exhausted |= set(report.refused)
         exhausted -= set(report.trained)
@@ -228,6 +259,15 @@ def announce(summary: RunSummary, event: Event, level: int = INFO) -> None:
         summary.events = EventLog(summary.path.parent)
     summary.events.emit(event)
     log(level, "%s %s", PROGRESS_TAG, event.describe())
+
+
+def _secagg_line(facts) -> dict | None:
+    """A round's secure-aggregation facts, short enough for its event line."""
+    if facts is None:
+        return None
+    return {"u2": len(facts.u2), "u3": len(facts.u3), "dropped_before_masking": len(facts.dropped_before_masking),
+            "dropped_after_masking": len(facts.dropped_after_masking), "consistency": facts.consistency,
+            "bytes": sum(facts.bytes_sent.values()) + sum(facts.bytes_received.values())}
 
 
 def failure_reason(rnd: int, what: str, err: BaseException) -> str:

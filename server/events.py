@@ -91,6 +91,8 @@ class RoundCompleted(Event):
     epsilon: dict[str, float | None]  # every department's whole-history ε after the round (None: no DP, unbounded)
     counts: dict[str, int]  # trained, refused, failed, declined, ... (only those that happened)
     client_level: dict[str, float] | None = None  # sampled, population, epsilon
+    # Under --secure-aggregation: u2, u3 (counts), dropped_before_masking, dropped_after_masking, consistency, bytes
+    secure_aggregation: dict[str, Any] | None = None
 
     def describe(self) -> str:
         counts = dict(self.counts)
@@ -103,6 +105,11 @@ class RoundCompleted(Event):
         if self.client_level:
             c = self.client_level
             text += f" sampled={int(c['sampled'])}/{int(c['population'])} client-level-epsilon={c['epsilon']:.3f}"
+        if self.secure_aggregation:
+            s = self.secure_aggregation
+            text += f" secagg U2={s.get('u2', 0)} U3={s.get('u3', 0)}"
+            text += f" dropped={s.get('dropped_before_masking', 0)}+{s.get('dropped_after_masking', 0)}"
+            text += (" consistency" if s.get("consistency") else "") + f" bytes={s.get('bytes', 0)}"
         return text
 
 

@@ -216,6 +216,9 @@ def department_strategy(settings: RunSettings, **fedavg_kwargs) -> DepartmentFed
     no sense: a robust rule with ``--central-dp``, too small a
     ``min-departments`` for the rule and ``byzantine``, a trim-fraction of 0.
     """
+    from .secure_aggregation import check_settings  # what --secure-aggregation cannot be combined with
+
+    check_settings(settings)
     rule = settings.aggregation
     if rule not in AGGREGATIONS:
         raise ValueError(f"aggregation must be one of {', '.join(AGGREGATIONS)}, got {rule!r}")

@@ -83,6 +83,8 @@ class RoundReport:
     # Departments whose ledger recorded a new release this round (a trained, not replayed reply
     # whose signed head verified), used or not: name -> {ledger_seq, ledger_head, epsilon}.
     charged: dict[str, dict] = field(default_factory=dict)
+    # Under secure aggregation: the round's sets, drops and bytes (a shared.summary_format.RoundSecAgg).
+    secagg: object | None = None
 
 
 class DepartmentFedAvg(FedAvg):
@@ -278,7 +280,7 @@ class DepartmentFedAvg(FedAvg):
         if status == STATUS_DECLINED:
             report.declined[name] = reason
             return None
-        arrays = read_update(msg, self._layout, self.max_weight_magnitude)
+        arrays = self._read_update(msg, name)
         if self.max_update_norm > 0:
             arrays, norm = self._bound(arrays)
             if norm is not None:
@@ -290,6 +292,10 @@ class DepartmentFedAvg(FedAvg):
         if metrics.replayed:
             report.replayed[name] = metrics.replayed
         return TrainReply(node, name, envelope, metrics, head, arrays)
+
+    def _read_update(self, msg: Message, name: str) -> dict[str, np.ndarray]:
+        """A trained reply's update, checked against the round's layout (secure aggregation reads a masked one)."""
+        return read_update(msg, self._layout, self.max_weight_magnitude)
 
     def _bound(self, arrays: dict[str, np.ndarray]) -> tuple[dict[str, np.ndarray], float | None]:
         """Scale ``arrays`` so that ‖update − global‖₂ ≤ max_update_norm.

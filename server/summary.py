@@ -56,6 +56,7 @@ def _participation(report: RoundReport) -> dict[str, Any]:
         # A rejected update was charged all the same.
         "charged": {name: {**what, "epsilon": _finite(what.get("epsilon"))}
                     for name, what in sorted(report.charged.items())},
+        "secagg": report.secagg,
     }
 
 
@@ -199,6 +200,11 @@ class RunSummary:
             round=rnd, reason=reason, epsilon=dict(sorted(self._epsilon.items())), **_participation(report),
             seconds=round(seconds, 3),
         ))
+        self.write()
+
+    def add_secagg_session(self, setup) -> None:
+        """A secure-aggregation session opened (a ``SecAggSetup``): its parameters and setup cost."""
+        self.summary.secure_aggregation.append(setup)
         self.write()
 
     def finish(self, status: str, reason: str = "", model_file: str | None = None, card_file: str | None = None) -> None:

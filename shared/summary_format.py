@@ -48,6 +48,38 @@ def _optional(default: Any = None, factory: Any = None) -> Any:
 
 
 @dataclass
+class RoundSecAgg:
+    """Secure aggregation in one round: who masked, who dropped, what it cost (the round ran under ``--secure-aggregation``)."""
+
+    u2: list[str] = field(default_factory=list)  # asked to mask (had dealt their shares)
+    u3: list[str] = field(default_factory=list)  # sent a masked input that was accepted
+    dropped_before_masking: list[str] = field(default_factory=list)  # in U2, no usable masked input
+    dropped_after_masking: list[str] = field(default_factory=list)  # in U3, no usable unmasking
+    consistency: bool = False  # the consistency step ran (U3 != U2)
+    # Bytes of secure-aggregation messages, per department: what it sent, what it was sent.
+    bytes_sent: dict[str, int] = field(default_factory=dict)
+    bytes_received: dict[str, int] = field(default_factory=dict)
+    # Departments whose secure-aggregation answer was refused this round, and why.
+    left_out: dict[str, str] = _optional(factory=dict)
+
+
+@dataclass
+class SecAggSetup:
+    """The run's secure-aggregation session: its parameters and what setting it up cost."""
+
+    participants: list[str] = field(default_factory=list)
+    threshold: int = 0
+    modulus_bits: int = 0
+    vector_length: int = 0
+    first_round: int = 0
+    window: int = 0
+    dealt: list[str] = field(default_factory=list)  # advertised and dealt their shares (U1)
+    setup_bytes: int = 0
+    setup_seconds: float = 0.0
+    left_out: dict[str, str] = _optional(factory=dict)  # who left the setup, and why
+
+
+@dataclass
 class Participation:
     """Who did what in a round, completed or failed (from :class:`fedsilo.server.strategy.RoundReport`)."""
 
@@ -72,6 +104,8 @@ class Participation:
     # name -> {ledger_seq, ledger_head, epsilon}.
     charged: dict[str, dict[str, Any]] = field(default_factory=dict)
     seconds: float = 0.0
+    # Under --secure-aggregation: the round's sets, drops and bytes (absent otherwise).
+    secagg: RoundSecAgg | None = _optional()
 
 
 @dataclass
@@ -189,6 +223,8 @@ class Summary:
     resumes: list[Resume] = _optional(factory=list)
     failed_rounds: list[FailedRound] = _optional(factory=list)
     model_card: str | None = _optional()
+    # Under --secure-aggregation, one entry per session (a resume opens a new one).
+    secure_aggregation: list[SecAggSetup] = _optional(factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object written to ``summary.json`` (fields with nothing to say left out)."""

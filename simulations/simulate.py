@@ -146,6 +146,8 @@ def simulate(
             central_signing_key="",
             record="",
             record_signing_key="",
+            secure_aggregation=o.secure_aggregation, secagg_threshold=o.secagg_threshold,
+            secagg_bound=o.secagg_bound, secagg_frac_bits=o.secagg_frac_bits, secagg_max_weight=o.secagg_max_weight,
             simulated_policy=DepartmentPolicy(
                 max_epsilon=o.max_epsilon, delta=o.delta, accountants=(o.accountant,), allow_non_private=not o.dp,
                 models=(o.model,) if is_factory(o.model) else (),
