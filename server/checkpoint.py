@@ -28,13 +28,15 @@ from typing import Any
 
 import numpy as np
 
+from fedsilo.shared.settings import defaults
+
 CHECKPOINT_FILE = "checkpoint.safetensors"
 FORMAT = "fedsilo-checkpoint"
 VERSION = 1
 # Settings an operator may change when resuming: how long to wait, not what the run is.
 OPERATIONAL = frozenset({"resume", "round-timeout", "connect-timeout"})
 # Run statuses a resume may continue: it did not end, or it stopped at a round that failed.
-RESUMABLE = ("running", "failed", "too-few-updates")
+RESUMABLE = ("running", "failed", "too-few-updates", "secure-aggregation-aborted")
 
 
 class CheckpointError(ValueError):
@@ -95,12 +97,14 @@ class Checkpoint:
 
     def check_settings(self, settings: dict[str, Any]) -> None:
         """The resumed run must be the same run: same settings, apart from the operational ones."""
+        # A setting added since the checkpoint was written reads as its default (it did not exist then).
+        saved = {**{k: v for k, v in defaults().items() if k in settings}, **self.settings}
         changed = sorted(
-            key for key in set(self.settings) | set(settings)
-            if key not in OPERATIONAL and self.settings.get(key) != settings.get(key)
+            key for key in set(saved) | set(settings)
+            if key not in OPERATIONAL and saved.get(key) != settings.get(key)
         )
         if changed:
-            shown = "; ".join(f"{k}: {self.settings.get(k)!r} -> {settings.get(k)!r}" for k in changed[:5])
+            shown = "; ".join(f"{k}: {saved.get(k)!r} -> {settings.get(k)!r}" for k in changed[:5])
             raise CheckpointError(
                 f"the resumed run's settings differ from the checkpoint's ({shown}); a resume continues "
                 "the same run — start a new run to change them"

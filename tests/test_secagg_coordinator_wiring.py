@@ -130,7 +130,8 @@ def _run(tmp_path, departments, registry=False, rounds=2, **config):
     values = dict(dataset="digits", num_server_rounds=rounds, min_departments=3, out=str(out), run_name="run-sa",
                   connect_timeout=1.0, round_timeout=0.3, secure_aggregation=True, **config)
     settings = RunSettings.from_run_config({k.replace("_", "-"): v for k, v in values.items()})
-    create_run_folder(out, "run-sa")
+    if not settings.resume:
+        create_run_folder(out, "run-sa")
     summary = run_federation(_Grid(departments, registry), settings, out, out / "run-sa", run_id="run-sa")
     return summary, out / "run-sa"
 
@@ -248,3 +249,27 @@ def test_a_model_with_integer_arrays_is_refused():
     with pytest.raises(ValueError, match="non-float arrays"):
         check_model(ArrayRecord({"w": Array(np.zeros(3, np.float32)), "count": Array(np.zeros(1, np.int64))}))
     check_model(ArrayRecord({"w": Array(np.zeros(3, np.float32))}))
+
+
+def test_a_checkpoint_written_before_the_secure_aggregation_settings_still_resumes(tmp_path):
+    from fedsilo.server.checkpoint import Checkpoint
+    from fedsilo.shared.settings import defaults
+
+    now = RunSettings.from_run_config({}).to_run_config()
+    before = {k: v for k, v in now.items() if not k.startswith(("secagg-", "secure-"))}
+    checkpoint = Checkpoint("run", 1, before, {}, {"w": np.zeros(1, np.float32)}, [], None)
+    checkpoint.check_settings(now)  # absent: the defaults, so the same run
+    with pytest.raises(ValueError, match="secure-aggregation"):
+        checkpoint.check_settings({**now, "secure-aggregation": not defaults()["secure-aggregation"]})
+
+
+def test_an_aborted_run_resumes_in_a_new_session(tmp_path):
+    departments = [_Department(tmp_path, f"d{i}", 0.01, 100, silent={"train"} if i < 2 else ()) for i in range(4)]
+    summary, run_dir = _run(tmp_path, departments, rounds=2)
+    assert summary.summary.status == "secure-aggregation-aborted"
+    for d in departments:
+        d.silent = set()
+    summary, run_dir = _run(tmp_path, departments, rounds=2, resume=True)
+    read = read_summary(run_dir / "summary.json")
+    assert read.status == "completed" and [r.round for r in read.rounds] == [1, 2]
+    assert len(read.secure_aggregation) == 2  # one session per ServerApp run
