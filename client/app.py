@@ -25,6 +25,7 @@ from .admission import ModelSpec, build, reference_layout, verified_state_dict
 from .budget_guard import PrivacyBudgetMod, guarded_round
 from .containment import contain_errors_mod
 from .department import DepartmentHost
+from .secure_aggregation import QUERY_ACTIONS, masked_reply, query_handler
 from .trainer import train_dp, train_plain
 
 
@@ -32,7 +33,11 @@ def department_app(host: DepartmentHost | None = None) -> ClientApp:
     """A ClientApp whose guard is built once: for ``host``, or per simulated department without one."""
     client = ClientApp()
     # contain_errors_mod is outermost: no exception text leaves, whichever layer raised.
-    client.train(mods=[contain_errors_mod, PrivacyBudgetMod(host)])(train)
+    guard = PrivacyBudgetMod(host)
+    client.train(mods=[contain_errors_mod, guard])(train)
+    # Secure aggregation's queries (client/secure_aggregation.py), resolving the department as the guard does.
+    for action in QUERY_ACTIONS:
+        client.query(action.split(".", 1)[1], mods=[contain_errors_mod])(query_handler(guard.query_department, action))
     return client
 
 
@@ -96,6 +101,8 @@ def train(msg: Message, context: Context) -> Message:
         }
     )
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if planned.secagg is not None:  # masked: Δ leaves only inside the secure sum, never the weights
+        return masked_reply(msg, planned.secagg, department, {k: v.numpy() for k, v in state.items()}, metrics)
     status = ConfigRecord({"name": department.name, "status": STATUS_TRAINED, "reason": ""})
     content = RecordDict({ARRAYS_KEY: ArrayRecord(state), METRICS_KEY: metrics, STATUS_KEY: status})
     return Message(content, reply_to=msg)

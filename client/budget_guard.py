@@ -36,6 +36,7 @@ from pathlib import Path
 from flwr.app import ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp.typing import ClientAppCallable
 
+from fedsilo.secagg import SecAggError
 from fedsilo.shared import accounting
 from fedsilo.shared.accounting import Mechanism
 from fedsilo.shared.budget import BudgetDecision, BudgetGuard
@@ -52,6 +53,7 @@ from .admission import AdmissionError, ModelSpec, admit_model, schema_limits, ve
 from .department import Department, DepartmentHost, department_from_context
 from .policy import PolicyError, RunRequest, Terms
 from .replay import LastUpdate, request_digest
+from .secure_aggregation import MaskPlan, SecAggRefusal, check_mask_request
 from .trainer import plan_mechanism
 
 log = logging.getLogger("fedsilo.department")
@@ -109,6 +111,7 @@ class GuardedRound:
     department: Department
     settings: RunSettings
     plan: ConfigRecord
+    secagg: MaskPlan | None = None  # under secure aggregation: the round to mask (client/secure_aggregation.py)
 
 
 _ROUND: contextvars.ContextVar[GuardedRound] = contextvars.ContextVar("fedsilo_guarded_round")
@@ -161,6 +164,10 @@ class PrivacyBudgetMod:
         if self.host is not None:
             return self.host.for_run(settings)
         return department_from_context(context.node_config, settings)
+
+    def query_department(self, context: Context) -> Department:
+        """The department a query (secure aggregation's) is for, resolved as a train request's is."""
+        return self.department(context, settings_of(context))
 
     def ledger(self, department: Department) -> PrivacyLedger:
         key = (department.ledger_path, department.signer.fingerprint)
@@ -226,15 +233,22 @@ def _guard(msg: Message, context: Context, call_next: ClientAppCallable, setting
         log.warning("[%s] %s", department.name, err)  # names N: stays on this host
         return refuse(STATUS_DECLINED, "delta: this department's δ is not below 1/records; its operators must lower --delta")
     size = policy.reported_size(department.data.num_records)
+    # Under secure aggregation (or a policy requiring it) the mask request is checked before anything trains.
+    try:
+        masked = check_mask_request(msg, department, settings, run_id, server_round, size)
+    except (SecAggError, SecAggRefusal) as err:
+        return refuse(STATUS_DECLINED, str(err))
     if not terms.private:
-        return _train_without_dp(msg, context, call_next, department, ledger, terms, settings, size, run_id, server_round)
+        return _train_without_dp(msg, context, call_next, department, ledger, terms, settings, size, run_id,
+                                 server_round, masked)
     if not ledger.private:
         return refuse(STATUS_REFUSED, "budget: this department trained without DP before (its ledger says so); no finite ε covers its history, so it trains no more")
 
     # A round already released (the coordinator restarted): the same update again, no new charge.
+    # Plain rounds only: a kept plain update never answers a masked request (nor is one kept).
     kept = LastUpdate(department.ledger_path)
     digest = request_digest(run_id, server_round, msg.content[ARRAYS_KEY])
-    replay = kept.find(digest, ledger)
+    replay = kept.find(digest, ledger) if masked is None else None
     if replay is not None:
         return _replay(msg, department, ledger, replay, terms, run_id, server_round)
 
@@ -268,7 +282,7 @@ def _guard(msg: Message, context: Context, call_next: ClientAppCallable, setting
         budget=terms.max_epsilon, reported_size=size,
     )
     try:
-        reply = _call_planned(call_next, msg, context, GuardedRound(department, settings, plan))
+        reply = _call_planned(call_next, msg, context, GuardedRound(department, settings, plan, masked))
         failure = "" if not reply.has_error() else f"error reply {reply.error.code}"
     except Exception as err:  # noqa: BLE001 - whatever stopped it, the records were touched
         failure = f"{type(err).__name__}: {err}"
@@ -286,8 +300,8 @@ def _guard(msg: Message, context: Context, call_next: ClientAppCallable, setting
                       "to its ledger and sends no update (its operators can read why in its log)")
     _set_privacy_metrics(metrics, size, decision.epsilon_after, terms)
     seen = len(ledger.entries)  # ε above was computed from exactly these
-    # kept first: an update whose charge is in the ledger can always be sent again
-    kept.keep(digest, run_id, server_round, seen + 1, reply.content[ARRAYS_KEY], dict(metrics))
+    if masked is None:  # kept first: an update whose charge is in the ledger can always be sent again
+        kept.keep(digest, run_id, server_round, seen + 1, reply.content[ARRAYS_KEY], dict(metrics))
     entry = charge()
     _attach_head(reply, department, ledger, run_id, server_round, terms)
     log.info("[%s] round %s: ε=%.3f (δ=%g)", department.name, server_round, entry.epsilon, entry.delta)
@@ -308,10 +322,11 @@ def _replay(msg: Message, department: Department, ledger: PrivacyLedger, replay,
 
 
 def _train_without_dp(msg, context, call_next, department: Department, ledger: PrivacyLedger,
-                      terms: Terms, settings: RunSettings, size: int, run_id: str, server_round: int) -> Message:
+                      terms: Terms, settings: RunSettings, size: int, run_id: str, server_round: int,
+                      masked: MaskPlan | None = None) -> Message:
     """Only when the department's own policy opts in: trained, and the ledger says so for good."""
     plan = _plan_record(False, None, settings.max_grad_norm, size)
-    reply = _call_planned(call_next, msg, context, GuardedRound(department, settings, plan))
+    reply = _call_planned(call_next, msg, context, GuardedRound(department, settings, plan, masked))
     if reply.has_error():
         return reply
     metrics = reply.content[METRICS_KEY]

@@ -98,6 +98,8 @@ def department_from_context(
     ledger_dir = Path(settings.out).expanduser().resolve() / "ledgers"
     simulated_identity(ledger_dir, part.name)  # a key of its own, kept beside its ledger
     policy = simulated_policy(settings.simulated_policy, settings.model)
+    if not policy.peers:  # secure aggregation's roster: every simulated department's identity
+        policy = _with_simulated_roster(policy, str(ledger_dir), tuple(p.name for p in federation.parts))
     return Department(part.name, part, ledger_dir, policy, ledger_dir / f"{part.name}.key")
 
 
@@ -110,6 +112,16 @@ def simulated_policy(text: str, model: str = "auto") -> DepartmentPolicy:
     if text:
         return _policy(text)
     return replace(SIMULATED_DEFAULT_POLICY, models=(model,)) if is_factory(model) else SIMULATED_DEFAULT_POLICY
+
+
+@functools.lru_cache(maxsize=16)
+def _with_simulated_roster(policy: DepartmentPolicy, ledger_dir: str, names: tuple[str, ...]) -> DepartmentPolicy:
+    """``policy`` with the roster of all simulated departments, whose identities are made here if new."""
+    from fedsilo.shared.record import public_key_line
+
+    # The key is read from the private file: another process may be writing the .pub just now.
+    peers = tuple((name, public_key_line(simulated_identity(Path(ledger_dir), name).public_key)) for name in names)
+    return replace(policy, peers=peers)
 
 
 @dataclass(frozen=True)

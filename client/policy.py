@@ -95,6 +95,15 @@ class DepartmentPolicy:
     limits : RunLimits
         The most one run may ask of this host (steps, rounds, model size,
         schema width, run key, wall time, weight magnitude).
+    require_secure_aggregation : bool
+        Whether a plain (unmasked) train request is declined before training.
+    peers : tuple of (str, str)
+        The secure-aggregation roster: (department name, OpenSSH identity
+        public key line), sorted by name.  Empty: every secure-aggregation
+        request is declined, saying how to give one (``--peers``).
+    secagg_min_threshold : int
+        The smallest threshold t a session may use; c = t - 2 colluders are
+        assumed, and 2t > n + c is required too.
     """
 
     max_epsilon: float
@@ -106,6 +115,9 @@ class DepartmentPolicy:
     public_size: int | None = None
     models: tuple[str, ...] = ()
     limits: RunLimits = RunLimits()
+    require_secure_aggregation: bool = False
+    peers: tuple[tuple[str, str], ...] = ()
+    secagg_min_threshold: int = 3
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_epsilon, (int, float)) and self.max_epsilon > 0 and math.isfinite(self.max_epsilon)):
@@ -130,6 +142,12 @@ class DepartmentPolicy:
         object.__setattr__(self, "models", models)
         if not isinstance(self.limits, RunLimits):
             raise PolicyError(f"the department's limits must be a RunLimits, got {type(self.limits).__name__}")
+        object.__setattr__(self, "peers", _roster(self.peers))
+        if isinstance(self.secagg_min_threshold, bool) or not isinstance(self.secagg_min_threshold, int) \
+                or self.secagg_min_threshold < 2:
+            raise PolicyError(f"secagg-min-threshold must be a whole number >= 2, got {self.secagg_min_threshold!r}")
+        if not isinstance(self.require_secure_aggregation, bool):
+            raise PolicyError("require-secure-aggregation must be true or false")
 
     # ------------------------------------------------------------------ decisions
     def terms_for(self, request: RunRequest) -> tuple[Terms | None, list[str]]:
@@ -196,11 +214,18 @@ class DepartmentPolicy:
         """The size this department reports and plans from: public, or :func:`size_bucket`."""
         return self.public_size if self.public_size is not None else size_bucket(num_records)
 
+    def roster(self) -> dict:
+        """The secure-aggregation roster: name -> identity public key (empty without ``--peers``)."""
+        from fedsilo.shared.record import load_any_public_key
+
+        return {name: load_any_public_key(line) for name, line in self.peers}
+
     # ------------------------------------------------------------------ state
     def to_json(self) -> str:
         body = asdict(self)
         body["accountants"] = list(self.accountants)
         body["models"] = list(self.models)
+        body["peers"] = [list(pair) for pair in self.peers]
         return json.dumps(body, sort_keys=True)
 
     @classmethod
@@ -212,19 +237,77 @@ class DepartmentPolicy:
         if not isinstance(raw, dict) or "max_epsilon" not in raw:
             raise PolicyError("the department policy must be a JSON object with at least max_epsilon")
         known = {"max_epsilon", "delta", "accountants", "allow_non_private", "min_noise_multiplier",
-                 "max_sample_rate", "public_size", "models", "limits"}
+                 "max_sample_rate", "public_size", "models", "limits", "require_secure_aggregation", "peers",
+                 "secagg_min_threshold"}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise PolicyError(f"unknown department policy setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         for key in ("accountants", "models"):
             if key in raw:
                 raw[key] = tuple(raw[key])
+        if "peers" in raw:
+            if not isinstance(raw["peers"], list):
+                raise PolicyError("the department policy's peers must be a list of [name, public key] pairs")
+            raw["peers"] = tuple(tuple(pair) if isinstance(pair, list) else pair for pair in raw["peers"])
         try:
             if "limits" in raw:
                 raw["limits"] = RunLimits.from_dict(raw["limits"])
             return cls(**raw)
         except (LimitError, TypeError) as err:
             raise PolicyError(f"the department policy is malformed: {err}") from None
+
+
+def read_peers(folder, own_name: str, own_public_key) -> tuple[tuple[str, str], ...]:
+    """The roster in ``folder``: every ``NAME.pub`` (as ``certs add-department`` writes them).
+
+    The department's own ``own_name.pub`` must be there and hold its identity key ``own_public_key``.
+    """
+    from pathlib import Path
+
+    from fedsilo.shared.record import public_key_line
+    from fedsilo.shared.signing import SigningKeyError, load_public_key
+
+    path = Path(folder).expanduser()
+    if not path.is_dir():
+        raise PolicyError(f"--peers {folder}: no such folder (it holds every department's NAME.pub)")
+    peers = []
+    for pub in sorted(path.glob("*.pub")):
+        try:
+            peers.append((pub.stem, public_key_line(load_public_key(pub))))
+        except SigningKeyError as err:
+            raise PolicyError(f"--peers: {err}") from None
+    if not peers:
+        raise PolicyError(f"--peers {folder}: the folder holds no NAME.pub")
+    own, listed = public_key_line(own_public_key), dict(peers)
+    if own_name not in listed:
+        raise PolicyError(f"--peers {folder}: this department's own {own_name}.pub is not there; copy its identity "
+                          "public key into the folder")
+    if listed[own_name] != own:
+        raise PolicyError(f"--peers {folder}: {own_name}.pub differs from this department's identity key")
+    return _roster(tuple(peers))
+
+
+def _roster(peers) -> tuple[tuple[str, str], ...]:
+    """``peers`` checked (names as secure aggregation spells them, keys that parse) and sorted by name."""
+    from fedsilo.secagg.messages import MAX_NAME, NAME_PATTERN
+    from fedsilo.shared.record import load_any_public_key, public_key_line
+
+    pairs = []
+    for pair in peers:
+        if not (isinstance(pair, tuple) and len(pair) == 2 and all(isinstance(v, str) for v in pair)):
+            raise PolicyError(f"a secure-aggregation peer is a (name, public key) pair, got {pair!r:.80}")
+        name, line = pair
+        if not (0 < len(name) <= MAX_NAME and NAME_PATTERN.match(name)):
+            raise PolicyError(f"secure-aggregation peer name {name!r:.80} is not a department name "
+                              "(letters, digits, '.', '_', '-'; at most 64)")
+        key = load_any_public_key(line.strip())
+        if key is None:
+            raise PolicyError(f"the public key of secure-aggregation peer '{name}' does not parse")
+        pairs.append((name, public_key_line(key)))  # one spelling: no comment, so a round trip is identical
+    names = [name for name, _ in pairs]
+    if len(set(names)) != len(names):
+        raise PolicyError(f"secure-aggregation peers name a department twice: {sorted(n for n in set(names) if names.count(n) > 1)}")
+    return tuple(sorted(pairs))
 
 
 def size_bucket(num_records: int) -> int:
