@@ -99,6 +99,7 @@ def print_run_report(run_dir: Path, console: Console | None = None) -> Summary:
         "record-level DP for the examples of that department."
     )
     print_central(summary, console)
+    print_secure_aggregation(summary, console)
     return summary
 
 
@@ -112,6 +113,25 @@ def print_failed_rounds(summary: Summary, console: Console) -> None:
             + (f"; rejected: {escape(', '.join(f'{n} ({why})' for n, why in sorted(rejected.items())))}" if rejected else "")
             + (f"; charged all the same: {escape(', '.join(charged))}" if charged else "")
         )
+
+
+def print_secure_aggregation(summary: Summary, console: Console) -> None:
+    """One line for the run's secure aggregation: t of n, the drops over its rounds, its traffic."""
+    if not summary.secure_aggregation:
+        return
+    setups, rounds = summary.secure_aggregation, [r.secagg for r in [*summary.rounds, *summary.failed_rounds] if r.secagg]
+    setup_bytes = sum(s.setup_bytes for s in setups)
+    traffic = setup_bytes + sum(sum(s.bytes_sent.values()) + sum(s.bytes_received.values()) for s in rounds)
+    last = setups[-1]
+    console.print(
+        f"Secure aggregation: t={last.threshold} of {len(last.participants)} departments "
+        f"({len(last.dealt)} dealt their shares), {last.modulus_bits}-bit sums, {len(setups)} session(s); "
+        f"{sum(len(s.dropped_before_masking) for s in rounds)} dropped before masking and "
+        f"{sum(len(s.dropped_after_masking) for s in rounds)} after, over {len(rounds)} round(s); "
+        f"{traffic} bytes of secure-aggregation messages (setup {setup_bytes} in "
+        f"{sum(s.setup_seconds for s in setups):.2f} s). The coordinator saw only each round's weighted sum.",
+        soft_wrap=True,
+    )
 
 
 def print_central(summary: Summary, console: Console) -> None:

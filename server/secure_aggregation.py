@@ -33,17 +33,8 @@ from fedsilo.shared.summary_format import RoundSecAgg, SecAggSetup
 
 from .replies import MAX_REASON_LENGTH
 
-# The hello query (wire contract); secagg/records.py declares it once the department side lands there.
-ACTION_HELLO = getattr(records, "ACTION_HELLO", "query.secagg_hello")
-HELLO_KIND = getattr(records, "HELLO_KIND", "secagg-hello")
 STATUS_OK = "ok"
 MIN_DEPARTMENTS = 3  # with two, each learns the other's update from the sum
-
-
-def hello_record() -> ConfigRecord:
-    """The hello request's record (``records.hello_record`` when present)."""
-    own = getattr(records, "hello_record", None)
-    return own() if own is not None else ConfigRecord({HELLO_KIND: b""})
 
 
 def default_threshold(n: int) -> int:
@@ -240,8 +231,8 @@ class SecureAggregation:
     # --- the exchange ------------------------------------------------------------------------------------------
     def _hello(self, grid, nodes: list[int], timeout: float) -> dict[int, str]:
         """Simulation: node id -> the name each department gives (no registry to ask)."""
-        messages = [Message(content=RecordDict({records.RECORD_NAME: hello_record()}), dst_node_id=node,
-                            message_type=ACTION_HELLO) for node in nodes]
+        messages = [Message(content=RecordDict({records.RECORD_NAME: records.hello_record()}), dst_node_id=node,
+                            message_type=records.ACTION_HELLO) for node in nodes]
         names: dict[int, str] = {}
         for reply in _exchange(grid, messages, timeout):
             node = reply.metadata.src_node_id

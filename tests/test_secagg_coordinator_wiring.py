@@ -17,7 +17,7 @@ from test_malicious_department import head_record
 
 from fedsilo.secagg import DepartmentSession, FixedPointCodec, records
 from fedsilo.secagg.messages import AdvertiseRequest, ConsistencyRequest, MaskRequest, ShareRequest, UnmaskRequest
-from fedsilo.server.secure_aggregation import ACTION_HELLO, check_model, check_settings, default_threshold
+from fedsilo.server.secure_aggregation import check_model, check_settings, default_threshold
 from fedsilo.shared.config import RunSettings
 from fedsilo.shared.protocol import STATUS_KEY
 from fedsilo.shared.record import HEAD_KEY
@@ -56,7 +56,8 @@ class _Department:
         action = request.metadata.message_type
         if action in self.silent:
             return None
-        if action == ACTION_HELLO:
+        if action == records.ACTION_HELLO:
+            records.read_hello(request.content[records.RECORD_NAME])
             return _ok(request, self.name)
         if action in _QUERIES:
             query = records.from_record(request.content[records.RECORD_NAME], _QUERIES[action])
@@ -273,3 +274,24 @@ def test_an_aborted_run_resumes_in_a_new_session(tmp_path):
     read = read_summary(run_dir / "summary.json")
     assert read.status == "completed" and [r.round for r in read.rounds] == [1, 2]
     assert len(read.secure_aggregation) == 2  # one session per ServerApp run
+
+
+def test_the_report_says_it_and_the_strict_reader_names_a_bad_secagg_field(tmp_path):
+    from rich.console import Console
+
+    from fedsilo.server.report import print_run_report
+    from fedsilo.shared.summary_format import Summary, SummaryFormatError
+
+    departments = [_Department(tmp_path, f"d{i}", 0.01, 100) for i in range(3)]
+    _, run_dir = _run(tmp_path, departments, rounds=1)
+    console = Console(record=True, width=400)
+    print_run_report(run_dir, console)
+    assert "Secure aggregation: t=3 of 3 departments" in console.export_text()
+    raw = json.loads((run_dir / "summary.json").read_text())
+    raw["rounds"][0]["secagg"]["u2"] = "d0"
+    with pytest.raises(SummaryFormatError, match=r"rounds\[0\]\.secagg\.u2"):
+        Summary.from_dict(raw)
+    for record in raw["rounds"]:  # a v1 summary written before secure aggregation still reads
+        del record["secagg"]
+    del raw["secure_aggregation"]
+    assert Summary.from_dict(raw).secure_aggregation == []
