@@ -18,7 +18,7 @@ from fedsilo.shared.flower_cli import FlowerError, stop_group, stop_tree, wait_f
 from fedsilo.shared.ledger import LedgerError
 
 from .limits import INPUT_WAIT, LimitError, RunLimits
-from .policy import DepartmentPolicy, PolicyError
+from .policy import DepartmentPolicy, PolicyError, read_peers
 from .supernode import DepartmentNode, DepartmentStartError, explain_exit
 
 app = typer.Typer(help="Run a department client on this host, on this host's data.", no_args_is_help=True)
@@ -48,6 +48,9 @@ def start(
     port: Annotated[Optional[int], typer.Option(help="Local port for the SuperNode's loopback API (default: a free one).")] = None,
     activation_wait: Annotated[float, typer.Option(min=0, help="Seconds to keep retrying when the coordinator does not accept this department yet (after a crash it counts the old start online for up to a minute).")] = 75.0,
     task_input_wait: Annotated[float, typer.Option(min=1, help="Seconds a task's message may take to arrive complete from the coordinator before it is given up (one left behind by a run that ended while the coordinator was unreachable never does).")] = INPUT_WAIT,
+    require_secure_aggregation: Annotated[bool, typer.Option("--require-secure-aggregation", help="Decline every plain train request: this department sends its update only inside a secure sum (needs --peers).")] = False,
+    peers: Annotated[Optional[Path], typer.Option(help="Secure aggregation's roster: a folder holding every department's NAME.pub (as `certs add-department` writes them), this department's own included. Without it every secure-aggregation request is declined.")] = None,
+    secagg_min_threshold: Annotated[int, typer.Option(help="The smallest secure-aggregation threshold t this department accepts; it assumes c = t - 2 colluding departments and also requires 2t > n + c.")] = 3,
     limit: Annotated[Optional[list[str]], typer.Option(help="A limit on what one run may ask of this host, NAME=VALUE (repeat for several): max-steps-per-round, max-rounds, max-model-parameters, max-features, max-categories, max-classes, max-run-key-length, max-round-seconds, max-weight-magnitude, max-encoded-values. See docs/privacy.md for the defaults.")] = None,
 ) -> None:
     """Validate everything, then join the federation over TLS with this department's identity."""
@@ -58,11 +61,14 @@ def start(
         )
         raise typer.Exit(2)
     try:
+        roster = _roster(peers, name or key.name, key, require_secure_aggregation)
         policy = DepartmentPolicy(
             max_epsilon=max_epsilon, delta=delta, accountants=tuple(split_columns(accountants)),
             allow_non_private=allow_non_private, min_noise_multiplier=min_noise_multiplier,
             max_sample_rate=max_sample_rate, public_size=public_size, models=tuple(allow_model or ()),
             limits=RunLimits.from_options(list(limit or ())),
+            require_secure_aggregation=require_secure_aggregation, peers=roster,
+            secagg_min_threshold=secagg_min_threshold,
         )
     except (PolicyError, LimitError) as err:
         err_console.print(f"[red]error:[/red] {err}")
@@ -98,6 +104,7 @@ def start(
         f"({', '.join(policy.accountants)}), reports size {policy.reported_size(rows)}"
         f"{' (declared public)' if policy.public_size is not None else ' (bucketed: two leading binary digits)'}, "
         f"models: built-in{''.join(', ' + m for m in policy.models)}, "
+        f"{_secagg_summary(policy)}"
         f"coordinator {coordinator} (TLS verified)"
     )
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -120,6 +127,29 @@ def start(
 
 
 ACTIVATION_RETRY_S = 10.0
+
+
+def _roster(peers: Path | None, name: str, key: Path, required: bool) -> tuple[tuple[str, str], ...]:
+    """``--peers``' roster, its own key checked against ``--key``; none without the option."""
+    if peers is None:
+        if required:
+            raise PolicyError("--require-secure-aggregation needs --peers DIR: the roster of the departments "
+                              "it sums with (every department's NAME.pub)")
+        return ()
+    from fedsilo.shared.signing import Signer, SigningKeyError
+
+    try:
+        own = Signer.from_file(key).public_key
+    except SigningKeyError as err:
+        raise PolicyError(f"--key: {err}") from None
+    return read_peers(peers, name, own)
+
+
+def _secagg_summary(policy: DepartmentPolicy) -> str:
+    if not policy.peers:
+        return ""
+    required = "required" if policy.require_secure_aggregation else "accepted"
+    return (f"secure aggregation {required} with {len(policy.peers)} peers (t ≥ {policy.secagg_min_threshold}), ")
 
 
 def _activation_refused(tail: list[str]) -> bool:

@@ -182,14 +182,14 @@ def test_tampered_replayed_or_substituted_messages_are_declined_and_change_nothi
     bad = ConfigRecord({kind: raw[kind][:-3] + b"xyz"})
     reply = fed.send(0, "train", {ARRAYS_KEY: ArrayRecord({k: Array(v) for k, v in fed.global_arrays.items()}), SECAGG: bad,
                                   CONFIG_KEY: ConfigRecord({"server-round": 1, "run-key": RUN})})
-    declined(reply, "")
+    declined(reply, "does not authenticate")
     assert charged(reply) == 0
     # Substituted: another department's mask request (its ciphertexts are not addressed to dept-0).
     reply = fed.train(0, 1, coord.mask_request(fed.names[1], 1))
     declined(reply, "share ciphertexts")
     assert charged(reply) == 0
     # A consistency request for a round never masked; a query of the wrong kind.
-    declined(fed.send(0, records.ACTION_CONSISTENCY, {SECAGG: raw}), "")
+    declined(fed.send(0, records.ACTION_CONSISTENCY, {SECAGG: raw}), "holds exactly the key")
     assert fed.state_files() == before
 
 
@@ -256,3 +256,21 @@ def test_the_policy_carries_the_roster_and_old_policies_still_load(tmp_path):
         DepartmentPolicy(max_epsilon=2.0, secagg_min_threshold=1)
     with pytest.raises(PolicyError, match="does not parse"):
         DepartmentPolicy(max_epsilon=2.0, peers=(("a", "ssh-ed nonsense"),))
+
+
+def test_department_start_checks_its_roster_before_joining(tmp_path):
+    from typer.testing import CliRunner
+
+    from fedsilo.client.cli import app
+
+    keys = tmp_path / "departments"
+    generate_identity(keys / "finance", keys / "finance.pub", "finance")
+    base = ["--coordinator", "127.0.0.1:1", "--ca", str(tmp_path / "ca.crt"), "--key", str(keys / "finance"),
+            "--data", str(tmp_path / "t.csv"), "--ledger", str(tmp_path / "ledger"), "--max-epsilon", "5"]
+    for extra, text in ((["--require-secure-aggregation"], "needs --peers DIR"),
+                        (["--peers", str(tmp_path / "nowhere")], "no such folder"),
+                        (["--peers", str(tmp_path)], "holds no NAME.pub"),
+                        (["--peers", str(keys), "--name", "hr"], "own hr.pub is not there"),
+                        (["--peers", str(keys), "--secagg-min-threshold", "1"], "secagg-min-threshold")):
+        result = CliRunner().invoke(app, base + extra)
+        assert result.exit_code == 2 and text in " ".join(result.output.split()), result.output
