@@ -181,6 +181,13 @@ def run(
             }
         )
         check_aggregation(settings, o.min_departments)  # the rule fits --min-departments
+        if o.secure_aggregation:  # three departments or more, a model of float arrays only
+            from flwr.app import ArrayRecord
+
+            from .secure_aggregation import check_departments, check_model
+
+            check_departments(o.min_departments, "--min-departments")
+            check_model(ArrayRecord(built.state_dict()))
         if not CertPaths(certs).coordinator_key.exists():
             raise FileNotFoundError(
                 f"the coordinator signs its record of the departments' ledger heads with "

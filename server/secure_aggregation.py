@@ -65,13 +65,16 @@ def check_settings(settings) -> None:
         raise ValueError(
             f"--fraction-train {settings.fraction_train:g} cannot be combined with --secure-aggregation: each round "
             "asks every department of the session (an unsampled one would count as dropped). Set --fraction-train 1")
-    if settings.min_departments < MIN_DEPARTMENTS:
-        raise ValueError(
-            f"--secure-aggregation needs at least {MIN_DEPARTMENTS} departments (with two, each learns the other's "
-            f"update from the sum): set --min-departments {MIN_DEPARTMENTS} or more")
     if settings.secagg_threshold and settings.secagg_threshold < MIN_DEPARTMENTS:
         raise ValueError(f"--secagg-threshold {settings.secagg_threshold} is below {MIN_DEPARTMENTS}: set 0 (the "
                          f"default) or {MIN_DEPARTMENTS} or more")
+
+
+def check_departments(count: int, option: str = "--departments") -> None:
+    """Refuse fewer than three departments: with two, each learns the other's update from the sum."""
+    if count < MIN_DEPARTMENTS:
+        raise ValueError(f"--secure-aggregation needs at least {MIN_DEPARTMENTS} departments (with two, each "
+                         f"learns the other's update from the sum): set {option} {MIN_DEPARTMENTS} or more")
 
 
 def check_model(arrays: ArrayRecord) -> None:

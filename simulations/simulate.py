@@ -154,6 +154,13 @@ def simulate(
             ).to_json(),
         )
         check_aggregation(settings, least)  # every combination checked before anything starts
+        if o.secure_aggregation:  # three departments or more, a model of float arrays only
+            from flwr.app import ArrayRecord
+
+            from fedsilo.server.secure_aggregation import check_departments, check_model
+
+            check_departments(departments)
+            check_model(ArrayRecord(built.state_dict()))
         if o.central_dp and o.central_delta >= 1.0 / departments:
             raise ConfigError(
                 f"--central-delta {o.central_delta:g} must be below 1/{departments} departments "

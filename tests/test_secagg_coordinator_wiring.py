@@ -128,8 +128,8 @@ def _run(tmp_path, departments, registry=False, rounds=2, **config):
     from fedsilo.shared.runs import create_run_folder
 
     out = tmp_path / "OUT"
-    values = dict(dataset="digits", num_server_rounds=rounds, min_departments=3, out=str(out), run_name="run-sa",
-                  connect_timeout=1.0, round_timeout=0.3, secure_aggregation=True, **config)
+    values = {"dataset": "digits", "num_server_rounds": rounds, "min_departments": 3, "out": str(out),
+              "run_name": "run-sa", "connect_timeout": 1.0, "round_timeout": 0.3, "secure_aggregation": True, **config}
     settings = RunSettings.from_run_config({k.replace("_", "-"): v for k, v in values.items()})
     if not settings.resume:
         create_run_folder(out, "run-sa")
@@ -234,7 +234,6 @@ def _other_signature(masked) -> str:
     ({"aggregation": "median"}, "needs the individual updates"),
     ({"central-dp": True}, "--distributed-dp"),
     ({"max-update-norm": 2.0}, "--secagg-bound"),
-    ({"min-departments": 2}, "at least 3 departments"),
 ])
 def test_what_secure_aggregation_cannot_be_combined_with_is_refused_naming_the_setting(setting, words):
     from fedsilo.server.robust import check_aggregation
@@ -244,6 +243,17 @@ def test_what_secure_aggregation_cannot_be_combined_with_is_refused_naming_the_s
         check_settings(settings)
     with pytest.raises(ValueError, match=words):  # the commands' pre-flight says it before anything starts
         check_aggregation(settings, settings.min_departments)
+
+
+def test_fewer_than_three_departments_are_refused(tmp_path):
+    from fedsilo.server.secure_aggregation import check_departments
+
+    with pytest.raises(ValueError, match="at least 3 departments.*--min-departments 3"):
+        check_departments(2, "--min-departments")
+    check_departments(3)
+    departments = [_Department(tmp_path, f"d{i}", 0.01, 100) for i in range(2)]
+    summary, _ = _run(tmp_path, departments, min_departments=2)  # only two connect: the session never opens
+    assert summary.summary.status == "secure-aggregation-aborted" and "at least 3" in summary.summary.stop_reason
 
 
 def test_a_model_with_integer_arrays_is_refused():
