@@ -274,3 +274,10 @@ def test_department_start_checks_its_roster_before_joining(tmp_path):
                         (["--peers", str(keys), "--secagg-min-threshold", "1"], "secagg-min-threshold")):
         result = CliRunner().invoke(app, base + extra)
         assert result.exit_code == 2 and text in " ".join(result.output.split()), result.output
+
+
+def test_a_declined_reason_is_cut_where_the_coordinator_cuts_it():
+    from fedsilo.client import secure_aggregation
+    from fedsilo.server.replies import MAX_REASON_LENGTH
+
+    assert secure_aggregation.MAX_REASON_LENGTH == MAX_REASON_LENGTH
