@@ -237,6 +237,7 @@ class SecureAggregation:
         messages = [Message(content=RecordDict({records.RECORD_NAME: records.hello_record()}), dst_node_id=node,
                             message_type=records.ACTION_HELLO) for node in nodes]
         names: dict[int, str] = {}
+        duplicated: set[str] = set()
         for reply in _exchange(grid, messages, timeout):
             node = reply.metadata.src_node_id
             try:
@@ -246,8 +247,9 @@ class SecureAggregation:
             except _Refused as err:
                 self._left_out[f"node-{node}"] = str(err)
                 continue
-            if name in names.values():
+            if name in names.values() or name in duplicated:
                 self._left_out[name] = "two nodes gave this name; neither joins"
+                duplicated.add(name)
                 names = {n: v for n, v in names.items() if v != name}
                 continue
             names[node] = name
