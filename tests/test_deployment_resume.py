@@ -54,7 +54,9 @@ INPUT_WAIT = 15
 def fed(tmp_path_factory):
     root = tmp_path_factory.mktemp("deployment-resume")
     # A task whose message never arrives complete is given up after 15 s here (default 120 s), to keep scenario 3 short.
-    policies = {name: ("--max-epsilon", "10", "--task-input-wait", str(INPUT_WAIT)) for name in DEPARTMENTS}
+    # --peers: each department's roster for secure aggregation, the public keys `certs add-department` wrote.
+    policies = {name: ("--max-epsilon", "10", "--task-input-wait", str(INPUT_WAIT),
+                       "--peers", str(root / "certs" / "departments")) for name in DEPARTMENTS}
     with federation(root, DEPARTMENTS, policies=policies) as running:
         keys = root / "trusted-keys"  # what an auditor holds: the departments' public keys, the coordinator's certificate
         keys.mkdir()
@@ -241,6 +243,33 @@ def _wait_for_reconnection(fed, answered_before: dict[str, int], timeout: float 
         time.sleep(0.5)
     pytest.fail(f"only {sorted(back)} reached the restarted coordinator within {timeout:g} s: "
                 + " | ".join((fed["root"] / f"{n}.log").read_text()[-600:] for n in DEPARTMENTS if n not in back))
+
+
+def test_secure_aggregation_over_tls_through_the_proxy(fed):
+    """The coordinator gets only the round's masked sum; heads and ledgers work as in a plain round.
+
+    First in this module (the scenarios below then spend what is left of the budgets), and here rather
+    than in test_deployment.py, whose departments also restart under other keys and names: a roster
+    names a department's own key."""
+    before = {name: len(fed.ledger(name)) for name in DEPARTMENTS}
+    out = fed["root"] / "runs" / "secure"
+    result = fed.run("--rounds", "1", "--min-departments", "3", "--secure-aggregation", "--round-timeout", "120",
+                     "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((out / "latest" / "summary.json").read_text())
+    assert summary["status"] == "completed", summary["stop_reason"]
+    (session,) = summary["secure_aggregation"]
+    assert session["participants"] == session["dealt"] == list(DEPARTMENTS) and session["threshold"] == 3
+    (rnd,) = summary["rounds"]
+    assert sorted(rnd["trained"]) == list(DEPARTMENTS) and rnd["secagg"]["u3"] == list(DEPARTMENTS), rnd
+    assert summary["final_accuracy"] > summary["initial"]["accuracy"] + 0.2
+    for name in DEPARTMENTS:
+        entries = fed.ledger(name)
+        assert len(entries) == before[name] + 1 and rnd["charged"][name]["ledger_seq"] == len(entries)
+        folder = fed["root"] / "ledgers" / name / ".secagg"  # the session's secrets stay on its host, 0600
+        (state,) = folder.glob("*.state")
+        assert state.stat().st_mode & 0o777 == 0o600 and folder.stat().st_mode & 0o777 == 0o700
+    assert not list((out / "latest").resolve().rglob("*.state"))
 
 
 def test_serverapp_killed_mid_round_resumes(fed):
