@@ -171,13 +171,19 @@ def check_mask_request(msg: Message, department: Department, settings: RunSettin
     """Before training: None for a plain round this policy allows, else the admitted :class:`MaskPlan`.
 
     Raises :class:`SecAggRefusal` (or a ``SecAggError``) for a round to decline before training:
-    a plain request under ``--require-secure-aggregation``, no roster, a round already masked, a
-    request that is not for this session or round, or parameters the codec cannot honour.
+    a plain request under ``--require-secure-aggregation`` or for a round it masked, no roster, a round
+    already masked, a request that is not for this session or round, or parameters the codec cannot
+    honour.
     """
     record = msg.content.config_records.get(RECORD_NAME)
     if record is None:
         if department.policy.require_secure_aggregation:
             raise SecAggRefusal(REQUIRED + "; the run asked for a plain update")
+        # A round it masked stays masked: never a plain update of it beside the masked one.
+        if department.policy.peers and server_round in load(department, store_for(department, run_id),
+                                                             roster(department))[0].masked_rounds:
+            raise SecAggRefusal(f"secure aggregation: round {server_round} of this run was masked by this "
+                                "department; it sends no plain update of a masked round")
         return None
     peers = roster(department)
     request = records.from_record(record, MaskRequest)

@@ -156,6 +156,10 @@ def test_a_masked_round_sums_to_the_weighted_mean_and_is_never_masked_twice(tmp_
     again = fed.train(0, 1, coord.mask_request(fed.names[0], 1))
     declined(again, "already masked")
     assert charged(again) == heads[fed.names[0]]
+    # Nor is a plain update of it sent beside the masked one.
+    plain = fed.train(0, 1)
+    declined(plain, "sends no plain update of a masked round")
+    assert charged(plain) == heads[fed.names[0]]
     # ... while the saved session goes on with round 2.
     reply = fed.train(1, 2, coord.mask_request(fed.names[1], 2))
     assert reply.content[STATUS_KEY]["status"] == "trained" and charged(reply) == 2
