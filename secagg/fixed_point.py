@@ -83,25 +83,22 @@ class FixedPointCodec:
         per_contribution = 1.0 + self.max_abs * 2.0 ** -52
         return count * per_contribution / (self._scale * total_weight) + self.bound * 2.0 ** -50
 
-    def quantize(self, update: Mapping[str, np.ndarray], weight: int,
-                 rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
+    def quantize(self, update: Mapping[str, np.ndarray], weight: int) -> tuple[np.ndarray, int]:
         """The signed integer vector of ``weight · clip(update)`` (and ``weight`` last), and how many
-        coordinates were clipped.  The rounding draws from the OS CSPRNG; ``rng`` (a seeded numpy
-        generator) is only for reproducible tests."""
+        coordinates were clipped.  The rounding draws from the OS CSPRNG, and only from it."""
         if isinstance(weight, bool) or not isinstance(weight, (int, np.integer)) or not 0 <= weight <= self.max_weight:
             raise ValueError(f"the weight must be an integer in [0, {self.max_weight}], not {weight!r}")
         flat = self._flatten(update)
         clipped = int(np.count_nonzero(np.abs(flat) > self.bound))
         scaled = (float(weight) * np.clip(flat, -self.bound, self.bound)) * self._scale
         low = np.floor(scaled)
-        uniform = _csprng_uniform(scaled.shape) if rng is None else rng.random(scaled.shape)
+        uniform = _csprng_uniform(scaled.shape)
         rounded = low + (uniform < (scaled - low))
         return np.append(rounded.astype(np.int64), np.int64(weight)), clipped
 
-    def encode(self, update: Mapping[str, np.ndarray], weight: int,
-               rng: np.random.Generator | None = None) -> tuple[np.ndarray, int]:
+    def encode(self, update: Mapping[str, np.ndarray], weight: int) -> tuple[np.ndarray, int]:
         """``quantize``'s vector as an element of Z_{2^modulus_bits} (uint64), and the clipped count."""
-        values, clipped = self.quantize(update, weight, rng)
+        values, clipped = self.quantize(update, weight)
         return encode_signed(values, self.modulus_bits), clipped
 
     def decode(self, total: np.ndarray) -> tuple[dict[str, np.ndarray], int]:
