@@ -31,7 +31,8 @@ from fedsilo.secagg.messages import (AdvertiseRequest, ConsistencyRequest, MaskR
                                      UnmaskRequest)
 from fedsilo.secagg.session import SessionParams
 from fedsilo.shared.config import RunSettings
-from fedsilo.shared.protocol import ARRAYS_KEY, METRICS_KEY, STATUS_DECLINED, STATUS_KEY, STATUS_TRAINED
+from fedsilo.shared.protocol import (ARRAYS_KEY, MAX_REASON_LENGTH, METRICS_KEY, STATUS_DECLINED, STATUS_KEY, STATUS_OK,
+                                     STATUS_TRAINED)
 
 from .department import Department
 from .secagg_store import SecAggStore, StoredRun, StoreError
@@ -39,8 +40,6 @@ from .secagg_store import SecAggStore, StoredRun, StoreError
 log = logging.getLogger("fedsilo.department")
 
 RECORD_NAME = records.RECORD_NAME
-STATUS_OK = "ok"
-MAX_REASON_LENGTH = 2000  # server/replies.MAX_REASON_LENGTH: the coordinator keeps no more of a reason
 NO_ROSTER = ("secure aggregation: this department has no roster of its peers; its operators give one with "
              "`fedsilo department start --peers DIR` (DIR holds every department's NAME.pub, as `fedsilo certs "
              "add-department` writes them)")

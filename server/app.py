@@ -34,6 +34,7 @@ from .acknowledgements import HeadKeeper, open_record, registered_keys
 from .central_dp import ClientLevelDP, CoordinatorBudgetExhausted, client_level_dp
 from fedsilo.shared.model_card import CARD_FILE, WEIGHTS_FILE, build_card, save_weights, sign_card, write_card
 from .checkpoint import Checkpoint, resumable
+from .grid_exchange import exchange
 from .robust import TooFewUpdates, department_strategy
 from fedsilo.secagg import SecAggAborted
 from .secure_aggregation import SecureAggregation
@@ -334,26 +335,6 @@ def coordinator_test_set(settings: RunSettings) -> Dataset:
         settings.partition if named else "iid", settings.seed, schema_json=settings.data_schema,
         test_data=settings.test_data, task=settings.task,
     ).test
-
-
-def exchange(grid: Grid, messages: list, timeout: float, first: float = 0.05, most: float = 0.5) -> list:
-    """Push ``messages`` and pull their replies until all are in or ``timeout`` passes.
-
-    Flower's ``send_and_receive`` sleeps 3 s between pulls; this polls after
-    ``first`` seconds, backing off to ``most``, so a reply is seen within half
-    a second of its arrival, and the round deadline is still honoured.
-    """
-    pending = set(grid.push_messages(messages))
-    deadline = time.monotonic() + timeout
-    replies: list = []
-    wait = first
-    while pending and time.monotonic() < deadline:
-        time.sleep(min(wait, max(0.0, deadline - time.monotonic())))
-        arrived = list(grid.pull_messages(pending))
-        replies.extend(arrived)
-        pending.difference_update(m.metadata.reply_to_message_id for m in arrived)
-        wait = first if arrived else min(most, wait * 2)
-    return replies
 
 
 def wait_for_departments(grid: Grid, minimum: int, timeout: float) -> int:

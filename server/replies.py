@@ -47,15 +47,13 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from fedsilo.shared.protocol import (
-    ARRAYS_KEY, METRICS_KEY, STATUS_DECLINED, STATUS_INCOMPATIBLE, STATUS_KEY, STATUS_REFUSED,
+    ARRAYS_KEY, MAX_REASON_LENGTH, METRICS_KEY, STATUS_DECLINED, STATUS_INCOMPATIBLE, STATUS_KEY, STATUS_REFUSED,
     STATUS_ROLLED_BACK, STATUS_TRAINED,
 )
 from fedsilo.shared.record import HEAD_KEY, LedgerHead, MalformedHead
 
 STATUSES = (STATUS_TRAINED, STATUS_REFUSED, STATUS_DECLINED, STATUS_ROLLED_BACK, STATUS_INCOMPATIBLE)
 MAX_NAME_LENGTH = 128
-# A department's reason is shown, not parsed: a longer one is shortened, not rejected.
-MAX_REASON_LENGTH = 2000
 # Far above any department's table (a trillion records), far below where a float sum loses integers.
 MAX_NUM_EXAMPLES = 10**12
 # Optimizer steps in one round; the departments' own default limit is far lower.

@@ -28,12 +28,11 @@ from flwr.common import log
 from fedsilo.secagg import CoordinatorSession, FixedPointCodec, MalformedMessage, ProtocolViolation, SecAggAborted
 from fedsilo.secagg import records
 from fedsilo.secagg.messages import Advertisement, ConsistencySignature, MaskedInput, Shares, Unmasking
-from fedsilo.shared.protocol import STATUS_DECLINED, STATUS_KEY
+from fedsilo.shared.protocol import MAX_REASON_LENGTH, STATUS_DECLINED, STATUS_KEY, STATUS_OK
 from fedsilo.shared.summary_format import RoundSecAgg, SecAggSetup
 
-from .replies import MAX_REASON_LENGTH
+from .grid_exchange import exchange
 
-STATUS_OK = "ok"
 MIN_DEPARTMENTS = 3  # with two, each learns the other's update from the sum
 
 
@@ -304,8 +303,6 @@ class SecureAggregation:
 
 
 def _exchange(grid, messages: list, timeout: float) -> list:
-    from .app import exchange  # the ServerApp's polling push/pull, with the round deadline
-
     return exchange(grid, messages, timeout) if messages else []
 
 

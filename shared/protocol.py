@@ -44,6 +44,10 @@ STATUS_REFUSED = "refused"
 STATUS_INCOMPATIBLE = "incompatible"
 STATUS_DECLINED = "declined"
 STATUS_ROLLED_BACK = "rolled-back"
+# A secure-aggregation query answered (a refusal is STATUS_DECLINED).
+STATUS_OK = "ok"
+# A department's reason is shown, not parsed: a longer one is shortened, not rejected.
+MAX_REASON_LENGTH = 2000
 
 # What a fedsilo app (FAB) must say to be answered by a department.
 APP_PUBLISHER = "fedsilo"
