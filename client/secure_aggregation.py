@@ -160,9 +160,8 @@ class MaskPlan:
 
 def codec_for(settings: RunSettings, layout, participants: int) -> FixedPointCodec:
     """The department's codec for the run's department-scope settings (see docs/reference/settings.md)."""
-    return FixedPointCodec(layout, float(getattr(settings, "secagg_bound", 1.0)),
-                           int(getattr(settings, "secagg_frac_bits", 16)),
-                           int(getattr(settings, "secagg_max_weight", 1048576)), participants)
+    return FixedPointCodec(layout, settings.secagg_bound, settings.secagg_frac_bits, settings.secagg_max_weight,
+                           participants)
 
 
 def check_mask_request(msg: Message, department: Department, settings: RunSettings, run_id: str,
