@@ -22,6 +22,6 @@ FLOWER_POLLS = [
 # fedsilo's own intervals on a deployed round's path (paths inside the fedsilo package).
 FEDSILO_POLLS = [
     ("client/executor.py", "poll_interval: float = 0.1", 0.1, "executor"),
-    ("server/app.py", "first: float = 0.05, most: float = 0.5", 0.5, "serverapp_pull"),
+    ("server/grid_exchange.py", "first: float = 0.05, most: float = 0.5", 0.5, "serverapp_pull"),
     ("server/coordinator.py", '"FLWR_SUPEREXEC_TASK_POLL_INTERVAL": "0.2"', 0.2, "superexec_fedsilo"),
 ]
