@@ -74,3 +74,33 @@ def test_pld_is_independent_of_opacus_and_falls_back_to_rdp_when_it_cannot_run()
     # σ = 1e-9: PLD's grid cannot be built; the answer is RDP's (huge, but finite and sound).
     tiny = [Mechanism(1e-9, 1.0, 1)]
     assert accounting.epsilon(tiny, 1e-3, "pld") == accounting.epsilon(tiny, 1e-3, "rdp") > 1e6
+
+
+HISTORIES = [
+    [(1.1, 0.05, 20)],
+    [(1.1, 0.05, 20), (0.9, 0.1, 10), (1.1, 0.05, 3)],  # a mechanism that comes back, its one-step PLD reused
+    [(2.5, 0.01, 1000), (0.7, 0.3, 1)],
+]
+
+
+@pytest.mark.parametrize("history", HISTORIES)
+def test_pld_with_each_mechanism_built_once_equals_dp_accountings_accountant(history):
+    import dp_accounting
+    from dp_accounting.pld.pld_privacy_accountant import PLDAccountant
+
+    acc = PLDAccountant(value_discretization_interval=accounting.PLD_INTERVAL)
+    for sigma, q, steps in history:
+        acc.compose(dp_accounting.SelfComposedDpEvent(
+            dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma)), steps))
+    assert accounting.pld_epsilon(history, 1e-5) == acc.get_epsilon(1e-5)  # the same float, not only close
+    assert accounting.pld_epsilon(history, 1e-5) == accounting.pld_epsilon(list(history), 1e-5)
+
+
+@pytest.mark.parametrize("history", HISTORIES)
+def test_the_audits_cached_rdp_equals_opacus_rdp_accountant(history):
+    from fedsilo.audit.ledgers import _rdp_epsilon
+
+    acc = RDPAccountant()
+    acc.history = list(history)
+    assert _rdp_epsilon(history, 1e-5) == acc.get_epsilon(delta=1e-5)
+    assert _rdp_epsilon(history, 1e-6) == acc.get_epsilon(delta=1e-6)
