@@ -55,6 +55,8 @@ def train(msg: Message, context: Context) -> Message:
     model.load_state_dict(verified_state_dict(msg.content[ARRAYS_KEY], reference_layout(model), limits.max_weight_magnitude))
     device = resolve_device(settings.device)
     deadline = time.monotonic() + limits.max_round_seconds
+    if bool(plan.get("distributed", False)):  # one DP-SGD step; its noisy integer sum leaves only masked
+        return _distributed_step(msg, planned, model, device, deadline)
     if bool(plan["private"]):
         mechanism = Mechanism(
             float(plan["noise-multiplier"]), float(plan["sample-rate"]), int(plan["steps"])
@@ -106,6 +108,23 @@ def train(msg: Message, context: Context) -> Message:
     status = ConfigRecord({"name": department.name, "status": STATUS_TRAINED, "reason": ""})
     content = RecordDict({ARRAYS_KEY: ArrayRecord(state), METRICS_KEY: metrics, STATUS_KEY: status})
     return Message(content, reply_to=msg)
+
+
+def _distributed_step(msg: Message, planned, model, device, deadline: float) -> Message:
+    """Distributed DP: this department's noisy integer gradient sum, masked (client/distributed_dp.py)."""
+    from fedsilo.shared.distributed_dp import rotation_seed
+
+    from .distributed_dp import noisy_integer_sum
+
+    department, plan, masking = planned.department, planned.plan, planned.secagg
+    seed = rotation_seed(masking.request.run_key, masking.request.round)
+    noisy, _ = noisy_integer_sum(model, department.data, masking.codec, seed, device=device, deadline=deadline)
+    metrics = MetricRecord({
+        "num-examples": int(plan["reported-size"]), "epsilon": float("inf"), "max-epsilon": float("inf"),
+        "delta": 0.0, "steps": 1, "noise-multiplier": float(plan["noise-multiplier"]),
+        "sample-rate": float(plan["sample-rate"]), "replayed-seq": 0,
+    })
+    return masked_reply(msg, masking, department, noisy, metrics)
 
 
 app = department_app()
