@@ -98,6 +98,11 @@ class SkellamMechanism:
         if isinstance(self.steps, bool) or int(self.steps) != self.steps or self.steps < 0:
             raise ValueError(f"steps must be an integer >= 0, got {self.steps!r}")
 
+    @property
+    def noise_multiplier(self) -> float:
+        """The Gaussian-equivalent σ = √μ / Δ2 (shown and checked against policies; ε uses μ, Δ1, Δ2)."""
+        return math.sqrt(self.mu) / self.l2
+
     def rdp(self, orders: Sequence[int] = ORDERS) -> np.ndarray:
         """RDP of all ``steps`` rounds at ``orders``."""
         if not self.steps:
