@@ -112,3 +112,45 @@ def test_a_distributed_round_releases_one_noisy_gradient_and_charges_a_skellam_r
         assert entry.epsilon > 0 and entry.accountant == "rdp"
     # A plain train request under distributed DP: declined, nothing charged.
     declined(fed.train(0, 2), "distributed DP")
+
+
+def _skellam_ledger(tmp_path, plan: DistributedDpPlan, epsilon_scale: float = 1.0, l2_scale: float = 1.0):
+    from fedsilo.shared import accounting
+    from fedsilo.shared.ledger import PrivacyLedger
+    from fedsilo.shared.signing import simulated_identity
+    from fedsilo.shared.skellam import SkellamMechanism
+
+    signer = simulated_identity(tmp_path, "dept")
+    ledger = PrivacyLedger(tmp_path / "dept.jsonl", "dept", signer)
+    l1, l2 = plan.sensitivity
+    mechanism = SkellamMechanism(plan.mu, l1, l2 * l2_scale, plan.sample_rate, 1)
+    history = []
+    for rnd in (1, 2, 3):
+        history.append(mechanism)
+        ledger.append(run_id="r", round=rnd, mechanism=mechanism, max_grad_norm=1.0, delta=1e-5, accountant="rdp",
+                      epsilon=accounting.epsilon(history, 1e-5) * epsilon_scale, num_examples=500,
+                      setup=plan.setup())
+    return tmp_path / "dept.jsonl"
+
+
+def test_the_audit_re_derives_a_distributed_dp_ledger_with_its_own_code(tmp_path):
+    from fedsilo.audit.ledgers import audit_ledger
+    from fedsilo.audit import skellam_check
+    from fedsilo.shared import skellam
+
+    plan = _plan({"w": (100,)}, sigma=0.8, q=0.05)
+    # The two code paths agree on the mechanism's RDP (vectorized vs scalar, term by term).
+    mechanism = plan.mechanism(1)
+    for alpha in (2, 3, 17, 64, 256):
+        ours = float(skellam.poisson_subsampled_rdp(
+            lambda a: skellam.skellam_rdp(plan.mu, *plan.sensitivity, a), plan.sample_rate, [alpha])[0])
+        assert ours == pytest.approx(skellam_check.subsampled_skellam(alpha, mechanism.mu, mechanism.l1,
+                                                                      mechanism.l2, plan.sample_rate), rel=1e-9)
+    honest = audit_ledger(_skellam_ledger(tmp_path / "a", plan))
+    assert not honest.problems and honest.epsilon_rdp == pytest.approx(honest.epsilon, rel=1e-9)
+    assert any("distributed DP" in f and "at most 0 of 3" in f for f in honest.findings)
+    # An ε written below the re-derived one, and a sensitivity below what the rounding implies: both named.
+    low = audit_ledger(_skellam_ledger(tmp_path / "b", plan, epsilon_scale=0.9))
+    assert len([p for p in low.problems if "budget under-reported" in p and "re-derived RDP" in p]) == 3
+    small = audit_ledger(_skellam_ledger(tmp_path / "c", plan, l2_scale=0.5))
+    assert any("below what its rounding set-up implies" in p for p in small.problems)
