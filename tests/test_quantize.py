@@ -93,7 +93,6 @@ def _within_standard_errors(draws, x, k):
 
 
 def test_randomized_rounding_is_unbiased():
-    rng = np.random.default_rng(42)
     x = np.array([0.3, -1.7, 2.5, 0.05, -0.95, 3.0, -2.2, 0.61])
     draws = qz.conditional_round(np.tile(x, (40_000, 1)), math.inf, _stream())
     assert _within_standard_errors(draws, x, 4)
@@ -132,7 +131,6 @@ def test_the_norm_bound_always_holds_and_gives_the_sensitivities():
 
 
 def test_the_retry_limit_raises():
-    rng = np.random.default_rng(1)
     with pytest.raises(RuntimeError, match="after 5 rounding attempts"):
         qz.conditional_round(np.full((2, 64), 0.5), bound=0.5, stream=_stream(), max_tries=5)
 
@@ -153,7 +151,6 @@ def test_bits_for_is_monotone():
 
 
 def test_skellam_tail_threshold_holds_by_monte_carlo():
-    rng = np.random.default_rng(3)
     mu, d, tail = 50.0, 4, 0.01
     t = qz.skellam_tail_threshold(mu, d, tail)
     noise = qz.skellam_noise(mu, (200_000, d), _stream())
@@ -164,7 +161,6 @@ def test_skellam_tail_threshold_holds_by_monte_carlo():
 
 def test_a_secure_sum_at_bits_for_does_not_wrap():
     """Worst-case signals plus noise, summed in Z_2^k as secagg does, decode to the true sum."""
-    rng = np.random.default_rng(11)
     n, bound, mu, d, tail = 6, 5.0, 40.0, 8, 1e-3
     bits = qz.bits_for(n, bound, mu, d, tail)
     trials = 20_000
@@ -193,7 +189,6 @@ def test_a_secure_sum_at_bits_for_does_not_wrap():
 
 
 def test_skellam_noise_has_mean_zero_and_variance_mu():
-    rng = np.random.default_rng(2024)
     mu, size = 37.5, 400_000
     noise = qz.skellam_noise(mu, size, _stream())
     assert noise.dtype == np.int64
