@@ -68,8 +68,9 @@ def merge_history(history: Iterable[Mechanism]) -> list[tuple[float, float, int]
     return [(nm, q, steps) for (nm, q), steps in merged.items()]
 
 
-# The accountant recorded for a history holding a distributed-DP (Skellam) round: only RDP composes across kinds.
-MIXED_ACCOUNTANT = "rdp"
+# The accountant recorded for a history holding a distributed-DP (Skellam) round: only RDP composes across
+# kinds; a name of its own, so the ledger's "ε never shrinks" rule compares it only with itself (not with Opacus' RDP).
+MIXED_ACCOUNTANT = "rdp-skellam"
 
 
 def is_gaussian(history) -> bool:

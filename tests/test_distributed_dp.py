@@ -109,7 +109,7 @@ def test_a_distributed_round_releases_one_noisy_gradient_and_charges_a_skellam_r
         (entry,) = ledger.entries
         assert entry.kind == "skellam" and entry.version == 4 and entry.steps == 1
         assert entry.mu == pytest.approx(plan.mu) and entry.threshold == 3 and entry.colluders == 0
-        assert entry.epsilon > 0 and entry.accountant == "rdp"
+        assert entry.epsilon > 0 and entry.accountant == "rdp-skellam"
     # A plain train request under distributed DP: declined, nothing charged.
     declined(fed.train(0, 2), "distributed DP")
 
