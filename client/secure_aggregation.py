@@ -182,13 +182,7 @@ def distributed_plan(settings: RunSettings, layout, params: SessionParams, depar
     if settings.local_epochs != 1:
         raise SecAggRefusal("distributed DP: a round is one DP-SGD step; this department declines local-epochs "
                             f"{settings.local_epochs}")
-    if settings.ddp_colluders >= params.threshold:
-        raise SecAggRefusal(f"distributed DP: {settings.ddp_colluders} colluders at threshold {params.threshold} leave "
-                            "no honest share")
-    return DistributedDpPlan.of(layout, max_grad_norm=settings.max_grad_norm, noise_multiplier=settings.noise_multiplier,
-                                sample_rate=settings.sample_rate, participants=len(params.participants),
-                                threshold=params.threshold, colluders=settings.ddp_colluders,
-                                max_weight=settings.secagg_max_weight, scale=settings.ddp_scale)
+    return DistributedDpPlan.for_run(layout, settings, len(params.participants), params.threshold)  # checks c < t
 
 
 def check_mask_request(msg: Message, department: Department, settings: RunSettings, run_id: str,

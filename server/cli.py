@@ -183,15 +183,10 @@ def run(
             }
         )
         check_aggregation(settings, o.min_departments)  # the rule fits --min-departments
-        if o.distributed_dp:  # the run-wide σ, planned for the run's ask; each department checks it
-            from fedsilo.secagg import FixedPointCodec
-            from fedsilo.shared.distributed_dp import plan_distributed
+        # Distributed DP: the run-wide σ, planned for the run's ask; each department checks it.
+        from .secure_aggregation import planned_distributed
 
-            from .secure_aggregation import check_distributed
-
-            layout = FixedPointCodec.layout_of({k: v.detach().numpy() for k, v in built.state_dict().items()})
-            settings = plan_distributed(settings, layout, o.target_epsilon or o.max_epsilon or 0.0, o.delta or 0.0)
-            check_distributed(settings)
+        settings, _ = planned_distributed(settings, built, o.target_epsilon or o.max_epsilon or 0.0, o.delta or 0.0)
         if settings.secure_aggregation:  # three departments or more, a model of float arrays only
             from flwr.app import ArrayRecord
 

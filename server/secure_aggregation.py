@@ -89,6 +89,22 @@ def check_distributed(settings) -> None:
                          "it from --batch-size)")
 
 
+def planned_distributed(settings, model, target_epsilon: float, delta: float, pooled_records: int = 0):
+    """``settings`` with distributed DP's q and σ planned for ``model`` (a torch module) and checked, and the
+    model's layout; ``(settings, None)`` without ``distributed-dp``.
+
+    Raises ``ValueError`` naming the option to give or drop.
+    """
+    from fedsilo.shared.distributed_dp import plan_distributed
+
+    if not settings.distributed_dp:
+        return settings, None
+    layout = FixedPointCodec.layout_of({k: v.detach().numpy() for k, v in model.state_dict().items()})
+    settings = plan_distributed(settings, layout, target_epsilon, delta, pooled_records)
+    check_distributed(settings)
+    return settings, layout
+
+
 def check_departments(count: int, option: str = "--departments") -> None:
     """Refuse fewer than three departments: with two, each learns the other's update from the sum."""
     if count < MIN_DEPARTMENTS:
@@ -261,13 +277,8 @@ class SecureAggregation:
         s = self.settings
         if not self.distributed:
             return FixedPointCodec(self.layout, s.secagg_bound, s.secagg_frac_bits, s.secagg_max_weight, n)
-        if s.ddp_colluders >= threshold:
-            raise SecAggAborted(f"--ddp-colluders {s.ddp_colluders} leaves no honest share at threshold {threshold}: "
-                                f"set it below {threshold}")
         try:
-            return DistributedDpPlan.of(self.layout, max_grad_norm=s.max_grad_norm, noise_multiplier=s.noise_multiplier,
-                                        sample_rate=s.sample_rate, participants=n, threshold=threshold,
-                                        colluders=s.ddp_colluders, max_weight=s.secagg_max_weight, scale=s.ddp_scale)
+            return DistributedDpPlan.for_run(self.layout, s, n, threshold)
         except ValueError as err:
             raise SecAggAborted(str(err)) from None
 

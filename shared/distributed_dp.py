@@ -86,6 +86,14 @@ class DistributedDpPlan:
     def of(cls, layout: Layout, **kwargs) -> "DistributedDpPlan":
         return cls(tuple((key, tuple(int(d) for d in layout[key])) for key in sorted(layout)), **kwargs)
 
+    @classmethod
+    def for_run(cls, layout: Layout, settings, participants: int, threshold: int) -> "DistributedDpPlan":
+        """The round of a run (its department-scope settings) in a session of ``participants`` at ``threshold``."""
+        return cls.of(layout, max_grad_norm=settings.max_grad_norm, noise_multiplier=settings.noise_multiplier,
+                      sample_rate=settings.sample_rate, participants=participants, threshold=threshold,
+                      colluders=settings.ddp_colluders, max_weight=settings.secagg_max_weight,
+                      scale=settings.ddp_scale)
+
     def __post_init__(self) -> None:
         if not self.layout:
             raise ValueError("distributed DP needs a model with at least one float array")

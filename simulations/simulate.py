@@ -156,17 +156,12 @@ def simulate(
             ).to_json(),
         )
         check_aggregation(settings, least)  # every combination checked before anything starts
-        distributed = None
-        if o.distributed_dp:  # the run-wide q and σ, planned as a pooled DP-SGD run would
-            from fedsilo.secagg import FixedPointCodec
-            from fedsilo.server.secure_aggregation import check_distributed
-            from fedsilo.shared.distributed_dp import plan_distributed
+        # Distributed DP: the run-wide q and σ, planned as a pooled DP-SGD run would be.
+        pooled = sum(len(p) for p in parts)
+        from fedsilo.server.secure_aggregation import planned_distributed
 
-            layout = FixedPointCodec.layout_of({k: v.detach().numpy() for k, v in built.state_dict().items()})
-            settings = plan_distributed(settings, layout, o.target_epsilon or o.max_epsilon, o.delta,
-                                        sum(len(p) for p in parts))
-            check_distributed(settings)
-            distributed = distributed_forecast(settings, layout, departments, sum(len(p) for p in parts))
+        settings, layout = planned_distributed(settings, built, o.target_epsilon or o.max_epsilon, o.delta, pooled)
+        distributed = distributed_forecast(settings, layout, departments, pooled) if layout else None
         if settings.secure_aggregation:  # three departments or more, a model of float arrays only
             from flwr.app import ArrayRecord
 
@@ -265,11 +260,7 @@ def distributed_forecast(settings: RunSettings, layout, departments: int, pooled
     from fedsilo.server.secure_aggregation import default_threshold
     from fedsilo.shared.distributed_dp import DistributedDpPlan
 
-    plan = DistributedDpPlan.of(layout, max_grad_norm=settings.max_grad_norm, noise_multiplier=settings.noise_multiplier,
-                                sample_rate=settings.sample_rate, participants=departments,
-                                threshold=settings.secagg_threshold or default_threshold(departments),
-                                colluders=settings.ddp_colluders, max_weight=settings.secagg_max_weight,
-                                scale=settings.ddp_scale)
+    plan = DistributedDpPlan.for_run(layout, settings, departments, settings.secagg_threshold or default_threshold(departments))
     return plan.mechanism(1), settings.sample_rate * pooled
 
 
