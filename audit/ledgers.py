@@ -156,6 +156,9 @@ def _check_epsilon(row: DepartmentAudit, entries: list[LedgerEntry], every_entry
     private = [e for e in entries if e.private]
     if not private:
         return
+    if any(e.kind == "skellam" for e in private):
+        _check_distributed(row, entries, every_entry)
+        return
     checkpoints = range(1, len(entries) + 1) if every_entry else [len(entries)]
     for i in checkpoints:
         recorded = entries[i - 1]
@@ -203,6 +206,38 @@ def _check_epsilon(row: DepartmentAudit, entries: list[LedgerEntry], every_entry
             "evaluates in bounded memory; PLD and RDP re-derived ε"
         )
     row.epsilon_pld = pld_epsilon(private, delta)
+
+
+def _check_distributed(row: DepartmentAudit, entries: list[LedgerEntry], every_entry: bool) -> None:
+    """A history with distributed-DP rounds: every Skellam entry's sensitivity and trust assumption, and ε
+    re-derived in RDP by the audit's own code (:mod:`.skellam_check`); PLD and PRV do not apply."""
+    from . import skellam_check
+
+    for e in entries:
+        if e.private and e.kind == "skellam":
+            problem = skellam_check.sensitivity_problem(e)
+            if problem:
+                row.problems.append(problem)
+    checkpoints = range(1, len(entries) + 1) if every_entry else [len(entries)]
+    seen = None
+    for i in checkpoints:
+        recorded = entries[i - 1]
+        if not recorded.private:
+            continue
+        prefix = [e for e in entries[:i] if e.private]
+        seen = skellam_check.history_epsilon(prefix, recorded.delta)
+        if recorded.epsilon < seen * (1 - TOLERANCE) - 1e-9:
+            row.problems.append(f"entry seq {recorded.seq}: recorded ε={recorded.epsilon:.4f} is below the "
+                                f"re-derived RDP ε={seen:.4f} (Skellam and Gaussian rounds) at δ={recorded.delta:g}: "
+                                "budget under-reported")
+    private = [e for e in entries if e.private]
+    last_checked = checkpoints[-1] == len(entries) and entries[-1].private
+    row.epsilon_rdp = seen if last_checked else skellam_check.history_epsilon(private, private[-1].delta)
+    last = [e for e in private if e.kind == "skellam"][-1]
+    row.findings.append(
+        f"distributed DP: {sum(e.steps for e in private if e.kind == 'skellam')} Skellam round(s), re-derived in RDP "
+        f"by the audit's own code; the last assumes at most {last.colluders} of {last.participants} departments "
+        f"collude and a threshold of {last.threshold} (each share μ/{last.threshold - last.colluders})")
 
 
 def _check_terms(row: DepartmentAudit, entries: list[LedgerEntry]) -> None:

@@ -55,6 +55,8 @@ def train(msg: Message, context: Context) -> Message:
     model.load_state_dict(verified_state_dict(msg.content[ARRAYS_KEY], reference_layout(model), limits.max_weight_magnitude))
     device = resolve_device(settings.device)
     deadline = time.monotonic() + limits.max_round_seconds
+    if bool(plan.get("distributed", False)):  # one DP-SGD step; its noisy integer sum leaves only masked
+        return _distributed_step(msg, planned, model, device, deadline)
     if bool(plan["private"]):
         mechanism = Mechanism(
             float(plan["noise-multiplier"]), float(plan["sample-rate"]), int(plan["steps"])
@@ -85,27 +87,44 @@ def train(msg: Message, context: Context) -> Message:
             seed=settings.seed + int(msg.content[CONFIG_KEY].get("server-round", 0)),
         )
         noise, rate = 0.0, 0.0
-    metrics = MetricRecord(
-        {
-            # The size the department's policy reports, never the exact count.
-            "num-examples": int(plan["reported-size"]),
-            # Set by the budget guard: the whole-history ε, the budget and δ granted.
-            "epsilon": float("inf"),
-            "max-epsilon": float("inf"),
-            "delta": 0.0,
-            "steps": result.steps,
-            "noise-multiplier": noise,
-            "sample-rate": rate,
-            # 0: trained now; else the ledger entry that charged an update sent again (client/replay.py).
-            "replayed-seq": 0,
-        }
-    )
+    metrics = _metrics(plan, result.steps, noise, rate)
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if planned.secagg is not None:  # masked: Δ leaves only inside the secure sum, never the weights
         return masked_reply(msg, planned.secagg, department, {k: v.numpy() for k, v in state.items()}, metrics)
     status = ConfigRecord({"name": department.name, "status": STATUS_TRAINED, "reason": ""})
     content = RecordDict({ARRAYS_KEY: ArrayRecord(state), METRICS_KEY: metrics, STATUS_KEY: status})
     return Message(content, reply_to=msg)
+
+
+def _distributed_step(msg: Message, planned, model, device, deadline: float) -> Message:
+    """Distributed DP: this department's noisy integer gradient sum, masked (client/distributed_dp.py)."""
+    from fedsilo.shared.distributed_dp import rotation_seed
+
+    from .distributed_dp import noisy_integer_sum
+
+    department, plan, masking = planned.department, planned.plan, planned.secagg
+    seed = rotation_seed(masking.request.run_key, masking.request.round)
+    noisy, _ = noisy_integer_sum(model, department.data, masking.codec, seed, device=device, deadline=deadline)
+    metrics = _metrics(plan, 1, float(plan["noise-multiplier"]), float(plan["sample-rate"]))
+    return masked_reply(msg, masking, department, noisy, metrics)
+
+
+def _metrics(plan, steps: int, noise: float, rate: float) -> MetricRecord:
+    """The reply's metrics as training leaves them; the budget guard then sets ε, the budget and δ."""
+    return MetricRecord(
+        {
+            # The size the department's policy reports, never the exact count.
+            "num-examples": int(plan["reported-size"]),
+            "epsilon": float("inf"),
+            "max-epsilon": float("inf"),
+            "delta": 0.0,
+            "steps": steps,
+            "noise-multiplier": noise,
+            "sample-rate": rate,
+            # 0: trained now; else the ledger entry that charged an update sent again (client/replay.py).
+            "replayed-seq": 0,
+        }
+    )
 
 
 app = department_app()

@@ -30,6 +30,7 @@ from __future__ import annotations
 import contextvars
 import functools
 import logging
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -41,6 +42,7 @@ from fedsilo.shared import accounting
 from fedsilo.shared.accounting import Mechanism
 from fedsilo.shared.budget import BudgetDecision, BudgetGuard
 from fedsilo.shared.config import RunSettings
+from fedsilo.shared.distributed_dp import DistributedDpPlan
 from fedsilo.shared.ledger import PrivacyLedger
 from fedsilo.shared.model_factory import ModelError, is_factory, load_factory
 from fedsilo.shared.protocol import (
@@ -257,29 +259,38 @@ def _guard(msg: Message, context: Context, call_next: ClientAppCallable, setting
     over = limits.check_steps(plan_mechanism(size, settings.batch_size, settings.local_epochs, 1.0).steps)
     if over:
         return refuse(STATUS_DECLINED, "; ".join(over))
-    prior = [e.mechanism for e in ledger.entries if e.private and e.run_id != run_id]
-    try:
-        mechanism = plan_round(settings, terms, size, prior)
-    except PlanError as err:
-        # Nothing left to spend under the target is a budget matter, like the guard's refusal.
-        return refuse(STATUS_REFUSED if err.spent else STATUS_DECLINED, str(err))
-    limits = policy.mechanism_limits(mechanism)
+    setup = None
+    if masked is not None and isinstance(masked.codec, DistributedDpPlan):
+        # Distributed DP: one step whose noise the run's σ and the session fix; this department checks it.
+        mechanism, setup = masked.codec.mechanism(1), masked.codec.setup()
+        shown = Mechanism(math.sqrt(mechanism.mu) / mechanism.l2, mechanism.sample_rate, mechanism.steps)
+    else:
+        prior = [e.mechanism for e in ledger.entries if e.private and e.run_id != run_id]
+        try:
+            mechanism = shown = plan_round(settings, terms, size, prior)
+        except PlanError as err:
+            # Nothing left to spend under the target is a budget matter, like the guard's refusal.
+            return refuse(STATUS_REFUSED if err.spent else STATUS_DECLINED, str(err))
+    limits = policy.mechanism_limits(shown)
     if limits:
         return refuse(STATUS_DECLINED, "; ".join(limits))
     guard = BudgetGuard(terms.max_epsilon, terms.delta, terms.accountant)
+    history = ledger.history
+    accountant = accounting.accountant_for([*history, mechanism], terms.accountant)
     last = ledger.entries[-1] if ledger.entries else None
-    known = last.epsilon if last and last.delta == terms.delta and last.accountant == terms.accountant else None
-    decision = guard.would_exceed(ledger.history, mechanism, epsilon_before=known)
+    known = last.epsilon if (setup is None and last and last.delta == terms.delta
+                             and last.accountant == terms.accountant) else None
+    decision = guard.would_exceed(history, mechanism, epsilon_before=known)
     if not decision.allowed:
         return refuse(STATUS_REFUSED, decision.reason, decision)
 
     # 4. Train exactly the plan; record before the update leaves.
-    plan = _plan_record(True, mechanism, settings.max_grad_norm, size)
+    plan = _plan_record(True, shown, settings.max_grad_norm, size, distributed=setup is not None)
     charge = functools.partial(
         ledger.append, run_id=run_id, round=server_round, mechanism=mechanism,
-        max_grad_norm=settings.max_grad_norm, delta=terms.delta, accountant=terms.accountant,
+        max_grad_norm=settings.max_grad_norm, delta=terms.delta, accountant=accountant,
         epsilon=decision.epsilon_after, num_examples=department.data.num_records, expected_seq=len(ledger.entries),
-        budget=terms.max_epsilon, reported_size=size,
+        budget=terms.max_epsilon, reported_size=size, **({"setup": setup} if setup is not None else {}),
     )
     try:
         reply = _call_planned(call_next, msg, context, GuardedRound(department, settings, plan, masked))
@@ -355,10 +366,12 @@ def _call_planned(call_next: ClientAppCallable, msg: Message, context: Context, 
 privacy_budget_mod = PrivacyBudgetMod()
 
 
-def _plan_record(private: bool, mechanism: Mechanism | None, max_grad_norm: float, size: int) -> ConfigRecord:
+def _plan_record(private: bool, mechanism: Mechanism | None, max_grad_norm: float, size: int,
+                 distributed: bool = False) -> ConfigRecord:
     return ConfigRecord(
         {
             "private": private,
+            "distributed": distributed,
             "noise-multiplier": mechanism.noise_multiplier if mechanism else 0.0,
             "sample-rate": mechanism.sample_rate if mechanism else 0.0,
             "steps": mechanism.steps if mechanism else 0,

@@ -51,6 +51,7 @@ def start(
     require_secure_aggregation: Annotated[bool, typer.Option("--require-secure-aggregation", help="Decline every plain train request: this department sends its update only inside a secure sum (needs --peers).")] = False,
     peers: Annotated[Optional[Path], typer.Option(help="Secure aggregation's roster: a folder holding every department's NAME.pub (as `certs add-department` writes them), this department's own included. Without it every secure-aggregation request is declined.")] = None,
     secagg_min_threshold: Annotated[int, typer.Option(help="The smallest secure-aggregation threshold t this department accepts; it assumes c = t - 2 colluding departments and also requires 2t > n + c.")] = 3,
+    ddp_min_colluders: Annotated[int, typer.Option(min=0, help="Distributed DP: the fewest departments a run may assume to collude with the coordinator (its noise shares are sized for them).")] = 0,
     limit: Annotated[Optional[list[str]], typer.Option(help="A limit on what one run may ask of this host, NAME=VALUE (repeat for several): max-steps-per-round, max-rounds, max-model-parameters, max-features, max-categories, max-classes, max-run-key-length, max-round-seconds, max-weight-magnitude, max-encoded-values. See docs/privacy.md for the defaults.")] = None,
 ) -> None:
     """Validate everything, then join the federation over TLS with this department's identity."""
@@ -68,7 +69,7 @@ def start(
             max_sample_rate=max_sample_rate, public_size=public_size, models=tuple(allow_model or ()),
             limits=RunLimits.from_options(list(limit or ())),
             require_secure_aggregation=require_secure_aggregation, peers=roster,
-            secagg_min_threshold=secagg_min_threshold,
+            secagg_min_threshold=secagg_min_threshold, ddp_min_colluders=ddp_min_colluders,
         )
     except (PolicyError, LimitError) as err:
         err_console.print(f"[red]error:[/red] {err}")

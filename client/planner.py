@@ -13,7 +13,7 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fedsilo.shared import accounting
@@ -283,13 +283,15 @@ class Forecast:
 
 
 def forecast_department(name: str, settings, policy, num_records: int, entries, completed: int = 0,
-                        run_id: str = "") -> Forecast:
+                        run_id: str = "", distributed=None) -> Forecast:
     """Plan the run for one department exactly as its budget guard will, against its ledger.
 
     ``entries`` is its ledger.  For a resumed run (``run_id``, ``completed``
     rounds) its entries of that run count as spent but not as prior history for
     the target, as in the guard, and a round it already trained is not charged
-    again (it sends that update again).
+    again (it sends that update again).  ``distributed``: distributed DP's
+    ``(SkellamMechanism of one round, expected pooled batch)``; the run fixes the
+    noise, so the department only checks how many of its rounds fit.
     """
     done = max([completed] + [e.round for e in entries if run_id and e.run_id == run_id])
     remaining = max(settings.num_server_rounds - done, 0)
@@ -306,6 +308,8 @@ def forecast_department(name: str, settings, policy, num_records: int, entries, 
     if any(not e.private for e in entries):
         return Forecast(name, 0, remaining, None, math.inf, terms.max_epsilon, "trained without DP before: no finite ε is left")
     size = policy.reported_size(num_records)
+    if distributed is not None:
+        return _forecast_fixed(name, distributed, history, before, remaining, terms)
     prior = [e.mechanism for e in entries if e.private and e.run_id != run_id]
     planned = settings.target_epsilon > 0 or settings.noise_multiplier <= 0
     if planned and not history:
@@ -344,3 +348,25 @@ def forecast_department(name: str, settings, policy, num_records: int, entries, 
     )
     ratio = mechanism.noise_multiplier / max(mechanism.sample_rate * size, 1.0)
     return Forecast(name, hi, remaining, mechanism.noise_multiplier, before, terms.max_epsilon, reason, ratio)
+
+
+def _forecast_fixed(name: str, distributed, history: list, before: float, remaining: int, terms) -> Forecast:
+    """A forecast for a mechanism the run fixes (distributed DP): the rounds of it that fit the budget."""
+    from fedsilo.shared.budget import BudgetGuard
+
+    mechanism, pooled_batch = distributed
+    guard = BudgetGuard(terms.max_epsilon, terms.delta, terms.accountant)
+    sigma = math.sqrt(mechanism.mu) / mechanism.l2
+
+    def fits(k: int) -> bool:
+        return k == 0 or _quiet(guard.would_exceed, history, replace(mechanism, steps=k), before).allowed
+
+    lo, hi = 0, remaining
+    if not fits(hi):
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        hi = lo
+    reason = "" if hi else (f"one distributed-DP round at σ={sigma:.3g} would pass its budget ε={terms.max_epsilon:g} "
+                            f"(its history holds ε={before:.3f} at δ={terms.delta:g})")
+    return Forecast(name, hi, remaining, sigma, before, terms.max_epsilon, reason, sigma / max(pooled_batch, 1.0))

@@ -104,6 +104,10 @@ class DepartmentPolicy:
     secagg_min_threshold : int
         The smallest threshold t a session may use; c = t - 2 colluders are
         assumed, and 2t > n + c is required too.
+    ddp_min_colluders : int
+        Distributed DP: the fewest departments a run may assume to collude with
+        the coordinator (``ddp-colluders``); each adds noise μ / (t − c), so a
+        larger assumption means more noise from each.
     """
 
     max_epsilon: float
@@ -118,6 +122,7 @@ class DepartmentPolicy:
     require_secure_aggregation: bool = False
     peers: tuple[tuple[str, str], ...] = ()
     secagg_min_threshold: int = 3
+    ddp_min_colluders: int = 0
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_epsilon, (int, float)) and self.max_epsilon > 0 and math.isfinite(self.max_epsilon)):
@@ -148,6 +153,9 @@ class DepartmentPolicy:
             raise PolicyError(f"secagg-min-threshold must be a whole number >= 2, got {self.secagg_min_threshold!r}")
         if not isinstance(self.require_secure_aggregation, bool):
             raise PolicyError("require-secure-aggregation must be true or false")
+        if isinstance(self.ddp_min_colluders, bool) or not isinstance(self.ddp_min_colluders, int) \
+                or self.ddp_min_colluders < 0:
+            raise PolicyError(f"ddp-min-colluders must be a whole number >= 0, got {self.ddp_min_colluders!r}")
 
     # ------------------------------------------------------------------ decisions
     def terms_for(self, request: RunRequest) -> tuple[Terms | None, list[str]]:
@@ -238,7 +246,7 @@ class DepartmentPolicy:
             raise PolicyError("the department policy must be a JSON object with at least max_epsilon")
         known = {"max_epsilon", "delta", "accountants", "allow_non_private", "min_noise_multiplier",
                  "max_sample_rate", "public_size", "models", "limits", "require_secure_aggregation", "peers",
-                 "secagg_min_threshold"}
+                 "secagg_min_threshold", "ddp_min_colluders"}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise PolicyError(f"unknown department policy setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")

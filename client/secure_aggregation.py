@@ -31,6 +31,7 @@ from fedsilo.secagg.messages import (AdvertiseRequest, ConsistencyRequest, MaskR
                                      UnmaskRequest)
 from fedsilo.secagg.session import SessionParams
 from fedsilo.shared.config import RunSettings
+from fedsilo.shared.distributed_dp import DistributedDpPlan
 from fedsilo.shared.protocol import (ARRAYS_KEY, MAX_REASON_LENGTH, METRICS_KEY, STATUS_DECLINED, STATUS_KEY, STATUS_OK,
                                      STATUS_TRAINED)
 
@@ -44,6 +45,8 @@ NO_ROSTER = ("secure aggregation: this department has no roster of its peers; it
              "`fedsilo department start --peers DIR` (DIR holds every department's NAME.pub, as `fedsilo certs "
              "add-department` writes them)")
 REQUIRED = "this department requires secure aggregation"
+DDP_NEEDS_SECAGG = ("distributed DP: the run asked for a plain update; this department adds only its share of the "
+                    "noise, so its contribution leaves only inside a secure sum")
 UNREADABLE_STATE = ("secure aggregation: this department's saved session cannot be read; its operators can read "
                     "why in its log")
 
@@ -154,7 +157,7 @@ class MaskPlan:
     request: MaskRequest
     store: SecAggStore
     stored: StoredRun
-    codec: FixedPointCodec
+    codec: FixedPointCodec | DistributedDpPlan
     weight: int
 
 
@@ -162,6 +165,24 @@ def codec_for(settings: RunSettings, layout, participants: int) -> FixedPointCod
     """The department's codec for the run's department-scope settings (see docs/reference/settings.md)."""
     return FixedPointCodec(layout, settings.secagg_bound, settings.secagg_frac_bits, settings.secagg_max_weight,
                            participants)
+
+
+def distributed_plan(settings: RunSettings, layout, params: SessionParams, department: Department) -> DistributedDpPlan:
+    """The run's distributed-DP round as this department derives it, or ``SecAggRefusal`` naming what it declines.
+
+    Every number comes from the run's settings, the model's layout and the session this
+    department agreed to: its threshold t and participants n.  The run's colluder
+    assumption c may not be below this department's own.
+    """
+    floor = department.policy.ddp_min_colluders
+    if settings.ddp_colluders < floor:
+        raise SecAggRefusal(f"distributed DP: the run assumes {settings.ddp_colluders} colluding department(s); this "
+                            f"department's policy assumes at least {floor} (--ddp-min-colluders), so each share would "
+                            "be too small")
+    if settings.local_epochs != 1:
+        raise SecAggRefusal("distributed DP: a round is one DP-SGD step; this department declines local-epochs "
+                            f"{settings.local_epochs}")
+    return DistributedDpPlan.for_run(layout, settings, len(params.participants), params.threshold)  # checks c < t
 
 
 def check_mask_request(msg: Message, department: Department, settings: RunSettings, run_id: str,
@@ -175,6 +196,8 @@ def check_mask_request(msg: Message, department: Department, settings: RunSettin
     """
     record = msg.content.config_records.get(RECORD_NAME)
     if record is None:
+        if settings.distributed_dp:  # its noise share alone is far below the run's noise
+            raise SecAggRefusal(DDP_NEEDS_SECAGG)
         if department.policy.require_secure_aggregation:
             raise SecAggRefusal(REQUIRED + "; the run asked for a plain update")
         # A round it masked stays masked: never a plain update of it beside the masked one.
@@ -202,8 +225,10 @@ def check_mask_request(msg: Message, department: Department, settings: RunSettin
     not_float = sorted(k for k, a in arrays.items() if not np.issubdtype(np.dtype(a.dtype), np.floating))
     if not_float:
         raise SecAggRefusal(f"secure aggregation: the model's arrays {not_float[:5]} are not floating point")
+    layout = {k: tuple(a.shape) for k, a in arrays.items()}
     try:
-        codec = codec_for(settings, {k: tuple(a.shape) for k, a in arrays.items()}, len(params.participants))
+        codec = (distributed_plan(settings, layout, params, department) if settings.distributed_dp
+                 else codec_for(settings, layout, len(params.participants)))
     except ValueError as err:
         raise SecAggRefusal(f"secure aggregation: {err}") from None
     if weight > codec.max_weight:
@@ -218,14 +243,18 @@ def check_mask_request(msg: Message, department: Department, settings: RunSettin
     return MaskPlan(request, store, stored, codec, weight)
 
 
-def masked_reply(msg: Message, plan: MaskPlan, department: Department, trained: dict, metrics) -> Message:
-    """After training: mask Δ = trained − global, save, and reply without the weights."""
+def masked_reply(msg: Message, plan: MaskPlan, department: Department, trained, metrics) -> Message:
+    """After training: mask Δ = trained − global (or distributed DP's noisy integer sum), save, and reply
+    without the weights."""
     peers = roster(department)
     session = DepartmentSession.from_state(plan.stored.session, department.signer, peers, session_policy(department))
-    global_arrays = msg.content[ARRAYS_KEY]
-    delta = {key: np.asarray(trained[key], dtype=np.float64) - global_arrays[key].numpy().astype(np.float64)
-             for key in global_arrays}
-    x, clipped = plan.codec.encode(delta, plan.weight)
+    if isinstance(plan.codec, DistributedDpPlan):
+        x, clipped = plan.codec.encode(trained, plan.weight), 0
+    else:
+        global_arrays = msg.content[ARRAYS_KEY]
+        delta = {key: np.asarray(trained[key], dtype=np.float64) - global_arrays[key].numpy().astype(np.float64)
+                 for key in global_arrays}
+        x, clipped = plan.codec.encode(delta, plan.weight)
     answer = session.mask(plan.request, x)
     # Saved before the reply (and the ledger charge): a crash now releases nothing, and the round is
     # declined when asked again, never masked twice.

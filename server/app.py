@@ -81,7 +81,7 @@ def run_federation(grid: Grid, settings: RunSettings, out: Path, run_dir: Path, 
         model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in checkpoint.arrays.items()})
     arrays = ArrayRecord(model.state_dict())
     # Secure aggregation refuses what it cannot do (robust rules, --central-dp, non-float models) here.
-    secure = SecureAggregation(settings, run_id, arrays) if settings.secure_aggregation else None
+    secure = SecureAggregation(settings, run_id, arrays) if settings.secure_aggregation or settings.distributed_dp else None
     departments = department_strategy(
         settings,
         # With client-level DP the wrapper Poisson-samples at fraction-train itself.

@@ -168,6 +168,8 @@ def run(
                 "secure-aggregation": o.secure_aggregation, "secagg-threshold": o.secagg_threshold,
                 "secagg-bound": o.secagg_bound, "secagg-frac-bits": o.secagg_frac_bits,
                 "secagg-max-weight": o.secagg_max_weight,
+                "distributed-dp": o.distributed_dp, "sample-rate": o.sample_rate, "ddp-colluders": o.ddp_colluders,
+                "ddp-scale": o.ddp_scale,
                 "data-schema": schema.to_json(), "model": o.model, "fraction-train": o.fraction_train,
                 "central-dp": o.central_dp, "central-noise-multiplier": o.central_noise_multiplier,
                 "central-clip-norm": o.central_clip_norm, "central-delta": o.central_delta,
@@ -181,7 +183,11 @@ def run(
             }
         )
         check_aggregation(settings, o.min_departments)  # the rule fits --min-departments
-        if o.secure_aggregation:  # three departments or more, a model of float arrays only
+        # Distributed DP: the run-wide σ, planned for the run's ask; each department checks it.
+        from .secure_aggregation import planned_distributed
+
+        settings, _ = planned_distributed(settings, built, o.target_epsilon or o.max_epsilon or 0.0, o.delta or 0.0)
+        if settings.secure_aggregation:  # three departments or more, a model of float arrays only
             from flwr.app import ArrayRecord
 
             from .secure_aggregation import check_departments, check_model

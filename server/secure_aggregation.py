@@ -28,6 +28,7 @@ from flwr.common import log
 from fedsilo.secagg import CoordinatorSession, FixedPointCodec, MalformedMessage, ProtocolViolation, SecAggAborted
 from fedsilo.secagg import records
 from fedsilo.secagg.messages import Advertisement, ConsistencySignature, MaskedInput, Shares, Unmasking
+from fedsilo.shared.distributed_dp import DistributedDpPlan, rotation_seed
 from fedsilo.shared.protocol import MAX_REASON_LENGTH, STATUS_DECLINED, STATUS_KEY, STATUS_OK
 from fedsilo.shared.summary_format import RoundSecAgg, SecAggSetup
 
@@ -64,9 +65,44 @@ def check_settings(settings) -> None:
         raise ValueError(
             f"--fraction-train {settings.fraction_train:g} cannot be combined with --secure-aggregation: each round "
             "asks every department of the session (an unsampled one would count as dropped). Set --fraction-train 1")
+    if settings.distributed_dp:
+        check_distributed(settings)
     if settings.secagg_threshold and settings.secagg_threshold < MIN_DEPARTMENTS:
         raise ValueError(f"--secagg-threshold {settings.secagg_threshold} is below {MIN_DEPARTMENTS}: set 0 (the "
                          f"default) or {MIN_DEPARTMENTS} or more")
+
+
+def check_distributed(settings) -> None:
+    """Refuse, naming the setting, what distributed DP's analysis does not cover."""
+    if not settings.dp:
+        raise ValueError("--distributed-dp is DP-SGD with the noise added by the departments: drop --no-dp")
+    if settings.local_epochs != 1:
+        raise ValueError(
+            f"--local-epochs {settings.local_epochs} cannot be combined with --distributed-dp: a round is one DP-SGD "
+            "step over the federation, and the analysis covers exactly that step (several local steps would each "
+            "need their own noise, in the clear at the department). Leave --local-epochs at 1; more rounds train more")
+    if settings.noise_multiplier <= 0:
+        raise ValueError("--distributed-dp needs the run's σ: give --noise-multiplier or --target-epsilon (the "
+                         "commands plan σ from it)")
+    if not 0 < settings.sample_rate <= 1:
+        raise ValueError("--distributed-dp needs each record's sampling rate: give --sample-rate (a simulation plans "
+                         "it from --batch-size)")
+
+
+def planned_distributed(settings, model, target_epsilon: float, delta: float, pooled_records: int = 0):
+    """``settings`` with distributed DP's q and σ planned for ``model`` (a torch module) and checked, and the
+    model's layout; ``(settings, None)`` without ``distributed-dp``.
+
+    Raises ``ValueError`` naming the option to give or drop.
+    """
+    from fedsilo.shared.distributed_dp import plan_distributed
+
+    if not settings.distributed_dp:
+        return settings, None
+    layout = FixedPointCodec.layout_of({k: v.detach().numpy() for k, v in model.state_dict().items()})
+    settings = plan_distributed(settings, layout, target_epsilon, delta, pooled_records)
+    check_distributed(settings)
+    return settings, layout
 
 
 def check_departments(count: int, option: str = "--departments") -> None:
@@ -123,11 +159,10 @@ class SecureAggregation:
             raise SecAggAborted(f"only {len(names)} department(s) can join the secure-aggregation session "
                                 f"({self._said()}); it needs at least {MIN_DEPARTMENTS}")
         n = len(names)
-        self.codec = FixedPointCodec(self.layout, self.settings.secagg_bound, self.settings.secagg_frac_bits,
-                                     self.settings.secagg_max_weight, n)
         threshold = self.settings.secagg_threshold or default_threshold(n)
         if threshold > n:
             raise SecAggAborted(f"--secagg-threshold {threshold} is above the {n} departments of the session")
+        self.codec = self._codec(n, threshold)
         roster = None
         if roster_by_node:
             roster = {self.name_of[node]: key for node, key in roster_by_node.items() if node in self.name_of}
@@ -223,12 +258,29 @@ class SecureAggregation:
                     unmasked.add(name)
             facts.dropped_after_masking = sorted(set(u3) - unmasked)
             total = session.unmask(server_round)
-            mean, total_weight = self.codec.decode(total)
+            if self.distributed:
+                mean, total_weight = self.codec.decode(total, rotation_seed(self.run_key, server_round))
+            else:
+                mean, total_weight = self.codec.decode(total)
         finally:
             facts.bytes_sent = dict(sorted(self._bytes_sent.items()))
             facts.bytes_received = dict(sorted(self._bytes_received.items()))
             facts.left_out = dict(sorted(self._left_out.items()))
         return mean, total_weight, facts
+
+    @property
+    def distributed(self) -> bool:
+        """Distributed DP: the sum is one DP-SGD step's noisy gradient, not a weighted Δ."""
+        return bool(self.settings.distributed_dp)
+
+    def _codec(self, n: int, threshold: int):
+        s = self.settings
+        if not self.distributed:
+            return FixedPointCodec(self.layout, s.secagg_bound, s.secagg_frac_bits, s.secagg_max_weight, n)
+        try:
+            return DistributedDpPlan.for_run(self.layout, s, n, threshold)
+        except ValueError as err:
+            raise SecAggAborted(str(err)) from None
 
     # --- the exchange ------------------------------------------------------------------------------------------
     def _hello(self, grid, nodes: list[int], timeout: float) -> dict[int, str]:

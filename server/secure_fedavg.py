@@ -34,6 +34,7 @@ class SecureFedAvg(DepartmentFedAvg):
         self.secure = secure
         self._grid: Grid | None = None
         self._arrays: dict[str, np.ndarray] = {}
+        self._velocity: dict[str, np.ndarray] = {}  # distributed DP: the optimizer's momentum
 
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
@@ -71,8 +72,22 @@ class SecureFedAvg(DepartmentFedAvg):
             self.last_report.secagg = self.secure.last_facts
             raise
         self.last_report.secagg = facts
+        step = self._sgd_step(mean) if self.secure.distributed else mean
         new = {}
         for key, value in self._arrays.items():
-            stepped = value.astype(np.float64) + mean[key]
+            stepped = value.astype(np.float64) + step[key]
             new[key] = Array(np.ascontiguousarray(stepped.astype(value.dtype)))
         return ArrayRecord(new), MetricRecord({"num-examples": total_weight})
+
+    def _sgd_step(self, gradient: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """Distributed DP: the coordinator's SGD step (PyTorch's momentum convention) on the noisy gradient.
+
+        Post-processing of the released sum; the momentum lives here, across rounds.
+        """
+        settings = self.secure.settings
+        step = {}
+        for key, g in gradient.items():
+            velocity = settings.momentum * self._velocity.get(key, 0.0) + g
+            self._velocity[key] = velocity
+            step[key] = -settings.learning_rate * velocity
+        return step

@@ -70,8 +70,52 @@ def merge_history(history: Iterable[Mechanism]) -> list[tuple[float, float, int]
     return [(nm, q, steps) for (nm, q), steps in merged.items()]
 
 
+# The accountant recorded for a history holding a distributed-DP (Skellam) round: only RDP composes across
+# kinds; a name of its own, so the ledger's "ε never shrinks" rule compares it only with itself (not with Opacus' RDP).
+MIXED_ACCOUNTANT = "rdp-skellam"
+
+
+def is_gaussian(history) -> bool:
+    return all(isinstance(m, Mechanism) for m in history)
+
+
+def accountant_for(history, accountant: str) -> str:
+    """The accountant that measures ``history``: ``accountant`` for Gaussian rounds only, else RDP."""
+    return accountant if is_gaussian(history) else MIXED_ACCOUNTANT
+
+
+def mixed_epsilon(history, delta: float) -> float:
+    """ε of a history of Gaussian and Skellam rounds: RDP curves added at integer orders, then converted.
+
+    Gaussian rounds: the exact integer-order RDP of the Poisson-subsampled Gaussian
+    (Mironov, Talwar & Zhang 2019, as Opacus' ``compute_rdp``); Skellam rounds:
+    :mod:`fedsilo.shared.skellam`.  PLD and PRV have no Skellam curve, so they cannot
+    compose with it.
+    """
+    from opacus.accountants.analysis.rdp import compute_rdp
+
+    from . import skellam
+
+    orders = skellam.ORDERS
+    curve = np.zeros(len(orders))
+    for m in history:
+        if not m.steps:
+            continue
+        if isinstance(m, Mechanism):
+            curve = curve + np.asarray(compute_rdp(q=m.sample_rate, noise_multiplier=m.noise_multiplier,
+                                                   steps=m.steps, orders=list(orders)), dtype=float)
+        else:
+            curve = curve + m.rdp(orders)
+    if not curve.any():
+        return 0.0
+    return skellam.rdp_to_epsilon(orders, curve, delta)
+
+
 def epsilon(history: Iterable[Mechanism], delta: float, accountant: str = "pld") -> float:
     """Whole-history ε at ``delta`` (0.0 for an empty history).
+
+    A history holding a Skellam round (distributed DP) is measured by
+    :func:`mixed_epsilon` whatever ``accountant`` says.
 
     PRV returns its certified upper bound (Opacus' ``eps_upper``), never the
     estimate; RDP returns the usual RDP-to-(ε, δ) conversion; PLD is Google's
@@ -80,6 +124,9 @@ def epsilon(history: Iterable[Mechanism], delta: float, accountant: str = "pld")
     """
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
+    history = list(history)
+    if not is_gaussian(history):
+        return mixed_epsilon(history, delta)
     tuples = merge_history(history)
     if not tuples:
         return 0.0

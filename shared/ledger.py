@@ -58,7 +58,7 @@ FOLDER_MODE, FILE_MODE = 0o700, 0o600  # a department's ledger folder and files 
 # The format (entries, chain, verification) is a module of its own; its names still import from here.
 from .ledger_format import (  # noqa: E402,F401
     COORDINATOR, LEDGER_VERSION, MAX_COUNT, MAX_STEPS, MAX_TEXT, MAX_TOKEN, LedgerEntry, LedgerError, Verification,
-    genesis_hash, read_lines, verify_ledger,
+    SKELLAM_VERSION, genesis_hash, read_lines, verify_ledger,
 )
 
 
@@ -189,6 +189,7 @@ class PrivacyLedger:
         budget: float = 0.0,
         private: bool = True,
         reported_size: int = 0,
+        setup=None,
     ) -> LedgerEntry:
         """Append one signed round atomically and return the entry written.
 
@@ -238,6 +239,15 @@ class PrivacyLedger:
                 reported_size=int(reported_size),
                 software=_software(),
             )
+            if private and getattr(mechanism, "mu", None) is not None:  # a distributed-DP (Skellam) round
+                if setup is None:
+                    raise ValueError("a Skellam round is recorded with its SkellamSetup (setup=...)")
+                unsigned = replace(
+                    unsigned, version=SKELLAM_VERSION, kind="skellam",
+                    mu=float(mechanism.mu), l1=float(mechanism.l1), l2=float(mechanism.l2),
+                    granularity=float(setup.granularity), dimension=int(setup.dimension), beta=float(setup.beta),
+                    participants=int(setup.participants), threshold=int(setup.threshold),
+                    colluders=int(setup.colluders))
             entry = replace(unsigned, signature=self.signer.sign(unsigned.payload()))
             lines = [e.to_json() for e in [*current, entry]]
             atomic_write(self.path, "".join(line + "\n" for line in lines))

@@ -25,6 +25,11 @@ LEDGER_VERSION = 3
 # Fields a version-2 entry (fedsilo 0.1) does not have: left out of its hash and
 # signature, so 0.1 ledgers still verify and continue.
 V3_FIELDS = ("budget", "private", "reported_size", "software")
+# A distributed-DP (Skellam) round is written as version 4, with its mechanism and set-up; a Gaussian
+# round stays version 3, byte for byte as before, so its hash and signature do not change.
+SKELLAM_VERSION = 4
+V4_FIELDS = ("kind", "mu", "l1", "l2", "granularity", "dimension", "beta", "participants", "threshold", "colluders")
+KINDS = ("gaussian", "skellam")
 # The name the coordinator keeps its client-level DP ledger under.
 COORDINATOR = "coordinator"
 # Bounds on an entry's numbers: far past any honest round, small enough that
@@ -34,8 +39,10 @@ MAX_COUNT = 10**12  # records, rounds, entries
 MAX_TEXT = 1024  # department, run id, accountant, software
 MAX_TOKEN = 512  # hashes, fingerprints, signatures
 _INTS = {"seq": MAX_COUNT, "round": MAX_COUNT, "steps": MAX_STEPS, "num_examples": MAX_COUNT,
+         "dimension": 1 << 40, "participants": MAX_COUNT, "threshold": MAX_COUNT, "colluders": MAX_COUNT,
          "reported_size": MAX_COUNT}
-_FLOATS = ("noise_multiplier", "sample_rate", "max_grad_norm", "delta", "epsilon", "budget", "timestamp")
+_FLOATS = ("noise_multiplier", "sample_rate", "max_grad_norm", "delta", "epsilon", "budget", "timestamp",
+           "mu", "l1", "l2", "granularity", "beta")
 _TEXTS = {"department": MAX_TEXT, "run_id": MAX_TEXT, "accountant": MAX_TEXT, "software": MAX_TEXT,
           "prev_hash": MAX_TOKEN, "signer": MAX_TOKEN, "signature": MAX_TOKEN}
 
@@ -69,16 +76,40 @@ class LedgerEntry:
     private: bool = True  # False: trained without DP (the policy allowed it); ε is unbounded from here
     reported_size: int = 0  # the size the department reported for itself (0: not recorded, v2)
     software: str = ""  # the fedsilo version that wrote the entry
+    kind: str = "gaussian"  # v4: "skellam" for a distributed-DP round (shared/skellam.py)
+    mu: float = 0.0  # v4, skellam: the Skellam variance of the noise in the sum
+    l1: float = 0.0  # v4, skellam: one record's L1 / L2 sensitivity after rounding
+    l2: float = 0.0
+    granularity: float = 0.0  # v4, skellam: γ; with dimension and beta the audit re-derives l1, l2
+    dimension: int = 0
+    beta: float = 0.0
+    participants: int = 0  # v4, skellam: n, t and c of the trust assumption (share = mu / (t - c))
+    threshold: int = 0
+    colluders: int = 0
 
     @property
-    def mechanism(self) -> Mechanism:
+    def mechanism(self):
+        """The round's mechanism: a :class:`Mechanism`, or a ``SkellamMechanism`` for distributed DP."""
+        if self.kind == "skellam":
+            from .skellam import SkellamMechanism
+
+            return SkellamMechanism(self.mu, self.l1, self.l2, self.sample_rate, self.steps)
         return Mechanism(self.noise_multiplier, self.sample_rate, self.steps)
+
+    @property
+    def setup(self):
+        """A Skellam round's ``SkellamSetup`` (None for a Gaussian round)."""
+        if self.kind != "skellam":
+            return None
+        from .skellam import SkellamSetup
+
+        return SkellamSetup(self.granularity, self.dimension, self.beta, self.participants, self.threshold,
+                            self.colluders)
 
     def _body(self) -> dict:
         body = asdict(self)
-        if self.version < 3:
-            for name in V3_FIELDS:
-                body.pop(name)
+        for name in (V3_FIELDS if self.version < 3 else ()) + (V4_FIELDS if self.version < 4 else ()):
+            body.pop(name)
         return body
 
     def to_json(self) -> str:
@@ -108,9 +139,9 @@ class LedgerEntry:
             raise ValueError(f"an entry is a JSON object, not {type(raw).__name__}")
         names = {f.name for f in fields(cls)}
         version = raw.get("version", 2)
-        if type(version) is not int or version not in (2, 3):
-            raise ValueError(f"field 'version' must be 2 or 3, got {_shown(version)}")
-        optional = {"version", *(V3_FIELDS if version < 3 else ())}
+        if type(version) is not int or version not in (2, 3, 4):
+            raise ValueError(f"field 'version' must be 2, 3 or 4, got {_shown(version)}")
+        optional = {"version", *(V3_FIELDS if version < 3 else ()), *(V4_FIELDS if version < 4 else ())}
         missing = names - set(raw) - optional
         if missing:
             raise ValueError(f"missing field(s) {', '.join(sorted(missing))}")
@@ -137,9 +168,12 @@ class LedgerEntry:
         if values["sample_rate"] > 1 or values["delta"] >= 1:
             raise ValueError(f"sample_rate must be in (0, 1] and delta in [0, 1), got "
                              f"{values['sample_rate']!r} and {values['delta']!r}")
+        if "kind" in values and values["kind"] not in KINDS:
+            raise ValueError(f"field 'kind' must be one of {', '.join(KINDS)}, got {_shown(values['kind'])}")
         entry = cls(**values)
         if entry.private:
-            entry.mechanism  # validates ranges: σ > 0, q in (0, 1]
+            entry.mechanism  # validates ranges: σ > 0 (μ, Δ1, Δ2 > 0), q in (0, 1]
+            entry.setup  # a Skellam round's set-up: γ > 0, D a power of two, 0 <= c < t <= n
         return entry
 
 
@@ -149,7 +183,7 @@ def _shown(value) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-def genesis_hash(identity: str, version: int = LEDGER_VERSION) -> str:
+def genesis_hash(identity: str, version: int = 3) -> str:
     """``prev_hash`` of a ledger's first entry: from its identity (v3) or its department name (v2)."""
     return hashlib.sha256(f"fedsilo-ledger-v{version}:{identity}".encode()).hexdigest()
 

@@ -36,6 +36,8 @@ import math
 
 import numpy as np
 
+from .csprng import NoiseStream
+
 # Kairouz et al.'s choice of β (probability an unconditioned rounding breaks the bound).
 DEFAULT_BETA = math.exp(-0.5)
 DEFAULT_MAX_TRIES = 1000
@@ -120,7 +122,7 @@ def rounded_bound(c_scaled: float, d: int, beta: float = DEFAULT_BETA) -> float:
 
 
 def conditional_round(
-    x: np.ndarray, bound: float, rng: np.random.Generator, max_tries: int = DEFAULT_MAX_TRIES
+    x: np.ndarray, bound: float, stream: NoiseStream | None = None, max_tries: int = DEFAULT_MAX_TRIES
 ) -> np.ndarray:
     """Round each row of ``x`` to integers at random, redrawing until ‖row‖₂ ≤ ``bound``.
 
@@ -135,6 +137,7 @@ def conditional_round(
     ``bound`` must come from the clip norm, ``rounded_bound(γ·C, D, β)``, never
     from the data being rounded: it is the sensitivity the accounting uses.
     """
+    stream = stream or NoiseStream()
     values = np.asarray(x, dtype=np.float64)
     rows = values.reshape(-1, values.shape[-1]) if values.ndim else values.reshape(1, 1)
     floor = np.floor(rows)
@@ -144,7 +147,7 @@ def conditional_round(
     out = np.empty_like(base)
     pending = np.arange(rows.shape[0])
     for _ in range(max_tries):
-        draw = base[pending] + (rng.random(frac[pending].shape) < frac[pending])
+        draw = base[pending] + (stream.uniform(frac[pending].shape) < frac[pending])
         fits = np.einsum("ij,ij->i", draw, draw) <= limit
         out[pending[fits]] = draw[fits]
         pending = pending[~fits]
@@ -211,15 +214,14 @@ def bits_for(n: int, bound: float, mu: float, d: int, tail: float = 1e-9) -> int
     return largest.bit_length() + 1
 
 
-def skellam_noise(mu: float, size, rng: np.random.Generator) -> np.ndarray:
+def skellam_noise(mu: float, size, stream: NoiseStream | None = None) -> np.ndarray:
     """Skellam noise of variance ``mu``: Poisson(μ/2) − Poisson(μ/2), as int64.
 
-    DP noise must be unpredictable to the coordinator: seed ``rng`` from OS
-    entropy (``np.random.default_rng(secrets.randbits(128))``), never from a
-    public, shared or logged seed.
+    DP noise must be unpredictable to the coordinator: it comes only from a
+    :class:`~fedsilo.shared.csprng.NoiseStream` (a fresh one when none is given).
     """
-    if not isinstance(rng, np.random.Generator):
-        raise TypeError("skellam_noise needs a numpy Generator seeded from OS entropy")
+    if stream is not None and not isinstance(stream, NoiseStream):
+        raise TypeError("skellam_noise draws only from a NoiseStream (a ChaCha20 keystream)")
     if not (mu >= 0 and math.isfinite(mu)):
         raise ValueError(f"mu must be >= 0 and finite, got {mu}")
-    return rng.poisson(mu / 2, size).astype(np.int64) - rng.poisson(mu / 2, size).astype(np.int64)
+    return (stream or NoiseStream()).skellam(mu, size)

@@ -326,6 +326,24 @@ CATALOGUE: tuple[Setting, ...] = (
             "Secure aggregation: the largest example count a department may report (it declines above it).",
             "department", Check(lambda v: v >= 1, "secagg-max-weight must be at least 1"),
             coordinator=Cli(min=1), simulate=Cli(min=1)),
+    # ------------------------------------------------------------------ distributed DP (docs/explanation/distributed-dp.md)
+    Setting("distributed-dp", bool, False,
+            "Distributed DP: each round is one DP-SGD step over the federation; the departments add the noise in "
+            "shares, in the integers, under secure aggregation (which it turns on).",
+            "department", coordinator=Cli(flag="--distributed-dp"), simulate=Cli(flag="--distributed-dp")),
+    Setting("sample-rate", float, 0.0,
+            "Distributed DP: each record's Poisson sampling rate q, the same in every department "
+            "(0 in a simulation: batch-size / the pooled records).",
+            "department", Check(lambda v: 0 <= v <= 1, "sample-rate must be in [0, 1] (0: planned from batch-size)"),
+            coordinator=Cli(min=0.0), simulate=Cli(min=0.0)),
+    Setting("ddp-colluders", int, 0,
+            "Distributed DP: departments assumed to collude with the coordinator; each adds noise μ/(t − this).",
+            "department", Check(lambda v: v >= 0, "ddp-colluders must be >= 0"),
+            coordinator=Cli(min=0), simulate=Cli(min=0)),
+    Setting("ddp-scale", float, 0.0,
+            "Distributed DP: one record's clipped gradient in integer units, γ·C (0: 64·√D for D rotated coordinates).",
+            "department", Check(lambda v: v == 0 or 1 <= v < float("inf"), "ddp-scale must be 0 (automatic) or >= 1"),
+            coordinator=Cli(min=0.0), simulate=Cli(min=0.0)),
     # ------------------------------------------------------------------ simulation only
     Setting("simulated-policy", str, "",
             "The simulated departments' own policy (JSON of client.policy.DepartmentPolicy); a deployed department never reads it.",

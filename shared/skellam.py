@@ -98,6 +98,11 @@ class SkellamMechanism:
         if isinstance(self.steps, bool) or int(self.steps) != self.steps or self.steps < 0:
             raise ValueError(f"steps must be an integer >= 0, got {self.steps!r}")
 
+    @property
+    def noise_multiplier(self) -> float:
+        """The Gaussian-equivalent σ = √μ / Δ2 (shown and checked against policies; ε uses μ, Δ1, Δ2)."""
+        return math.sqrt(self.mu) / self.l2
+
     def rdp(self, orders: Sequence[int] = ORDERS) -> np.ndarray:
         """RDP of all ``steps`` rounds at ``orders``."""
         if not self.steps:
@@ -243,3 +248,87 @@ def _integer_orders(orders) -> np.ndarray:
     if np.any(alphas < 2) or np.any(alphas != np.round(alphas)):
         raise ValueError("the Skellam and subsampling bounds hold at integer orders >= 2 only")
     return alphas
+
+
+@dataclass(frozen=True)
+class SkellamSetup:
+    """How a distributed-DP round was set up: what the audit needs to re-derive its sensitivity and trust.
+
+    Parameters
+    ----------
+    granularity
+        γ, integer units per gradient unit (the scaled clip norm is γ·C).
+    dimension
+        D, the rotated (padded) dimension, a power of two.
+    beta
+        The conditional rounding's β (Kairouz et al. 2021), in [0, 1).
+    participants, threshold, colluders
+        n, t and c: a released sum holds at least t contributions, at most c of them
+        from departments colluding with the coordinator, so each share is μ / (t − c).
+    """
+
+    granularity: float
+    dimension: int
+    beta: float
+    participants: int
+    threshold: int
+    colluders: int
+
+    def __post_init__(self) -> None:
+        if not (isinstance(self.granularity, numbers.Real) and math.isfinite(self.granularity) and self.granularity > 0):
+            raise ValueError(f"granularity must be a positive finite number, got {self.granularity!r}")
+        d = self.dimension
+        if isinstance(d, bool) or int(d) != d or d < 1 or int(d) & (int(d) - 1):
+            raise ValueError(f"dimension must be a power of two >= 1, got {d!r}")
+        if not 0 <= self.beta < 1:
+            raise ValueError(f"beta must be in [0, 1), got {self.beta!r}")
+        for name in ("participants", "threshold", "colluders"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or int(value) != value:
+                raise ValueError(f"{name} must be a whole number, got {value!r}")
+        if not 0 <= self.colluders < self.threshold <= self.participants:
+            raise ValueError(f"need 0 <= colluders < threshold <= participants, got c={self.colluders}, "
+                             f"t={self.threshold}, n={self.participants}")
+
+    def sensitivity(self, max_grad_norm: float) -> tuple[float, float]:
+        """(Δ1, Δ2) of one record's rounded contribution at clip norm ``max_grad_norm``."""
+        from .quantize import record_sensitivity
+
+        return record_sensitivity(self.granularity * max_grad_norm, self.dimension, self.beta)
+
+    def share(self, mu: float) -> float:
+        """The Skellam variance each department adds: μ / (t − c)."""
+        return mu / (self.threshold - self.colluders)
+
+
+def mu_for_target_after(history, target_epsilon: float, delta: float, l1: float, l2: float, q: float, steps: int,
+                        orders: Sequence[int] = ORDERS) -> float:
+    """Smallest μ such that ``history`` plus ``steps`` Skellam rounds stays ≤ ``target_epsilon`` at ``delta``.
+
+    ``history`` may hold Gaussian and Skellam mechanisms (composed in RDP by
+    :func:`fedsilo.shared.accounting.epsilon`).  Raises ``ValueError`` when the
+    history alone reaches the target, or no μ up to :data:`MU_MAX` does.
+    """
+    from . import accounting
+
+    history = [m for m in history if m.steps]
+    if not history:
+        return mu_for_target(target_epsilon, delta, l1, l2, q, steps, orders)
+    before = accounting.epsilon(history, delta)
+    if before >= target_epsilon:
+        raise ValueError(f"the history already holds ε={before:.4f} at δ={delta:g}, not below the target "
+                         f"{target_epsilon:g}")
+
+    def fits(mu: float) -> bool:
+        return accounting.epsilon([*history, SkellamMechanism(mu, l1, l2, q, steps)], delta) <= target_epsilon
+
+    upper = mu_for_target(target_epsilon, delta, l1, l2, q, steps, orders)
+    while not fits(upper):
+        upper *= 4
+        if upper > MU_MAX:
+            raise ValueError(f"ε={target_epsilon:g} at δ={delta:g} is unreachable after this history")
+    lower = upper / 4
+    while upper - lower > MU_REL_TOL * upper:
+        middle = math.sqrt(upper * lower)
+        upper, lower = (middle, lower) if fits(middle) else (upper, middle)
+    return upper

@@ -148,13 +148,21 @@ def simulate(
             record_signing_key="",
             secure_aggregation=o.secure_aggregation, secagg_threshold=o.secagg_threshold,
             secagg_bound=o.secagg_bound, secagg_frac_bits=o.secagg_frac_bits, secagg_max_weight=o.secagg_max_weight,
+            distributed_dp=o.distributed_dp, sample_rate=o.sample_rate, ddp_colluders=o.ddp_colluders,
+            ddp_scale=o.ddp_scale,
             simulated_policy=DepartmentPolicy(
                 max_epsilon=o.max_epsilon, delta=o.delta, accountants=(o.accountant,), allow_non_private=not o.dp,
                 models=(o.model,) if is_factory(o.model) else (),
             ).to_json(),
         )
         check_aggregation(settings, least)  # every combination checked before anything starts
-        if o.secure_aggregation:  # three departments or more, a model of float arrays only
+        # Distributed DP: the run-wide q and σ, planned as a pooled DP-SGD run would be.
+        pooled = sum(len(p) for p in parts)
+        from fedsilo.server.secure_aggregation import planned_distributed
+
+        settings, layout = planned_distributed(settings, built, o.target_epsilon or o.max_epsilon, o.delta, pooled)
+        distributed = distributed_forecast(settings, layout, departments, pooled) if layout else None
+        if settings.secure_aggregation:  # three departments or more, a model of float arrays only
             from flwr.app import ArrayRecord
 
             from fedsilo.server.secure_aggregation import check_departments, check_model
@@ -170,7 +178,7 @@ def simulate(
         err_console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
 
-    forecasts = preflight(settings, parts, out / "ledgers")
+    forecasts = preflight(settings, parts, out / "ledgers", distributed=distributed)
     run_dir = create_run_folder(out, settings.run_name)
     # What the Simulation Engine needs beyond the run config, for --resume.
     (run_dir / SIMULATION).write_text(json.dumps({"departments": departments}) + "\n", encoding="utf-8")
@@ -202,6 +210,11 @@ def simulate(
             else ""
         )
     )
+    if settings.distributed_dp:
+        console.print(
+            f"Distributed DP: each round is one DP-SGD step over the {sum(sizes)} pooled records at q={settings.sample_rate:.4g} "
+            f"(expected batch {settings.sample_rate * sum(sizes):.1f}), σ={settings.noise_multiplier:.4g}, the noise added "
+            f"in shares by the departments under secure aggregation (assuming {settings.ddp_colluders} colluding)")
     console.print(f"Run {settings.run_name} in {run_dir} ({out / LATEST} points at it)")
     _say_history(forecasts, out / "ledgers")
     _run(settings, run_dir, departments, cpus_per_department, verbose)
@@ -242,12 +255,22 @@ def _departments_of(run_dir: Path) -> int:
                               "`fedsilo simulate`; resume a deployment run with `fedsilo coordinator run --resume`") from None
 
 
-def preflight(settings: RunSettings, parts, ledgers: Path, completed: int = 0, run_id: str = "") -> list[Forecast]:
+def distributed_forecast(settings: RunSettings, layout, departments: int, pooled: int):
+    """Distributed DP's one-round mechanism and expected pooled batch, for the forecast."""
+    from fedsilo.server.secure_aggregation import default_threshold
+    from fedsilo.shared.distributed_dp import DistributedDpPlan
+
+    plan = DistributedDpPlan.for_run(layout, settings, departments, settings.secagg_threshold or default_threshold(departments))
+    return plan.mechanism(1), settings.sample_rate * pooled
+
+
+def preflight(settings: RunSettings, parts, ledgers: Path, completed: int = 0, run_id: str = "",
+              distributed=None) -> list[Forecast]:
     """Each simulated department's forecast from its ledger; stop here if none can train a round."""
     policy = simulated_policy(settings.simulated_policy, settings.model)
     forecasts = [
         forecast_department(part.name, settings, policy, len(part), _simulated_ledger(ledgers, part.name),
-                            completed, run_id)
+                            completed, run_id, distributed)
         for part in parts
     ]
     if all(f.remaining for f in forecasts):

@@ -9,10 +9,19 @@ import math
 
 import numpy as np
 import pytest
+
 from scipy.linalg import hadamard
 
 from fedsilo.secagg import masking
 from fedsilo.shared import quantize as qz
+from fedsilo.shared.csprng import NoiseStream
+
+_COUNTER = iter(range(1, 1 << 30))
+
+
+def _stream():
+    """A reproducible noise stream for a test (a real round draws a fresh key from os.urandom)."""
+    return NoiseStream.for_tests(next(_COUNTER).to_bytes(32, "little"))
 
 
 # --- randomized Hadamard rotation -----------------------------------------------------------
@@ -84,9 +93,8 @@ def _within_standard_errors(draws, x, k):
 
 
 def test_randomized_rounding_is_unbiased():
-    rng = np.random.default_rng(42)
     x = np.array([0.3, -1.7, 2.5, 0.05, -0.95, 3.0, -2.2, 0.61])
-    draws = qz.conditional_round(np.tile(x, (40_000, 1)), math.inf, rng)
+    draws = qz.conditional_round(np.tile(x, (40_000, 1)), math.inf, _stream())
     assert _within_standard_errors(draws, x, 4)
     assert set(np.unique(draws - np.floor(x))) <= {0, 1}  # floor or ceil, nothing else
 
@@ -101,10 +109,10 @@ def test_conditioning_on_the_bound_biases_little():
     rng = np.random.default_rng(43)
     x = qz.flatten(rng.normal(size=1024), 5)
     x *= 30.0 / np.linalg.norm(x)
-    draws = qz.conditional_round(np.tile(x, (4000, 1)), qz.rounded_bound(30.0, 1024), rng)
+    draws = qz.conditional_round(np.tile(x, (4000, 1)), qz.rounded_bound(30.0, 1024), _stream())
     assert _within_standard_errors(draws, x, 5)
     small = np.array([0.3, -1.7, 2.5, 0.05, -0.95, 3.0, -2.2, 0.61])
-    tight = qz.conditional_round(np.tile(small, (40_000, 1)), qz.rounded_bound(5.3, 8), rng)
+    tight = qz.conditional_round(np.tile(small, (40_000, 1)), qz.rounded_bound(5.3, 8), _stream())
     assert np.max(np.abs(tight.mean(axis=0) - small)) < 0.06
 
 
@@ -114,7 +122,7 @@ def test_the_norm_bound_always_holds_and_gives_the_sensitivities():
     x = rng.normal(size=(50_000, d))
     x *= c / np.linalg.norm(x, axis=1, keepdims=True)
     bound = qz.rounded_bound(c, d)
-    rounded = qz.conditional_round(x, bound, rng)
+    rounded = qz.conditional_round(x, bound, _stream())
     assert rounded.dtype == np.int64
     assert np.max(np.linalg.norm(rounded, axis=1)) <= bound
     l1, l2 = qz.record_sensitivity(c, d)
@@ -123,9 +131,8 @@ def test_the_norm_bound_always_holds_and_gives_the_sensitivities():
 
 
 def test_the_retry_limit_raises():
-    rng = np.random.default_rng(1)
     with pytest.raises(RuntimeError, match="after 5 rounding attempts"):
-        qz.conditional_round(np.full((2, 64), 0.5), bound=0.5, rng=rng, max_tries=5)
+        qz.conditional_round(np.full((2, 64), 0.5), bound=0.5, stream=_stream(), max_tries=5)
 
 
 # --- modulus bits ------------------------------------------------------------------------------
@@ -144,10 +151,9 @@ def test_bits_for_is_monotone():
 
 
 def test_skellam_tail_threshold_holds_by_monte_carlo():
-    rng = np.random.default_rng(3)
     mu, d, tail = 50.0, 4, 0.01
     t = qz.skellam_tail_threshold(mu, d, tail)
-    noise = qz.skellam_noise(mu, (200_000, d), rng)
+    noise = qz.skellam_noise(mu, (200_000, d), _stream())
     exceeded = np.mean(np.abs(noise).max(axis=1) >= t)
     assert exceeded <= tail
     assert t < 10 * math.sqrt(mu)  # and not absurdly loose
@@ -155,13 +161,12 @@ def test_skellam_tail_threshold_holds_by_monte_carlo():
 
 def test_a_secure_sum_at_bits_for_does_not_wrap():
     """Worst-case signals plus noise, summed in Z_2^k as secagg does, decode to the true sum."""
-    rng = np.random.default_rng(11)
     n, bound, mu, d, tail = 6, 5.0, 40.0, 8, 1e-3
     bits = qz.bits_for(n, bound, mu, d, tail)
     trials = 20_000
     signal = np.full((trials, d), n * math.floor(bound), dtype=np.int64)  # beyond any real sum
     signal[: trials // 2] *= -1
-    noisy = signal + qz.skellam_noise(mu, (trials, d), rng)
+    noisy = signal + qz.skellam_noise(mu, (trials, d), _stream())
 
     def wraps(k):
         half = 1 << (k - 1)
@@ -184,21 +189,20 @@ def test_a_secure_sum_at_bits_for_does_not_wrap():
 
 
 def test_skellam_noise_has_mean_zero_and_variance_mu():
-    rng = np.random.default_rng(2024)
     mu, size = 37.5, 400_000
-    noise = qz.skellam_noise(mu, size, rng)
+    noise = qz.skellam_noise(mu, size, _stream())
     assert noise.dtype == np.int64
     assert abs(noise.mean()) <= 4 * math.sqrt(mu / size)
     # Var of the sample variance: (2μ² + μ)/n (Skellam's fourth cumulant is μ).
     assert abs(noise.var() - mu) <= 4 * math.sqrt((2 * mu**2 + mu) / size)
     # Closed under summation: ten shares of μ/10 sum to variance μ.
-    shares = sum(qz.skellam_noise(mu / 10, size, rng) for _ in range(10))
+    shares = sum(qz.skellam_noise(mu / 10, size, _stream()) for _ in range(10))
     assert abs(shares.var() - mu) <= 4 * math.sqrt((2 * mu**2 + mu) / size)
 
 
-def test_skellam_noise_refuses_a_bad_generator_or_mu():
-    assert np.array_equal(qz.skellam_noise(0.0, 5, np.random.default_rng(0)), np.zeros(5, dtype=np.int64))
-    with pytest.raises(TypeError, match="Generator"):
-        qz.skellam_noise(1.0, 5, np.random.RandomState(0))
+def test_skellam_noise_refuses_a_numpy_generator_or_a_bad_mu():
+    assert np.array_equal(qz.skellam_noise(0.0, 5, _stream()), np.zeros(5, dtype=np.int64))
+    with pytest.raises(TypeError, match="NoiseStream"):
+        qz.skellam_noise(1.0, 5, np.random.default_rng(0))
     with pytest.raises(ValueError, match="mu"):
-        qz.skellam_noise(-1.0, 5, np.random.default_rng(0))
+        qz.skellam_noise(-1.0, 5, _stream())
