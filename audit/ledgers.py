@@ -156,41 +156,15 @@ def _check_epsilon(row: DepartmentAudit, entries: list[LedgerEntry], every_entry
     private = [e for e in entries if e.private]
     if not private:
         return
-    if any(e.kind == "skellam" for e in private):
-        _check_distributed(row, entries, every_entry)
-        return
+    # Entries before the first distributed-DP round hold Gaussian rounds only: PLD, PRV and RDP apply to them.
+    first = next((i for i, e in enumerate(entries) if e.private and e.kind == "skellam"), len(entries))
     checkpoints = range(1, len(entries) + 1) if every_entry else [len(entries)]
     for i in checkpoints:
-        recorded = entries[i - 1]
-        if not recorded.private:
-            continue
-        prefix = [e for e in entries[:i] if e.private]
-        # RDP is a sound upper bound and cheap: a record at or above it is no
-        # under-report.  Past EXACT_MAX_EPSILON only RDP is affordable.
-        rdp = _opacus_epsilon(prefix, "rdp", recorded.delta)
-        if recorded.epsilon >= rdp:
-            continue
-        if rdp > EXACT_MAX_EPSILON:
-            if recorded.epsilon < rdp / 2:
-                row.problems.append(
-                    f"entry seq {recorded.seq}: recorded ε={recorded.epsilon:.4f} is below half the re-derived "
-                    f"RDP ε={rdp:.1f} at δ={recorded.delta:g}: budget under-reported"
-                )
-            continue
-        # Both PRV (its certified upper bound) and PLD (pessimistic) are sound:
-        # a recorded ε below the lower of the two is an under-report.  PLD
-        # first; PRV only when PLD finds the record too low (it is the slower).
-        pld = pld_epsilon(prefix, recorded.delta)
-        if recorded.epsilon >= pld * (1 - TOLERANCE) - 1e-9:
-            continue
-        prv = _opacus_epsilon(prefix, "prv", recorded.delta)
-        floor = min(prv, pld) if prv is not None else pld * (1 - PLD_ONLY_SLACK)
-        if recorded.epsilon < floor * (1 - TOLERANCE) - 1e-9:
-            shown = f"PRV {prv:.4f}, " if prv is not None else "PRV not run: too many steps; "
-            row.problems.append(
-                f"entry seq {recorded.seq}: recorded ε={recorded.epsilon:.4f} is below the re-derived "
-                f"ε ({shown}PLD {pld:.4f}) at δ={recorded.delta:g}: budget under-reported"
-            )
+        if i <= first:
+            _check_gaussian_prefix(row, entries, i)
+    if first < len(entries):
+        _check_distributed(row, entries, every_entry, first)
+        return
     delta = entries[-1].delta
     row.epsilon_rdp = _opacus_epsilon(private, "rdp", delta)
     if row.epsilon_rdp > EXACT_MAX_EPSILON:
@@ -208,9 +182,44 @@ def _check_epsilon(row: DepartmentAudit, entries: list[LedgerEntry], every_entry
     row.epsilon_pld = pld_epsilon(private, delta)
 
 
-def _check_distributed(row: DepartmentAudit, entries: list[LedgerEntry], every_entry: bool) -> None:
+def _check_gaussian_prefix(row: DepartmentAudit, entries: list[LedgerEntry], i: int) -> None:
+    """Entry ``i - 1``'s recorded ε against its history of Gaussian rounds, re-derived (RDP, then PLD and PRV)."""
+    recorded = entries[i - 1]
+    if not recorded.private:
+        return
+    prefix = [e for e in entries[:i] if e.private]
+    # RDP is a sound upper bound and cheap: a record at or above it is no
+    # under-report.  Past EXACT_MAX_EPSILON only RDP is affordable.
+    rdp = _opacus_epsilon(prefix, "rdp", recorded.delta)
+    if recorded.epsilon >= rdp:
+        return
+    if rdp > EXACT_MAX_EPSILON:
+        if recorded.epsilon < rdp / 2:
+            row.problems.append(
+                f"entry seq {recorded.seq}: recorded ε={recorded.epsilon:.4f} is below half the re-derived "
+                f"RDP ε={rdp:.1f} at δ={recorded.delta:g}: budget under-reported"
+            )
+        return
+    # Both PRV (its certified upper bound) and PLD (pessimistic) are sound:
+    # a recorded ε below the lower of the two is an under-report.  PLD
+    # first; PRV only when PLD finds the record too low (it is the slower).
+    pld = pld_epsilon(prefix, recorded.delta)
+    if recorded.epsilon >= pld * (1 - TOLERANCE) - 1e-9:
+        return
+    prv = _opacus_epsilon(prefix, "prv", recorded.delta)
+    floor = min(prv, pld) if prv is not None else pld * (1 - PLD_ONLY_SLACK)
+    if recorded.epsilon < floor * (1 - TOLERANCE) - 1e-9:
+        shown = f"PRV {prv:.4f}, " if prv is not None else "PRV not run: too many steps; "
+        row.problems.append(
+            f"entry seq {recorded.seq}: recorded ε={recorded.epsilon:.4f} is below the re-derived "
+            f"ε ({shown}PLD {pld:.4f}) at δ={recorded.delta:g}: budget under-reported"
+        )
+
+
+def _check_distributed(row: DepartmentAudit, entries: list[LedgerEntry], every_entry: bool, first: int) -> None:
     """A history with distributed-DP rounds: every Skellam entry's sensitivity and trust assumption, and ε
-    re-derived in RDP by the audit's own code (:mod:`.skellam_check`); PLD and PRV do not apply."""
+    re-derived in RDP by the audit's own code (:mod:`.skellam_check`) from ``entries[first]``, the first Skellam
+    round, on (PLD and PRV do not apply to such a history)."""
     from . import skellam_check
 
     for e in entries:
@@ -218,7 +227,7 @@ def _check_distributed(row: DepartmentAudit, entries: list[LedgerEntry], every_e
             problem = skellam_check.sensitivity_problem(e)
             if problem:
                 row.problems.append(problem)
-    checkpoints = range(1, len(entries) + 1) if every_entry else [len(entries)]
+    checkpoints = range(first + 1, len(entries) + 1) if every_entry else [len(entries)]
     seen = None
     for i in checkpoints:
         recorded = entries[i - 1]

@@ -1,7 +1,7 @@
 """Runs that survive, in a real deployment: the coordinator dies mid-round and the run resumes.
 
-One loopback federation (a coordinator behind nginx, three departments) serves
-the three scenarios, in order:
+One loopback federation (a coordinator behind nginx, three departments) serves a
+secure-aggregation run and a distributed-DP run, then the three scenarios, in order:
 
 1. only the ServerApp (``flwr-serverapp`` under the coordinator's
    ``flower-superexec``) is SIGKILLed while round k+1 is in flight, after a
@@ -274,6 +274,37 @@ def test_secure_aggregation_over_tls_through_the_proxy(fed):
         (state,) = folder.glob("*.state")
         assert state.stat().st_mode & 0o777 == 0o600 and folder.stat().st_mode & 0o777 == 0o700
     assert not list((out / "latest").resolve().rglob("*.state"))
+
+
+def test_distributed_dp_over_tls_through_the_proxy(fed):
+    """Each round one DP-SGD step over the three departments' records, its noise added in shares by them.
+
+    Every department charges a Skellam round (ledger kind ``skellam``) per round; the coordinator applies
+    the decoded noisy gradient; the audit with the departments' ledgers re-derives those rounds.  Before
+    the resume scenarios: they then plan Gaussian runs on histories that hold Skellam rounds."""
+    before = {name: len(fed.ledger(name)) for name in DEPARTMENTS}
+    out = fed["root"] / "runs" / "distributed"
+    result = fed.run("--rounds", "2", "--min-departments", "3", "--distributed-dp", "--sample-rate", "0.1",
+                     "--learning-rate", "2", "--round-timeout", "120", "--out", str(out))
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = json.loads((out / "latest" / "summary.json").read_text())
+    assert summary["status"] == "completed", summary["stop_reason"]
+    (session,) = summary["secure_aggregation"]
+    assert session["participants"] == list(DEPARTMENTS)
+    for rnd in summary["rounds"]:
+        assert sorted(rnd["trained"]) == list(DEPARTMENTS) and rnd["secagg"]["u3"] == list(DEPARTMENTS), rnd
+    assert summary["final_accuracy"] > summary["initial"]["accuracy"] + 0.1
+    for name in DEPARTMENTS:
+        entries = fed.ledger(name)[before[name]:]
+        assert [e["round"] for e in entries] == [1, 2], entries
+        assert all(e["kind"] == "skellam" and e["version"] == 4 and e["steps"] == 1 for e in entries), entries
+        assert all(e["participants"] == 3 and e["threshold"] == 3 for e in entries), entries
+    audit = cli("audit", str(out / "latest"), "--keys", str(fed["keys"]), "--json",
+                *(arg for name in DEPARTMENTS for arg in ("--ledgers", str(fed["root"] / "ledgers" / name))))
+    report = json.loads(audit.stdout)
+    assert audit.returncode == 0 and report["ok"], audit.stdout + audit.stderr
+    for row in report["departments"]:
+        assert row["verified"] and any("distributed DP" in f for f in row["findings"]), row
 
 
 def test_serverapp_killed_mid_round_resumes(fed):

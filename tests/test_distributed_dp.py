@@ -114,7 +114,9 @@ def test_a_distributed_round_releases_one_noisy_gradient_and_charges_a_skellam_r
     declined(fed.train(0, 2), "distributed DP")
 
 
-def _skellam_ledger(tmp_path, plan: DistributedDpPlan, epsilon_scale: float = 1.0, l2_scale: float = 1.0):
+def _skellam_ledger(tmp_path, plan: DistributedDpPlan, epsilon_scale: float = 1.0, l2_scale: float = 1.0,
+                    gaussian_rounds: int = 0, gaussian_scale: float = 1.0):
+    """Three Skellam rounds, after ``gaussian_rounds`` DP-SGD rounds recorded by PLD (× ``gaussian_scale``)."""
     from fedsilo.shared import accounting
     from fedsilo.shared.ledger import PrivacyLedger
     from fedsilo.shared.signing import simulated_identity
@@ -125,6 +127,11 @@ def _skellam_ledger(tmp_path, plan: DistributedDpPlan, epsilon_scale: float = 1.
     l1, l2 = plan.sensitivity
     mechanism = SkellamMechanism(plan.mu, l1, l2 * l2_scale, plan.sample_rate, 1)
     history = []
+    for rnd in range(1, gaussian_rounds + 1):
+        history.append(accounting.Mechanism(1.1, 0.05, 20))
+        ledger.append(run_id="plain", round=rnd, mechanism=history[-1], max_grad_norm=1.0, delta=1e-5,
+                      accountant="pld", epsilon=accounting.epsilon(history, 1e-5, "pld") * gaussian_scale,
+                      num_examples=500)
     for rnd in (1, 2, 3):
         history.append(mechanism)
         ledger.append(run_id="r", round=rnd, mechanism=mechanism, max_grad_norm=1.0, delta=1e-5, accountant="rdp",
@@ -154,3 +161,9 @@ def test_the_audit_re_derives_a_distributed_dp_ledger_with_its_own_code(tmp_path
     assert len([p for p in low.problems if "budget under-reported" in p and "re-derived RDP" in p]) == 3
     small = audit_ledger(_skellam_ledger(tmp_path / "c", plan, l2_scale=0.5))
     assert any("below what its rounding set-up implies" in p for p in small.problems)
+    # Gaussian rounds first, recorded by PLD (tighter than RDP): checked as Gaussian rounds, then the mixed history.
+    mixed = audit_ledger(_skellam_ledger(tmp_path / "d", plan, gaussian_rounds=2))
+    assert not mixed.problems, mixed.problems
+    assert mixed.epsilon_rdp == pytest.approx(mixed.epsilon, rel=1e-9)
+    early = audit_ledger(_skellam_ledger(tmp_path / "e", plan, gaussian_rounds=2, gaussian_scale=0.9))
+    assert [p.split(":")[0] for p in early.problems] == ["entry seq 0", "entry seq 1"], early.problems
