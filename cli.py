@@ -204,29 +204,59 @@ def audit(
 
 @app.command("plan")
 def plan(
-    rounds: Annotated[int, typer.Option(help="Planned federated rounds.")],
-    dataset_size: Annotated[int, typer.Option(help="The department's training records N.")],
+    dataset_size: Annotated[int, typer.Option(help="The department's training records N (with --distributed-dp: "
+                                                    "all departments' records together).")],
+    rounds: Annotated[Optional[int], typer.Option(help="Planned federated rounds (with --distributed-dp: steps; "
+                                                       "left out, planned as the commands plan them).")] = None,
     target_epsilon: Annotated[Optional[float], typer.Option(help="Whole-history ε the planned rounds may spend: derive σ.")] = None,
     noise_multiplier: Annotated[Optional[float], typer.Option(help="A given σ instead of a target: show its ε curve.")] = None,
     delta: Annotated[float, typer.Option(help="δ of every ε.")] = 1e-5,
-    batch_size: Annotated[int, typer.Option(help="Expected Poisson batch (sample rate 1/ceil(N/B)).")] = 64,
+    batch_size: Annotated[int, typer.Option(help="Expected Poisson batch (sample rate 1/ceil(N/B); with "
+                                                 "--distributed-dp, B/N).")] = 64,
     local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 1,
     accountant: Annotated[str, typer.Option(help="pld (tightest) | prv | rdp.")] = "pld",
     max_epsilon: Annotated[Optional[float], typer.Option(help="A budget: name the round that would pass it.")] = None,
+    distributed_dp: Annotated[bool, typer.Option("--distributed-dp", help="Plan a distributed-DP run: each round one "
+                                                 "DP-SGD step over the pooled records, noise added in Skellam shares.")] = False,
+    parameters: Annotated[Optional[int], typer.Option(help="With --distributed-dp: the model's float parameters "
+                                                           "(`fedsilo simulate` prints them).")] = None,
+    sample_rate: Annotated[Optional[float], typer.Option(help="With --distributed-dp: q itself instead of "
+                                                              "batch-size / dataset-size.")] = None,
+    max_grad_norm: Annotated[float, typer.Option(help="With --distributed-dp: the clipping norm C.")] = 1.0,
+    ddp_scale: Annotated[float, typer.Option(help="With --distributed-dp: ddp-scale (0: automatic).")] = 0.0,
     json_out: Annotated[bool, typer.Option("--json", help="Print the plan as JSON.")] = False,
 ) -> None:
-    """Plan a department's DP-SGD: σ for a target ε (or ε for a σ) and the ε curve over the rounds."""
+    """Plan DP-SGD before a run: σ for a target ε (or ε for a σ) and the ε curve over the rounds.
+
+    A department's own rounds by default; a distributed-DP run's with --distributed-dp.
+    """
     from fedsilo.client.planner import PlanError, plan_privacy, print_plan
 
     if (target_epsilon is None) == (noise_multiplier is None):
         typer.echo("error: give exactly one of --target-epsilon (plan σ for it) or --noise-multiplier (see its ε)", err=True)
         raise typer.Exit(2)
     try:
-        result = plan_privacy(
-            dataset_size, batch_size, rounds, delta,
-            target_epsilon=target_epsilon, noise_multiplier=noise_multiplier,
-            local_epochs=local_epochs, accountant=accountant, max_epsilon=max_epsilon,
-        )
+        if distributed_dp:
+            from fedsilo.client.distributed_planner import plan_distributed_privacy
+
+            if parameters is None:
+                raise PlanError("parameters", "is needed with --distributed-dp: the model's float parameters, as "
+                                              "`fedsilo simulate` prints them")
+            result = plan_distributed_privacy(
+                dataset_size, batch_size, rounds, delta, parameters, target_epsilon=target_epsilon,
+                noise_multiplier=noise_multiplier, sample_rate=sample_rate, max_grad_norm=max_grad_norm,
+                scale=ddp_scale, max_epsilon=max_epsilon)
+        else:
+            given = [name for name, value in (("parameters", parameters), ("sample-rate", sample_rate)) if value is not None]
+            if given:
+                raise PlanError(given[0], "applies only with --distributed-dp")
+            if rounds is None:
+                raise PlanError("rounds", "is needed: the run's planned rounds")
+            result = plan_privacy(
+                dataset_size, batch_size, rounds, delta,
+                target_epsilon=target_epsilon, noise_multiplier=noise_multiplier,
+                local_epochs=local_epochs, accountant=accountant, max_epsilon=max_epsilon,
+            )
     except PlanError as err:
         typer.echo(f"error: --{err.option} {err.reason}", err=True)
         raise typer.Exit(2) from None

@@ -22,6 +22,7 @@ SUITE = {
     "accounting": "accounting_tightness",
     "scale": "scale",
     "utility": "utility",
+    "secagg": "secure_aggregation",
     "robustness": "robustness",
     "deployment": "deployment_overhead",
 }

@@ -55,6 +55,7 @@ class PrivacyPlan:
     target_epsilon: float | None = None
     max_epsilon: float | None = None
     exhausted_round: int | None = None
+    gaussian_noise_multiplier: float | None = None  # distributed DP: σ of Gaussian DP-SGD at the same ε, q, steps
 
     @property
     def final_epsilon(self) -> float:
@@ -97,6 +98,8 @@ class PrivacyPlan:
             "max_epsilon": self.max_epsilon,
             "exhausted_round": self.exhausted_round,
             "curve": [{"round": r, "epsilon": eps} for r, eps in self.curve],
+            **({"gaussian_noise_multiplier": self.gaussian_noise_multiplier}
+               if self.gaussian_noise_multiplier is not None else {}),
         }
 
 
@@ -232,6 +235,12 @@ def print_plan(plan: PrivacyPlan, console: Any = None) -> None:
             row.append(f"{left:.3f}" if left >= 0 else "[red]refused[/red]")
         table.add_row(*row)
     console.print(table)
+    if plan.gaussian_noise_multiplier is not None:
+        console.print(
+            f"Distributed DP: each round is one DP-SGD step over the pooled records, its noise added in Skellam "
+            f"shares. Centralized DP-SGD with Gaussian noise would reach the same ε at the same q and steps with "
+            f"σ = {plan.gaussian_noise_multiplier:.4g} (PLD); {plan.noise_multiplier / plan.gaussian_noise_multiplier:.3g}× "
+            "that is the cost of the discrete, distributed mechanism's analysis.")
     if plan.max_epsilon is not None:
         console.print(
             f"Budget {plan.max_epsilon:g}: "

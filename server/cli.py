@@ -186,7 +186,8 @@ def run(
         # Distributed DP: the run-wide σ, planned for the run's ask; each department checks it.
         from .secure_aggregation import planned_distributed
 
-        settings, _ = planned_distributed(settings, built, o.target_epsilon or o.max_epsilon or 0.0, o.delta or 0.0)
+        settings, _ = planned_distributed(settings, built, o.target_epsilon or o.max_epsilon or 0.0, o.delta or 0.0,
+                                          rounds_given=bool(typed_options(ctx, ["rounds"])))
         if settings.secure_aggregation:  # three departments or more, a model of float arrays only
             from flwr.app import ArrayRecord
 
@@ -210,7 +211,7 @@ def run(
     run_dir = create_run_folder(out, settings.run_name)
     (run_dir / "schema.json").write_text(schema.to_json(indent=2) + "\n", encoding="utf-8")
     console.print(
-        f"[bold]fedsilo[/bold]: {o.rounds} rounds at {address}, at least {o.min_departments} departments, "
+        f"[bold]fedsilo[/bold]: {settings.num_server_rounds} rounds at {address}, at least {o.min_departments} departments, "
         f"{schema.task} on {schema.num_features} features"
         + (f" ({len(schema.label.classes)} classes)" if schema.label.classes else "")
         + f", model {o.model}, aggregation {o.aggregation}, evaluated on {o.test_data}; run {settings.run_name} in {run_dir}"

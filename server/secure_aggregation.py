@@ -89,9 +89,11 @@ def check_distributed(settings) -> None:
                          "it from --batch-size)")
 
 
-def planned_distributed(settings, model, target_epsilon: float, delta: float, pooled_records: int = 0):
+def planned_distributed(settings, model, target_epsilon: float, delta: float, pooled_records: int = 0,
+                        rounds_given: bool = True):
     """``settings`` with distributed DP's q and σ planned for ``model`` (a torch module) and checked, and the
-    model's layout; ``(settings, None)`` without ``distributed-dp``.
+    model's layout; ``(settings, None)`` without ``distributed-dp``.  Without ``rounds_given`` the rounds
+    are planned too (:func:`~fedsilo.shared.distributed_dp.default_rounds`).
 
     Raises ``ValueError`` naming the option to give or drop.
     """
@@ -100,7 +102,7 @@ def planned_distributed(settings, model, target_epsilon: float, delta: float, po
     if not settings.distributed_dp:
         return settings, None
     layout = FixedPointCodec.layout_of({k: v.detach().numpy() for k, v in model.state_dict().items()})
-    settings = plan_distributed(settings, layout, target_epsilon, delta, pooled_records)
+    settings = plan_distributed(settings, layout, target_epsilon, delta, pooled_records, rounds_given)
     check_distributed(settings)
     return settings, layout
 

@@ -37,6 +37,9 @@ from .skellam import SkellamMechanism, SkellamSetup, mu_for_target_after
 
 # c = γ·C defaults to this many times √D: the rounding's norm inflation, about D/(4c²), is then 1/16384.
 SCALE_PER_ROOT_DIM = 64.0
+# Passes over the pooled data when a run gives no --rounds: the steps a pooled DP-SGD run of as many
+# epochs takes (fedsilo's default run sees each record 3 times: 3 rounds of one local epoch).
+DEFAULT_EPOCHS = 3
 WRAP_TAIL = 1e-9
 Layout = Mapping[str, tuple[int, ...]]
 
@@ -224,13 +227,20 @@ def plan_noise_multiplier(target_epsilon: float, delta: float, rounds: int, layo
     return math.sqrt(mu) / l2 * (1 + 1e-9)  # μ = σ²Δ2² recomputed from it never falls below the plan's
 
 
-def plan_distributed(settings, layout: Layout, target_epsilon: float, delta: float, pooled_records: int = 0):
+def default_rounds(sample_rate: float) -> int:
+    """Rounds (steps) of a run that gives no ``--rounds``: :data:`DEFAULT_EPOCHS` passes at ``sample_rate``."""
+    return max(1, math.ceil(DEFAULT_EPOCHS / sample_rate - 1e-9))
+
+
+def plan_distributed(settings, layout: Layout, target_epsilon: float, delta: float, pooled_records: int = 0,
+                     rounds_given: bool = True):
     """``settings`` with distributed DP's run-wide numbers filled in: q, σ, and secure aggregation on.
 
     q is ``sample-rate``, else ``batch-size`` / ``pooled_records`` (a simulation knows
-    them); σ is ``noise-multiplier``, else the smallest σ whose rounds stay within
-    ``target_epsilon`` at ``delta`` (every department still checks it against its own
-    budget and history).  Raises ``ValueError`` naming the option to give.
+    them); without ``rounds_given``, the rounds are :func:`default_rounds` of q; σ is
+    ``noise-multiplier``, else the smallest σ whose rounds stay within ``target_epsilon``
+    at ``delta`` (every department still checks it against its own budget and history).
+    Raises ``ValueError`` naming the option to give.
     """
     import dataclasses
 
@@ -242,11 +252,13 @@ def plan_distributed(settings, layout: Layout, target_epsilon: float, delta: flo
             raise ValueError("--distributed-dp needs --sample-rate: each record's Poisson sampling rate, the same in "
                              "every department (expected pooled batch / pooled records)")
         q = min(1.0, settings.batch_size / pooled_records)
+    rounds = settings.num_server_rounds if rounds_given else default_rounds(q)
     sigma = settings.noise_multiplier
     if sigma <= 0:
         if not (target_epsilon > 0 and 0 < delta < 1):
             raise ValueError("--distributed-dp plans σ for the whole run: give --target-epsilon (or --max-epsilon) and "
                              "--delta, or --noise-multiplier")
-        sigma = plan_noise_multiplier(target_epsilon, delta, settings.num_server_rounds, layout, settings.max_grad_norm,
-                                      q, settings.ddp_scale)
-    return dataclasses.replace(settings, sample_rate=q, noise_multiplier=sigma, secure_aggregation=True)
+        sigma = plan_noise_multiplier(target_epsilon, delta, rounds, layout, settings.max_grad_norm, q,
+                                      settings.ddp_scale)
+    return dataclasses.replace(settings, sample_rate=q, noise_multiplier=sigma, secure_aggregation=True,
+                               num_server_rounds=rounds)

@@ -25,7 +25,7 @@ from fedsilo.server.summary import SUMMARY_FILE
 from fedsilo.shared.config import ACCOUNTANTS, AGGREGATIONS, DEVICES, GRAD_SAMPLE_MODES, TASKS, ConfigError, RunSettings, publish
 from fedsilo.shared.ledger import PrivacyLedger
 from fedsilo.shared.settings import cli_options
-from fedsilo.shared.runs import LATEST, SIMULATION, create_run_folder, keep_earlier_log, link_latest, new_run_name, refuse_with_resume
+from fedsilo.shared.runs import LATEST, SIMULATION, create_run_folder, keep_earlier_log, link_latest, new_run_name, refuse_with_resume, typed_options
 from fedsilo.shared.data import DataError, simulated_federation, split_columns
 from fedsilo.shared.schema import DataSchema
 
@@ -159,8 +159,10 @@ def simulate(
         # Distributed DP: the run-wide q and σ, planned as a pooled DP-SGD run would be.
         pooled = sum(len(p) for p in parts)
         from fedsilo.server.secure_aggregation import planned_distributed
+        from fedsilo.shared.distributed_dp import DEFAULT_EPOCHS
 
-        settings, layout = planned_distributed(settings, built, o.target_epsilon or o.max_epsilon, o.delta, pooled)
+        settings, layout = planned_distributed(settings, built, o.target_epsilon or o.max_epsilon, o.delta, pooled,
+                                               rounds_given=bool(typed_options(ctx, ["rounds"])))
         distributed = distributed_forecast(settings, layout, departments, pooled) if layout else None
         if settings.secure_aggregation:  # three departments or more, a model of float arrays only
             from flwr.app import ArrayRecord
@@ -190,7 +192,7 @@ def simulate(
         console.print(f"Model {o.model} ({sum(p.numel() for p in built.parameters())} parameters, {test.task}), per-sample gradients: {dp_path}")
     sizes = [len(p) for p in parts]
     console.print(
-        f"[bold]fedsilo[/bold]: {departments} departments × {o.rounds} rounds on '{Path(o.dataset).name if federation.schema is not None else test.name}' "
+        f"[bold]fedsilo[/bold]: {departments} departments × {settings.num_server_rounds} rounds on '{Path(o.dataset).name if federation.schema is not None else test.name}' "
         f"({sum(sizes)} training examples, {min(sizes)}–{max(sizes)} per department, "
         f"{len(test)} held out), partition {o.partition}, "
         + (
@@ -211,10 +213,12 @@ def simulate(
         )
     )
     if settings.distributed_dp:
+        planned = "" if typed_options(ctx, ["rounds"]) else f" ({DEFAULT_EPOCHS} passes over them: --rounds was not given)"
         console.print(
-            f"Distributed DP: each round is one DP-SGD step over the {sum(sizes)} pooled records at q={settings.sample_rate:.4g} "
-            f"(expected batch {settings.sample_rate * sum(sizes):.1f}), σ={settings.noise_multiplier:.4g}, the noise added "
-            f"in shares by the departments under secure aggregation (assuming {settings.ddp_colluders} colluding)")
+            f"Distributed DP: each of the {settings.num_server_rounds} rounds is one DP-SGD step over the {sum(sizes)} "
+            f"pooled records{planned}, at q={settings.sample_rate:.4g} (expected batch "
+            f"{settings.sample_rate * sum(sizes):.1f}), σ={settings.noise_multiplier:.4g}, the noise added in shares by "
+            f"the departments under secure aggregation (assuming {settings.ddp_colluders} colluding)")
     console.print(f"Run {settings.run_name} in {run_dir} ({out / LATEST} points at it)")
     _say_history(forecasts, out / "ledgers")
     _run(settings, run_dir, departments, cpus_per_department, verbose)

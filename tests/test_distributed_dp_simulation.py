@@ -37,7 +37,7 @@ def test_every_round_is_one_noisy_step_from_every_department(distributed_run):
     for rnd in summary["rounds"]:
         assert sorted(rnd["trained"]) == DEPARTMENTS and not rnd["rejected"]
     assert summary["final_accuracy"] > summary["initial"]["accuracy"] + 0.3
-    assert "Distributed DP: each round is one DP-SGD step" in " ".join(result.stdout.split())
+    assert f"Distributed DP: each of the {ROUNDS} rounds is one DP-SGD step" in " ".join(result.stdout.split())
 
 
 def test_the_ledgers_charge_skellam_rounds_within_the_target_and_the_audit_re_derives_them(distributed_run):

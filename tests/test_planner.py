@@ -136,3 +136,48 @@ def test_cli_bad_input_exits_2_naming_the_option(args, option):
     result = CliRunner().invoke(app, argv)
     assert result.exit_code == 2
     assert option in result.output and "error" in result.output
+
+
+# --- distributed DP: `fedsilo plan --distributed-dp` -------------------------------------------------------------
+
+def test_distributed_plan_is_the_sigma_and_rounds_a_simulation_plans():
+    """The planner's σ, q and rounds are those `simulate --distributed-dp` (plan_distributed) fills in."""
+    import dataclasses
+
+    from fedsilo.client.distributed_planner import plan_distributed_privacy
+    from fedsilo.shared.distributed_dp import DEFAULT_EPOCHS, plan_distributed
+
+    planned = plan_distributed_privacy(1437, 128, None, DELTA, 9354, target_epsilon=8.0)
+    assert planned.sample_rate == pytest.approx(128 / 1437) and planned.steps_per_round == 1
+    assert planned.rounds == 34 and planned.rounds * planned.sample_rate >= DEFAULT_EPOCHS  # ceil(3 / q)
+    settings = RunSettings.from_run_config({"distributed-dp": True, "batch-size": 128, "noise-multiplier": 0.0})
+    run = plan_distributed(settings, {"parameters": (9354,)}, 8.0, DELTA, pooled_records=1437, rounds_given=False)
+    assert (run.num_server_rounds, run.sample_rate, run.noise_multiplier) == (
+        planned.rounds, planned.sample_rate, planned.noise_multiplier)
+    assert 0.98 * 8.0 <= planned.final_epsilon <= 8.0
+    assert [e for _, e in planned.curve] == sorted(e for _, e in planned.curve)
+    # Gaussian noise in the clear reaches the same ε with less σ; the analysis of the discrete one costs more.
+    assert 0.5 * planned.noise_multiplier < planned.gaussian_noise_multiplier < planned.noise_multiplier
+    given = plan_distributed(dataclasses.replace(settings, num_server_rounds=10), {"parameters": (9354,)}, 8.0,
+                             DELTA, pooled_records=1437)
+    assert given.num_server_rounds == 10 and given.noise_multiplier < planned.noise_multiplier  # fewer steps, less σ
+
+
+def test_distributed_plan_cli_json_and_its_refusals():
+    runner = CliRunner()
+    out = runner.invoke(app, ["plan", "--distributed-dp", "--dataset-size", "1437", "--parameters", "9354",
+                              "--sample-rate", "0.1", "--rounds", "5", "--noise-multiplier", "1.0",
+                              "--max-epsilon", "2", "--json"])
+    assert out.exit_code == 0, out.output
+    plan = json.loads(out.output)
+    assert plan["accountant"] == accounting.MIXED_ACCOUNTANT and plan["sample_rate"] == 0.1 and plan["rounds"] == 5
+    assert plan["noise_multiplier"] == 1.0 and plan["gaussian_noise_multiplier"] < 1.0
+    curve = [p["epsilon"] for p in plan["curve"]]
+    assert plan["exhausted_round"] == next(i + 1 for i, e in enumerate(curve) if e > 2)  # the first round past it
+    for args, option in ((["--target-epsilon", "8"], "--parameters"),
+                         (["--target-epsilon", "8", "--parameters", "10", "--sample-rate", "1.5"], "--sample-rate")):
+        bad = runner.invoke(app, ["plan", "--distributed-dp", "--dataset-size", "100", *args])
+        assert bad.exit_code == 2 and option in bad.output, bad.output
+    local = runner.invoke(app, ["plan", "--dataset-size", "100", "--rounds", "3", "--target-epsilon", "8",
+                                "--parameters", "10"])
+    assert local.exit_code == 2 and "--parameters applies only with --distributed-dp" in local.output, local.output
