@@ -91,6 +91,8 @@ def run_federation(grid: Grid, settings: RunSettings, out: Path, run_dir: Path, 
     ) if secure is None else SecureFedAvg(secure=secure, fraction_train=1.0, min_train_nodes=settings.min_departments,
                                           min_available_nodes=settings.min_departments)
     departments.heads = HeadKeeper(open_record(settings, out))
+    if checkpoint is not None and checkpoint.optimizer and isinstance(departments, SecureFedAvg):
+        departments.restore_optimizer_state(checkpoint.optimizer)
     strategy = client_level_dp(settings, departments, out, run_id) if settings.central_dp else departments
     metrics = score(model, test)
     if checkpoint is None:
@@ -163,12 +165,14 @@ def run_federation(grid: Grid, settings: RunSettings, out: Path, run_dir: Path, 
         # The client-level ledger before this round: a release charged in a round that then fails is
         # named when the run resumes (and the round is charged again: an over-count, never an under-count).
         central_before = len(strategy.ledger.entries) if isinstance(strategy, ClientLevelDP) else None
+        optimizer_before = _optimizer_state(departments)
 
         def keep_failed(reason: str, report=None) -> None:
             """The failed round in the summary, and a checkpoint of the rounds before it to resume from."""
             summary.add_failed_round(rnd, report, reason, time.time() - started)
             Checkpoint(run_id, rnd - 1, settings.to_run_config(), summary.summary.to_dict(),
-                       {k: v.numpy() for k, v in arrays.items()}, sorted(exhausted), central_before).save(run_dir)
+                       {k: v.numpy() for k, v in arrays.items()}, sorted(exhausted), central_before,
+                       optimizer_before).save(run_dir)
 
         try:
             # The run's name, not Flower's run id, names the run in the departments' ledgers.
@@ -236,7 +240,7 @@ def run_federation(grid: Grid, settings: RunSettings, out: Path, run_dir: Path, 
         # The round is complete: from here a restart resumes after it.
         Checkpoint(run_id, rnd, settings.to_run_config(), summary.summary.to_dict(), {k: v.numpy() for k, v in arrays.items()},
                    sorted(exhausted), len(strategy.ledger.entries) if isinstance(strategy, ClientLevelDP) else None,
-                   ).save(run_dir)
+                   _optimizer_state(departments)).save(run_dir)
         if report.trained or (release is not None and not messages):
             continue  # a Poisson sample may be empty: the noisy release still happened
         if release is not None and report.refused and len(exhausted) < release.population:
@@ -277,6 +281,11 @@ def failure_reason(rnd: int, what: str, err: BaseException) -> str:
     text = text if len(text) <= 500 else text[:497] + "..."
     return (f"round {rnd}: the coordinator {what} ({type(err).__name__}: {text}); the rounds before it are kept "
             "and checkpointed: fix the cause and resume the run")
+
+
+def _optimizer_state(departments) -> dict:
+    """The coordinator's optimizer state to checkpoint: distributed DP's momentum, else nothing."""
+    return departments.optimizer_state() if isinstance(departments, SecureFedAvg) else {}
 
 
 def resume_point(settings: RunSettings, run_dir: Path) -> Checkpoint:

@@ -4,7 +4,8 @@ A round that fails writes one too: the rounds before it (with the failed round
 noted in the summary it holds), so a resume runs the failed round again.
 
 One file, replaced atomically (written beside, fsynced, renamed): the global
-model's arrays as safetensors tensors, and in the safetensors metadata the
+model's arrays as safetensors tensors (and the coordinator's optimizer state, where it keeps
+one: distributed DP's momentum), and in the safetensors metadata the
 round it completed, the run's settings, the run summary so far and which
 departments had refused on budget grounds.  A coordinator killed at any
 moment leaves either the previous checkpoint or the new one, never half of
@@ -31,6 +32,7 @@ import numpy as np
 from fedsilo.shared.settings import defaults
 
 CHECKPOINT_FILE = "checkpoint.safetensors"
+OPTIMIZER_PREFIX = "optimizer/"  # the optimizer state's tensors, beside the model's (whose keys have no '/')
 FORMAT = "fedsilo-checkpoint"
 VERSION = 1
 # Settings an operator may change when resuming: how long to wait, not what the run is.
@@ -55,6 +57,8 @@ class Checkpoint:
     exhausted: list[str] = field(default_factory=list)
     # Entries in the coordinator's client-level ledger at this checkpoint (None: no --central-dp).
     central_entries: int | None = None
+    # The coordinator's optimizer state (distributed DP's momentum), key -> array; empty for FedAvg.
+    optimizer: dict[str, np.ndarray] = field(default_factory=dict)
 
     def save(self, run_dir: Path) -> Path:
         from safetensors.numpy import save_file
@@ -65,8 +69,10 @@ class Checkpoint:
             "format": FORMAT, "version": VERSION, "run_name": self.run_name, "round": self.round,
             "settings": self.settings, "summary": self.summary, "exhausted": sorted(self.exhausted),
             "keys": list(self.arrays), "central_entries": self.central_entries,
+            "optimizer_keys": list(self.optimizer),
         }
         tensors = {k: np.ascontiguousarray(v) for k, v in self.arrays.items()}
+        tensors.update({OPTIMIZER_PREFIX + k: np.ascontiguousarray(v) for k, v in self.optimizer.items()})
         save_file(tensors, str(staging), metadata={FORMAT: json.dumps(state, allow_nan=False)})
         with open(staging, "rb") as fh:
             os.fsync(fh.fileno())
@@ -88,12 +94,13 @@ class Checkpoint:
             with safe_open(str(path), framework="numpy") as fh:
                 state = json.loads((fh.metadata() or {})[FORMAT])
                 arrays = {key: fh.get_tensor(key) for key in state["keys"]}  # the model's own layer order
+                optimizer = {key: fh.get_tensor(OPTIMIZER_PREFIX + key) for key in state.get("optimizer_keys", [])}
         except Exception as err:  # OSError, KeyError, JSON errors, safetensors' own SafetensorError
             raise CheckpointError(f"{path} is not a readable fedsilo checkpoint ({type(err).__name__}: {err})") from None
         if state.get("format") != FORMAT or state.get("version") != VERSION:
             raise CheckpointError(f"{path} is a checkpoint of another format or version ({state.get('format')} {state.get('version')})")
         return cls(state["run_name"], int(state["round"]), dict(state["settings"]), dict(state["summary"]),
-                   arrays, list(state.get("exhausted", [])), state.get("central_entries"))
+                   arrays, list(state.get("exhausted", [])), state.get("central_entries"), optimizer)
 
     def check_settings(self, settings: dict[str, Any]) -> None:
         """The resumed run must be the same run: same settings, apart from the operational ones."""

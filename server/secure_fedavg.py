@@ -79,6 +79,14 @@ class SecureFedAvg(DepartmentFedAvg):
             new[key] = Array(np.ascontiguousarray(stepped.astype(value.dtype)))
         return ArrayRecord(new), MetricRecord({"num-examples": total_weight})
 
+    def optimizer_state(self) -> dict[str, np.ndarray]:
+        """A copy of the coordinator's optimizer state (distributed DP's momentum), for the checkpoint."""
+        return {key: np.array(value, dtype=np.float64) for key, value in self._velocity.items()}
+
+    def restore_optimizer_state(self, state: dict[str, np.ndarray]) -> None:
+        """Continue a resumed run's momentum where its checkpoint left it."""
+        self._velocity = {key: np.array(value, dtype=np.float64) for key, value in state.items()}
+
     def _sgd_step(self, gradient: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         """Distributed DP: the coordinator's SGD step (PyTorch's momentum convention) on the noisy gradient.
 

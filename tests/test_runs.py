@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 import json
 import tomllib
@@ -173,3 +174,34 @@ def test_a_resume_takes_new_timeouts_and_refuses_any_other_option(tmp_path, monk
     assert settings.connect_timeout == setting_defaults()["connect-timeout"]  # … and only what was given
     assert settings.num_server_rounds == RUN_CONFIG_DEFAULTS["num-server-rounds"] and settings.run_name == "run-x"
     assert "round-timeout 900 s" in resumed.output
+
+
+def test_a_checkpoint_keeps_the_coordinators_optimizer_state_beside_the_model(tmp_path):
+    """Distributed DP's momentum lives at the coordinator: a resume continues it, never restarts it at zero."""
+    velocity = {"layer.weight": np.full((2, 3), 0.25), "layer.bias": np.array([-1.5, 2.0])}
+    checkpoint = _checkpoint()
+    dataclasses.replace(checkpoint, optimizer=velocity).save(tmp_path)
+    loaded = Checkpoint.load(tmp_path)
+    assert list(loaded.arrays) == ["layer.weight", "layer.bias"]  # the optimizer's tensors are not model arrays
+    assert sorted(loaded.optimizer) == sorted(velocity)
+    assert all(np.array_equal(loaded.optimizer[k], v) for k, v in velocity.items())
+    checkpoint.save(tmp_path)  # FedAvg: no optimizer state, as checkpoints written before it had none
+    assert Checkpoint.load(tmp_path).optimizer == {}
+
+
+def test_a_restored_momentum_steps_exactly_as_an_uninterrupted_run():
+    from types import SimpleNamespace
+
+    from fedsilo.server.secure_fedavg import SecureFedAvg
+
+    secure = SimpleNamespace(settings=SimpleNamespace(momentum=0.9, learning_rate=0.5), distributed=True)
+    gradients = [{"w": np.array([1.0, -2.0])}, {"w": np.array([0.5, 0.5])}, {"w": np.array([-1.0, 3.0])}]
+    through = SecureFedAvg(secure=secure)
+    steps = [through._sgd_step(g) for g in gradients]
+    first = SecureFedAvg(secure=secure)
+    first._sgd_step(gradients[0])
+    resumed = SecureFedAvg(secure=secure)
+    resumed.restore_optimizer_state(first.optimizer_state())
+    assert [resumed._sgd_step(g)["w"].tolist() for g in gradients[1:]] == [s["w"].tolist() for s in steps[1:]]
+    fresh = SecureFedAvg(secure=secure)  # what a resume without the state did: momentum from zero
+    assert fresh._sgd_step(gradients[1])["w"].tolist() != steps[1]["w"].tolist()
