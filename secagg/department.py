@@ -200,7 +200,7 @@ class DepartmentSession:
             pair = masking.prg(keys.pair_seed(self._pair_keys[peer], r, params.context), length, bits)
             y = masking.add(y, pair, bits) if self.name < peer else masking.subtract(y, pair, bits)
         signature = self._signer.sign(params.masked_payload(r, participants))
-        answer = MaskedInput(params.run_key, params.session_id, r, self.name, masking.to_bytes(y), signature)
+        answer = MaskedInput(params.run_key, params.session_id, r, self.name, masking.to_bytes(y, bits), signature)
         self._rounds[r] = _Round(participants, answer)
         return answer
 

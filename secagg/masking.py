@@ -3,7 +3,8 @@
 A mask is the ChaCha20 keystream of a 32-byte key (fixed all-zero nonce: every
 key is derived for one use only) read as little-endian uint64 words and reduced
 mod 2^k.  Since 2^k divides 2^64, numpy's wrapping uint64 arithmetic followed by
-a bit mask is exact arithmetic mod 2^k.
+a bit mask is exact arithmetic mod 2^k.  On the wire an element takes k bits, not
+64 (:func:`to_bytes`).
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import numpy as np
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 MIN_BITS, MAX_BITS = 8, 62
+_CHUNK = 1 << 15  # elements packed or unpacked at a time (a multiple of 8: whole bytes)
 _NONCE = bytes(16)  # cryptography's ChaCha20 nonce: 4-byte counter + 12-byte nonce
 
 
@@ -46,17 +48,45 @@ def check_element(values: np.ndarray, length: int, bits: int) -> np.ndarray:
     return values
 
 
-def to_bytes(values: np.ndarray) -> bytes:
-    return values.astype("<u8").tobytes()
+def packed_size(length: int, bits: int) -> int:
+    """Bytes of ``length`` elements of Z_{2^bits} packed by :func:`to_bytes`: ⌈length·bits / 8⌉."""
+    return (length * bits + 7) // 8
+
+
+def to_bytes(values: np.ndarray, bits: int) -> bytes:
+    """Elements of Z_{2^bits} packed ``bits`` bits each: element i holds stream bits [i·bits, (i+1)·bits),
+    least significant first, in bytes read least significant bit first; the last byte's unused bits are 0."""
+    _check_bits(bits)
+    array = np.asarray(values)
+    if array.ndim != 1:
+        raise ValueError(f"a masked vector is one-dimensional, not of shape {array.shape}")
+    array = check_element(array, array.shape[0], bits)
+    shifts = np.arange(bits, dtype=np.uint64)
+    # In chunks of a multiple of 8 elements (whole bytes each), so the bit matrix stays small.
+    return b"".join(
+        np.packbits(((array[i:i + _CHUNK, None] >> shifts) & np.uint64(1)).astype(np.uint8).ravel(),
+                    bitorder="little").tobytes()
+        for i in range(0, array.shape[0], _CHUNK))
 
 
 def from_bytes(data: bytes, length: int, bits: int) -> np.ndarray:
-    if len(data) != 8 * length:
-        raise ValueError(f"a masked vector of length {length} takes {8 * length} bytes, not {len(data)}")
-    values = np.frombuffer(data, dtype="<u8").astype(np.uint64)
-    if values.size and int(values.max()) >> bits:
-        raise ValueError(f"a masked vector has entries of 2^{bits} or more")
-    return values
+    """The inverse of :func:`to_bytes`; ``ValueError`` for a wrong size or non-zero padding bits."""
+    _check_bits(bits)
+    expected = packed_size(length, bits)
+    if len(data) != expected:
+        raise ValueError(f"a masked vector of length {length} in {bits}-bit words takes {expected} bytes, "
+                         f"not {len(data)}")
+    raw = np.frombuffer(data, dtype=np.uint8)
+    if length * bits % 8 and raw[-1] >> (length * bits % 8):
+        raise ValueError("a masked vector's padding bits are not zero: not a canonical encoding")
+    shifts = np.arange(bits, dtype=np.uint64)
+    out = np.empty(length, dtype=np.uint64)
+    step = _CHUNK * bits // 8  # bytes per chunk of elements
+    for start in range(0, length, _CHUNK):
+        count = min(_CHUNK, length - start)
+        chunk = np.unpackbits(raw[start // _CHUNK * step:][:step], bitorder="little", count=count * bits)
+        out[start:start + count] = (chunk.reshape(count, bits).astype(np.uint64) << shifts).sum(axis=1, dtype=np.uint64)
+    return out
 
 
 def encode_signed(values, bits: int) -> np.ndarray:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from .encoding import decode, encode
 from .errors import MalformedMessage
 
-VERSION = 1
+VERSION = 2  # 2: masked vectors packed in k-bit words
 SESSION_ID_BYTES = 16
 MAX_RUN_KEY = 256
 MAX_NAME = 64
@@ -200,7 +200,7 @@ class MaskRequest(_Message):
 
 @_message(round="round", name="name", masked="vector", signature="signature")
 class MaskedInput(_Message):
-    """Department -> coordinator: y = x + self mask + pair masks, little-endian uint64 words, and its
+    """Department -> coordinator: y = x + self mask + pair masks, packed in k-bit words (masking.to_bytes), and its
     identity signature over (context, r, U2): the one U2 it masked over in this round."""
     run_key: str
     session_id: bytes

@@ -25,7 +25,7 @@ from .messages import (MAX_PARTICIPANTS, MAX_WINDOW, SESSION_ID_BYTES, Advertise
 from .session import SessionParams
 
 STATE_LABEL = "fedsilo-secagg/department-state"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: its messages are protocol version 2
 ROSTER_LABEL = "fedsilo-secagg/roster/v1"
 # The state is the department's own data, but still bounded: a window of masked vectors of the largest
 # length, with room for the keys and shares of the largest session.

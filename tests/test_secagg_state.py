@@ -154,7 +154,7 @@ def _altered(data: bytes, index: int, value) -> bytes:
 
 @pytest.mark.parametrize("index, value, message", [
     (0, "fedsilo-secagg/other", "not a secure-aggregation department state"),
-    (1, 2, "version 2 is not supported"),
+    (1, 3, "version 3 is not supported"),
     (5, b"\0" * 31, "private key must be 32 bytes"),
     (8, [], "pair keys are not exactly"),
     (9, [], "own seeds and shares"),
