@@ -12,6 +12,9 @@ import pytest
 
 from federation import run_ledgers
 
+# A second real simulation beside tests/test_secagg_simulation.py's, over a minute: `make test-all`.
+pytestmark = pytest.mark.slow
+
 DEPARTMENTS = [f"dept-{i:02d}" for i in range(4)]
 ROUNDS = 8
 
