@@ -260,8 +260,9 @@ def _guard(msg: Message, context: Context, call_next: ClientAppCallable, setting
     if over:
         return refuse(STATUS_DECLINED, "; ".join(over))
     setup = None
-    if masked is not None and isinstance(masked.codec, DistributedDpPlan):
+    if masked is not None and isinstance(masked.codec, DistributedDpPlan) and settings.distributed_dp:
         # Distributed DP: one step whose noise the run's σ and the session fix; this department checks it.
+        # (Client-level distributed DP, central-dp, noises the update after a round planned as any other.)
         mechanism, setup = masked.codec.mechanism(1), masked.codec.setup()
         shown = Mechanism(math.sqrt(mechanism.mu) / mechanism.l2, mechanism.sample_rate, mechanism.steps)
     else:

@@ -9,6 +9,9 @@ Exactly the mechanism of docs/explanation/distributed-dp.md, on this host:
    *one record at a time* by conditional randomized rounding (norm ≤ Δ2, whatever the record);
 4. summed, plus this department's Skellam share ``μ / (t − c)``.
 
+Client-level (``central-dp`` under secure aggregation, :func:`noisy_client_update`): the
+same steps with the department's whole update Δ as the one unit.
+
 The result never leaves in the clear: it is masked by secure aggregation.  Neither
 the sampled count nor any per-record quantity is logged or returned.
 """
@@ -71,6 +74,23 @@ def noisy_integer_sum(model: nn.Module, data: Dataset, plan: DistributedDpPlan, 
             total += _rounded_rows(rows, plan, seed, stream).sum(axis=0)
     total += skellam_noise(plan.share, plan.rotated_dimension, stream)
     return total, float(np.mean(losses)) if losses else float("nan")
+
+
+def noisy_client_update(delta: dict[str, np.ndarray], plan: DistributedDpPlan, seed: int,
+                        stream: NoiseStream | None = None) -> np.ndarray:
+    """Client-level distributed DP: this department's whole update Δ as one unit (int64, length D).
+
+    Clipped to C (``central-clip-norm``), scaled by γ, rotated, conditionally rounded
+    (norm ≤ Δ2), plus this department's Skellam share μ / (t − c).  An update that is not
+    finite contributes zero, as a record's gradient does.
+    """
+    stream = stream or NoiseStream()
+    keys = [key for key, _ in plan.layout]
+    if set(keys) != set(delta):
+        raise ValueError("the plan's layout and the update's arrays differ")
+    row = np.concatenate([np.asarray(delta[key], dtype=np.float64).ravel() for key in keys])[None, :]
+    total = _rounded_rows(row, plan, seed, stream)[0].astype(np.int64)
+    return total + skellam_noise(plan.share, plan.rotated_dimension, stream)
 
 
 def _rounded_rows(rows: np.ndarray, plan: DistributedDpPlan, seed: int, stream: NoiseStream) -> np.ndarray:

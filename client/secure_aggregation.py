@@ -172,13 +172,17 @@ def distributed_plan(settings: RunSettings, layout, params: SessionParams, depar
 
     Every number comes from the run's settings, the model's layout and the session this
     department agreed to: its threshold t and participants n.  The run's colluder
-    assumption c may not be below this department's own.
+    assumption c may not be below this department's own.  Record level (``distributed-dp``):
+    one DP-SGD step over the pooled records; client level (``central-dp``): this
+    department's whole update, clipped and noised here.
     """
     floor = department.policy.ddp_min_colluders
     if settings.ddp_colluders < floor:
         raise SecAggRefusal(f"distributed DP: the run assumes {settings.ddp_colluders} colluding department(s); this "
                             f"department's policy assumes at least {floor} (--ddp-min-colluders), so each share would "
                             "be too small")
+    if settings.central_dp:
+        return DistributedDpPlan.client_level(layout, settings, len(params.participants), params.threshold)
     if settings.local_epochs != 1:
         raise SecAggRefusal("distributed DP: a round is one DP-SGD step; this department declines local-epochs "
                             f"{settings.local_epochs}")
@@ -226,11 +230,16 @@ def check_mask_request(msg: Message, department: Department, settings: RunSettin
     if not_float:
         raise SecAggRefusal(f"secure aggregation: the model's arrays {not_float[:5]} are not floating point")
     layout = {k: tuple(a.shape) for k, a in arrays.items()}
+    if settings.distributed_dp and settings.central_dp:
+        raise SecAggRefusal("secure aggregation: a run asks for distributed DP at one level, record (distributed-dp) "
+                            "or client (central-dp), not both")
     try:
-        codec = (distributed_plan(settings, layout, params, department) if settings.distributed_dp
+        codec = (distributed_plan(settings, layout, params, department) if settings.distributed_dp or settings.central_dp
                  else codec_for(settings, layout, len(params.participants)))
     except ValueError as err:
         raise SecAggRefusal(f"secure aggregation: {err}") from None
+    if settings.central_dp:  # client level: every department counts once, whatever its size
+        weight = 1
     if weight > codec.max_weight:
         raise SecAggRefusal(f"secure aggregation: this department's size {weight} is above secagg-max-weight "
                             f"{codec.max_weight}")
@@ -244,17 +253,25 @@ def check_mask_request(msg: Message, department: Department, settings: RunSettin
 
 
 def masked_reply(msg: Message, plan: MaskPlan, department: Department, trained, metrics) -> Message:
-    """After training: mask Δ = trained − global (or distributed DP's noisy integer sum), save, and reply
-    without the weights."""
+    """After training: mask Δ = trained − global (client-level distributed DP: clipped and noised first; record
+    level: the noisy integer sum ``trained``), save, and reply without the weights."""
     peers = roster(department)
     session = DepartmentSession.from_state(plan.stored.session, department.signer, peers, session_policy(department))
-    if isinstance(plan.codec, DistributedDpPlan):
+    if isinstance(trained, np.ndarray):  # record-level distributed DP: the noisy integer sum
         x, clipped = plan.codec.encode(trained, plan.weight), 0
     else:
         global_arrays = msg.content[ARRAYS_KEY]
         delta = {key: np.asarray(trained[key], dtype=np.float64) - global_arrays[key].numpy().astype(np.float64)
                  for key in global_arrays}
-        x, clipped = plan.codec.encode(delta, plan.weight)
+        if isinstance(plan.codec, DistributedDpPlan):  # client-level distributed DP: Δ clipped and noised here
+            from fedsilo.shared.distributed_dp import rotation_seed
+
+            from .distributed_dp import noisy_client_update
+
+            noisy = noisy_client_update(delta, plan.codec, rotation_seed(plan.request.run_key, plan.request.round))
+            x, clipped = plan.codec.encode(noisy, 1), 0
+        else:
+            x, clipped = plan.codec.encode(delta, plan.weight)
     answer = session.mask(plan.request, x)
     # Saved before the reply (and the ledger charge): a crash now releases nothing, and the round is
     # declined when asked again, never masked twice.

@@ -44,7 +44,8 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from fedsilo.shared.accounting import Mechanism
+from fedsilo.shared.accounting import Mechanism, accountant_for
+from fedsilo.shared.skellam import SkellamMechanism
 from fedsilo.shared.budget import BudgetDecision, BudgetGuard
 from fedsilo.shared.config import RunSettings
 from fedsilo.shared.ledger import COORDINATOR, PrivacyLedger, ledger_path
@@ -106,6 +107,7 @@ class ClientLevelDP(Strategy):
         max_epsilon: float,
         ledger: PrivacyLedger,
         run_id: str,
+        distributed: SkellamMechanism | None = None,
     ) -> None:
         if not isinstance(strategy, DepartmentFedAvg):
             raise ValueError("ClientLevelDP wraps a DepartmentFedAvg (it needs its reply classification)")
@@ -127,6 +129,11 @@ class ClientLevelDP(Strategy):
         self.guard = BudgetGuard(max_epsilon, delta, CENTRAL_ACCOUNTANT, who="the coordinator")
         self.ledger = ledger
         self.run_id = str(run_id)
+        # Under secure aggregation the departments clip and noise (client-level distributed DP): this is the
+        # Skellam release of one round, q = 1 (every department of the session is asked).
+        self.distributed = distributed
+        if distributed is not None and getattr(strategy, "secure", None) is None:
+            raise ValueError("client-level distributed DP wraps a secure-aggregation strategy")
         self.last_release: CentralRelease | None = None
         self._sampler = secrets.SystemRandom()
         self._noise = np.random.default_rng()  # seeded from OS entropy
@@ -137,9 +144,9 @@ class ClientLevelDP(Strategy):
 
     # ------------------------------------------------------------------ state
     @property
-    def mechanism(self) -> Mechanism:
-        """One round's release: one Gaussian step on a Poisson sample at rate q."""
-        return Mechanism(self.noise_multiplier, self.sample_rate, 1)
+    def mechanism(self) -> Mechanism | SkellamMechanism:
+        """One round's release: one Gaussian step on a Poisson sample at rate q (or the departments' Skellam one)."""
+        return self.distributed or Mechanism(self.noise_multiplier, self.sample_rate, 1)
 
     @property
     def epsilon(self) -> float:
@@ -166,6 +173,8 @@ class ClientLevelDP(Strategy):
         self._current = arrays
         everyone = list(self.strategy.configure_train(server_round, arrays, config, grid))
         self._population = len(everyone)
+        if self.distributed is not None:  # the session's every member, each clipping and noising its own update
+            return everyone
         sampled = [m for m in everyone if self._sampler.random() < self.sample_rate]
         self.strategy.asked = [m.metadata.dst_node_id for m in sampled]
         log(INFO, "client-level DP: sampled %d of %d departments (q=%g)", len(sampled), len(everyone), self.sample_rate)
@@ -176,6 +185,8 @@ class ClientLevelDP(Strategy):
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         if self._current is None or self._decision is None:
             raise RuntimeError("aggregate_train called before configure_train")
+        if self.distributed is not None:
+            return self._aggregate_distributed(server_round, replies)
         self.strategy.classify(server_round, replies)
         current = {key: array.numpy() for key, array in self._current.items()}
         clipped_sum = {key: np.zeros(value.shape, dtype=np.float64) for key, value in current.items()}
@@ -211,6 +222,26 @@ class ClientLevelDP(Strategy):
         )
         self._decision = None
         return ArrayRecord({key: Array(np.ascontiguousarray(value)) for key, value in new.items()}), None
+
+    def _aggregate_distributed(self, server_round: int, replies: Iterable[Message]):
+        """The secure sum of the departments' clipped, noised updates; charged before it is released."""
+        new, metrics = self.strategy.aggregate_train(server_round, replies)  # SecAggAborted: nothing released
+        if new is None:  # no masked update to unmask: nothing released, nothing charged
+            self.last_release, self._decision = None, None
+            return new, metrics
+        plan = self.strategy.secure.codec
+        history = self.ledger.history
+        entry = self.ledger.append(
+            run_id=self.run_id, round=server_round, mechanism=self.distributed, max_grad_norm=self.clipping_norm,
+            delta=self.delta, accountant=accountant_for([*history, self.distributed], CENTRAL_ACCOUNTANT),
+            epsilon=self._decision.epsilon_after, num_examples=self._population, expected_seq=self._seen,
+            setup=plan.setup(),
+        )
+        noise_std = math.sqrt(self.distributed.mu) / plan.granularity  # the sum's, in update units
+        self.last_release = CentralRelease(server_round, self._population, self._population, entry.epsilon,
+                                           noise_std / max(self._population, 1))
+        self._decision = None
+        return new, metrics
 
     # ------------------------------------------------------------------ the rest is the wrapped strategy's
     def configure_evaluate(
@@ -255,6 +286,12 @@ def coordinator_ledger(folder: Path, signing_key: str = "") -> PrivacyLedger:
 def client_level_dp(settings: RunSettings, strategy: DepartmentFedAvg, out_dir: Path, run_id: str) -> ClientLevelDP:
     """The wrapper a run's settings ask for (``central-*`` keys, ``fraction-train`` as q)."""
     folder = Path(settings.central_ledger).expanduser() if settings.central_ledger else Path(out_dir) / "central"
+    secure = getattr(strategy, "secure", None)
+    distributed = None
+    if secure is not None:  # secure aggregation: the departments clip and noise (client-level distributed DP)
+        from fedsilo.shared.distributed_dp import client_level_mechanism
+
+        distributed = client_level_mechanism(secure.layout, settings)
     return ClientLevelDP(
         strategy,
         noise_multiplier=settings.central_noise_multiplier,
@@ -264,4 +301,5 @@ def client_level_dp(settings: RunSettings, strategy: DepartmentFedAvg, out_dir: 
         max_epsilon=settings.central_max_epsilon,
         ledger=coordinator_ledger(folder, settings.central_signing_key),
         run_id=run_id,
+        distributed=distributed,
     )

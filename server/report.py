@@ -140,13 +140,17 @@ def print_central(summary: Summary, console: Console) -> None:
     if central is None:
         return
     releases = sum(1 for r in summary.rounds if r.central is not None)
+    how = (f"({central.accountant.upper()}: Skellam noise the departments added in shares, each clipping its own "
+           "update, under secure aggregation)" if central.distributed else f"({central.accountant.upper()}, dp-accounting)")
+    seen = ("the coordinator saw only the noisy sum" if central.distributed
+            else "the coordinator itself still sees each update")
     console.print(
         f"Client-level DP at the coordinator: whole-history [bold]ε={central.epsilon:.3f}[/bold] at "
-        f"δ={central.delta:g} ({central.accountant.upper()}, dp-accounting) after {releases} release(s) "
+        f"δ={central.delta:g} {how} after {releases} release(s) "
         f"in this run; σ={central.noise_multiplier:g}, update clip C={central.clip_norm:g}, "
         f"departments sampled with q={central.sample_rate:g}; budget {central.max_epsilon:g}, "
         f"left {max(central.max_epsilon - central.epsilon, 0.0):.3f}. It bounds what the released "
-        f"model reveals about whether any one department took part, with all its data; the coordinator "
-        f"itself still sees each update. Ledger: {central.ledger}",
+        f"model reveals about whether any one department took part, with all its data; {seen}. "
+        f"Ledger: {central.ledger}",
         soft_wrap=True,
     )

@@ -51,11 +51,10 @@ def check_settings(settings) -> None:
             f"--aggregation {settings.aggregation} cannot be combined with --secure-aggregation: a robust rule needs "
             "the individual updates, which secure aggregation hides from the coordinator (no in-protocol norm check "
             "is built). Use --aggregation fedavg, or drop --secure-aggregation")
-    if settings.central_dp:
+    if settings.central_dp and settings.distributed_dp:
         raise ValueError(
-            "--central-dp cannot be combined with --secure-aggregation: the coordinator would add its noise to a sum it "
-            "sees in the clear; noise added by the departments themselves (--distributed-dp) is a later step. "
-            "Drop one of the two")
+            "--central-dp cannot be combined with --distributed-dp: distributed DP is at one level per run, client "
+            "(--central-dp: each department clips and noises its whole update) or record (--distributed-dp). Drop one")
     if settings.max_update_norm > 0:
         raise ValueError(
             f"--max-update-norm {settings.max_update_norm:g} cannot be combined with --secure-aggregation: the "
@@ -260,7 +259,11 @@ class SecureAggregation:
                     unmasked.add(name)
             facts.dropped_after_masking = sorted(set(u3) - unmasked)
             total = session.unmask(server_round)
-            if self.distributed:
+            if self.client_level:  # Σ clipped Δ + noise over the members asked (a public count, as q·N)
+                mean, total_weight = self.codec.decode(total, rotation_seed(self.run_key, server_round))
+                asked = max(len(self.members), 1)
+                mean = {key: value * (total_weight / asked) for key, value in mean.items()}
+            elif self.distributed:
                 mean, total_weight = self.codec.decode(total, rotation_seed(self.run_key, server_round))
             else:
                 mean, total_weight = self.codec.decode(total)
@@ -275,11 +278,18 @@ class SecureAggregation:
         """Distributed DP: the sum is one DP-SGD step's noisy gradient, not a weighted Δ."""
         return bool(self.settings.distributed_dp)
 
+    @property
+    def client_level(self) -> bool:
+        """Client-level distributed DP: the sum is of clipped, noised updates, one per department."""
+        return bool(self.settings.central_dp)
+
     def _codec(self, n: int, threshold: int):
         s = self.settings
-        if not self.distributed:
+        if not (self.distributed or self.client_level):
             return FixedPointCodec(self.layout, s.secagg_bound, s.secagg_frac_bits, s.secagg_max_weight, n)
         try:
+            if self.client_level:
+                return DistributedDpPlan.client_level(self.layout, s, n, threshold)
             return DistributedDpPlan.for_run(self.layout, s, n, threshold)
         except ValueError as err:
             raise SecAggAborted(str(err)) from None

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from fedsilo.shared.accounting import MIXED_ACCOUNTANT
 from fedsilo.shared.runs import SUMMARY
 from fedsilo.shared.summary_format import (
     RUNNING, Asked, Central, DepartmentTotals, FailedRound, Resume, RoundCentral, RoundRecord, Summary,
@@ -130,9 +131,10 @@ class RunSummary:
             sample_rate=central.sample_rate,
             delta=central.delta,
             max_epsilon=central.guard.max_epsilon,
-            accountant=central.guard.accountant,
+            accountant=MIXED_ACCOUNTANT if central.distributed is not None else central.guard.accountant,
             ledger=_relative(central.ledger.path, self.path.parent),
             epsilon=central.epsilon,
+            distributed=central.distributed is not None,
         )
         self.write()
 

@@ -97,6 +97,16 @@ class DistributedDpPlan:
                       colluders=settings.ddp_colluders, max_weight=settings.secagg_max_weight,
                       scale=settings.ddp_scale)
 
+    @classmethod
+    def client_level(cls, layout: Layout, settings, participants: int, threshold: int) -> "DistributedDpPlan":
+        """Client-level distributed DP (``central-dp`` under secure aggregation): the unit is a department's
+        whole update Δ, clipped to ``central-clip-norm``, noised at ``central-noise-multiplier``, every
+        department of the session contributing once (q = 1, weight 1)."""
+        return cls.of(layout, max_grad_norm=settings.central_clip_norm,
+                      noise_multiplier=settings.central_noise_multiplier, sample_rate=1.0,
+                      participants=participants, threshold=threshold, colluders=settings.ddp_colluders,
+                      max_weight=1, scale=settings.ddp_scale)
+
     def __post_init__(self) -> None:
         if not self.layout:
             raise ValueError("distributed DP needs a model with at least one float array")
@@ -225,6 +235,14 @@ def plan_noise_multiplier(target_epsilon: float, delta: float, rounds: int, layo
     l1, l2 = plan.sensitivity
     mu = mu_for_target_after(list(history), target_epsilon, delta, l1, l2, sample_rate, rounds)
     return math.sqrt(mu) / l2 * (1 + 1e-9)  # μ = σ²Δ2² recomputed from it never falls below the plan's
+
+
+def client_level_mechanism(layout: Layout, settings) -> SkellamMechanism:
+    """One round of client-level distributed DP: μ, Δ1 and Δ2 do not depend on the session (n, t and c
+    only size each department's share), so the coordinator's budget checks it before any session."""
+    return DistributedDpPlan.of(layout, max_grad_norm=settings.central_clip_norm,
+                                noise_multiplier=settings.central_noise_multiplier, sample_rate=1.0, participants=1,
+                                threshold=1, colluders=0, max_weight=1, scale=settings.ddp_scale).mechanism(1)
 
 
 def default_rounds(sample_rate: float) -> int:

@@ -286,14 +286,15 @@ CATALOGUE: tuple[Setting, ...] = (
             "coordinator"),
     Setting("record-signing-key", str, "", "The key that signs the record (empty: a key generated beside it).", "coordinator"),
     # ------------------------------------------------------------------ client-level DP at the coordinator
+    # central-dp, its σ and C reach the departments: under secure aggregation they clip and noise themselves.
     Setting("central-dp", bool, False,
             "Client-level DP at the coordinator: clip each department's update, noise the sum, own budget and signed ledger.",
-            "coordinator",
+            "department",
             coordinator=Cli(flag="--central-dp", help="Client-level DP: clip each department's update, noise the sum, own budget and signed ledger."),
             simulate=Cli(flag="--central-dp", help="Client-level DP at the coordinator: clip each department's update, noise the sum, own budget and ledger.")),
-    Setting("central-noise-multiplier", float, 1.0, "Client-level σ: noise on the sum / --central-clip-norm.", "coordinator",
+    Setting("central-noise-multiplier", float, 1.0, "Client-level σ: noise on the sum / --central-clip-norm.", "department",
             coordinator=_C, simulate=_C),
-    Setting("central-clip-norm", float, 1.0, "Largest L2 norm of one department's model update.", "coordinator",
+    Setting("central-clip-norm", float, 1.0, "Largest L2 norm of one department's model update.", "department",
             Check(lambda v: v > 0, "central-clip-norm must be positive"), coordinator=_C, simulate=_C),
     Setting("central-delta", float, 1e-3, "δ of the client-level guarantee; must be below 1/departments.", "coordinator",
             Check(lambda v: 0 < v < 1, "central-delta must be in (0, 1) and below 1/departments"), coordinator=_C, simulate=_C),

@@ -177,6 +177,8 @@ class Central:
     accountant: str = ""
     ledger: str = ""
     epsilon: float | None = None
+    # Client-level distributed DP: the departments clipped and noised under secure aggregation.
+    distributed: bool = False
 
 
 @dataclass

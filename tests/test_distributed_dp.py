@@ -7,6 +7,7 @@ department's ledger charges one Skellam round.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -167,3 +168,39 @@ def test_the_audit_re_derives_a_distributed_dp_ledger_with_its_own_code(tmp_path
     assert mixed.epsilon_rdp == pytest.approx(mixed.epsilon, rel=1e-9)
     early = audit_ledger(_skellam_ledger(tmp_path / "e", plan, gaussian_rounds=2, gaussian_scale=0.9))
     assert [p.split(":")[0] for p in early.problems] == ["entry seq 0", "entry seq 1"], early.problems
+
+
+def test_client_level_updates_are_clipped_rounded_and_noised_and_sum_to_the_clipped_updates():
+    """Client-level distributed DP: each department's whole Δ is the unit, clipped to central-clip-norm."""
+    from fedsilo.client.distributed_dp import noisy_client_update
+    from fedsilo.shared.config import RunSettings
+
+    settings = RunSettings.from_run_config({"central-dp": True, "central-noise-multiplier": 1e-3,
+                                            "central-clip-norm": 2.0})
+    layout = {"w": (20, 5), "b": (5,)}
+    plan = DistributedDpPlan.client_level(layout, settings, 3, 3)
+    rng = np.random.default_rng(7)
+    updates = []
+    for norm in (0.5, 3.0, 40.0):  # under, over and far over the clip norm
+        w, b = rng.normal(size=(20, 5)), rng.normal(size=5)
+        scale = norm / math.sqrt(float((w * w).sum() + (b * b).sum()))
+        updates.append({"w": w * scale, "b": b * scale})
+    seed = rotation_seed("run", 1)
+    stream = NoiseStream.for_tests(b"k" * 32)
+    vectors = [plan.encode(noisy_client_update(u, plan, seed, stream), 1) for u in updates]
+    total = vectors[0]
+    for v in vectors[1:]:
+        total = add(total, v, plan.modulus_bits)
+    mean, count = plan.decode(total, seed)
+    assert count == 3
+    clipped = [{k: v * min(1.0, 2.0 / math.sqrt(sum(float((a * a).sum()) for a in u.values()))) for k, v in u.items()}
+               for u in updates]
+    for key in layout:  # within the rounding: 1/γ an integer unit, unbiased
+        error = mean[key] - sum(c[key] for c in clipped) / 3
+        assert np.abs(error).max() < 3 / plan.granularity and abs(error.mean()) < 0.5 / plan.granularity, key
+    # One department's contribution is bounded whatever its Δ: the rounded vector's norm is at most Δ2.
+    alone = noisy_client_update({"w": np.full((20, 5), 1e6), "b": np.zeros(5)},
+                                dataclasses.replace(plan, noise_multiplier=1e-9), seed, stream)
+    assert np.linalg.norm(alone.astype(np.float64)) <= plan.sensitivity[1] + 1.0
+    with pytest.raises(ValueError, match="layout"):
+        noisy_client_update({"w": np.zeros((20, 5))}, plan, seed, stream)

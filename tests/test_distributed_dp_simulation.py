@@ -58,3 +58,32 @@ def test_the_ledgers_charge_skellam_rounds_within_the_target_and_the_audit_re_de
     for row in report["departments"]:
         assert row["epsilon_rdp"] == pytest.approx(row["epsilon"], rel=1e-6)
         assert any("distributed DP" in f for f in row["findings"])
+
+
+def test_client_level_dp_under_secure_aggregation_is_noise_the_departments_add(tmp_path):
+    """`--central-dp --secure-aggregation`: each department clips its whole update and adds its Skellam share;
+    the coordinator's signed ledger charges a Skellam release per round (q = 1), which the audit re-derives."""
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [sys.executable, "-m", "fedsilo", "simulate", "--departments", "4", "--rounds", "2", "--dataset",
+         "breast-cancer", "--partition", "iid", "--secure-aggregation", "--central-dp",
+         "--central-noise-multiplier", "2", "--out", str(out)],
+        capture_output=True, text=True, timeout=900,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    summary = json.loads((out / "latest" / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["central"]["distributed"] is True
+    assert summary["central"]["accountant"] == "rdp-skellam"
+    assert "the coordinator saw only the noisy sum" in " ".join(result.stdout.split())
+    central = [json.loads(line) for line in (out / "central" / "coordinator.jsonl").read_text().splitlines()]
+    assert [e["round"] for e in central] == [1, 2]
+    assert all(e["kind"] == "skellam" and e["sample_rate"] == 1.0 and e["participants"] == 4 for e in central)
+    assert central[-1]["epsilon"] == pytest.approx(summary["central"]["epsilon"])
+    for entries in run_ledgers(out).values():  # record level stays each department's own DP-SGD
+        assert [e.get("kind", "gaussian") for e in entries] == ["gaussian", "gaussian"] and entries[0]["version"] == 3
+    audit = subprocess.run([sys.executable, "-m", "fedsilo", "audit", str(out / "latest"), "--json"],
+                           capture_output=True, text=True, timeout=300)
+    report = json.loads(audit.stdout)
+    assert audit.returncode == 0 and report["ok"], audit.stdout + audit.stderr
+    assert report["central"]["verified"] and report["central"]["epsilon_rdp"] == pytest.approx(
+        central[-1]["epsilon"], rel=1e-6)

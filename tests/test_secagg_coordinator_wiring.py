@@ -232,7 +232,7 @@ def _other_signature(masked) -> str:
 
 @pytest.mark.parametrize("setting, words", [
     ({"aggregation": "median"}, "needs the individual updates"),
-    ({"central-dp": True}, "--distributed-dp"),
+    ({"central-dp": True, "distributed-dp": True}, "distributed DP is at one level per run"),
     ({"max-update-norm": 2.0}, "--secagg-bound"),
 ])
 def test_what_secure_aggregation_cannot_be_combined_with_is_refused_naming_the_setting(setting, words):
@@ -243,6 +243,20 @@ def test_what_secure_aggregation_cannot_be_combined_with_is_refused_naming_the_s
         check_settings(settings)
     with pytest.raises(ValueError, match=words):  # the commands' pre-flight says it before anything starts
         check_aggregation(settings, settings.min_departments)
+
+
+def test_client_level_dp_under_secure_aggregation_is_the_departments_distributed_noise():
+    """--central-dp with --secure-aggregation: no coordinator noise on a sum it sees, the departments add it."""
+    settings = RunSettings.from_run_config({"secure-aggregation": True, "min-departments": 3, "central-dp": True})
+    check_settings(settings)  # allowed now
+    from fedsilo.shared.distributed_dp import DistributedDpPlan, client_level_mechanism
+
+    layout = {"w": (10, 3), "b": (3,)}
+    plan = DistributedDpPlan.client_level(layout, settings, 4, 3)
+    assert (plan.sample_rate, plan.max_weight, plan.max_grad_norm) == (1.0, 1, settings.central_clip_norm)
+    assert plan.share == pytest.approx(plan.mu / 3) and plan.noise_multiplier == settings.central_noise_multiplier
+    # The coordinator's budget checks the same release before any session exists.
+    assert client_level_mechanism(layout, settings) == plan.mechanism(1)
 
 
 def test_fewer_than_three_departments_are_refused(tmp_path):

@@ -72,11 +72,12 @@ def test_checks_across_settings():
 def test_scopes_say_who_reads_a_setting():
     department = set(catalogue.keys("department"))
     # What a department needs: data schema, model, training and the privacy asks.
-    for key in ("data-schema", "model", "num-server-rounds", "batch-size", "noise-multiplier", "delta", "max-epsilon"):
+    for key in ("data-schema", "model", "num-server-rounds", "batch-size", "noise-multiplier", "delta", "max-epsilon",
+                "central-dp", "central-clip-norm", "central-noise-multiplier"):  # under secure aggregation they noise
         assert key in department, key
-    # Never to a department: the coordinator's paths, keys, aggregation, client-level DP, timeouts.
+    # Never to a department: the coordinator's paths, keys, aggregation, client-level budget, timeouts.
     for key in ("out", "test-data", "record", "record-signing-key", "central-ledger", "central-signing-key",
-                "aggregation", "central-dp", "round-timeout", "dataset", "run-name"):
+                "aggregation", "central-delta", "round-timeout", "dataset", "run-name"):
         assert BY_KEY[key].scope == "coordinator", key
     assert BY_KEY["simulated-policy"].scope == "simulation" and BY_KEY["partition"].scope == "simulation"
     assert set(defaults()) == department | set(catalogue.keys("coordinator")) | set(catalogue.keys("simulation"))
