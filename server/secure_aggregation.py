@@ -16,6 +16,7 @@ released.  The wire contract is docs/explanation/secure-aggregation.md.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import defaultdict
 from logging import WARNING
@@ -37,8 +38,17 @@ from .grid_exchange import exchange
 MIN_DEPARTMENTS = 3  # with two, each learns the other's update from the sum
 
 
-def default_threshold(n: int) -> int:
-    """t when ``secagg-threshold`` is 0: a majority, at least 3, at most n."""
+def default_threshold(n: int, noised: bool = False) -> int:
+    """t when ``secagg-threshold`` is 0: a majority, at least 3, at most n.
+
+    ``noised`` (distributed DP, record or client level): n − ⌈n/10⌉, at least 3.  Each
+    department adds μ/(t − c) so that any t − c honest shares carry the run's noise; when all
+    n answer, the sum carries n/(t − c) × μ.  A majority threshold would add up to twice the
+    variance the run needs (10/6 at n = 10); tolerating a tenth of the departments dropping
+    adds at most 10/9.
+    """
+    if noised:
+        return min(n, max(3, n - math.ceil(n / 10)))
     return min(n, max(3, (n + 1) // 2 + 1))
 
 
@@ -160,7 +170,7 @@ class SecureAggregation:
             raise SecAggAborted(f"only {len(names)} department(s) can join the secure-aggregation session "
                                 f"({self._said()}); it needs at least {MIN_DEPARTMENTS}")
         n = len(names)
-        threshold = self.settings.secagg_threshold or default_threshold(n)
+        threshold = self.settings.secagg_threshold or default_threshold(n, self.distributed or self.client_level)
         if threshold > n:
             raise SecAggAborted(f"--secagg-threshold {threshold} is above the {n} departments of the session")
         self.codec = self._codec(n, threshold)

@@ -313,7 +313,8 @@ CATALOGUE: tuple[Setting, ...] = (
             "Secure aggregation: the coordinator learns only the weighted sum of each round's updates, never one of them.",
             "coordinator", coordinator=Cli(flag="--secure-aggregation"), simulate=Cli(flag="--secure-aggregation")),
     Setting("secagg-threshold", int, 0,
-            "Secure aggregation's threshold t: departments needed to unmask a round (0: min(n, max(3, (n + 1) // 2 + 1))).",
+            "Secure aggregation's threshold t: departments needed to unmask a round (0: a majority, min(n, max(3, "
+            "(n + 1) // 2 + 1)); with distributed DP min(n, max(3, n − ⌈n/10⌉)), as each adds noise μ/(t − c)).",
             "coordinator", Check(lambda v: v == 0 or v >= 2, "secagg-threshold must be 0 (the default) or at least 2"),
             coordinator=Cli(min=0), simulate=Cli(min=0)),
     Setting("secagg-bound", float, 1.0,

@@ -264,7 +264,7 @@ def distributed_forecast(settings: RunSettings, layout, departments: int, pooled
     from fedsilo.server.secure_aggregation import default_threshold
     from fedsilo.shared.distributed_dp import DistributedDpPlan
 
-    plan = DistributedDpPlan.for_run(layout, settings, departments, settings.secagg_threshold or default_threshold(departments))
+    plan = DistributedDpPlan.for_run(layout, settings, departments, settings.secagg_threshold or default_threshold(departments, True))
     return plan.mechanism(1), settings.sample_rate * pooled
 
 

@@ -259,6 +259,13 @@ def test_client_level_dp_under_secure_aggregation_is_the_departments_distributed
     assert client_level_mechanism(layout, settings) == plan.mechanism(1)
 
 
+def test_the_default_threshold_tolerates_a_tenth_dropping_where_the_departments_add_the_noise():
+    """Each adds μ/(t − c): with all n answering the sum carries n/(t − c) × μ, so the noised default is near n."""
+    assert [default_threshold(n) for n in (3, 4, 10, 20, 100)] == [3, 3, 6, 11, 51]
+    assert [default_threshold(n, noised=True) for n in (3, 4, 10, 20, 100)] == [3, 3, 9, 18, 90]
+    assert all(default_threshold(n, True) > n / 2 for n in range(3, 200))  # still a majority
+
+
 def test_fewer_than_three_departments_are_refused(tmp_path):
     from fedsilo.server.secure_aggregation import check_departments
 
