@@ -20,7 +20,7 @@ from typing import Any
 
 from .prose import document
 
-ORDER = ["dp-cost", "scale", "utility", "accounting", "deployment"]
+ORDER = ["dp-cost", "scale", "utility", "secagg", "accounting", "deployment"]
 PRESENTED = ("title", "text", "tables", "targets")  # what a re-render replaces in a saved result
 
 

@@ -89,24 +89,25 @@ def _cost_table(cost: dict[str, Any], setup: dict[str, Any]) -> Table:
 
 
 def _targets(raw: dict[str, Any], gap_target: float) -> list[Target]:
-    """Distributed DP within ``gap_target`` points of pooled DP-SGD at the same σ, q and steps, at the largest ε."""
+    """Distributed DP within ``gap_target`` points of centralized DP-SGD on the pooled data at the same ε (its
+    own PLD-planned σ), q and steps, at the largest ε."""
     setup = raw["setup"]
     top = max(setup["epsilons"])
     targets = []
     for dataset, rec in raw["datasets"].items():
         n = rec["num_test"]
         c = rec["cells"][_key(top)]
-        gap = gap_points(c)
+        gap = gap_points(c, "pld_sigma")
         met = gap <= gap_target
-        others = [(e, gap_points(rec["cells"][_key(e)]), gap_se(rec["cells"][_key(e)], n))
+        others = [(e, gap_points(rec["cells"][_key(e)], "pld_sigma"), gap_se(rec["cells"][_key(e)], n, "pld_sigma"))
                   for e in setup["epsilons"] if e != top]
         targets.append(Target(
             prose(TEMPLATE, "gap_target", gap_points=gap_target, top=top, dataset=dataset),
             prose(TEMPLATE, "gap_measured", d_acc=_pct(c["ddp"]["accuracy"]), d_eps=_eps(c["ddp"]["max_epsilon"]),
-                  p_acc=_pct(c["same_sigma"]["accuracy"]), sigma=c["ddp"]["noise_multiplier"], gap=gap),
+                  p_acc=_pct(c["pld_sigma"]["accuracy"]), sigma=c["pld_sigma"]["noise_multiplier"], gap=gap),
             met,
-            prose(TEMPLATE, "gap_note", n=n, c=c, met=met, se=gap_se(c, n), others=others,
-                  sum_gap=gap_points(c, "sum_noise"), pld_gap=gap_points(c, "pld_sigma"),
+            prose(TEMPLATE, "gap_note", n=n, c=c, met=met, se=gap_se(c, n, "pld_sigma"), others=others,
+                  sum_gap=gap_points(c, "sum_noise"), same_gap=gap_points(c),
                   ratio=c["ddp"]["sum_noise_multiplier"] / c["ddp"]["noise_multiplier"],
                   local_gap=None if c["local"] is None else 100 * (c["ddp"]["accuracy"] - c["local"]["accuracy"])),
         ))
