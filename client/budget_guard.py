@@ -73,10 +73,9 @@ class PlanError(ValueError):
 
 
 @functools.lru_cache(maxsize=64)
-def _noise_for_target(
-    prior: tuple[tuple[float, float, int], ...], target: float, delta: float, q: float, steps: int, accountant: str
-) -> float:
-    return accounting.noise_for_target_after([Mechanism(*m) for m in prior], target, delta, q, steps, accountant)
+def _noise_for_target(prior: tuple, target: float, delta: float, q: float, steps: int, accountant: str) -> float:
+    # ``prior``: merged mechanisms of any kind; a history holding a Skellam round is measured in RDP.
+    return accounting.noise_for_target_after(list(prior), target, delta, q, steps, accountant)
 
 
 def plan_round(settings: RunSettings, terms: Terms, size: int, prior: list[Mechanism] = ()) -> Mechanism:
@@ -93,7 +92,7 @@ def plan_round(settings: RunSettings, terms: Terms, size: int, prior: list[Mecha
     if settings.target_epsilon <= 0 and settings.noise_multiplier > 0:
         return mechanism
     target = min(settings.target_epsilon, terms.max_epsilon) if settings.target_epsilon > 0 else terms.max_epsilon
-    merged = tuple(accounting.merge_history(prior))
+    merged = accounting.merge_mechanisms(prior)
     steps = mechanism.steps * settings.num_server_rounds
     try:
         sigma = _noise_for_target(merged, target, terms.delta, mechanism.sample_rate, steps, terms.accountant)

@@ -9,6 +9,7 @@ composes exactly as one long run.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import math
@@ -61,13 +62,29 @@ def plan_mechanism(
 
 
 def merge_history(history: Iterable[Mechanism]) -> list[tuple[float, float, int]]:
-    """Group identical mechanisms (composition commutes) into Opacus history tuples."""
+    """Group identical Gaussian mechanisms (composition commutes) into Opacus history tuples.
+
+    A Skellam round is not a Gaussian one (its ``noise_multiplier`` is shown only): ``TypeError``;
+    :func:`merge_mechanisms` groups histories of any kind.
+    """
     merged: "OrderedDict[tuple[float, float], int]" = OrderedDict()
     for m in history:
+        if not isinstance(m, Mechanism):
+            raise TypeError(f"merge_history groups Gaussian rounds only, not {type(m).__name__}: use merge_mechanisms")
         if m.steps:
             key = (float(m.noise_multiplier), float(m.sample_rate))
             merged[key] = merged.get(key, 0) + int(m.steps)
     return [(nm, q, steps) for (nm, q), steps in merged.items()]
+
+
+def merge_mechanisms(history) -> tuple:
+    """Identical mechanisms of any kind (Gaussian or Skellam) grouped, their steps summed, in first-seen order."""
+    steps: dict = {}
+    for m in history:
+        if m.steps:
+            key = dataclasses.replace(m, steps=1)
+            steps[key] = steps.get(key, 0) + int(m.steps)
+    return tuple(dataclasses.replace(m, steps=n) for m, n in steps.items())
 
 
 # The accountant recorded for a history holding a distributed-DP (Skellam) round: only RDP composes across

@@ -8,7 +8,6 @@ coordinator its client-level one.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 import math
 from dataclasses import dataclass
@@ -108,18 +107,8 @@ def history_epsilon(history: Iterable[Mechanism], delta: float, accountant: str)
     """
     history = list(history)
     if any(not isinstance(m, Mechanism) for m in history):  # distributed DP's Skellam rounds: RDP across kinds
-        return _mixed_epsilon(_merge_any(history), delta)
+        return _mixed_epsilon(accounting.merge_mechanisms(history), delta)
     return _merged_epsilon(tuple(accounting.merge_history(history)), delta, accountant)
-
-
-def _merge_any(history: list) -> tuple:
-    """Identical mechanisms of any kind grouped, their steps summed (composition commutes)."""
-    steps: dict = {}
-    for m in history:
-        if m.steps:
-            key = dataclasses.replace(m, steps=1)
-            steps[key] = steps.get(key, 0) + int(m.steps)
-    return tuple(dataclasses.replace(m, steps=n) for m, n in steps.items())
 
 
 @functools.lru_cache(maxsize=1024)

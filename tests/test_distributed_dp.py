@@ -204,3 +204,30 @@ def test_client_level_updates_are_clipped_rounded_and_noised_and_sum_to_the_clip
     assert np.linalg.norm(alone.astype(np.float64)) <= plan.sensitivity[1] + 1.0
     with pytest.raises(ValueError, match="layout"):
         noisy_client_update({"w": np.zeros((20, 5))}, plan, seed, stream)
+
+
+def test_a_department_plans_its_gaussian_rounds_on_a_history_holding_skellam_rounds():
+    """The target covers the whole history, Skellam rounds included (measured in RDP, as the guard measures it)."""
+    from fedsilo.client.budget_guard import PlanError, plan_round
+    from fedsilo.client.policy import Terms
+    from fedsilo.shared import accounting
+    from fedsilo.shared.budget import BudgetGuard
+    from fedsilo.shared.config import RunSettings
+
+    plan = _plan({"w": (9354,)}, sigma=1.0, q=0.1)
+    prior = [accounting.Mechanism(1.0, 0.125, 8), plan.mechanism(1), plan.mechanism(1)]
+    spent = accounting.epsilon(prior, 1e-5)
+    terms = Terms(True, 10.0, 1e-5, "pld")
+    settings = RunSettings.from_run_config({"target-epsilon": spent + 1.0, "num-server-rounds": 2, "max-epsilon": 10.0})
+    planned = plan_round(settings, terms, 479, prior)
+    guard, history = BudgetGuard(10.0, 1e-5, "pld"), list(prior)
+    for _ in range(2):
+        decision = guard.would_exceed(history, planned)
+        assert decision.allowed
+        history.append(planned)
+    assert spent + 0.98 <= decision.epsilon_after <= spent + 1.0  # the run spends its target, no more
+    with pytest.raises(PlanError, match="already holds"):  # a target the Skellam rounds already passed
+        plan_round(RunSettings.from_run_config({"target-epsilon": spent - 0.1, "num-server-rounds": 2}), terms, 479,
+                   prior)
+    with pytest.raises(TypeError, match="Gaussian rounds only"):
+        accounting.merge_history(prior)
