@@ -17,7 +17,7 @@ import math
 from fedsilo.shared import accounting
 from fedsilo.shared.distributed_dp import DistributedDpPlan, default_rounds, plan_noise_multiplier
 
-from .planner import PlanError, PrivacyPlan, _positive, _quiet, shown_rounds
+from .planner import PlanError, PrivacyPlan, _positive, _quiet, first_round_past, shown_rounds
 
 
 def plan_distributed_privacy(
@@ -98,14 +98,7 @@ def plan_distributed_privacy(
         return cache[r]
 
     curve = tuple((r, eps(r)) for r in shown_rounds(rounds))
-    exhausted = None
-    if max_epsilon is not None and eps(rounds) > max_epsilon:
-        lo = max((r for r, e in curve if e <= max_epsilon), default=0)
-        hi = min(r for r, e in curve if e > max_epsilon)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if eps(mid) <= max_epsilon else (lo, mid)
-        exhausted = hi
+    exhausted = first_round_past(curve, eps, rounds, max_epsilon)
     # The same ε with Gaussian noise in the clear, at the same q and steps (PLD, the tightest).
     gaussian = _quiet(accounting.noise_for_target, eps(rounds), delta, q, rounds, "pld")
     return PrivacyPlan(

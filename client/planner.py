@@ -184,19 +184,26 @@ def plan_privacy(
         return cache[r]
 
     curve = tuple((r, eps(r)) for r in shown_rounds(rounds))
-    exhausted = None
-    if max_epsilon is not None and eps(rounds) > max_epsilon:
-        # ε grows with rounds: bisect between the shown rounds that bracket the budget.
-        lo = max((r for r, e in curve if e <= max_epsilon), default=0)
-        hi = min(r for r, e in curve if e > max_epsilon)
-        while hi - lo > 1:
-            mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if eps(mid) <= max_epsilon else (lo, mid)
-        exhausted = hi
+    exhausted = first_round_past(curve, eps, rounds, max_epsilon)
     return PrivacyPlan(
         float(sigma), q, steps, rounds, dataset_size, delta, accountant, curve,
         target_epsilon, max_epsilon, exhausted,
     )
+
+
+def first_round_past(curve, eps, rounds: int, max_epsilon: float | None) -> int | None:
+    """The first round whose whole-history ε passes ``max_epsilon`` (None: the budget lasts all ``rounds``).
+
+    ε grows with rounds: bisect between the shown rounds of ``curve`` that bracket the budget.
+    """
+    if max_epsilon is None or eps(rounds) <= max_epsilon:
+        return None
+    lo = max((r for r, e in curve if e <= max_epsilon), default=0)
+    hi = min(r for r, e in curve if e > max_epsilon)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if eps(mid) <= max_epsilon else (lo, mid)
+    return hi
 
 
 def shown_rounds(rounds: int, head: int = 20, tail: int = 20) -> list[int]:
