@@ -7,7 +7,7 @@ department's vectorized accounting does not pass its own check:
   ICML 2021): Δ2 = min(c + √D, √(c² + D/4 + √(2 ln(1/β)) (c + √D/2))) with c = γ·C,
   and Δ1 = min(√D Δ2, Δ2²);
 * the Skellam mechanism's RDP (Agarwal, Kairouz & Liu, NeurIPS 2021, Theorem 3.5);
-* Poisson subsampling by Zhu & Wang's general bound (ICML 2019), summed term by term;
+* Poisson subsampling under add/remove (Steinke 2022, arXiv:2210.00597, §6), summed term by term;
 * Gaussian rounds by Opacus' ``compute_rdp`` (Mironov, Talwar & Zhang 2019);
 * the RDP → (ε, δ) conversion of dp-accounting (Canonne, Kamath & Steinke 2020).
 """
@@ -41,7 +41,7 @@ def _log_add(a: float, b: float) -> float:
 
 
 def subsampled_skellam(alpha: int, mu: float, l1: float, l2: float, q: float) -> float:
-    """Zhu & Wang's general bound at integer ``alpha`` (the factor 3 from l = 3 on), capped by the unsampled RDP."""
+    """The Poisson-subsampled RDP bound at integer ``alpha``, capped by the unsampled RDP."""
     unsampled = _skellam(alpha, mu, l1, l2)
     if q >= 1:
         return unsampled
@@ -50,8 +50,6 @@ def subsampled_skellam(alpha: int, mu: float, l1: float, l2: float, q: float) ->
     for l in range(2, alpha + 1):
         term = (math.lgamma(alpha + 1) - math.lgamma(l + 1) - math.lgamma(alpha - l + 1)
                 + l * log_q + (alpha - l) * log_1mq + (l - 1) * _skellam(l, mu, l1, l2))
-        if l >= 3:
-            term += math.log(3)
         total = _log_add(total, term)
     return min(total / (alpha - 1), unsampled)
 

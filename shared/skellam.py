@@ -21,21 +21,26 @@ The analysis, in Rényi DP at integer orders, composed by addition:
    Poisson(μ/2), variance ``μ`` — the same μ as here and as
    :func:`.quantize.skellam_noise`.  The first term is the Gaussian mechanism's
    RDP at variance μ; the second is the price of discreteness, O(1/μ²).
-2. **Poisson subsampling** (Zhu & Wang, "Poisson Subsampled Rényi Differential
-   Privacy", ICML 2019): their *general* upper bound, which holds for any
-   mechanism with an RDP curve at integer orders α ≥ 2 — the version with the
-   factor 3 on the l ≥ 3 terms (Theorem 5 of the PMLR paper in TFF's
-   ``distributed_dp/accounting_utils.py`` labelling).  Their tighter formula,
-   with factor 1, needs an extra condition shown for the Gaussian and Laplace
-   mechanisms, not for Skellam, so it is not used here::
+2. **Poisson subsampling** under add/remove, at integer orders α ≥ 2, for any
+   mechanism with an RDP curve ε(·) that holds in both directions (Steinke,
+   "Composition of Differential Privacy & Privacy Amplification by Subsampling",
+   arXiv:2210.00597, 2022, §6: Rényi DP amplification by Poisson subsampling)::
 
-       (α−1) ε_q(α) ≤ log[ (1−q)^(α−1) (αq − q + 1) + C(α,2) q² (1−q)^(α−2) e^(ε(2))
-                           + 3 Σ_{l=3..α} C(α,l) q^l (1−q)^(α−l) e^((l−1) ε(l)) ]
+       (α−1) ε_q(α) ≤ log[ (1−q)^(α−1) (1 + (α−1) q)
+                           + Σ_{l=2..α} C(α,l) q^l (1−q)^(α−l) e^((l−1) ε(l)) ]
 
-   evaluated in log space (exact binomials through ``lgamma``, ``logsumexp``).
-   The minimum with ε(α) is taken as well: subsampling never costs privacy (a
-   Poisson-subsampled mechanism is a mixture of the mechanism's outputs, and
-   Rényi divergence is jointly quasi-convex).
+   Adding a record is the binomial expansion of E_P[(1 − q + q·Q/P)^α], term by
+   term bounded by e^((l−1) ε(l)).  Removing it is bounded by the same sum: the
+   mixture's divergence from the other side lies below a convex combination of
+   the two adding-directions, for (P, Q) and for (Q, P) (``tests/test_skellam.py``
+   checks this pointwise and on exact Skellam mixtures).  On the Gaussian's exact
+   curve the sum is Mironov, Talwar & Zhang's (2019) subsampled-Gaussian RDP, and
+   it replaces the general bound of Zhu & Wang (ICML 2019), whose factor 3 on the
+   l ≥ 3 terms keeps ε_q(α) above log(1 + 2·P[Bin(α, q) ≥ 3])/(α − 1) however
+   large μ is.  Evaluated in log space (exact binomials through ``lgamma``,
+   ``logsumexp``); the minimum with ε(α) is taken as well: subsampling never
+   costs privacy (a Poisson-subsampled mechanism is a mixture of the mechanism's
+   outputs, and Rényi divergence is jointly quasi-convex).
 3. **Composition** adds RDP curves; **(ε, δ)** comes from dp-accounting's
    ``compute_epsilon`` (Canonne, Kamath & Steinke 2020, Proposition 12; Asoodeh
    et al. 2020), the conversion its RDP accountant uses.
@@ -128,7 +133,7 @@ def skellam_rdp(mu: float, l1: float, l2: float, orders) -> np.ndarray:
 def poisson_subsampled_rdp(
     base: Callable[[np.ndarray], np.ndarray], q: float, orders: Sequence[int] = ORDERS
 ) -> np.ndarray:
-    """Zhu & Wang's (2019) general upper bound on the RDP of ``base`` under Poisson sampling at ``q``.
+    """Upper bound on the RDP of ``base`` under Poisson sampling at ``q`` (Steinke 2022; module docstring).
 
     ``base`` maps an array of integer orders (≥ 2) to the mechanism's RDP at
     those orders.  Log-space throughout, so orders to 256 and ``q`` up to 1 do not
@@ -151,7 +156,6 @@ def poisson_subsampled_rdp(
         l = ls[: alpha - 1]  # 2..alpha
         log_binom = gammaln(alpha + 1) - gammaln(l + 1) - gammaln(alpha - l + 1)
         log_terms = log_binom + l * log_q + (alpha - l) * log_1mq + (l - 1) * eps_l[: alpha - 1]
-        log_terms[1:] += math.log(3)  # l >= 3: the general bound's factor 3
         first = (alpha - 1) * log_1mq + math.log1p((alpha - 1) * q)  # (1-q)^(α-1) (αq - q + 1)
         bound = logsumexp(np.append(log_terms, first)) / (alpha - 1)
         result[i] = min(bound, unsampled[i])
