@@ -67,10 +67,15 @@ def _table(dataset: str, rec: dict[str, Any], setup: dict[str, Any]) -> Table:
     )
 
 
-def _cost_table(cost: dict[str, Any], setup: dict[str, Any]) -> Table:
+COST_COLUMNS = ["mode", "rounds", "s/round (median, rounds ≥ 2)", "upload B/department/round",
+                "download B/department/round", "set-up s", "set-up B (all departments)", "masked vector", "final acc"]
+
+
+def cost_rows(cost: dict[str, Any]) -> list[list[str]]:
+    """One row per mode of :data:`MODES` that ``cost`` holds (:func:`.secure_aggregation.round_costs`' cells)."""
     rows = []
     for mode, label in MODES:
-        c = cost[mode]
+        c = cost.get(mode)
         if c is None:
             continue
         rows.append([
@@ -80,12 +85,11 @@ def _cost_table(cost: dict[str, Any], setup: dict[str, Any]) -> Table:
             "—" if c["modulus_bits"] is None else f"{c['vector_length']:,} × {c['modulus_bits']} bits",
             _pct(c["accuracy"]),
         ])
-    return Table(
-        prose(TEMPLATE, "cost_table", cost=cost, setup=setup),
-        ["mode", "rounds", "s/round (median, rounds ≥ 2)", "upload B/department/round",
-         "download B/department/round", "set-up s", "set-up B (all departments)", "masked vector", "final acc"],
-        rows,
-    )
+    return rows
+
+
+def _cost_table(cost: dict[str, Any], setup: dict[str, Any]) -> Table:
+    return Table(prose(TEMPLATE, "cost_table", cost=cost, setup=setup), COST_COLUMNS, cost_rows(cost))
 
 
 def _targets(raw: dict[str, Any], gap_target: float) -> list[Target]:

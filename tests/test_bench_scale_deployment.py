@@ -362,6 +362,32 @@ def test_deployment_result_tables_targets_and_report(tmp_path):
                             rounds=2).targets[0].met is True  # 4.75 s vs 2.0 s
 
 
+def _secure_cell(seconds: list[float], up: int, down: int, bits: int) -> dict:
+    return {"rounds": len(seconds), "round_seconds": seconds, "median_round_seconds": seconds[-1],
+            "model_bytes": 38_440, "upload_bytes": up, "download_bytes": 38_440 + down, "protocol_download_bytes": down,
+            "setup_bytes": 30_000, "setup_seconds": 2.5, "vector_length": 9_611, "modulus_bits": bits,
+            "threshold": 3, "wall_time_s": 30.0, "accuracy": 0.9, "args": ["--secure-aggregation"], "run_wall_s": 31.0}
+
+
+def test_deployment_result_has_the_secure_modes_table_when_they_ran(tmp_path):
+    sim = {"status": "completed", "seconds": [4.0, 1.25], "trained": [3, 3], "final_accuracy": 0.8, "wall_s": 40.0}
+    secure = {"departments": 3, "rounds": 2,
+              "modes": {"secagg": _secure_cell([5.0, 2.5], 49_997, 6_755, 41), "ddp": _secure_cell([6.0, 3.0], 78_569, 13_370, 38)}}
+    plain = dep_present.build_result(_deployment_record(), sim, _probe(), None, quick=False, rounds=2)
+    result = dep_present.build_result(_deployment_record(), sim, _probe(), None, quick=False, rounds=2, secure=secure)
+    assert len(result.tables) == len(plain.tables) + 1 and result.raw["secure"] == secure and "secure" not in plain.raw
+    table = result.tables[-1]
+    assert table.title.startswith("Secure aggregation and distributed DP deployed") and "2 round(s)" in table.title
+    rows = {row[0]: row for row in table.rows}
+    assert list(rows) == ["plain FedAvg (local DP)", "--secure-aggregation (local DP)", "--distributed-dp"]
+    assert rows["plain FedAvg (local DP)"][1:5] == ["2", "4.75", "38,440", "38,440"]  # the deployment's own rounds
+    assert rows["--secure-aggregation (local DP)"][2:8] == ["2.50", "49,997", "45,195", "2.50", "30,000", "9,611 × 41 bits"]
+    assert rows["--distributed-dp"][3] == "78,569" and rows["--distributed-dp"][7] == "9,611 × 38 bits"
+    # A saved result re-renders it from raw alone.
+    again = dep_present.from_raw(result.raw, quick=False)
+    assert again.tables[-1] == table
+
+
 def test_cited_flower_constants_are_in_the_installed_flower():
     root = Path(flwr.__file__).parent
     for path, code, _, _ in dep_polls.FLOWER_POLLS:

@@ -47,7 +47,7 @@ from pathlib import Path
 
 from ..common import BenchResult
 from .data import DEPARTMENTS, write_data
-from .measure import run_deployment, run_simulation
+from .measure import run_deployment, run_secure_deployment, run_simulation
 from .present import NAME, PLOT, build_result, format_s, from_raw, rerender
 from .probe import run_probe
 from .processes import progress
@@ -79,6 +79,10 @@ def run(out: Path, quick: bool, smoke: bool = False) -> BenchResult:
         progress(f"  rounds {', '.join(format_s(s) for s in sim['seconds'])} s")
         progress("a department's own work in a fresh interpreter …")
         probe_result = run_probe(data[DEPARTMENTS[0]], data["test"], repeats=1 if quick else 3)
+        secure = None
+        if not smoke:  # the smoke run's budget: the secure modes over TLS are tests/test_deployment_resume.py's
+            progress(f"secure aggregation and distributed DP over TLS, 3 departments × {rounds} round(s) …")
+            secure = run_secure_deployment(root / "secure", data, rounds, logs)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    return build_result(deploy, sim, probe_result, out, quick, rounds)
+    return build_result(deploy, sim, probe_result, out, quick, rounds, secure=secure)

@@ -182,3 +182,75 @@ def run_simulation(data: dict[str, Path], rounds: int, run_dir: Path, log: Path)
         "command": cmd[1:],
     }
 
+
+# --------------------------------------------------------------------------- secure modes, deployed
+
+# The secure runs, keyed as bench secagg's cost cells: what each adds to `coordinator run`.  σ 3 keeps
+# their ε small; distributed DP takes one DP-SGD step a round at q 0.1 over the three departments' records.
+SECURE_MODES = {
+    "secagg": ("--secure-aggregation", "--noise-multiplier", "3"),
+    "ddp": ("--distributed-dp", "--sample-rate", "0.1", "--noise-multiplier", "3", "--learning-rate", "2"),
+}
+
+
+def model_bytes(run_dir: Path) -> int:
+    """Bytes of the global model's arrays, as the run saved them (what a plain round sends each way)."""
+    from safetensors import safe_open
+
+    summary = read_summary(run_dir)
+    with safe_open(str(run_dir / summary.model), framework="numpy") as weights:
+        return sum(weights.get_tensor(key).nbytes for key in weights.keys())
+
+
+def run_secure_deployment(root: Path, data: dict[str, Path], rounds: int, logs: Path) -> dict[str, Any]:
+    """A second TLS deployment on loopback whose departments hold each other's public keys (``--peers``).
+
+    Each mode of :data:`SECURE_MODES` runs ``rounds`` rounds on it; their per-round seconds and bytes
+    per department come from the run's summary, as the simulated ones do (``bench secagg``).
+    """
+    from fedsilo.benchmarks.secure_aggregation import round_costs
+    from fedsilo.shared.flower_cli import free_port
+
+    certs, state = root / "certs", root / "state"
+    must(cli("certs", "init", "--out", str(certs)), "fedsilo certs init")
+    for name in DEPARTMENTS:
+        must(cli("certs", "add-department", name, "--dir", str(certs)), f"fedsilo certs add-department {name}")
+    address = f"127.0.0.1:{free_port()}"
+    coordinator: subprocess.Popen | None = None
+    departments: dict[str, subprocess.Popen] = {}
+    modes: dict[str, Any] = {}
+    try:
+        coordinator = spawn(["coordinator", "start", "--certs", str(certs), "--address", address,
+                              "--state", str(state)], logs / "secure-coordinator.log")
+        wait_coordinator(state, coordinator, logs / "secure-coordinator.log")
+        must(cli("coordinator", "register", *DEPARTMENTS, "--certs", str(certs), "--address", address,
+                   "--state", str(state)), "fedsilo coordinator register")
+        for name in DEPARTMENTS:
+            departments[name] = spawn(
+                ["department", "start", "--coordinator", address, "--ca", str(certs / "ca.crt"),
+                 "--key", str(certs / "departments" / name), "--data", str(data[name]), "--label-column", LABEL,
+                 "--ledger", str(root / "ledgers" / name), "--max-epsilon", "10",
+                 "--peers", str(certs / "departments")],
+                logs / f"secure-{name}.log",
+            )
+        wait_online(certs, address, state, len(DEPARTMENTS))
+        for mode, args in SECURE_MODES.items():
+            progress(f"  {' '.join(args[:1])}, {rounds} round(s) …")
+            run_dir = root / "runs" / mode
+            started = time.perf_counter()
+            result = cli("coordinator", "run", "--certs", str(certs), "--address", address, "--state", str(state),
+                          "--test-data", str(data["test"]), "--label-column", LABEL, "--rounds", str(rounds),
+                          "--min-departments", str(len(DEPARTMENTS)), "--round-timeout", "120", *args,
+                          "--out", str(run_dir), timeout=1800)
+            wall = time.perf_counter() - started
+            (logs / f"secure-{mode}-run.log").write_text(result.stdout + result.stderr)
+            must(result, f"fedsilo coordinator run {args[0]}")
+            resolved = resolve_run_dir(run_dir)
+            modes[mode] = {"args": list(args), "run_wall_s": wall,
+                           **round_costs(resolved, model_bytes(resolved))}
+    finally:
+        for proc in departments.values():
+            stop(proc)
+        stop(coordinator)
+    return {"departments": len(DEPARTMENTS), "rounds": rounds, "modes": modes}
+

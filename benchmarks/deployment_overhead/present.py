@@ -85,8 +85,11 @@ def poll_records(flower: list[tuple] = FLOWER_POLLS, fedsilo: list[tuple] = FEDS
 
 def build_result(deploy: dict[str, Any], sim: dict[str, Any], probe_result: dict[str, Any], out: Path | None,
                  quick: bool, rounds: int, polls: dict[str, list] | None = None,
-                 flower: str | None = None) -> BenchResult:
+                 flower: str | None = None, secure: dict[str, Any] | None = None) -> BenchResult:
     """The result from what was measured; the plot goes to ``out`` (none when ``out`` is None).
+
+    ``secure``: :func:`.measure.run_secure_deployment`'s record, the secure modes deployed (the
+    smoke run and results saved before it existed have none).
 
     ``polls`` (:func:`poll_records`' shape) and ``flower`` (its version) default to the installed code's.
     """
@@ -167,12 +170,28 @@ def build_result(deploy: dict[str, Any], sim: dict[str, Any], probe_result: dict
             Table(title("title_probe"),
                   ["step", f"alone ({probe_result['repeats']})", f"{values['together']} at once"], probe_rows),
             Table(title("title_polls"), ["file", "code", "interval", "effect"], poll_rows),
+            *([secure_table(deploy, secure, title("title_secure"))] if secure else []),
         ],
         plots=[PLOT],
         targets=targets,
         raw={"rounds": rounds, "deployment": deploy, "simulation": sim, "phases": split, "probe": probe_result,
-             **polls, "flower": flower},
+             **polls, "flower": flower, **({"secure": secure} if secure else {})},
     )
+
+
+def secure_table(deploy: dict[str, Any], secure: dict[str, Any], title: str) -> Table:
+    """Plain, secure-aggregation and distributed-DP rounds deployed, in bench secagg's cost columns.
+
+    The plain row is this benchmark's deployment run: every round sends the model's arrays each way.
+    """
+    from ..secure_aggregation_summary import COST_COLUMNS, cost_rows
+
+    later = deploy["seconds"][1:] or deploy["seconds"]
+    model = next(iter(secure["modes"].values()))["model_bytes"]
+    plain = {"rounds": len(deploy["seconds"]), "median_round_seconds": statistics.median(later),
+             "upload_bytes": model, "download_bytes": model, "setup_seconds": None, "setup_bytes": None,
+             "modulus_bits": None, "vector_length": None, "accuracy": deploy["final_accuracy"]}
+    return Table(title, COST_COLUMNS, cost_rows({"plain": plain, **secure["modes"]}))
 
 
 def from_raw(raw: dict[str, Any], quick: bool, out: Path | None = None) -> BenchResult:
@@ -183,7 +202,7 @@ def from_raw(raw: dict[str, Any], quick: bool, out: Path | None = None) -> Bench
     """
     polls = {group: raw[group] for group in ("flower_polls", "fedsilo_polls")}
     return build_result(raw["deployment"], raw["simulation"], raw["probe"], out, quick, raw["rounds"],
-                        polls=polls, flower=raw.get("flower"))
+                        polls=polls, flower=raw.get("flower"), secure=raw.get("secure"))
 
 
 def rerender(path: Path, draw_plots: bool = True) -> BenchResult:
