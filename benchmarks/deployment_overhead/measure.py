@@ -15,7 +15,8 @@ from fedsilo.shared.runs import LATEST, resolve_run_dir
 from fedsilo.shared.summary_format import read_summary
 
 from .data import DEPARTMENTS, LABEL
-from .processes import FEDSILO, StampedOutput, Timeline, cli, department_events, env, must, spawn, spawn_stamped, stop
+from .processes import (FEDSILO, StampedOutput, Timeline, cli, department_events, env, must, progress, spawn,
+                        spawn_stamped, stop)
 
 def wait_coordinator(state: Path, proc: subprocess.Popen, log: Path, timeout: float = 600.0) -> dict[str, Any]:
     """Until ``coordinator start`` records its loopback Control endpoint (written once nginx serves Fleet).
