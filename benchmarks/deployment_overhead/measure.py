@@ -131,8 +131,9 @@ def run_deployment(root: Path, data: dict[str, Path], rounds: int, logs: Path) -
             shutil.copy(state / name, logs / f"coordinator-{name}")
     ledgers = {}
     for name in DEPARTMENTS:
-        path = root / "ledgers" / name / f"{name}.jsonl"
-        ledgers[name] = [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+        # A department's ledger file is named after its key (NAME-<fingerprint>.jsonl): the folder holds one.
+        paths = sorted((root / "ledgers" / name).glob("*.jsonl"))
+        ledgers[name] = [json.loads(line) for path in paths for line in path.read_text().splitlines()]
     record.update(
         status=summary.status,
         run_id=summary.run_id,
