@@ -123,6 +123,20 @@ def test_the_deployment_probe_timed_a_departments_own_work_in_fresh_interpreters
 
 
 @pytest.mark.slow
+def test_the_deployment_benchmark_found_every_departments_ledger_entry(smoke_bench):
+    """The round split needs each department's ledger entry of each round: the files are read as departments name them."""
+    from fedsilo.benchmarks.deployment_overhead import data as dep_data
+
+    raw = _results(smoke_bench)["deployment"]["raw"]
+    rounds = len(raw["deployment"]["seconds"])
+    times = raw["deployment"]["ledger_times"]
+    assert sorted(times) == sorted(dep_data.DEPARTMENTS)
+    for name, entries in times.items():
+        assert [r for r, _ in entries] == list(range(1, rounds + 1)), (name, entries)
+    assert "secure" not in raw  # the secure modes deployed are left out of the smoke run
+
+
+@pytest.mark.slow
 def test_the_scale_plain_loop_wrote_verifiable_ledgers_with_one_epsilon_per_round(smoke_bench):
     """The plain-loop baseline does the federation's real work: signed ledgers the audit verifies."""
     from fedsilo.audit import audit_path
