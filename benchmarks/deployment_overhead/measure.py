@@ -72,16 +72,20 @@ def clientapp_runtime(database: Path, run_id: str) -> float | None:
     return read(database, run_id)
 
 
-def run_deployment(root: Path, data: dict[str, Path], rounds: int, logs: Path) -> dict[str, Any]:
-    """Certificates, a TLS coordinator and three departments on loopback; one run of ``rounds``; all stopped after."""
+def certificates(root: Path) -> tuple[Path, Path, str]:
+    """A CA, the coordinator's and every department's keys under ``root/certs``; the state folder; a free loopback address."""
     from fedsilo.shared.flower_cli import free_port
 
-    certs = root / "certs"
-    state = root / "state"
+    certs, state = root / "certs", root / "state"
     must(cli("certs", "init", "--out", str(certs)), "fedsilo certs init")
     for name in DEPARTMENTS:
         must(cli("certs", "add-department", name, "--dir", str(certs)), f"fedsilo certs add-department {name}")
-    address = f"127.0.0.1:{free_port()}"
+    return certs, state, f"127.0.0.1:{free_port()}"
+
+
+def run_deployment(root: Path, data: dict[str, Path], rounds: int, logs: Path) -> dict[str, Any]:
+    """Certificates, a TLS coordinator and three departments on loopback; one run of ``rounds``; all stopped after."""
+    certs, state, address = certificates(root)
     coordinator: subprocess.Popen | None = None
     departments: dict[str, subprocess.Popen] = {}
     readers: dict[str, StampedOutput] = {}
@@ -211,13 +215,8 @@ def run_secure_deployment(root: Path, data: dict[str, Path], rounds: int, logs: 
     per department come from the run's summary, as the simulated ones do (``bench secagg``).
     """
     from fedsilo.benchmarks.secure_aggregation import round_costs
-    from fedsilo.shared.flower_cli import free_port
 
-    certs, state = root / "certs", root / "state"
-    must(cli("certs", "init", "--out", str(certs)), "fedsilo certs init")
-    for name in DEPARTMENTS:
-        must(cli("certs", "add-department", name, "--dir", str(certs)), f"fedsilo certs add-department {name}")
-    address = f"127.0.0.1:{free_port()}"
+    certs, state, address = certificates(root)
     coordinator: subprocess.Popen | None = None
     departments: dict[str, subprocess.Popen] = {}
     modes: dict[str, Any] = {}
