@@ -30,6 +30,7 @@ from fedsilo.shared.config import RunSettings
 from fedsilo.shared.data import Dataset
 from fedsilo.shared.model_factory import ModelError
 from fedsilo.shared.models import build_model
+from fedsilo.shared.pretrained import lora_of
 from fedsilo.shared.schema import DataSchema
 
 from .limits import RunLimits
@@ -69,11 +70,15 @@ def schema_limits(schema: DataSchema, limits: RunLimits) -> list[str]:
     return limits.check_schema(schema.num_features, categories, classes)
 
 
-def build(settings: RunSettings, spec: ModelSpec, device: str | torch.device | None = None) -> torch.nn.Module:
-    """The department's own model for this run (on ``meta``: shapes only, nothing allocated)."""
+def build(settings: RunSettings, spec: ModelSpec, device: str | torch.device | None = None,
+          bases: tuple[str, ...] = ()) -> torch.nn.Module:
+    """The department's own model for this run (on ``meta``: shapes only, nothing allocated).
+
+    A pretrained base comes from ``bases``, this department's own copies (its policy's).
+    """
     with torch.device(device or "cpu"):
         return build_model(settings.model, spec.input_shape, spec.num_outputs, spec.kind, task=spec.task,
-                           embeddings=spec.embeddings, fix=settings.fix_model)
+                           embeddings=spec.embeddings, fix=settings.fix_model, bases=bases, lora=lora_of(settings))
 
 
 def reference_layout(model: torch.nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]:
@@ -81,13 +86,18 @@ def reference_layout(model: torch.nn.Module) -> dict[str, tuple[str, tuple[int, 
     return {k: (str(v.dtype).removeprefix("torch."), tuple(v.shape)) for k, v in model.state_dict().items()}
 
 
-def admit_model(settings: RunSettings, spec: ModelSpec, limits: RunLimits) -> dict[str, tuple[str, tuple[int, ...]]]:
-    """The layout a global model must have, once the model the run asks for is within the host's limits."""
+def admit_model(settings: RunSettings, spec: ModelSpec, limits: RunLimits,
+                bases: tuple[str, ...] = ()) -> dict[str, tuple[str, tuple[int, ...]]]:
+    """The layout a global model must have, once the model the run asks for is within the host's limits.
+
+    A pretrained base's own weights are this department's, not the run's: only the
+    parameters the run trains (adapters, head) count against the limit.
+    """
     try:
-        model = build(settings, spec, "meta")
-    except ModelError as err:
+        model = build(settings, spec, "meta", bases)
+    except (ModelError, ValueError) as err:
         raise AdmissionError([f"model: {err}"]) from None
-    too_big = limits.check_parameters(sum(p.numel() for p in model.parameters()))
+    too_big = limits.check_parameters(sum(p.numel() for p in model.parameters() if p.requires_grad))
     if too_big:
         raise AdmissionError(too_big)
     return reference_layout(model)

@@ -50,7 +50,7 @@ def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     data = department.data
     limits = department.policy.limits
-    model = build(settings, ModelSpec.of_data(data))
+    model = build(settings, ModelSpec.of_data(data), bases=department.policy.base_models)
     # The budget guard admitted this model; loaded only through the same check.
     model.load_state_dict(verified_state_dict(msg.content[ARRAYS_KEY], reference_layout(model), limits.max_weight_magnitude))
     device = resolve_device(settings.device)

@@ -224,7 +224,7 @@ def _guard(msg: Message, context: Context, call_next: ClientAppCallable, setting
         return refuse(STATUS_DECLINED, "global model: the message carries none")
     spec = ModelSpec.of_schema(department.schema) if department.schema is not None else ModelSpec.of_data(department.data)
     try:
-        layout = admit_model(settings, spec, limits)
+        layout = admit_model(settings, spec, limits, policy.base_models)
         verified_state_dict(msg.content[ARRAYS_KEY], layout, limits.max_weight_magnitude)
     except AdmissionError as err:
         return refuse(STATUS_DECLINED, str(err))

@@ -16,6 +16,7 @@ from rich.console import Console
 from fedsilo.shared.data import DataError, split_columns
 from fedsilo.shared.flower_cli import FlowerError, stop_group, stop_tree, wait_for_port
 from fedsilo.shared.ledger import LedgerError
+from fedsilo.shared.pretrained import BaseModelError, open_base
 
 from .limits import INPUT_WAIT, LimitError, RunLimits
 from .policy import DepartmentPolicy, PolicyError, read_peers
@@ -44,6 +45,7 @@ def start(
     min_noise_multiplier: Annotated[float, typer.Option(help="The smallest σ a round may use (0: only the budget limits it).")] = 0.0,
     max_sample_rate: Annotated[float, typer.Option(help="The largest Poisson sample rate a round may use.")] = 1.0,
     allow_model: Annotated[Optional[list[str]], typer.Option(help="A model factory package.module:callable this department runs, from its own installed environment (repeat for several). Built-in models are always allowed.")] = None,
+    base_model: Annotated[Optional[list[Path]], typer.Option(help="A pretrained base this department fine-tunes: a Hugging Face folder (config.json, model.safetensors, tokenizer.json) on this host (repeat for several). A run names its base by the SHA-256 of its weights and is declined when none of these has them.")] = None,
     public_size: Annotated[Optional[int], typer.Option(help="A record count this department declares public: reported as its size (FedAvg weight) and planned from. Default: the count rounded down to its two leading binary digits (1797 → 1536), never the exact count.")] = None,
     port: Annotated[Optional[int], typer.Option(help="Local port for the SuperNode's loopback API (default: a free one).")] = None,
     activation_wait: Annotated[float, typer.Option(min=0, help="Seconds to keep retrying when the coordinator does not accept this department yet (after a crash it counts the old start online for up to a minute).")] = 75.0,
@@ -70,8 +72,9 @@ def start(
             limits=RunLimits.from_options(list(limit or ())),
             require_secure_aggregation=require_secure_aggregation, peers=roster,
             secagg_min_threshold=secagg_min_threshold, ddp_min_colluders=ddp_min_colluders,
+            base_models=tuple(str(open_base(b).folder) for b in base_model or ()),
         )
-    except (PolicyError, LimitError) as err:
+    except (PolicyError, LimitError, BaseModelError) as err:
         err_console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
     node = DepartmentNode(
@@ -91,7 +94,7 @@ def start(
 
     try:
         rows = node.preflight()
-    except (DepartmentStartError, DataError, LedgerError, PolicyError, ModelError) as err:
+    except (DepartmentStartError, DataError, LedgerError, PolicyError, ModelError, BaseModelError) as err:
         err_console.print(f"[red]error:[/red] {err}")
         raise typer.Exit(2) from None
     if allow_non_private:
@@ -104,7 +107,8 @@ def start(
         f"(identity {node.identity}), policy ε ≤ {policy.max_epsilon:g} at δ={policy.delta:g} "
         f"({', '.join(policy.accountants)}), reports size {policy.reported_size(rows)}"
         f"{' (declared public)' if policy.public_size is not None else ' (bucketed: two leading binary digits)'}, "
-        f"models: built-in{''.join(', ' + m for m in policy.models)}, "
+        f"models: built-in{''.join(', ' + m for m in policy.models)}"
+        f"{''.join(', ' + open_base(b).describe() for b in policy.base_models)}, "
         f"{_secagg_summary(policy)}"
         f"coordinator {coordinator} (TLS verified)"
     )

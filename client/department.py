@@ -24,6 +24,7 @@ from fedsilo.shared.data import Dataset, load_records, simulated_federation, spl
 from fedsilo.shared.schema import DataSchema
 from fedsilo.shared.ledger import find_identity_ledger
 from fedsilo.shared.model_factory import is_factory
+from fedsilo.shared.pretrained import bind_tokenizer, find_base, is_pretrained
 from fedsilo.shared.signing import Signer, simulated_identity
 
 from .limits import RunLimits
@@ -93,6 +94,8 @@ def department_from_context(
         schema_json=settings.data_schema,
         test_data=settings.test_data,
         task=settings.task,
+        base_model=settings.base_model,
+        max_length=settings.max_length,
     )
     part = federation.parts[pid]
     ledger_dir = Path(settings.out).expanduser().resolve() / "ledgers"
@@ -158,7 +161,7 @@ class DepartmentHost:
             )
         schema = _run_schema(settings.data_schema, self.label_column)
         data = functools.partial(_load_own_table, self.data_path, self.label_column, settings.data_schema,
-                                 self.policy.limits)
+                                 self.policy.limits, settings.model, self.policy.base_models)
         return Department(self.name, data, self.ledger_dir, self.policy, self.identity_key, schema)
 
 
@@ -179,8 +182,11 @@ def _run_schema(schema_json: str, label_column: str) -> DataSchema:
 
 
 @functools.lru_cache(maxsize=4)
-def _load_own_table(path: str, label_column: str, schema_json: str, limits: RunLimits) -> Dataset:
+def _load_own_table(path: str, label_column: str, schema_json: str, limits: RunLimits, model: str = "auto",
+                    bases: tuple[str, ...] = ()) -> Dataset:
     schema = _run_schema(schema_json, label_column)
+    if schema.token_column is not None:  # tokenized with this host's own copy of the run's base
+        schema = bind_tokenizer(schema, find_base(model, bases, "this department") if is_pretrained(model) else None)
     data, left_out = load_records(Path(path), schema)
     # Checked at `department start` too; the table may have grown since.
     over = limits.check_table(data.num_records)

@@ -12,7 +12,8 @@ Who decides what:
 ========================  ==============================================
 the department's policy   budget, δ, accountants, training without DP,
                           smallest σ, largest sample rate, the size it
-                          declares public, the model factories it runs
+                          declares public, the model factories it runs,
+                          the pretrained bases it holds
 the run (the coordinator)  σ or a target ε, clipping norm, batch size,
                           epochs, rounds — and optionally a lower budget,
                           a smaller δ (ε is then stated at it), an
@@ -28,6 +29,7 @@ from dataclasses import asdict, dataclass
 
 from fedsilo.shared.accounting import ACCOUNTANTS, Mechanism
 from fedsilo.shared.config import FACTORY, MODELS, RunSettings
+from fedsilo.shared.pretrained import BaseModelError, find_base, is_pretrained
 
 from .limits import LimitError, RunLimits
 
@@ -108,6 +110,11 @@ class DepartmentPolicy:
         Distributed DP: the fewest departments a run may assume to collude with
         the coordinator (``ddp-colluders``); each adds noise μ / (t − c), so a
         larger assumption means more noise from each.
+    base_models : tuple of str
+        Folders of the pretrained bases this department fine-tunes (its own
+        copies, ``--base-model DIR``).  A run names its base by the SHA-256 of
+        its weights (``hf:sha256:DIGEST``); one whose base is not among these is
+        declined, naming the digest.  Empty: no pretrained model runs here.
     """
 
     max_epsilon: float
@@ -123,6 +130,7 @@ class DepartmentPolicy:
     peers: tuple[tuple[str, str], ...] = ()
     secagg_min_threshold: int = 3
     ddp_min_colluders: int = 0
+    base_models: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not (isinstance(self.max_epsilon, (int, float)) and self.max_epsilon > 0 and math.isfinite(self.max_epsilon)):
@@ -156,6 +164,10 @@ class DepartmentPolicy:
         if isinstance(self.ddp_min_colluders, bool) or not isinstance(self.ddp_min_colluders, int) \
                 or self.ddp_min_colluders < 0:
             raise PolicyError(f"ddp-min-colluders must be a whole number >= 0, got {self.ddp_min_colluders!r}")
+        bases = tuple(self.base_models)
+        if not all(isinstance(b, str) and b for b in bases):
+            raise PolicyError(f"base models must be folders, got {bases!r:.120}")
+        object.__setattr__(self, "base_models", bases)
 
     # ------------------------------------------------------------------ decisions
     def terms_for(self, request: RunRequest) -> tuple[Terms | None, list[str]]:
@@ -181,7 +193,12 @@ class DepartmentPolicy:
                 f"accountant: the run asks {request.accountant}; this department's policy accepts "
                 f"{', '.join(self.accountants)}"
             )
-        if request.model not in MODELS and request.model not in self.models:
+        if is_pretrained(request.model):
+            try:
+                find_base(request.model, self.base_models, "this department")
+            except BaseModelError as err:
+                looser.append(f"model: {err}")
+        elif request.model not in MODELS and request.model not in self.models:
             allowed = ", ".join(self.models) if self.models else "none"
             looser.append(
                 f"model: the run asks for the model factory '{request.model}'; this department runs the "
@@ -233,6 +250,7 @@ class DepartmentPolicy:
         body = asdict(self)
         body["accountants"] = list(self.accountants)
         body["models"] = list(self.models)
+        body["base_models"] = list(self.base_models)
         body["peers"] = [list(pair) for pair in self.peers]
         return json.dumps(body, sort_keys=True)
 
@@ -246,11 +264,11 @@ class DepartmentPolicy:
             raise PolicyError("the department policy must be a JSON object with at least max_epsilon")
         known = {"max_epsilon", "delta", "accountants", "allow_non_private", "min_noise_multiplier",
                  "max_sample_rate", "public_size", "models", "limits", "require_secure_aggregation", "peers",
-                 "secagg_min_threshold", "ddp_min_colluders"}
+                 "secagg_min_threshold", "ddp_min_colluders", "base_models"}
         unknown = sorted(set(raw) - known)
         if unknown:
             raise PolicyError(f"unknown department policy setting(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-        for key in ("accountants", "models"):
+        for key in ("accountants", "models", "base_models"):
             if key in raw:
                 raw[key] = tuple(raw[key])
         if "peers" in raw:

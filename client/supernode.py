@@ -22,6 +22,7 @@ from pathlib import Path
 
 from fedsilo.certs.authority import CertError, load_certificate, load_department_key
 from fedsilo.shared.data import count_rows, load_table
+from fedsilo.shared.pretrained import schema_with_own_tokenizer
 from fedsilo.shared.schema import DataSchema
 from fedsilo.shared.flower_cli import flower_executable, free_port, offline_env, write_runtime_secret
 from fedsilo.shared.ledger import PrivacyLedger, find_identity_ledger
@@ -66,7 +67,7 @@ class DepartmentNode:
             raise DepartmentStartError("; ".join(over))
         if self.schema is not None:  # encoded here, on this host, as every run with that schema will
             schema = DataSchema.load(self.schema).with_label_column(self.label_column)
-            load_table(self.data, self.label_column, schema=schema)
+            load_table(self.data, self.label_column, schema=schema_with_own_tokenizer(schema, self.policy.base_models))
         for factory in self.policy.models:
             from fedsilo.shared.model_factory import load_factory  # torch: only for a policy that allows a factory
 

@@ -25,6 +25,7 @@ from fedsilo.shared.data import Dataset, load_table, simulated_federation, split
 from fedsilo.shared.metrics import score
 from fedsilo.shared.model_factory import describe_grad_sample_mode
 from fedsilo.shared.models import build_model
+from fedsilo.shared.pretrained import bind_tokenizer, find_base, is_pretrained, lora_of
 from fedsilo.shared.record import verify_record
 from fedsilo.shared.runs import create_run_folder, link_ledgers, new_run_name
 from fedsilo.shared.schema import DataSchema
@@ -75,7 +76,8 @@ def run_federation(grid: Grid, settings: RunSettings, out: Path, run_dir: Path, 
     checkpoint = resume_point(settings, run_dir) if settings.resume else None
     test = coordinator_test_set(settings)
     model = build_model(settings.model, test.input_shape, test.num_outputs, test.kind, seed=settings.seed,
-                        task=test.task, embeddings=test.embeddings, fix=settings.fix_model)
+                        task=test.task, embeddings=test.embeddings, fix=settings.fix_model,
+                        bases=coordinator_bases(settings), lora=lora_of(settings))
     dp_path = describe_grad_sample_mode(settings.grad_sample_mode, model) if settings.dp else "none (no DP)"
     if checkpoint is not None:
         model.load_state_dict({k: torch.from_numpy(v.copy()) for k, v in checkpoint.arrays.items()})
@@ -334,7 +336,8 @@ def coordinator_test_set(settings: RunSettings) -> Dataset:
     """
     if settings.test_data and settings.data_schema:
         schema = DataSchema.from_json(settings.data_schema, "the run's data schema")
-        return load_table(Path(settings.test_data), schema.label.column, schema=schema)
+        base = find_base(settings.model, coordinator_bases(settings), "the coordinator") if is_pretrained(settings.model) else None
+        return load_table(Path(settings.test_data), schema.label.column, schema=bind_tokenizer(schema, base))
     # The held-out rows do not depend on how the rest is partitioned: one iid
     # department is the cheapest split to build, except where the data names the
     # departments itself (by:COLUMN, a folder of tables).
@@ -342,8 +345,13 @@ def coordinator_test_set(settings: RunSettings) -> Dataset:
     return simulated_federation(
         settings.dataset, settings.label_column, split_columns(settings.feature_columns), 0 if named else 1,
         settings.partition if named else "iid", settings.seed, schema_json=settings.data_schema,
-        test_data=settings.test_data, task=settings.task,
+        test_data=settings.test_data, task=settings.task, base_model=settings.base_model, max_length=settings.max_length,
     ).test
+
+
+def coordinator_bases(settings: RunSettings) -> tuple[str, ...]:
+    """The coordinator's own copy of the run's pretrained base (``--model hf:DIR``), if the run has one."""
+    return (settings.base_model,) if settings.base_model else ()
 
 
 def wait_for_departments(grid: Grid, minimum: int, timeout: float) -> int:

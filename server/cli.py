@@ -136,6 +136,7 @@ def run(
     # torch only for the commands that build a model: `coordinator departments` and the like start fast.
     from fedsilo.shared.model_factory import check_spec, describe_grad_sample_mode, model_changes
     from fedsilo.shared.models import build_model
+    from fedsilo.shared.pretrained import LoraSettings, bind_tokenizer, open_base, pretrained_schema, resolve_model_option
 
     o = SimpleNamespace(**options)  # the run settings' options (shared/settings.py)
     if resume is not None:
@@ -144,14 +145,19 @@ def run(
         _fail("--test-data is required: the coordinator's own held-out table (only --resume takes the run's own)")
     out = o.out.expanduser().resolve()
     try:
-        check_spec(o.model)
-        schema = (DataSchema.load(schema) if schema is not None
+        model, base_dir = resolve_model_option(o.model)  # hf:DIR → the base's digest, and this host's folder
+        check_spec(model)
+        base = open_base(base_dir) if base_dir else None
+        schema = (bind_tokenizer(DataSchema.load(schema), base) if schema is not None
                   else table_schema(o.test_data, o.label_column, split_columns(o.feature_columns), o.task))
+        if base is not None and schema.token_column is None:
+            schema = pretrained_schema(schema, base, o.max_length)
         # The coordinator's own table must fit the schema, and the model must be trainable with DP-SGD.
         held_out = load_table(o.test_data, schema.label.column, schema=schema)
-        changes = model_changes(o.model, held_out.input_shape, held_out.num_outputs, held_out.task) if o.fix_model else []
-        built = build_model(o.model, held_out.input_shape, held_out.num_outputs, "tabular", seed=o.seed, task=held_out.task,
-                            embeddings=held_out.embeddings, fix=o.fix_model)
+        changes = model_changes(model, held_out.input_shape, held_out.num_outputs, held_out.task) if o.fix_model else []
+        lora = LoraSettings.parse(o.lora_rank, o.lora_alpha, o.lora_targets)
+        built = build_model(model, held_out.input_shape, held_out.num_outputs, "tabular", seed=o.seed, task=held_out.task,
+                            embeddings=held_out.embeddings, fix=o.fix_model, bases=(base_dir,) if base_dir else (), lora=lora)
         settings = RunSettings.from_run_config(
             {
                 "num-server-rounds": o.rounds, "dataset": str(o.test_data.resolve()), "label-column": schema.label.column,
@@ -170,7 +176,9 @@ def run(
                 "secagg-max-weight": o.secagg_max_weight,
                 "distributed-dp": o.distributed_dp, "sample-rate": o.sample_rate, "ddp-colluders": o.ddp_colluders,
                 "ddp-scale": o.ddp_scale,
-                "data-schema": schema.to_json(), "model": o.model, "fraction-train": o.fraction_train,
+                "data-schema": schema.to_json(), "model": model, "fraction-train": o.fraction_train,
+                "base-model": base_dir, "lora-rank": lora.rank, "lora-alpha": lora.alpha,
+                "lora-targets": ",".join(lora.targets), "max-length": o.max_length,
                 "central-dp": o.central_dp, "central-noise-multiplier": o.central_noise_multiplier,
                 "central-clip-norm": o.central_clip_norm, "central-delta": o.central_delta,
                 "central-max-epsilon": o.central_max_epsilon,

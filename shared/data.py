@@ -328,6 +328,8 @@ def simulated_federation(
     schema_json: str = "",
     test_data: str = "",
     task: str = "auto",
+    base_model: str = "",
+    max_length: int = 128,
 ) -> Federation:
     """Departments' training sets and the held-out test set for a simulation.
 
@@ -338,6 +340,8 @@ def simulated_federation(
     coordinator's table — except the label's classes, which come from the whole
     table (which classes the task has is treated as public).
     ``num_departments`` of 0 means "as the data says" (``by:COLUMN``, a folder).
+    With ``base_model`` (a pretrained base's folder) the drafted schema tokenizes
+    the one text column with its tokenizer, at most ``max_length`` tokens.
     Cached per process: a simulated department process builds it once.
     """
     path = Path(spec).expanduser()
@@ -362,7 +366,8 @@ def simulated_federation(
         else:
             splits = [(name, *split_frame(frame, label)) for name, frame in frames]
             held_out, kept = _concat([t for _, _, t in splits]), [(name, tr) for name, tr, _ in splits]
-        schema = _schema_for(schema_json, held_out, whole, label, feature_columns, f"'{test_data or path}'")
+        schema = _schema_for(schema_json, held_out, whole, label, feature_columns, f"'{test_data or path}'",
+                             base_model, max_length)
         parts = tuple(encode_frame(frame, schema, name, f"'{path / name}'") for name, frame in kept)
         return Federation(parts, encode_frame(held_out, schema, "held-out", f"'{test_data or path}'"), schema)
     frame = read_table(path)
@@ -371,7 +376,8 @@ def simulated_federation(
         train_frame, held_out = frame, read_table(test_data)
     else:
         train_frame, held_out = split_frame(frame, label)
-    schema = _schema_for(schema_json, held_out, frame, label, feature_columns, f"'{test_data or path}'")
+    schema = _schema_for(schema_json, held_out, frame, label, feature_columns, f"'{test_data or path}'",
+                         base_model, max_length)
     test = encode_frame(held_out, schema, "held-out", f"'{test_data or path}'")
     if kind == "by":
         column = scheme.split(":", 1)[1].strip()
@@ -419,13 +425,17 @@ def split_frame(frame, label: Label):
     return frame.iloc[np.sort(train_idx)].reset_index(drop=True), frame.iloc[np.sort(test_idx)].reset_index(drop=True)
 
 
-def _schema_for(schema_json: str, held_out, whole, label: Label, feature_columns, source: str) -> DataSchema:
+def _schema_for(schema_json: str, held_out, whole, label: Label, feature_columns, source: str,
+                base_model: str = "", max_length: int = 128) -> DataSchema:
+    from .pretrained import bind_tokenizer, open_base, pretrained_schema
+
+    base = open_base(base_model) if base_model else None
     if schema_json:
-        return DataSchema.from_json(schema_json)
+        return bind_tokenizer(DataSchema.from_json(schema_json), base)
     drafted = infer_schema(held_out, label.column, label.task, source, feature_columns=feature_columns)
-    if label.task == "regression":
-        return drafted
-    return DataSchema(label, drafted.columns)  # every class of the task, in the same code order
+    if label.task != "regression":
+        drafted = DataSchema(label, drafted.columns)  # every class of the task, in the same code order
+    return pretrained_schema(drafted, base, max_length) if base is not None else drafted
 
 
 def _partition(train: Dataset, num_departments: int, scheme: str, seed: int) -> tuple[Dataset, ...]:

@@ -34,7 +34,7 @@ def encode_features(schema: DataSchema, frame, source: str = "the table", max_ce
             f"more than the {max_cells} encoded at once; split the table into smaller files"
         )
     check_columns(schema, frame, source)
-    blocks = [_encode_column(c, frame[c.name], source) for c in schema.inputs]
+    blocks = [_encode_column(c, frame[c.name], source, schema.tokenizer) for c in schema.inputs]
     with np.errstate(over="ignore"):  # an overflow is named below
         out = np.concatenate(blocks, axis=1).astype(np.float32) if blocks else np.zeros((len(frame), 0), np.float32)
     bad = ~np.isfinite(out)
@@ -124,7 +124,7 @@ def encode_labels(schema: DataSchema, frame, source: str = "the table") -> np.nd
 
 # --------------------------------------------------------------------------- columns
 
-def _encode_column(column: Column, values, source: str) -> np.ndarray:
+def _encode_column(column: Column, values, source: str, tokenizer=None) -> np.ndarray:
     n = len(values)
     if column.kind == "numeric":
         numbers = _numbers(values, column.name, source, allow_missing=True)
@@ -147,6 +147,14 @@ def _encode_column(column: Column, values, source: str) -> np.ndarray:
         onehot = np.zeros((n, other + 1))
         onehot[np.arange(n), index] = 1.0
         return onehot
+    if column.encoder == "model":
+        if tokenizer is None:
+            raise SchemaError(
+                f"schema column '{column.name}' is tokenized by the run's base model (encoder 'model'), and no "
+                "tokenizer was given; run with --model hf:DIR (a department: --base-model DIR)")
+        from .pretrained import tokenize
+
+        return tokenize(tokenizer, text.fillna("").tolist(), column.max_length)[0]
     from sklearn.feature_extraction.text import HashingVectorizer
 
     hasher = HashingVectorizer(n_features=column.features, ngram_range=tuple(column.ngrams),

@@ -22,6 +22,7 @@ if TYPE_CHECKING:  # torch is loaded by whoever builds a model, not by every imp
     from torch import nn
 
 from .config import FACTORY as SPEC
+from .settings import PRETRAINED
 
 
 class ModelError(ValueError):
@@ -29,12 +30,12 @@ class ModelError(ValueError):
 
 
 def is_factory(spec: str) -> bool:
-    return ":" in spec
+    return ":" in spec and not spec.startswith("hf:")
 
 
 def check_spec(spec: str) -> str:
     """``spec`` itself when it is a built-in name or a well-formed ``package.module:callable``."""
-    if spec in ("auto", "mlp", "cnn"):
+    if spec in ("auto", "mlp", "cnn") or PRETRAINED.match(spec):
         return spec
     if not SPEC.match(spec):
         raise ModelError(
@@ -161,6 +162,15 @@ def ghost_norm_coverage(model: nn.Module) -> tuple[list[str], list[str]]:
     covered = sorted({type(m).__name__ for m in trainable if isinstance(m, ghost_norms)})
     missing = sorted({type(m).__name__ for m in trainable if not isinstance(m, ghost_norms)})
     return covered, missing
+
+
+def describe_size(model: nn.Module) -> str:
+    """``1,234 parameters``, or for a frozen base ``75,268 of 22,788,484 parameters train and travel``."""
+    total = sum(p.numel() for p in model.parameters())
+    trained = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if trained == total:
+        return f"{total:,} parameters"
+    return f"{trained:,} of {total:,} parameters train and travel ({total / trained:.0f}× fewer than the whole model)"
 
 
 def model_changes(spec: str, input_shape: tuple[int, ...], num_outputs: int, task: str) -> list[str]:

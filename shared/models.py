@@ -101,6 +101,7 @@ def default_model_name(kind: str, input_shape: tuple[int, ...]) -> str:
 def build_model(
     name: str, input_shape: tuple[int, ...], num_classes: int, kind: str = "tabular", seed: int = 0,
     task: str = "multiclass", embeddings: tuple[tuple[int, int], ...] = (), fix: bool = False,
+    bases: tuple[str, ...] = (), lora=None,
 ) -> nn.Module:
     """Build the named model, seeded for reproducibility, checked for DP-SGD.
 
@@ -109,9 +110,24 @@ def build_model(
     ``num_classes`` is the number of outputs K (1 for regression).  With ``fix``
     Opacus' ``ModuleValidator.fix`` replaces layers DP-SGD cannot train (BatchNorm
     becomes GroupNorm, ...); without it such a model is a :class:`ModelError`
-    naming the layer.
+    naming the layer.  ``hf:sha256:DIGEST`` is a pretrained base among the
+    folders ``bases`` (this party's own copies), fine-tuned with ``lora``
+    (:class:`fedsilo.shared.pretrained.LoraSettings`; None: the defaults).
     """
     from .model_factory import ModelError, check_model, is_factory, load_factory, make_trainable
+    from .pretrained import BaseModelError, LoraSettings, find_base, is_pretrained, tokenizer_of
+
+    if is_pretrained(name):
+        from .text_model import build_text_model
+
+        try:
+            base = find_base(name, bases)
+            model = build_text_model(base, int(num_classes), lora or LoraSettings(), tokenizer_of(base).pad_token_id, seed)
+        except BaseModelError as err:
+            raise ModelError(str(err)) from None
+        if torch.empty(0).device.type != "meta":  # transformers' masking reads values: no forward on shapes alone
+            check_model(model, name, tuple(input_shape), int(num_classes))
+        return model
 
     if is_factory(name):
         factory = load_factory(name)

@@ -18,9 +18,15 @@ Column kinds
                  column per slot; ``"embedding"`` gives one column holding the slot
                  index, which the built-in MLP embeds (a factory model gets it as
                  a float).
-``text``         hashed word or character n-grams (scikit-learn's
-                 ``HashingVectorizer``: stateless, no vocabulary, no downloads),
-                 ``features`` columns, L2-normalized per row.
+``text``         ``encoder: "hashing"`` (the default): hashed word or character
+                 n-grams (scikit-learn's ``HashingVectorizer``: stateless, no
+                 vocabulary, no downloads), ``features`` columns, L2-normalized
+                 per row.  ``encoder: "model"``: the token ids of the run's
+                 pretrained base's tokenizer (``tokenizer`` is the SHA-256 of its
+                 files, :mod:`fedsilo.shared.pretrained`), ``max_length`` columns,
+                 truncated and padded with its pad id.  A tokenizer is public, so
+                 tokenizing releases nothing; a party encodes with its *own* copy
+                 of that tokenizer (:meth:`DataSchema.with_tokenizer`).
 ``ignore``       read from nobody's table (identifiers, free-form dates, ...).
 
 Limits
@@ -55,12 +61,14 @@ KINDS = ("numeric", "categorical", "text", "ignore")
 ENCODINGS = ("onehot", "embedding")
 IMPUTATIONS = ("median", "mean", "zero", "error")
 ANALYZERS = ("word", "char_wb")
+TEXT_ENCODERS = ("hashing", "model")
 SCHEMA_FORMAT = "fedsilo-schema"
 SCHEMA_VERSION = 1
 TEXT_FEATURES = 64  # hashed features of a text column a drafted schema gives
 # Hard limits of the schema format (a department's policy may be tighter).
 MAX_SCHEMA_FEATURES = 1 << 20
 MAX_TEXT_FEATURES = 1 << 20
+MAX_TEXT_TOKENS = 4096
 MAX_SCHEMA_CATEGORIES = 100_000
 MAX_SCHEMA_COLUMNS = 10_000
 MAX_NAME = 1024
@@ -117,6 +125,9 @@ class Column:
     features: int = TEXT_FEATURES
     ngrams: tuple[int, int] = (1, 2)
     analyzer: str = "word"
+    encoder: str = "hashing"
+    max_length: int = 128
+    tokenizer: str = ""
 
     def __post_init__(self) -> None:
         if not _text_ok(self.name):
@@ -158,6 +169,16 @@ class Column:
             object.__setattr__(self, "ngrams", tuple(self.ngrams))
             if not isinstance(self.analyzer, str) or self.analyzer not in ANALYZERS:
                 raise SchemaError(f"{where}: analyzer {_shown(self.analyzer)} is not one of {', '.join(ANALYZERS)}")
+            if not isinstance(self.encoder, str) or self.encoder not in TEXT_ENCODERS:
+                raise SchemaError(f"{where}: encoder {_shown(self.encoder)} is not one of {', '.join(TEXT_ENCODERS)}")
+            if self.encoder == "model":
+                if not (type(self.max_length) is int and 1 <= self.max_length <= MAX_TEXT_TOKENS):
+                    raise SchemaError(f"{where}: max_length must be a whole number in [1, {MAX_TEXT_TOKENS}]")
+                if not (isinstance(self.tokenizer, str) and len(self.tokenizer) == 64
+                        and all(c in "0123456789abcdef" for c in self.tokenizer)):
+                    raise SchemaError(
+                        f"{where}: encoder 'model' needs tokenizer, the SHA-256 (64 hex digits) of the base model's "
+                        "tokenizer files; draft the schema with --model hf:DIR to fill it in")
 
     @property
     def width(self) -> int:
@@ -167,7 +188,7 @@ class Column:
         if self.kind == "categorical":
             return len(self.categories) + 1 if self.encoding == "onehot" else 1
         if self.kind == "text":
-            return self.features
+            return self.max_length if self.encoder == "model" else self.features
         return 0
 
     def feature_names(self) -> list[str]:
@@ -178,7 +199,7 @@ class Column:
                 return [f"{self.name} (index)"]
             return [f"{self.name}={c}" for c in self.categories] + [f"{self.name}=<other>"]
         if self.kind == "text":
-            return [f"{self.name}#{i}" for i in range(self.features)]
+            return [f"{self.name}#{i}" for i in range(self.width)]
         return []
 
     def describe(self) -> str:
@@ -189,6 +210,8 @@ class Column:
         if self.kind == "categorical":
             shown = ", ".join(self.categories[:6]) + (", …" if len(self.categories) > 6 else "")
             return f"categorical ({len(self.categories)}: {shown} + other), {self.encoding}"
+        if self.kind == "text" and self.encoder == "model":
+            return f"text, the base model's tokens (at most {self.max_length}; tokenizer {self.tokenizer[:12]}…)"
         if self.kind == "text":
             return f"text, {self.features} hashed {self.analyzer} {self.ngrams[0]}–{self.ngrams[1]}-grams"
         return "ignored"
@@ -198,7 +221,7 @@ class Column:
         keep = {
             "numeric": ("mean", "scale", "impute", "fill", "indicator"),
             "categorical": ("categories", "encoding"),
-            "text": ("features", "ngrams", "analyzer"),
+            "text": ("encoder", "max_length", "tokenizer") if self.encoder == "model" else ("features", "ngrams", "analyzer"),
             "ignore": (),
         }[self.kind]
         body = asdict(self)
@@ -273,6 +296,8 @@ class DataSchema:
 
     label: Label
     columns: tuple[Column, ...] = field(default_factory=tuple)
+    # The tokenizer this party encodes ``encoder: model`` text with: its own copy, never sent.
+    tokenizer: Any = field(default=None, compare=False, repr=False)
 
     def __post_init__(self) -> None:
         if len(self.columns) > MAX_SCHEMA_COLUMNS:
@@ -307,6 +332,29 @@ class DataSchema:
     @property
     def task(self) -> str:
         return self.label.task
+
+    @property
+    def token_column(self) -> Column | None:
+        """The text column a pretrained base reads (``encoder: model``), if any."""
+        return next((c for c in self.inputs if c.kind == "text" and c.encoder == "model"), None)
+
+    def with_tokenizer(self, tokenizer: Any, digest: str) -> "DataSchema":
+        """This schema bound to this party's copy of the tokenizer, which must have the schema's digest.
+
+        Raises
+        ------
+        SchemaError
+            The schema's text column names another tokenizer.
+        """
+        column = self.token_column
+        if column is None:
+            return self
+        if column.tokenizer != digest:
+            raise SchemaError(
+                f"schema column '{column.name}' is tokenized with tokenizer sha256 {column.tokenizer}, but this "
+                f"host's base model has tokenizer {digest}; use a base folder whose tokenizer files match"
+            )
+        return DataSchema(self.label, self.columns, tokenizer)
 
     @property
     def embeddings(self) -> tuple[tuple[int, int], ...]:
@@ -419,7 +467,7 @@ class DataSchema:
     def with_label_column(self, column: str) -> "DataSchema":
         """The same schema for a table whose label column has another name (a department's own)."""
         label = Label(column, self.label.task, self.label.classes, self.label.mean, self.label.scale)
-        return DataSchema(label, tuple(c for c in self.columns if c.name != column))
+        return DataSchema(label, tuple(c for c in self.columns if c.name != column), self.tokenizer)
 
 
 def natural_order(value: str):

@@ -37,6 +37,7 @@ TASKS = ("auto", "binary", "multiclass", "regression")
 AGGREGATIONS = ("fedavg", "trimmed-mean", "median", "krum")
 RUN_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 FACTORY = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+PRETRAINED = re.compile(r"^hf:sha256:[0-9a-f]{64}$")  # a pretrained base, named by its weights' digest
 
 Scope = Literal["department", "coordinator", "simulation"]
 SCOPES: tuple[str, ...] = ("department", "coordinator", "simulation")
@@ -174,11 +175,30 @@ CATALOGUE: tuple[Setting, ...] = (
     Setting("seed", int, 42, "Seed for partitioning, model initialization and each round's training.", "department",
             coordinator=Cli(help=None), simulate=Cli(help="Seed for partitioning and model initialization.")),
     Setting("model", str, "auto",
-            "The model: auto | mlp | cnn | package.module:factory (imported from each party's own environment).",
+            "The model: auto | mlp | cnn | package.module:factory (imported from each party's own environment) | "
+            "hf:sha256:DIGEST (a pretrained base fine-tuned with LoRA, each party's own copy).",
             "department",
-            Check(lambda v: v in MODELS or bool(FACTORY.match(v)), f"model must be one of {MODELS} or a factory package.module:callable"),
-            coordinator=Cli(help="auto | mlp | cnn | package.module:factory — installed here and on every department that allows it (--allow-model)."),
-            simulate=Cli(help="auto | mlp | cnn | package.module:factory (your own; see docs/how-to/own-model.md).")),
+            Check(lambda v: v in MODELS or bool(FACTORY.match(v)) or bool(PRETRAINED.match(v)),
+                  f"model must be one of {MODELS}, a factory package.module:callable or a base hf:sha256:DIGEST"),
+            coordinator=Cli(help="auto | mlp | cnn | package.module:factory — installed here and on every department that "
+                            "allows it (--allow-model) | hf:DIR, a pretrained Hugging Face folder fine-tuned with LoRA "
+                            "(each department holds its own copy: --base-model)."),
+            simulate=Cli(help="auto | mlp | cnn | package.module:factory (your own; see docs/how-to/own-model.md) | "
+                         "hf:DIR, a pretrained Hugging Face folder fine-tuned with LoRA (docs/how-to/pretrained.md).")),
+    Setting("base-model", str, "",
+            "The coordinator's own copy of the run's pretrained base (a folder; set from --model hf:DIR).", "coordinator"),
+    Setting("lora-rank", int, 8, "LoRA rank r of the adapters on a pretrained base.", "department",
+            Check(lambda v: 1 <= v <= 1024, "lora-rank must be in [1, 1024]"), coordinator=Cli(min=1), simulate=Cli(min=1)),
+    Setting("lora-alpha", float, 16.0, "LoRA scaling α (the adapters' update is scaled by α/r).", "department",
+            Check(lambda v: 0 < v < 1e6, "lora-alpha must be positive"), coordinator=_C, simulate=_C),
+    Setting("lora-targets", str, "",
+            "Comma-separated module names LoRA adapts (empty: peft's default for the architecture, e.g. query,value).",
+            "department", Check(lambda v: all(re.match(r"^[A-Za-z_][\w.]*$", t.strip()) for t in v.split(",") if t.strip()),
+                                "lora-targets must be module names separated by commas, e.g. query,value"),
+            coordinator=_C, simulate=_C),
+    Setting("max-length", int, 128,
+            "Tokens per text under a pretrained base (the schema's max_length when fedsilo drafts it).", "coordinator",
+            Check(lambda v: 1 <= v <= 4096, "max-length must be in [1, 4096]"), coordinator=Cli(min=1), simulate=Cli(min=1)),
     Setting("fix-model", bool, False,
             "Let Opacus' ModuleValidator.fix replace layers DP-SGD cannot train (BatchNorm → GroupNorm).", "department",
             coordinator=Cli(flag="--fix-model"),

@@ -56,8 +56,9 @@ def simulate(
 ) -> None:
     """Simulate a federation of departments on embedded data, then print a privacy report."""
     # torch here, not at import: every other `fedsilo` command starts without it.
-    from fedsilo.shared.model_factory import check_spec, describe_grad_sample_mode, is_factory, model_changes
+    from fedsilo.shared.model_factory import check_spec, describe_grad_sample_mode, describe_size, is_factory, model_changes
     from fedsilo.shared.models import build_model
+    from fedsilo.shared.pretrained import LoraSettings, resolve_model_option
 
     o = SimpleNamespace(**options)  # the run settings' options (shared/settings.py)
     _choice(o.accountant, ACCOUNTANTS, "--accountant")
@@ -69,7 +70,8 @@ def simulate(
         return _resume(ctx, resume, cpus_per_department, verbose)
     out = o.out.expanduser().resolve()
     try:
-        check_spec(o.model)
+        model, base_dir = resolve_model_option(o.model)  # hf:DIR → the base's digest, and this host's folder
+        check_spec(model)
         spec = str(Path(o.dataset).expanduser().resolve()) if Path(o.dataset).expanduser().exists() else o.dataset
         if o.partition is None:  # label skew needs classes, and a folder is split already
             o.partition = "iid" if Path(spec).is_dir() or o.task == "regression" else "dirichlet:0.5"
@@ -80,7 +82,7 @@ def simulate(
         # Validate the data and model here, before any process starts.
         federation = simulated_federation(
             spec, o.label_column, split_columns(o.feature_columns), count, o.partition, o.seed,
-            schema_json=given, test_data=held_out, task=o.task,
+            schema_json=given, test_data=held_out, task=o.task, base_model=base_dir, max_length=o.max_length,
         )
         parts, test = list(federation.parts), federation.test
         if o.task not in ("auto", test.task):
@@ -95,9 +97,10 @@ def simulate(
                 f"answering every round, and this federation has {departments}; simulate more departments "
                 "or lower --byzantine"
             )
-        changes = model_changes(o.model, test.input_shape, test.num_outputs, test.task) if o.fix_model else []
-        built = build_model(o.model, test.input_shape, test.num_outputs, test.kind, seed=o.seed, task=test.task,
-                            embeddings=test.embeddings, fix=o.fix_model)
+        changes = model_changes(model, test.input_shape, test.num_outputs, test.task) if o.fix_model else []
+        lora = LoraSettings.parse(o.lora_rank, o.lora_alpha, o.lora_targets)
+        built = build_model(model, test.input_shape, test.num_outputs, test.kind, seed=o.seed, task=test.task,
+                            embeddings=test.embeddings, fix=o.fix_model, bases=(base_dir,) if base_dir else (), lora=lora)
         dp_path = describe_grad_sample_mode(o.grad_sample_mode, built) if o.dp else ""
         settings = RunSettings(
             num_server_rounds=o.rounds,
@@ -106,7 +109,12 @@ def simulate(
             feature_columns=o.feature_columns,
             partition=o.partition,
             seed=o.seed,
-            model=o.model,
+            model=model,
+            base_model=base_dir,
+            lora_rank=lora.rank,
+            lora_alpha=lora.alpha,
+            lora_targets=",".join(lora.targets),
+            max_length=o.max_length,
             fix_model=o.fix_model,
             task=test.task,
             dp=o.dp,
@@ -152,7 +160,7 @@ def simulate(
             ddp_scale=o.ddp_scale,
             simulated_policy=DepartmentPolicy(
                 max_epsilon=o.max_epsilon, delta=o.delta, accountants=(o.accountant,), allow_non_private=not o.dp,
-                models=(o.model,) if is_factory(o.model) else (),
+                models=(model,) if is_factory(model) else (), base_models=(base_dir,) if base_dir else (),
             ).to_json(),
         )
         check_aggregation(settings, least)  # every combination checked before anything starts
@@ -189,7 +197,7 @@ def simulate(
     if o.fix_model:
         console.print("--fix-model: " + ("; ".join(changes) if changes else "nothing to change, the model is valid for DP-SGD as it is"))
     if o.dp:
-        console.print(f"Model {o.model} ({sum(p.numel() for p in built.parameters())} parameters, {test.task}), per-sample gradients: {dp_path}")
+        console.print(f"Model {o.model} ({describe_size(built)}, {test.task}), per-sample gradients: {dp_path}")
     sizes = [len(p) for p in parts]
     console.print(
         f"[bold]fedsilo[/bold]: {departments} departments × {settings.num_server_rounds} rounds on '{Path(o.dataset).name if federation.schema is not None else test.name}' "
