@@ -139,6 +139,7 @@ def predict(
     out: Annotated[Path, typer.Option(help="Where to write the rows with their predictions (.csv/.parquet).")],
     keys: Annotated[Optional[Path], typer.Option(help="Folder with the coordinator's key you trust (coordinator.crt or .pub) to check the card's signer.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace an existing --out file.")] = False,
+    base_model: Annotated[Optional[list[Path]], typer.Option(help="Your copy of the pretrained base a run fine-tuned (a Hugging Face folder), found by the SHA-256 of its weights that the card names (repeat for several).")] = None,
 ) -> None:
     """Apply a run's model to new rows: checks the signed card, encodes with its schema, writes predictions."""
     from fedsilo.shared.model_card import CardError
@@ -150,7 +151,7 @@ def predict(
     try:
         if out.exists() and not overwrite:
             raise FileExistsError(f"'{out}' already exists; choose another --out, or pass --overwrite to replace it")
-        result = predict_file(model, data, keys)
+        result = predict_file(model, data, keys, tuple(base_model or ()))
         write_predictions(result.frame, out, overwrite)
     except (CardError, DataError, ModelError, FileExistsError) as err:
         typer.echo(f"error: {err}", err=True)

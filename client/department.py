@@ -186,7 +186,7 @@ def _load_own_table(path: str, label_column: str, schema_json: str, limits: RunL
                     bases: tuple[str, ...] = ()) -> Dataset:
     schema = _run_schema(schema_json, label_column)
     if schema.token_column is not None:  # tokenized with this host's own copy of the run's base
-        schema = bind_tokenizer(schema, find_base(model, bases, "this department") if is_pretrained(model) else None)
+        schema = bind_tokenizer(schema, find_base(model, bases, "this department's base models") if is_pretrained(model) else None)
     data, left_out = load_records(Path(path), schema)
     # Checked at `department start` too; the table may have grown since.
     over = limits.check_table(data.num_records)

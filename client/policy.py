@@ -195,7 +195,7 @@ class DepartmentPolicy:
             )
         if is_pretrained(request.model):
             try:
-                find_base(request.model, self.base_models, "this department")
+                find_base(request.model, self.base_models, "this department's base models")
             except BaseModelError as err:
                 looser.append(f"model: {err}")
         elif request.model not in MODELS and request.model not in self.models:

@@ -33,7 +33,7 @@ from fedsilo.shared.train_request import TrainRequest
 
 from .acknowledgements import HeadKeeper, open_record, registered_keys
 from .central_dp import ClientLevelDP, CoordinatorBudgetExhausted, client_level_dp
-from fedsilo.shared.model_card import CARD_FILE, WEIGHTS_FILE, build_card, save_weights, sign_card, write_card
+from fedsilo.shared.model_card import CARD_FILE, WEIGHTS_FILE, build_card, pretrained_section, save_weights, sign_card, write_card
 from .checkpoint import Checkpoint, resumable
 from .grid_exchange import exchange
 from .robust import TooFewUpdates, department_strategy
@@ -105,6 +105,7 @@ def run_federation(grid: Grid, settings: RunSettings, out: Path, run_dir: Path, 
         )
         summary.set_initial(metrics, test.task)
         summary.summary.dp_path = dp_path
+        summary.set_traffic(arrays, model)
         if isinstance(strategy, ClientLevelDP):
             summary.set_central(strategy)
         announce(summary, RunStarted(run=run_id, run_dir=str(run_dir), task=test.task, model=settings.model,
@@ -323,8 +324,17 @@ def write_model(out_dir: Path, model, settings: RunSettings, test: Dataset, metr
         held_out={"name": test.name, "rows": len(test), "source": settings.test_data or "split off the dataset"},
         metrics=metrics, departments=privacy, client_level=client_level, weights_sha256=sha,
         grad_sample_mode=dp_path, status=status, rounds=len(summary.summary.rounds),
+        pretrained=_pretrained_card(settings, model, test),
     )
     write_card(sign_card(card, record.signer), out_dir / CARD_FILE)
+
+
+def _pretrained_card(settings: RunSettings, model, test: Dataset) -> dict | None:
+    if not is_pretrained(settings.model):
+        return None
+    base = find_base(settings.model, coordinator_bases(settings), "the coordinator's base model (--model hf:DIR)")
+    column = test.schema.token_column if test.schema is not None else None
+    return pretrained_section(base, lora_of(settings), model, column.max_length if column else test.input_shape[0])
 
 
 def coordinator_test_set(settings: RunSettings) -> Dataset:
@@ -336,7 +346,7 @@ def coordinator_test_set(settings: RunSettings) -> Dataset:
     """
     if settings.test_data and settings.data_schema:
         schema = DataSchema.from_json(settings.data_schema, "the run's data schema")
-        base = find_base(settings.model, coordinator_bases(settings), "the coordinator") if is_pretrained(settings.model) else None
+        base = find_base(settings.model, coordinator_bases(settings), "the coordinator's base model (--model hf:DIR)") if is_pretrained(settings.model) else None
         return load_table(Path(settings.test_data), schema.label.column, schema=bind_tokenizer(schema, base))
     # The held-out rows do not depend on how the rest is partitioned: one iid
     # department is the cheapest split to build, except where the data names the

@@ -158,6 +158,7 @@ def run(
         lora = LoraSettings.parse(o.lora_rank, o.lora_alpha, o.lora_targets)
         built = build_model(model, held_out.input_shape, held_out.num_outputs, "tabular", seed=o.seed, task=held_out.task,
                             embeddings=held_out.embeddings, fix=o.fix_model, bases=(base_dir,) if base_dir else (), lora=lora)
+        lora = getattr(built, "lora", lora)  # a base's adapted modules by name: every party builds the same
         settings = RunSettings.from_run_config(
             {
                 "num-server-rounds": o.rounds, "dataset": str(o.test_data.resolve()), "label-column": schema.label.column,

@@ -43,6 +43,7 @@ def print_run_report(run_dir: Path, console: Console | None = None) -> Summary:
     if summary.model_card:
         console.print(f"Model: {Path(run_dir) / summary.model} with its signed card {Path(run_dir) / summary.model_card}")
     print_failed_rounds(summary, console)
+    print_traffic(summary, console)
     if not summary.dp:
         console.print("[yellow]No record-level DP at the departments: ε is unbounded (∞) for each department's examples.[/yellow]")
         print_central(summary, console)
@@ -101,6 +102,20 @@ def print_run_report(run_dir: Path, console: Console | None = None) -> Summary:
     print_central(summary, console)
     print_secure_aggregation(summary, console)
     return summary
+
+
+def print_traffic(summary: Summary, console: Console) -> None:
+    """Bytes one department moves per round (median upload over the run), against the whole model."""
+    traffic = summary.traffic
+    uploads = sorted(b for r in summary.rounds for b in r.upload_bytes.values())
+    if traffic is None or not uploads:
+        return
+    up = uploads[len(uploads) // 2]
+    line = f"Traffic per department per round: {up:,} B up (median), {traffic.model_bytes:,} B down"
+    if traffic.whole_model_bytes > traffic.model_bytes:
+        line += (f"; the whole model is {traffic.whole_model_bytes:,} B, {traffic.whole_model_bytes / max(up, 1):,.0f}× "
+                 "an upload (the frozen base never travels)")
+    console.print(line, soft_wrap=True)
 
 
 def print_failed_rounds(summary: Summary, console: Console) -> None:

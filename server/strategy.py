@@ -85,6 +85,13 @@ class RoundReport:
     charged: dict[str, dict] = field(default_factory=dict)
     # Under secure aggregation: the round's sets, drops and bytes (a shared.summary_format.RoundSecAgg).
     secagg: object | None = None
+    # Bytes of the arrays in each answering department's reply (its upload this round).
+    upload_bytes: dict[str, int] = field(default_factory=dict)
+
+
+def array_bytes(msg: Message) -> int:
+    """Bytes of every array a message carries (its payload; the envelope's few fields not counted)."""
+    return sum(len(array.data) for record in msg.content.array_records.values() for array in record.values())
 
 
 class DepartmentFedAvg(FedAvg):
@@ -203,6 +210,7 @@ class DepartmentFedAvg(FedAvg):
                 continue
             name = self.node_names.get(node, f"node-{node}")
             try:
+                upload = array_bytes(msg)
                 envelope = read_envelope(msg)
                 # In a deployment the name it was registered under, not the one it reports.
                 name = self.node_names.get(node, envelope.name)
@@ -221,6 +229,7 @@ class DepartmentFedAvg(FedAvg):
                 log(WARNING, "round %s: reply from %s rejected: %s", server_round, name, problem)
                 report.rejected[name] = problem
             if update is not None:
+                report.upload_bytes[name] = upload
                 msg.content = update.content()  # what the rule sees: checked values, the same keys from all
                 self.accepted.append(update)
                 accepted.append(msg)

@@ -21,7 +21,7 @@ from typing import Any
 from fedsilo.shared.accounting import MIXED_ACCOUNTANT
 from fedsilo.shared.runs import SUMMARY
 from fedsilo.shared.summary_format import (
-    RUNNING, Asked, Central, DepartmentTotals, FailedRound, Resume, RoundCentral, RoundRecord, Summary,
+    RUNNING, Asked, Central, DepartmentTotals, FailedRound, Resume, RoundCentral, RoundRecord, Summary, Traffic,
 )
 
 from .events import EventLog, RunEnded
@@ -58,6 +58,7 @@ def _participation(report: RoundReport) -> dict[str, Any]:
         "charged": {name: {**what, "epsilon": _finite(what.get("epsilon"))}
                     for name, what in sorted(report.charged.items())},
         "secagg": report.secagg,
+        "upload_bytes": dict(sorted(report.upload_bytes.items())),
     }
 
 
@@ -202,6 +203,14 @@ class RunSummary:
             round=rnd, reason=reason, epsilon=dict(sorted(self._epsilon.items())), **_participation(report),
             seconds=round(seconds, 3),
         ))
+        self.write()
+
+    def set_traffic(self, arrays, model) -> None:
+        """What each round sends a department (``arrays``, the global model as it travels), against the whole model."""
+        self.summary.traffic = Traffic(
+            model_bytes=int(sum(len(a.data) for a in arrays.values())),
+            whole_model_bytes=int(sum(p.numel() * p.element_size() for p in model.parameters())
+                                  + sum(b.numel() * b.element_size() for b in model.buffers())))
         self.write()
 
     def add_secagg_session(self, setup) -> None:

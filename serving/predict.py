@@ -1,7 +1,8 @@
 """``fedsilo predict``: apply a run's model to new rows, through its signed card and schema.
 
 Nothing here unpickles: the weights are safetensors, the architecture is a
-built-in name or a factory imported from this environment, and the encodings
+built-in name, a factory imported from this environment or a pretrained base
+the caller holds (``--base-model DIR``, found by its weights' digest), and the encodings
 come from the schema inside the card — whose signature, and the weights'
 SHA-256, are checked first.  Nothing is allocated from the card before it is
 bounded: the schema's width (``shared/schema.py``'s limits), the input shape and
@@ -20,6 +21,7 @@ import numpy as np
 from fedsilo.audit import key_index
 from fedsilo.shared.metrics import metrics_from_outputs
 from fedsilo.shared.models import build_model, predict_outputs
+from fedsilo.shared.pretrained import BaseModelError, LoraSettings, bind_tokenizer, find_base, spec_of
 from fedsilo.shared.runs import resolve_run_dir
 from fedsilo.shared.schema import DataSchema, SchemaError, read_table
 
@@ -54,8 +56,12 @@ class Prediction:
     trusted: str  # which key the card was checked against
 
 
-def load_run_model(run_dir: Path, keys: Path | None = None):
-    """(card, schema, model, what the card was checked against) of a finished run (or an output folder's latest)."""
+def load_run_model(run_dir: Path, keys: Path | None = None, bases: tuple[Path | str, ...] = ()):
+    """(card, schema, model, what the card was checked against) of a finished run (or an output folder's latest).
+
+    A run that fine-tuned a pretrained base needs the caller's own copy of it among
+    ``bases`` (found by the SHA-256 of its weights the card names).
+    """
     run_dir = resolve_run_dir(run_dir)
     card = read_card(run_dir)
     trusted, where = None, "the key named in the card (consistency only: pass --keys to check who signed it)"
@@ -93,8 +99,12 @@ def load_run_model(run_dir: Path, keys: Path | None = None):
     parameters = _weights_parameters(Path(run_dir) / card["weights"].get("file", WEIGHTS_FILE))
     if parameters > MAX_PARAMETERS:
         raise CardError(f"the weights hold {parameters} parameters, more than the {MAX_PARAMETERS} predict loads")
+    lora = None
+    if spec.get("kind") == "pretrained":
+        lora, schema = _pretrained_parts(spec, schema, bases)
     model = build_model(spec["architecture"], shape, int(spec["num_outputs"]), "tabular", task=card["task"],
-                        embeddings=schema.embeddings, fix=bool(spec["fix_model"]))
+                        embeddings=schema.embeddings, fix=bool(spec["fix_model"]),
+                        bases=tuple(str(b) for b in bases), lora=lora)
     weights = load_weights(Path(run_dir) / card["weights"].get("file", WEIGHTS_FILE))
     try:
         model.load_state_dict(weights)
@@ -103,9 +113,33 @@ def load_run_model(run_dir: Path, keys: Path | None = None):
     return card, schema, model, where
 
 
-def predict_file(run_dir: Path, data: Path, keys: Path | None = None) -> Prediction:
+def _pretrained_parts(spec: dict, schema: DataSchema, bases: tuple[Path | str, ...]):
+    """LoRA's settings from the card, and the schema bound to the caller's own copy of the base's tokenizer."""
+    parts = spec.get("pretrained")
+    lora_raw = parts.get("lora") if isinstance(parts, dict) else None
+    if not (isinstance(parts, dict) and isinstance(parts.get("base_weights_sha256"), str) and isinstance(lora_raw, dict)
+            and type(lora_raw.get("rank")) is int and type(lora_raw.get("alpha")) in (int, float)
+            and isinstance(lora_raw.get("targets"), list) and all(isinstance(t, str) for t in lora_raw["targets"])):
+        raise CardError("the model card's pretrained section is missing or malformed: it is not a card fedsilo wrote")
+    try:
+        lora = LoraSettings(lora_raw["rank"], float(lora_raw["alpha"]), tuple(lora_raw["targets"]))
+        if spec_of(parts["base_weights_sha256"]) != spec["architecture"]:
+            raise CardError("the model card names two different base models: it is inconsistent")
+        if not bases:
+            raise BaseModelError(
+                f"this run fine-tuned a pretrained base (weights sha256 {parts['base_weights_sha256']}); "
+                "pass your copy of it with --base-model DIR")
+        base = find_base(spec["architecture"], bases, "the --base-model folders given")
+        return lora, bind_tokenizer(schema, base)
+    except (BaseModelError, ValueError) as err:
+        if isinstance(err, CardError):
+            raise
+        raise CardError(str(err)) from None
+
+
+def predict_file(run_dir: Path, data: Path, keys: Path | None = None, bases: tuple[Path | str, ...] = ()) -> Prediction:
     """Predictions for every row of ``data``; metrics too when it holds the label column."""
-    card, schema, model, where = load_run_model(run_dir, keys)
+    card, schema, model, where = load_run_model(run_dir, keys, bases)
     frame = read_table(data)
     source = f"'{data}'"
     x = schema.encode(frame, source)

@@ -1,8 +1,9 @@
 """The model a run leaves behind: ``model.safetensors`` and a model card signed by the coordinator.
 
 The card (``model-card.json``) says everything needed to use and to trust the
-weights without running any pickle: the architecture (a built-in name or the
-factory ``package.module:callable``, whether ``--fix-model`` applied), the
+weights without running any pickle: the architecture (a built-in name, the
+factory ``package.module:callable``, whether ``--fix-model`` applied, or a
+pretrained base by its weights' and tokenizer's SHA-256 with LoRA's settings), the
 input schema with its encodings, the task and classes, the held-out metrics,
 the run id, each department's whole-history ε at its δ (as acknowledged in the
 coordinator's record: identity, ledger entry count and head hash), the
@@ -90,10 +91,12 @@ def build_card(
     *, run_id: str, model: str, fix_model: bool, input_shape: tuple[int, ...], num_outputs: int, task: str,
     classes: tuple, schema: dict | None, dataset: str, held_out: dict[str, Any], metrics: dict[str, float],
     departments: list[dict[str, Any]], client_level: dict[str, Any] | None, weights_sha256: str,
-    grad_sample_mode: str, status: str, rounds: int,
+    grad_sample_mode: str, status: str, rounds: int, pretrained: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
+    """The card's body (unsigned).  ``pretrained`` (:func:`pretrained_section`): the base and LoRA of an ``hf:`` model."""
     from fedsilo import __version__
 
+    kind = "pretrained" if pretrained is not None else "factory" if ":" in model else "built-in"
     return {
         "format": CARD_FORMAT,
         "version": CARD_VERSION,
@@ -102,9 +105,9 @@ def build_card(
         "software": f"fedsilo {__version__}",
         "status": status,
         "rounds": rounds,
-        "model": {"architecture": model, "kind": "factory" if ":" in model else "built-in",
+        "model": {"architecture": model, "kind": kind,
                   "fix_model": fix_model, "input_shape": list(input_shape), "num_outputs": num_outputs,
-                  "grad_sample_mode": grad_sample_mode},
+                  "grad_sample_mode": grad_sample_mode, **({"pretrained": pretrained} if pretrained else {})},
         "weights": {"file": WEIGHTS_FILE, "format": "safetensors", "sha256": weights_sha256},
         "task": task,
         "classes": [str(c) for c in classes],
@@ -113,6 +116,26 @@ def build_card(
         "held_out": held_out,
         "metrics": {k: _finite(v) for k, v in metrics.items()},
         "privacy": {"record_level": departments, "client_level": client_level},
+    }
+
+
+def pretrained_section(base, lora, model, max_length: int) -> dict[str, Any]:
+    """What names an ``hf:`` model's parts: its base (by digests), the tokenizer, LoRA's settings, what trained.
+
+    The weights file holds only the adapters and the head, so its SHA-256 (the
+    card's ``weights``) is the adapters' hash; the base is not in the run folder
+    and is named by the SHA-256 of its weights, which whoever predicts must hold.
+    """
+    trained = sum(v.numel() for v in model.state_dict().values())
+    return {
+        "base_weights_sha256": base.digest,
+        "base_model_type": base.model_type,
+        "base_hidden_size": base.hidden_size,
+        "tokenizer_sha256": base.tokenizer_digest,
+        "max_length": int(max_length),
+        "lora": getattr(model, "lora", lora).to_dict(),  # the modules it adapted, by name
+        "trained_parameters": int(trained),
+        "total_parameters": int(sum(p.numel() for p in model.parameters())),
     }
 
 

@@ -180,7 +180,7 @@ def _weight_files(folder: Path, where: str) -> tuple[str, ...]:
     raise BaseModelError(f"{where} has no {WEIGHTS}; pass a Hugging Face model folder saved with safetensors")
 
 
-def find_base(spec: str, folders: Iterable[Path | str], holder: str = "this host") -> BaseModel:
+def find_base(spec: str, folders: Iterable[Path | str], holder: str = "this host's base models") -> BaseModel:
     """The base among ``folders`` whose weights have the digest ``spec`` names.
 
     Raises
@@ -196,7 +196,7 @@ def find_base(spec: str, folders: Iterable[Path | str], holder: str = "this host
             return base
         looked.append(f"{base.folder} ({base.digest[:12]}…)")
     raise BaseModelError(
-        f"the run's base model (weights sha256 {digest}) is not among {holder}'s base models"
+        f"the run's base model (weights sha256 {digest}) is not among {holder}"
         + (f" ({', '.join(looked)})" if looked else " (none given)")
         + "; give a folder holding exactly those weights with --base-model DIR"
     )

@@ -80,6 +80,14 @@ class SecAggSetup:
 
 
 @dataclass
+class Traffic:
+    """What one round moves per department: the global model down, an update up, against the whole model."""
+
+    model_bytes: int = 0  # the arrays that travel each way (a pretrained base's adapters and head only)
+    whole_model_bytes: int = 0  # every parameter of the model, a frozen base's included
+
+
+@dataclass
 class Participation:
     """Who did what in a round, completed or failed (from :class:`fedsilo.server.strategy.RoundReport`)."""
 
@@ -106,6 +114,8 @@ class Participation:
     seconds: float = 0.0
     # Under --secure-aggregation: the round's sets, drops and bytes (absent otherwise).
     secagg: RoundSecAgg | None = _optional()
+    # Bytes of the arrays each department's reply carried to the coordinator (its upload).
+    upload_bytes: dict[str, int] = _optional(factory=dict)
 
 
 @dataclass
@@ -227,6 +237,7 @@ class Summary:
     model_card: str | None = _optional()
     # Under --secure-aggregation, one entry per session (a resume opens a new one).
     secure_aggregation: list[SecAggSetup] = _optional(factory=list)
+    traffic: Traffic | None = _optional()
 
     def to_dict(self) -> dict[str, Any]:
         """The JSON object written to ``summary.json`` (fields with nothing to say left out)."""

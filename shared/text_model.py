@@ -63,6 +63,10 @@ class TextModel(nn.Module):
                 f"LoRA cannot be applied to this {base.model_type} base: {err}; name its attention "
                 "projections with --lora-targets (e.g. query,value or q_proj,v_proj)"
             ) from None
+        # The modules LoRA adapted, named: a run sends them, so every party builds the same layout
+        # whatever its peft version's defaults.
+        adapted = self.encoder.peft_config["default"].target_modules
+        self.lora = LoraSettings(lora.rank, lora.alpha, tuple(sorted(adapted)) if not isinstance(adapted, str) else (adapted,))
         self.head = nn.Linear(base.hidden_size, num_outputs)
         self.pad_id = int(pad_id)
         self.vocab_size = base.vocab_size

@@ -101,6 +101,7 @@ def simulate(
         lora = LoraSettings.parse(o.lora_rank, o.lora_alpha, o.lora_targets)
         built = build_model(model, test.input_shape, test.num_outputs, test.kind, seed=o.seed, task=test.task,
                             embeddings=test.embeddings, fix=o.fix_model, bases=(base_dir,) if base_dir else (), lora=lora)
+        lora = getattr(built, "lora", lora)  # a base's adapted modules by name: every party builds the same
         dp_path = describe_grad_sample_mode(o.grad_sample_mode, built) if o.dp else ""
         settings = RunSettings(
             num_server_rounds=o.rounds,
