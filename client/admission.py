@@ -71,14 +71,19 @@ def schema_limits(schema: DataSchema, limits: RunLimits) -> list[str]:
 
 
 def build(settings: RunSettings, spec: ModelSpec, device: str | torch.device | None = None,
-          bases: tuple[str, ...] = ()) -> torch.nn.Module:
+          bases: tuple[str, ...] = (), train_on: torch.device | None = None) -> torch.nn.Module:
     """The department's own model for this run (on ``meta``: shapes only, nothing allocated).
 
-    A pretrained base comes from ``bases``, this department's own copies (its policy's).
+    A pretrained base comes from ``bases``, this department's own copies (its policy's),
+    its frozen weights in the dtype ``base-dtype`` gives for the device it trains on.
     """
+    from fedsilo.shared.text_model import resolve_base_dtype
+
+    dtype = resolve_base_dtype(settings.base_dtype, train_on or "cpu")
     with torch.device(device or "cpu"):
         return build_model(settings.model, spec.input_shape, spec.num_outputs, spec.kind, task=spec.task,
-                           embeddings=spec.embeddings, fix=settings.fix_model, bases=bases, lora=lora_of(settings))
+                           embeddings=spec.embeddings, fix=settings.fix_model, bases=bases, lora=lora_of(settings),
+                           base_dtype=dtype)
 
 
 def reference_layout(model: torch.nn.Module) -> dict[str, tuple[str, tuple[int, ...]]]:

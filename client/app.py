@@ -10,6 +10,8 @@ builds the app for one deployed department's host (its executor does, once);
 
 from __future__ import annotations
 
+import functools
+import logging
 import time
 
 import torch
@@ -17,7 +19,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from fedsilo.shared.accounting import Mechanism
-from fedsilo.shared.models import resolve_device
+from fedsilo.shared.models import department_device
 
 from fedsilo.shared.protocol import ARRAYS_KEY, CONFIG_KEY, METRICS_KEY, STATUS_KEY, STATUS_TRAINED
 
@@ -27,6 +29,8 @@ from .containment import contain_errors_mod
 from .department import DepartmentHost
 from .secure_aggregation import QUERY_ACTIONS, masked_reply, query_handler
 from .trainer import train_dp, train_plain
+
+log = logging.getLogger("fedsilo.department")
 
 
 def department_app(host: DepartmentHost | None = None) -> ClientApp:
@@ -50,10 +54,12 @@ def train(msg: Message, context: Context) -> Message:
     torch.set_num_threads(1)
     data = department.data
     limits = department.policy.limits
-    model = build(settings, ModelSpec.of_data(data), bases=department.policy.base_models)
+    device, note = department_device(settings.device)
+    if note:  # a GPU asked and missing is the operator's business; "auto" on a CPU host only informs
+        _say_once(department.name, note, logging.WARNING if settings.device == "cuda" else logging.INFO)
+    model = build(settings, ModelSpec.of_data(data), bases=department.policy.base_models, train_on=device)
     # The budget guard admitted this model; loaded only through the same check.
     model.load_state_dict(verified_state_dict(msg.content[ARRAYS_KEY], reference_layout(model), limits.max_weight_magnitude))
-    device = resolve_device(settings.device)
     deadline = time.monotonic() + limits.max_round_seconds
     if bool(plan.get("distributed", False)):  # one DP-SGD step; its noisy integer sum leaves only masked
         return _distributed_step(msg, planned, model, device, deadline)
@@ -94,6 +100,11 @@ def train(msg: Message, context: Context) -> Message:
     status = ConfigRecord({"name": department.name, "status": STATUS_TRAINED, "reason": ""})
     content = RecordDict({ARRAYS_KEY: ArrayRecord(state), METRICS_KEY: metrics, STATUS_KEY: status})
     return Message(content, reply_to=msg)
+
+
+@functools.lru_cache(maxsize=64)
+def _say_once(name: str, note: str, level: int) -> None:
+    log.log(level, "[%s] %s", name, note)
 
 
 def _distributed_step(msg: Message, planned, model, device, deadline: float) -> Message:

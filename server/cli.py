@@ -178,6 +178,7 @@ def run(
                 "distributed-dp": o.distributed_dp, "sample-rate": o.sample_rate, "ddp-colluders": o.ddp_colluders,
                 "ddp-scale": o.ddp_scale,
                 "data-schema": schema.to_json(), "model": model, "fraction-train": o.fraction_train,
+                "device": o.device, "base-dtype": o.base_dtype,
                 "base-model": base_dir, "lora-rank": lora.rank, "lora-alpha": lora.alpha,
                 "lora-targets": ",".join(lora.targets), "max-length": o.max_length,
                 "central-dp": o.central_dp, "central-noise-multiplier": o.central_noise_multiplier,

@@ -101,7 +101,7 @@ def default_model_name(kind: str, input_shape: tuple[int, ...]) -> str:
 def build_model(
     name: str, input_shape: tuple[int, ...], num_classes: int, kind: str = "tabular", seed: int = 0,
     task: str = "multiclass", embeddings: tuple[tuple[int, int], ...] = (), fix: bool = False,
-    bases: tuple[str, ...] = (), lora=None,
+    bases: tuple[str, ...] = (), lora=None, base_dtype: torch.dtype = torch.float32,
 ) -> nn.Module:
     """Build the named model, seeded for reproducibility, checked for DP-SGD.
 
@@ -112,7 +112,8 @@ def build_model(
     becomes GroupNorm, ...); without it such a model is a :class:`ModelError`
     naming the layer.  ``hf:sha256:DIGEST`` is a pretrained base among the
     folders ``bases`` (this party's own copies), fine-tuned with ``lora``
-    (:class:`fedsilo.shared.pretrained.LoraSettings`; None: the defaults).
+    (:class:`fedsilo.shared.pretrained.LoraSettings`; None: the defaults), its
+    frozen weights in ``base_dtype``.
     """
     from .model_factory import ModelError, check_model, is_factory, load_factory, make_trainable
     from .pretrained import BaseModelError, LoraSettings, find_base, is_pretrained, tokenizer_of
@@ -122,7 +123,8 @@ def build_model(
 
         try:
             base = find_base(name, bases)
-            model = build_text_model(base, int(num_classes), lora or LoraSettings(), tokenizer_of(base).pad_token_id, seed)
+            model = build_text_model(base, int(num_classes), lora or LoraSettings(), tokenizer_of(base).pad_token_id, seed,
+                                     base_dtype)
         except BaseModelError as err:
             raise ModelError(str(err)) from None
         if torch.empty(0).device.type != "meta":  # transformers' masking reads values: no forward on shapes alone
@@ -170,6 +172,18 @@ def resolve_device(name: str = "auto") -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise RuntimeError("device 'cuda' requested but no CUDA GPU is available; use auto or cpu")
     return torch.device(name)
+
+
+def department_device(name: str) -> tuple[torch.device, str]:
+    """Where a department trains a round the run asks to train on ``name``, and a note when not there.
+
+    The department's host decides: a run asking for ``cuda`` of a department without a
+    GPU trains on its CPU (slower) rather than failing, and the note says so.
+    """
+    if name in ("auto", "cuda") and not torch.cuda.is_available():
+        return torch.device("cpu"), ("the run asks for a GPU; this department has no CUDA GPU and trains on its CPU (slower)"
+                                     if name == "cuda" else "no CUDA GPU on this host: training on the CPU")
+    return resolve_device(name), ""
 
 
 def to_tensor_dataset(data: Dataset) -> TensorDataset:

@@ -32,6 +32,7 @@ from .accounting import ACCOUNTANTS
 
 GRAD_SAMPLE_MODES = ("auto", "ghost", "hooks", "functorch", "ew")
 DEVICES = ("auto", "cpu", "cuda")
+BASE_DTYPES = ("auto", "float32", "bfloat16")
 MODELS = ("auto", "mlp", "cnn")
 TASKS = ("auto", "binary", "multiclass", "regression")
 AGGREGATIONS = ("fedavg", "trimmed-mean", "median", "krum")
@@ -261,8 +262,13 @@ CATALOGUE: tuple[Setting, ...] = (
             "Opacus per-sample gradients: auto (ghost clipping where every layer has a ghost norm, else hooks) | ghost | hooks | functorch | ew.",
             "department", Check(_one_of(GRAD_SAMPLE_MODES), f"grad-sample-mode must be one of {GRAD_SAMPLE_MODES}"),
             simulate=_C),
-    Setting("device", str, "auto", "auto | cpu | cuda.", "department",
-            Check(_one_of(DEVICES), f"device must be one of {DEVICES}"), simulate=_C),
+    Setting("device", str, "auto",
+            "auto | cpu | cuda: where each department trains (a department without a GPU trains on its CPU, and says so).",
+            "department", Check(_one_of(DEVICES), f"device must be one of {DEVICES}"), coordinator=_C, simulate=_C),
+    Setting("base-dtype", str, "auto",
+            "A pretrained base's frozen weights: auto (bfloat16 on a GPU that has it, else float32) | float32 | bfloat16. "
+            "Adapters, head, per-example norms, clipping and noise stay float32.",
+            "department", Check(_one_of(BASE_DTYPES), f"base-dtype must be one of {BASE_DTYPES}"), coordinator=_C, simulate=_C),
     # ------------------------------------------------------------------ the coordinator: sampling, aggregation, timeouts
     Setting("fraction-train", float, 1.0,
             "Fraction of departments sampled each round (with --central-dp: each one's Poisson sampling probability).",

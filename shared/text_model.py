@@ -27,7 +27,8 @@ from .pretrained import BaseModel, BaseModelError, LoraSettings, offline
 class TextModel(nn.Module):
     """Frozen pretrained encoder + LoRA adapters + linear head; ``state_dict`` holds only what trains."""
 
-    def __init__(self, base: BaseModel, num_outputs: int, lora: LoraSettings, pad_id: int) -> None:
+    def __init__(self, base: BaseModel, num_outputs: int, lora: LoraSettings, pad_id: int,
+                 base_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()
         offline()
         from peft import LoraConfig, get_peft_model
@@ -46,7 +47,7 @@ class TextModel(nn.Module):
                 encoder = AutoModel.from_config(config, trust_remote_code=False)
             else:
                 encoder = AutoModel.from_pretrained(str(base.folder), local_files_only=True, use_safetensors=True,
-                                                    trust_remote_code=False)
+                                                    trust_remote_code=False, dtype=base_dtype)
         except (OSError, ValueError, KeyError) as err:
             raise BaseModelError(f"base model folder '{base.folder}' does not load with transformers: {err}") from None
         for p in encoder.parameters():
@@ -57,7 +58,9 @@ class TextModel(nn.Module):
         try:
             adapters = LoraConfig(r=lora.rank, lora_alpha=lora.alpha, lora_dropout=0.0, bias="none",
                                 target_modules=list(lora.targets) or None)
-            self.encoder = get_peft_model(encoder, adapters)
+            # autocast_adapter_dtype: the adapters stay float32 on a bfloat16 base, so every per-example
+            # norm, clip factor and noise draw is float32 arithmetic.
+            self.encoder = get_peft_model(encoder, adapters, autocast_adapter_dtype=True)
         except ValueError as err:
             raise BaseModelError(
                 f"LoRA cannot be applied to this {base.model_type} base: {err}; name its attention "
@@ -78,7 +81,7 @@ class TextModel(nn.Module):
         hidden = self.encoder(input_ids=ids, attention_mask=mask).last_hidden_state
         weight = mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * weight).sum(1) / weight.sum(1).clamp(min=1.0)
-        return self.head(pooled)
+        return self.head(pooled.float())
 
     def state_dict(self, *args, destination=None, prefix: str = "", keep_vars: bool = False):
         full = super().state_dict(prefix=prefix, keep_vars=keep_vars)
@@ -97,11 +100,25 @@ class TextModel(nn.Module):
         return super().load_state_dict(state_dict, strict=False, assign=assign)
 
 
-def build_text_model(base: BaseModel, num_outputs: int, lora: LoraSettings, pad_id: int, seed: int = 0) -> TextModel:
+def build_text_model(base: BaseModel, num_outputs: int, lora: LoraSettings, pad_id: int, seed: int = 0,
+                     base_dtype: torch.dtype = torch.float32) -> TextModel:
     """A :class:`TextModel` on ``base`` whose adapters and head are initialized from ``seed`` (a forked RNG)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        return TextModel(base, num_outputs, lora, pad_id)
+        model = TextModel(base, num_outputs, lora, pad_id, base_dtype)
+    if not all(v.dtype == torch.float32 for v in model.state_dict().values()):
+        raise BaseModelError("the adapters and head of a pretrained model must be float32 (peft kept them in "
+                             "the base's dtype); use --base-dtype float32")
+    return model
+
+
+def resolve_base_dtype(name: str, device: torch.device | str) -> torch.dtype:
+    """``auto``: bfloat16 on a CUDA device that has it (the frozen base only), float32 elsewhere."""
+    if name == "bfloat16":
+        return torch.bfloat16
+    if name == "auto" and torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return torch.float32
 
 
 def traffic(model: nn.Module) -> dict[str, int]:

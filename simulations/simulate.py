@@ -132,6 +132,7 @@ def simulate(
             momentum=o.momentum,
             grad_sample_mode=o.grad_sample_mode,
             device=o.device,
+            base_dtype=o.base_dtype,
             fraction_train=o.fraction_train,
             aggregation=o.aggregation,
             trim_fraction=o.trim_fraction,

@@ -270,3 +270,18 @@ def test_predict_with_the_callers_own_copy_reproduces_the_held_out_metrics(bases
         assert float(printed[name]) == pytest.approx(card["metrics"][name], abs=5e-5), (name, printed, card["metrics"])
     rows = pd.read_csv(tmp_path / "p.csv")
     assert len(rows) == 150 and set(rows["prediction"]) <= {"access", "billing", "outage"}
+
+
+def test_a_bfloat16_base_keeps_adapters_norms_and_noise_in_float32(bases, tickets):
+    from fedsilo.client.trainer import train_dp
+    from fedsilo.shared.text_model import resolve_base_dtype
+
+    assert resolve_base_dtype("auto", "cpu") == torch.float32 and resolve_base_dtype("bfloat16", "cpu") == torch.bfloat16
+    data, _ = _encoded(bases, tickets, 32)
+    base = open_base(bases["a"])
+    model = build_model(base.spec, data.input_shape, 3, bases=(str(bases["a"]),), base_dtype=torch.bfloat16)
+    frozen = {p.dtype for p in model.parameters() if not p.requires_grad}
+    assert frozen == {torch.bfloat16} and {v.dtype for v in model.state_dict().values()} == {torch.float32}
+    result = train_dp(model, data, Mechanism(1.0, 0.5, 4), max_grad_norm=1.0, learning_rate=0.5,
+                      device=torch.device("cpu"), planned_size=len(data))
+    assert result.steps == 4 and all(torch.isfinite(v).all() for v in model.state_dict().values())

@@ -289,13 +289,15 @@ OPTIONS = {
     "model momentum noise_multiplier out resume round_timeout rounds schema seed state target_epsilon task test_data "
     "trim_fraction verbose"
     " secure_aggregation secagg_threshold secagg_bound secagg_frac_bits secagg_max_weight"
-    " distributed_dp sample_rate ddp_colluders ddp_scale",
+    " distributed_dp sample_rate ddp_colluders ddp_scale"
+    " lora_rank lora_alpha lora_targets max_length device base_dtype",
     ("simulate",): "accountant aggregation batch_size byzantine central_clip_norm central_delta central_dp central_max_epsilon "
     "central_noise_multiplier cpus_per_department dataset delta departments device dp feature_columns fix_model "
     "fraction_train grad_sample_mode label_column learning_rate local_epochs max_epsilon max_grad_norm max_update_norm "
     "model momentum noise_multiplier out partition resume rounds schema seed target_epsilon task test_data trim_fraction verbose"
     " secure_aggregation secagg_threshold secagg_bound secagg_frac_bits secagg_max_weight"
-    " distributed_dp sample_rate ddp_colluders ddp_scale",
+    " distributed_dp sample_rate ddp_colluders ddp_scale"
+    " lora_rank lora_alpha lora_targets max_length base_dtype",
 }
 
 
