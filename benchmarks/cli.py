@@ -23,6 +23,7 @@ SUITE = {
     "scale": "scale",
     "utility": "utility",
     "secagg": "secure_aggregation",
+    "pretrained": "pretrained",
     "robustness": "robustness",
     "deployment": "deployment_overhead",
 }

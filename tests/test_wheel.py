@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 NOT_SHIPPED = {"tests", "examples", "docs", "build", "dist", "site"}
 # Folders inside a subpackage that are the project's, not the package's: the reference
 # measurements BENCHMARKS.md shows (no __init__.py, no package-data pattern matches them).
-PROJECT_DATA = (Path("benchmarks/reference"),)
+PROJECT_DATA = (Path("benchmarks/reference"), Path("benchmarks/data"))
 
 
 def _sources() -> list[Path]:
