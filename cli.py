@@ -82,19 +82,26 @@ def schema_infer(
     feature_columns: Annotated[str, typer.Option(help="Comma-separated input columns (default: all but the label).")] = "",
     max_categories: Annotated[int, typer.Option(min=1, help="A text column with at most this many distinct values is categorical.")] = 50,
     text_features: Annotated[int, typer.Option(min=1, help="Hashed n-gram features per text column.")] = 64,
+    model: Annotated[Optional[str], typer.Option(help="hf:DIR: draft for this pretrained base, its text column tokenized with the base's tokenizer.")] = None,
+    max_length: Annotated[int, typer.Option(min=1, help="With --model hf:DIR: tokens per text.")] = 128,
     out: Annotated[Optional[Path], typer.Option(help="Write the schema here (default: print it).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing --out file.")] = False,
 ) -> None:
     """Draft the schema every department encodes its table with; edit it by hand as needed."""
     from fedsilo.shared.data import split_columns
+    from fedsilo.shared.pretrained import BaseModelError, is_pretrained, open_base, pretrained_schema
     from fedsilo.shared.schema import DataError, infer_schema, read_table
 
     try:
         schema = infer_schema(read_table(table), label_column, task, f"'{table}'", max_categories, text_features,
                               split_columns(feature_columns))
+        if model is not None:
+            if not is_pretrained(model):
+                raise BaseModelError(f"--model {model}: schema infer drafts for a pretrained base only (hf:DIR)")
+            schema = pretrained_schema(schema, open_base(model[len("hf:"):]), max_length)
         if out is not None and out.exists() and not force:
             raise FileExistsError(f"'{out}' already exists; choose another --out or pass --force to replace it")
-    except (DataError, FileExistsError) as err:
+    except (DataError, FileExistsError, BaseModelError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     text = schema.to_json(indent=2) + "\n"
@@ -116,17 +123,20 @@ def schema_check(
     schema_file: Annotated[Path, typer.Argument(help="The schema (JSON).")],
     data: Annotated[Path, typer.Option(help="A table to encode with it.")],
     label_column: Annotated[Optional[str], typer.Option(help="The table's label column, if named differently.")] = None,
+    base_model: Annotated[Optional[list[Path]], typer.Option(help="A pretrained base folder whose tokenizer a tokenized text column names (repeatable).")] = None,
 ) -> None:
     """Encode a table with the schema, as a department would; say what does not fit."""
     from fedsilo.shared.data import load_table
+    from fedsilo.shared.pretrained import BaseModelError, schema_with_own_tokenizer
     from fedsilo.shared.schema import DataError, DataSchema
 
     try:
         schema = DataSchema.load(schema_file)
         if label_column:
             schema = schema.with_label_column(label_column)
+        schema = schema_with_own_tokenizer(schema, base_model or ())
         encoded = load_table(data, schema.label.column, schema=schema)
-    except DataError as err:
+    except (DataError, BaseModelError) as err:
         typer.echo(f"error: {err}", err=True)
         raise typer.Exit(2) from None
     typer.echo(f"{data}: {len(encoded)} rows encode to {schema.num_features} features ({schema.task}); it fits the schema")

@@ -123,8 +123,17 @@ def _per_record_gradients(model: nn.Module, params: dict, buffers: dict, trainab
         out = functional_call(model, ({**fixed, **trained}, buffers), (x.unsqueeze(0),))
         return criterion(out, y.unsqueeze(0))
 
-    step = vmap(grad_and_value(loss_of), in_dims=(None, 0, 0))
     weights = {k: params[k].detach() for k in trainable}
+    if not getattr(model, "vmap_safe", True):  # a pretrained base's masking reads values: one record at a time
+        each = grad_and_value(loss_of)
+
+        def one_by_one(xb: torch.Tensor, yb: torch.Tensor):
+            results = [each(weights, x, y) for x, y in zip(xb, yb)]
+            grads = {k: torch.stack([g[k] for g, _ in results]) for k in trainable}
+            return grads, torch.stack([v for _, v in results]) if results else torch.zeros(0)
+
+        return one_by_one
+    step = vmap(grad_and_value(loss_of), in_dims=(None, 0, 0))
 
     def run(xb: torch.Tensor, yb: torch.Tensor):
         return step(weights, xb, yb)

@@ -27,6 +27,9 @@ from .pretrained import BaseModel, BaseModelError, LoraSettings, offline
 class TextModel(nn.Module):
     """Frozen pretrained encoder + LoRA adapters + linear head; ``state_dict`` holds only what trains."""
 
+    # transformers' attention masks branch on values, which torch.func.vmap cannot batch.
+    vmap_safe = False
+
     def __init__(self, base: BaseModel, num_outputs: int, lora: LoraSettings, pad_id: int,
                  base_dtype: torch.dtype = torch.float32) -> None:
         super().__init__()

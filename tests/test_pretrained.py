@@ -218,7 +218,8 @@ def test_a_department_declines_a_run_whose_base_it_does_not_hold_naming_the_dige
 def simulated(bases, tickets, tmp_path_factory):
     out = tmp_path_factory.mktemp("runs") / "out"
     done = subprocess.run(
-        [sys.executable, "-m", "fedsilo", "simulate", "--departments", "2", "--rounds", "2", "--dataset",
+        [sys.executable, "-m", "fedsilo", "simulate", "--departments", "3", "--rounds", "2", "--secure-aggregation",
+         "--dataset",
          str(tickets["train"]), "--test-data", str(tickets["test"]), "--label-column", "topic",
          "--model", f"hf:{bases['a']}", "--max-length", str(MAX_LENGTH), "--lora-rank", "4",
          "--target-epsilon", "8", "--max-epsilon", "8", "--partition", "iid", "--out", str(out)],
@@ -227,15 +228,20 @@ def simulated(bases, tickets, tmp_path_factory):
     return out, done.stdout
 
 
-def test_a_simulation_fine_tunes_the_base_privately_and_sends_only_the_adapters(bases, simulated):
+def test_a_simulation_fine_tunes_the_base_privately_under_secure_aggregation_and_sends_only_the_adapters(bases, simulated):
     out, stdout = simulated
     summary = json.loads((out / "latest" / "summary.json").read_text())
     base = open_base(bases["a"])
     assert summary["status"] == "completed" and summary["settings"]["model"] == base.spec
     assert all(0 < eps <= 8 for eps in summary["rounds"][-1]["epsilon"].values())
+    # The secure sum masks the adapters and the head: the coordinator saw only their weighted sum.
+    (session,) = summary["secure_aggregation"]
+    travelling = _travelling(out)
+    assert travelling <= session["vector_length"] <= travelling + 8 and len(session["participants"]) == 3
+    assert all(sorted(r["secagg"]["u3"]) == sorted(session["participants"]) for r in summary["rounds"])
     traffic = summary["traffic"]
     uploads = [b for r in summary["rounds"] for b in r["upload_bytes"].values()]
-    assert len(uploads) == 4 and all(b < traffic["whole_model_bytes"] / 5 for b in uploads), (traffic, uploads)
+    assert len(uploads) == 6 and all(b < traffic["whole_model_bytes"] / 5 for b in uploads), (traffic, uploads)
     assert re.search(r"Traffic per department per round: [\d,]+ B up", stdout), stdout
     card = json.loads((out / "latest" / "model-card.json").read_text())
     parts = card["model"]["pretrained"]
@@ -246,6 +252,14 @@ def test_a_simulation_fine_tunes_the_base_privately_and_sends_only_the_adapters(
     from safetensors import safe_open
     with safe_open(str(out / "latest" / "model.safetensors"), framework="pt") as fh:
         assert all("lora_" in k or k.startswith("head.") for k in fh.keys())
+
+
+def _travelling(out: Path) -> int:
+    """Parameters in the run's weights file: the adapters and the head."""
+    from safetensors import safe_open
+
+    with safe_open(str(out / "latest" / "model.safetensors"), framework="pt") as fh:
+        return sum(fh.get_tensor(k).numel() for k in fh.keys())
 
 
 def test_predict_with_the_callers_own_copy_reproduces_the_held_out_metrics(bases, tickets, simulated, tmp_path):
@@ -285,3 +299,39 @@ def test_a_bfloat16_base_keeps_adapters_norms_and_noise_in_float32(bases, ticket
     result = train_dp(model, data, Mechanism(1.0, 0.5, 4), max_grad_norm=1.0, learning_rate=0.5,
                       device=torch.device("cpu"), planned_size=len(data))
     assert result.steps == 4 and all(torch.isfinite(v).all() for v in model.state_dict().values())
+
+
+def test_distributed_dps_per_record_gradients_of_a_text_model_are_each_records_own(bases, tickets):
+    from fedsilo.client.distributed_dp import _per_record_gradients
+
+    data, _ = _encoded(bases, tickets, 6)
+    base = open_base(bases["a"])
+    model = build_model(base.spec, data.input_shape, 3, bases=(str(bases["a"]),), seed=1)
+    params, buffers = dict(model.named_parameters()), dict(model.named_buffers())
+    trainable = list(model.state_dict())
+    grads, losses = _per_record_gradients(model, params, buffers, trainable, "multiclass")(
+        torch.from_numpy(data.x), torch.from_numpy(data.y))
+    for i in range(len(data)):
+        loss = torch.nn.functional.cross_entropy(model(torch.from_numpy(data.x[i:i + 1])), torch.from_numpy(data.y[i:i + 1]))
+        exact = torch.autograd.grad(loss, [params[k] for k in trainable])
+        assert float(losses[i]) == pytest.approx(float(loss), rel=1e-5)
+        assert all(torch.allclose(grads[k][i], g, rtol=1e-4, atol=1e-7) for k, g in zip(trainable, exact))
+
+
+def test_schema_infer_drafts_for_a_base_and_schema_check_needs_a_copy_of_its_tokenizer(bases, tickets, tmp_path):
+    from typer.testing import CliRunner
+
+    from fedsilo.cli import app
+
+    out = tmp_path / "schema.json"
+    drafted = CliRunner().invoke(app, ["schema", "infer", str(tickets["test"]), "--label-column", "topic",
+                                       "--model", f"hf:{bases['a']}", "--max-length", "10", "--out", str(out)])
+    assert drafted.exit_code == 0, drafted.output
+    column = json.loads(out.read_text())["columns"][0]
+    assert column == {"name": "text", "kind": "text", "encoder": "model", "max_length": 10,
+                      "tokenizer": open_base(bases["a"]).tokenizer_digest}
+    without = CliRunner().invoke(app, ["schema", "check", str(out), "--data", str(tickets["train"])])
+    assert without.exit_code == 2 and "--base-model" in without.output, without.output
+    checked = CliRunner().invoke(app, ["schema", "check", str(out), "--data", str(tickets["train"]),
+                                       "--base-model", str(bases["b"])])  # other weights, the same tokenizer
+    assert checked.exit_code == 0 and "480 rows encode to 10 features" in checked.output, checked.output
