@@ -41,7 +41,8 @@ def _row(cell_name: str, cell: dict[str, Any], setup: dict[str, Any]) -> list[st
     label = LABELS[cell_name].replace("ε target", f"ε = {setup['epsilon']:g}")
     times = ratio(cell)
     return [
-        label, _pct(cell["accuracy"]), _eps(cell.get("max_epsilon")), _number(cell["seconds_per_round"]),
+        label, _pct(cell["accuracy"]), "∞ (no DP)" if cell_name == "lora" else _eps(cell.get("max_epsilon")),
+        _number(cell["seconds_per_round"]),
         _bytes(cell["upload_bytes"]), _bytes(cell["whole_model_bytes"]),
         "—" if times is None else f"{times:,.0f}×", _number(cell["peak_memory_bytes"] / 2**30),
     ]
@@ -110,6 +111,7 @@ def plot(raw: dict[str, Any], path: Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     cells = raw["cells"]
     fig, (left, right) = plt.subplots(1, 2, figsize=(11.0, 4.4))
@@ -122,6 +124,7 @@ def plot(raw: dict[str, Any], path: Path) -> None:
         label = LABELS[name].replace("ε target", f"ε = {setup['epsilon']:g}")
         curve = [100 * a for a in cell["curve"] if a is not None]
         left.plot(range(1, len(curve) + 1), curve, marker="o", color=colors[name], label=label)
+    left.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
     left.set_xlabel("round")
     left.set_ylabel("held-out accuracy (%)")
     left.set_title(f"{setup['departments']} departments, {setup['train_rows']:,} reviews")

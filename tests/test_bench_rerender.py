@@ -19,7 +19,7 @@ from fedsilo.benchmarks.report import render
 
 REFERENCE = Path(__file__).resolve().parents[1] / "benchmarks" / "reference"
 # The benchmarks whose rerender these tests hold to their stored output.
-RERENDERED = ("dp-cost", "accounting", "utility", "secagg", "robustness")
+RERENDERED = ("dp-cost", "accounting", "utility", "secagg", "robustness", "pretrained")
 
 
 def _normalised(value):
