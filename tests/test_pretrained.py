@@ -23,7 +23,7 @@ import torch
 
 from fedsilo.client.policy import DepartmentPolicy, RunRequest
 from fedsilo.shared.accounting import Mechanism
-from fedsilo.shared.data import load_table
+from fedsilo.shared.data import encode_frame, load_table
 from fedsilo.shared.flower_cli import offline_env
 from fedsilo.shared.model_factory import ModelError
 from fedsilo.shared.models import build_model
@@ -335,3 +335,18 @@ def test_schema_infer_drafts_for_a_base_and_schema_check_needs_a_copy_of_its_tok
     checked = CliRunner().invoke(app, ["schema", "check", str(out), "--data", str(tickets["train"]),
                                        "--base-model", str(bases["b"])])  # other weights, the same tokenizer
     assert checked.exit_code == 0 and "480 rows encode to 10 features" in checked.output, checked.output
+
+
+def test_a_base_fine_tunes_for_regression_on_a_text_column(bases, tickets):
+    from fedsilo.client.trainer import train_dp
+    from fedsilo.shared.metrics import score
+
+    frame = pd.read_csv(tickets["train"]).assign(words=lambda f: f["text"].str.split().str.len().astype(float))
+    drafted = infer_schema(frame[["text", "words"]], "words", "regression", "tickets")
+    schema = pretrained_schema(drafted, open_base(bases["a"]), MAX_LENGTH)
+    data = encode_frame(frame[["text", "words"]], schema, "t", "t")
+    model = build_model(open_base(bases["a"]).spec, data.input_shape, 1, task="regression", bases=(str(bases["a"]),))
+    result = train_dp(model, data, Mechanism(1.0, 0.25, 8), max_grad_norm=1.0, learning_rate=0.1,
+                      device=torch.device("cpu"), planned_size=len(data))
+    assert result.steps == 8 and schema.task == "regression"
+    assert np.isfinite(score(model, data, torch.device("cpu"))["rmse"])
