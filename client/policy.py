@@ -196,8 +196,10 @@ class DepartmentPolicy:
         if is_pretrained(request.model):
             try:
                 find_base(request.model, self.base_models, "this department's base models")
-            except BaseModelError as err:
-                looser.append(f"model: {err}")
+            except BaseModelError:  # the reason leaves this host: it names the digest, not this host's folders
+                looser.append(
+                    f"model: the run's base model ({request.model}) is not among this department's base models; "
+                    "its operators can give a folder holding exactly those weights with --base-model DIR")
         elif request.model not in MODELS and request.model not in self.models:
             allowed = ", ".join(self.models) if self.models else "none"
             looser.append(
