@@ -54,11 +54,13 @@ SLOWEST_FIRST = (
     "tests/test_deployment_resume.py",
     "tests/test_bench_smoke.py",
     "tests/test_simulation_e2e.py",
-    "tests/test_malicious_department.py",
     "tests/test_deployment_workloads.py",
-    "tests/test_resume.py",
     "tests/test_workloads.py",
+    "tests/test_resume.py",
+    "tests/test_distributed_dp_simulation.py",
+    "tests/test_malicious_department.py",
     "tests/test_intruder.py",
+    "tests/test_pretrained.py",
     "tests/test_central_dp.py",
 )
 
