@@ -83,6 +83,9 @@ def train_dp(
     from opacus import PrivacyEngine
     from opacus.data_loader import DPDataLoader
 
+    from fedsilo.shared.ghost_norms import register
+
+    register()  # ghost norms for Conv1d/Conv2d/LayerNorm/GroupNorm, before Opacus wraps the model
     grad_sample_mode = resolve_grad_sample_mode(grad_sample_mode, model)
     device = device or resolve_device()
     model.to(device).train()

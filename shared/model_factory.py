@@ -129,15 +129,19 @@ def check_model(model: nn.Module, spec: str, input_shape: tuple[int, ...], num_o
 def resolve_grad_sample_mode(mode: str, model: nn.Module) -> str:
     """``auto``: ghost clipping where it pays off for ``model``, else Opacus' hooks.
 
-    Ghost clipping avoids per-sample gradients only for layers that have a ghost
-    norm in Opacus (Linear and Embedding in 1.6).  For any other trainable layer
-    it materializes them anyway and adds a second backward pass, so hooks is
-    faster there (fedsilo's CNN: 2.4× against 3.0× non-private, BENCHMARKS.md).
-    Any other mode is returned as given.
+    Ghost clipping pays off where every trainable layer has a ghost norm (Opacus'
+    for Linear and Embedding, :mod:`.ghost_norms`' for LayerNorm and GroupNorm)
+    and none is a convolution.  A convolution's ghost norm (mixed ghost clipping)
+    is exact too, but on a small image's many output positions it forms the
+    per-example gradient after all, and ghost clipping's second backward then
+    costs more than hooks' clipping (fedsilo's CNN on one CPU core: 2.72× against
+    2.11× non-private, BENCHMARKS.md); ``--grad-sample-mode ghost`` still runs it,
+    without per-example gradients in memory.  Any other mode is returned as given.
     """
     if mode != "auto":
         return mode
-    return "hooks" if ghost_norm_coverage(model)[1] else "ghost"
+    covered, missing = ghost_norm_coverage(model)
+    return "hooks" if missing or set(covered) & CONVOLUTION_NAMES else "ghost"
 
 
 def describe_grad_sample_mode(mode: str, model: nn.Module) -> str:
@@ -148,19 +152,27 @@ def describe_grad_sample_mode(mode: str, model: nn.Module) -> str:
         return f"{chosen} (as asked)"
     if chosen == "ghost":
         return f"ghost clipping (every trainable layer has a ghost norm: {', '.join(covered)})"
-    return f"hooks (no ghost norm in Opacus for {', '.join(missing)})"
+    if missing:
+        return f"hooks (no ghost norm for {', '.join(missing)})"
+    convolutions = sorted(set(covered) & CONVOLUTION_NAMES)
+    return f"hooks (faster than ghost clipping for {', '.join(convolutions)}; --grad-sample-mode ghost to choose it)"
+
+
+# Layer types whose ghost norm measured slower than hooks (see resolve_grad_sample_mode).
+CONVOLUTION_NAMES = frozenset({"Conv1d", "Conv2d"})
 
 
 def ghost_norm_coverage(model: nn.Module) -> tuple[list[str], list[str]]:
-    """Trainable layer types of ``model`` with an Opacus ghost norm, and those without one."""
-    from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import (
-        GradSampleModuleFastGradientClipping,
-    )
+    """Trainable layer types of ``model`` with a ghost norm (Opacus' or :mod:`.ghost_norms`'), and those without one.
 
-    ghost_norms = tuple(GradSampleModuleFastGradientClipping.NORM_SAMPLERS)
+    By exact type, as Opacus looks them up: a subclass of ``nn.Linear`` has no ghost norm of its own.
+    """
+    from .ghost_norms import norm_sampler_types
+
+    ghost_norms = norm_sampler_types()
     trainable = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
-    covered = sorted({type(m).__name__ for m in trainable if isinstance(m, ghost_norms)})
-    missing = sorted({type(m).__name__ for m in trainable if not isinstance(m, ghost_norms)})
+    covered = sorted({type(m).__name__ for m in trainable if type(m) in ghost_norms})
+    missing = sorted({type(m).__name__ for m in trainable if type(m) not in ghost_norms})
     return covered, missing
 
 

@@ -259,7 +259,7 @@ CATALOGUE: tuple[Setting, ...] = (
     Setting("momentum", float, 0.5, "SGD momentum (reset every round).", "department",
             Check(lambda v: 0 <= v < 1, "momentum must be in [0, 1)"), coordinator=Cli(help=None), simulate=_C),
     Setting("grad-sample-mode", str, "auto",
-            "Opacus per-sample gradients: auto (ghost clipping where every layer has a ghost norm, else hooks) | ghost | hooks | functorch | ew.",
+            "Opacus per-sample gradients: auto (ghost clipping where every layer has a ghost norm and none is a convolution, else hooks) | ghost | hooks | functorch | ew.",
             "department", Check(_one_of(GRAD_SAMPLE_MODES), f"grad-sample-mode must be one of {GRAD_SAMPLE_MODES}"),
             simulate=_C),
     Setting("device", str, "auto",

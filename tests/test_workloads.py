@@ -113,11 +113,11 @@ def test_churn_run_departments_schema_and_fix_model(churn_run, tables):
     assert tenure["mean"] == pytest.approx(held["tenure_months"].mean(), rel=1e-9)
     assert tenure["indicator"] is True  # the column has gaps
 
-    # --fix-model says what it changed, and the DP path picked for GroupNorm is Opacus' hooks.
+    # --fix-model says what it changed, and GroupNorm's ghost norm keeps the fixed model under ghost clipping.
     assert "--fix-model: 2: BatchNorm1d → GroupNorm" in stdout
     assert f"Model {FACTORY} (" in stdout
-    assert "per-sample gradients: hooks (no ghost norm in Opacus for GroupNorm)" in stdout
-    assert summary["dp_path"].startswith("hooks")
+    assert "per-sample gradients: ghost clipping (every trainable layer has a ghost norm: GroupNorm, Linear)" in stdout
+    assert summary["dp_path"].startswith("ghost")
     assert "4 departments × 4 rounds" in stdout and "800 held out" in stdout and "partition by:region" in stdout
 
 
