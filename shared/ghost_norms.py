@@ -35,7 +35,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 CONVOLUTIONS = (nn.Conv1d, nn.Conv2d)
-NORMALIZATIONS = (nn.LayerNorm, nn.GroupNorm)
 
 
 def norm_sampler_types() -> tuple[type, ...]:
@@ -118,16 +117,15 @@ def conv_norm_sample(layer: nn.Conv1d | nn.Conv2d, activations: list[torch.Tenso
 
 
 def _affine_norms(layer: nn.LayerNorm | nn.GroupNorm, normalized: torch.Tensor, g: torch.Tensor,
-                  positions: int) -> dict[nn.Parameter, torch.Tensor]:
-    """Norms of Σ x̂ ⊙ g (the weight's gradient) and Σ g (the bias') over the example's positions.
+                  positions_dim: int) -> dict[nn.Parameter, torch.Tensor]:
+    """Norms of Σ x̂ ⊙ g (the weight's gradient) and Σ g (the bias') over an example's positions.
 
-    ``normalized`` and ``g`` are ``(B, ..., features)`` laid out so that ``positions`` = 1 sums
-    the last axis (GroupNorm's spatial one) and ``positions`` = 2 the middle one (LayerNorm's).
+    ``normalized`` and ``g`` are 3-D, batch first; ``positions_dim`` is the axis of positions.
     """
     out = {}
     for param, grad in ((layer.weight, normalized * g), (layer.bias, g)):
         if param is not None and param.requires_grad:
-            out[param] = grad.sum(dim=-positions).flatten(1).norm(2, dim=1)
+            out[param] = grad.sum(dim=positions_dim).norm(2, dim=1)
     return out
 
 
@@ -139,7 +137,7 @@ def layer_norm_norm_sample(layer: nn.LayerNorm, activations: list[torch.Tensor],
     normalized = F.layer_norm(x, layer.normalized_shape, eps=layer.eps)
     features = math.prod(layer.normalized_shape)
     shape = (len(g), g.shape[1:].numel() // features, features)  # (B, positions, features)
-    return _affine_norms(layer, normalized.reshape(shape), g.reshape(shape), positions=2)
+    return _affine_norms(layer, normalized.reshape(shape), g.reshape(shape), positions_dim=1)
 
 
 def group_norm_norm_sample(layer: nn.GroupNorm, activations: list[torch.Tensor],
@@ -149,7 +147,7 @@ def group_norm_norm_sample(layer: nn.GroupNorm, activations: list[torch.Tensor],
     x, g = activations[0].to(dtype), backprops.to(dtype)
     normalized = F.group_norm(x, layer.num_groups, eps=layer.eps)
     shape = (len(g), layer.num_channels, g.shape[2:].numel())  # (B, channels, positions)
-    return _affine_norms(layer, normalized.reshape(shape), g.reshape(shape), positions=1)
+    return _affine_norms(layer, normalized.reshape(shape), g.reshape(shape), positions_dim=2)
 
 
 NORM_SAMPLERS = {

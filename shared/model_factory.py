@@ -134,14 +134,15 @@ def resolve_grad_sample_mode(mode: str, model: nn.Module) -> str:
     and none is a convolution.  A convolution's ghost norm (mixed ghost clipping)
     is exact too, but on a small image's many output positions it forms the
     per-example gradient after all, and ghost clipping's second backward then
-    costs more than hooks' clipping (fedsilo's CNN on one CPU core: 2.72× against
-    2.11× non-private, BENCHMARKS.md); ``--grad-sample-mode ghost`` still runs it,
-    without per-example gradients in memory.  Any other mode is returned as given.
+    costs more than hooks' clipping (fedsilo's CNN on one CPU core, three runs of
+    ``bench run dp-cost``: 2.68–2.75× against 1.90–2.11× non-private).
+    ``--grad-sample-mode ghost`` still runs it, without per-example gradients in
+    memory.  Any other mode is returned as given.
     """
     if mode != "auto":
         return mode
     covered, missing = ghost_norm_coverage(model)
-    return "hooks" if missing or set(covered) & CONVOLUTION_NAMES else "ghost"
+    return "hooks" if missing or _convolutions(covered) else "ghost"
 
 
 def describe_grad_sample_mode(mode: str, model: nn.Module) -> str:
@@ -154,12 +155,15 @@ def describe_grad_sample_mode(mode: str, model: nn.Module) -> str:
         return f"ghost clipping (every trainable layer has a ghost norm: {', '.join(covered)})"
     if missing:
         return f"hooks (no ghost norm for {', '.join(missing)})"
-    convolutions = sorted(set(covered) & CONVOLUTION_NAMES)
-    return f"hooks (faster than ghost clipping for {', '.join(convolutions)}; --grad-sample-mode ghost to choose it)"
+    convolutions = ", ".join(_convolutions(covered))
+    return f"hooks (faster than ghost clipping for {convolutions}; --grad-sample-mode ghost to choose it)"
 
 
-# Layer types whose ghost norm measured slower than hooks (see resolve_grad_sample_mode).
-CONVOLUTION_NAMES = frozenset({"Conv1d", "Conv2d"})
+def _convolutions(layer_names: list[str]) -> list[str]:
+    """The convolutions among ``layer_names``: ghost clipping measured slower than hooks for them."""
+    from .ghost_norms import CONVOLUTIONS
+
+    return sorted(set(layer_names) & {cls.__name__ for cls in CONVOLUTIONS})
 
 
 def ghost_norm_coverage(model: nn.Module) -> tuple[list[str], list[str]]:
