@@ -11,7 +11,8 @@ Ray, which the SuperLink's simulation starts, listens on loopback only too, and
 asks a fresh token of every caller (:func:`ray_environment`): by default its
 control plane has no authentication, and anyone who reaches it runs code beside
 the departments' tables.  Unless the user pointed Ray at a cluster of their own
-(``RAY_ADDRESS``): then that cluster's security is theirs (:func:`user_ray_cluster`).
+(``--ray-address`` or ``RAY_ADDRESS``): then that cluster's security is theirs
+(:mod:`fedsilo.simulations.ray_resources`).
 
 Starting all that takes a while (on 2 cores: ~3 s the SuperLink, ~8 s the ServerApp,
 ~10 s Ray's workers and the first round): :class:`StartupProgress` says so meanwhile.
@@ -41,6 +42,8 @@ from fedsilo.shared.flower_cli import (
 )
 from fedsilo.server.events import Event, RunResumed, RunStarted
 
+from .ray_resources import SimulationResources
+
 
 # Ray binds its gRPC servers (GCS, raylet, object manager, every worker), the
 # runtime-env and dashboard agents to 127.0.0.1 only when its node IP is exactly
@@ -55,23 +58,13 @@ RAY_LOOPBACK_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_ADDRESS": "lo
 RAY_TOKEN_FILE = "ray-auth-token"
 
 
-def user_ray_cluster(environ: Mapping[str, str] | None = None) -> str | None:
-    """The Ray cluster the user pointed the simulation at (``RAY_ADDRESS``), else None.
-
-    ``None`` (and ``RAY_ADDRESS`` unset, empty or ``local``) means a private
-    instance on this machine, which :func:`ray_environment` keeps on loopback.
-    """
-    address = (os.environ if environ is None else environ).get("RAY_ADDRESS", "").strip()
-    return address if address and address.lower() != "local" else None
-
-
-def ray_environment(token_path: Path, environ: Mapping[str, str] | None = None) -> dict[str, str]:
-    """What the simulation's processes need in their environment so that Ray is theirs alone.
+def ray_environment(token_path: Path) -> dict[str, str]:
+    """What the simulation's processes need in their environment so that a private Ray is theirs alone.
 
     Loopback keeps the network out; loopback is open to every local user, so Ray's
     token authentication (Ray 2.52 and later; older versions ignore it) keeps them
     out too: every RPC must carry a fresh secret, written here to ``token_path``
-    (0600).  Nothing for a cluster of the user's own (:func:`user_ray_cluster`): a
+    (0600).  Not for a cluster of the user's own (:class:`SimulationResources`): a
     driver bound to loopback could not be reached from its other nodes, and its
     authentication is its operators' to set.
 
@@ -81,8 +74,6 @@ def ray_environment(token_path: Path, environ: Mapping[str, str] | None = None) 
         If "localhost" does not resolve to 127.0.0.1 first: Ray's node IP would
         then be another address and it would listen on every interface.
     """
-    if user_ray_cluster(environ) is not None:
-        return {}
     try:  # the resolution Ray's get_localhost_ip() makes
         localhost = socket.getaddrinfo("localhost", None, socket.AF_INET, socket.SOCK_STREAM)[0][4][0]
     except (OSError, IndexError):
@@ -107,15 +98,13 @@ def job_environment(flwr_home: Path, environ: Mapping[str, str] | None = None) -
 
     The simulated departments read the simulation's own settings (data, ledger
     folder, policy: :func:`fedsilo.shared.config.publish`) from ``FLWR_HOME``.  A
-    private Ray's workers inherit it from the simulation's processes; a cluster's
-    were started by its own raylets, so the job's runtime environment hands it
-    over (merged into any job config already set).  Nothing for a private Ray.
-    On another node of a cluster the folder must be there too (a shared file
-    system), as the data and ledger paths must.
+    private Ray's workers inherit it from the simulation's processes (this is not
+    needed there); a cluster's were started by its own raylets, so the job's
+    runtime environment hands it over (merged into any job config already set in
+    ``environ``).  On another node of a cluster the folder must be there too (a
+    shared file system), as the data and ledger paths must.
     """
     env = os.environ if environ is None else environ
-    if user_ray_cluster(env) is None:
-        return {}
     try:
         job = json.loads(env.get(RAY_JOB_CONFIG) or "{}")
     except ValueError:
@@ -335,12 +324,17 @@ class LocalFederation:
     progress : StartupProgress or bool
         What to show while the engine starts, until the run's first progress
         line: ``True`` (default) a :class:`StartupProgress` on stderr, ``False`` nothing.
+    resources : SimulationResources, optional
+        What Ray reserves per department, and on which Ray (default: one core
+        each, on a private Ray here).
     """
 
     def __init__(
-        self, workdir: Path, startup_timeout: float = 60.0, progress: StartupProgress | bool = True
+        self, workdir: Path, startup_timeout: float = 60.0, progress: StartupProgress | bool = True,
+        resources: SimulationResources | None = None,
     ) -> None:
         self.workdir = Path(workdir)
+        self.resources = resources or SimulationResources()
         self.startup_timeout = startup_timeout
         self.process: subprocess.Popen | None = None
         self.connection: FlowerConnection | None = None
@@ -356,11 +350,18 @@ class LocalFederation:
         self.stop()
 
     def start(self) -> None:
-        ray_env = ray_environment(self.workdir / RAY_TOKEN_FILE)  # before anything starts: it may refuse
+        # Before anything starts: either may refuse.
+        if self.resources.on_cluster:
+            self.resources.check_reachable()
+            ray_env = self.resources.environment()
+        else:
+            ray_env = ray_environment(self.workdir / RAY_TOKEN_FILE)
         if self.progress is not None:
             self.progress.start("Flower SuperLink")
         port = free_port()
         self.connection = FlowerConnection(self.workdir / "flwr-home", f"127.0.0.1:{port}", insecure=True)
+        if self.resources.on_cluster:
+            ray_env.update(job_environment(self.connection.home))
         log = self.workdir / "superlink.log"
         with open(log, "ab") as log_file:
             # --insecure: plain HTTP, but bound to loopback and only for this simulation.
@@ -368,7 +369,7 @@ class LocalFederation:
             self.process = subprocess.Popen(
                 [flower_executable("flower-superlink"), "--insecure", "--simulation",
                  "--host", "127.0.0.1", "--port", str(port)],
-                env={**self.connection.env, **ray_env, **job_environment(self.connection.home)},
+                env={**self.connection.env, **ray_env},
                 stdout=log_file, stderr=subprocess.STDOUT,
                 start_new_session=True,
             )
@@ -392,22 +393,19 @@ class LocalFederation:
         self,
         run_config: dict[str, Any],
         num_supernodes: int,
-        cpus_per_department: int = 1,
         on_line: Callable[[str], None] | None = None,
         log_path: Path | None = None,
     ) -> RunOutcome:
         """Submit the fedsilo app to ``num_supernodes`` simulated departments."""
         if self.process is None or self.connection is None:
             raise FlowerError("the local SuperLink is not running; call start() first")
-        federation = (
-            f"num-supernodes={int(num_supernodes)} client-resources-num-cpus={int(cpus_per_department)} "
-            f"init-args-num-cpus={os.cpu_count() or 1}"
-        )
+        federation = self.resources.federation_config(num_supernodes)
         progress = self.progress
         if progress is None:
             return self.connection.run(run_config, log_path or self.workdir / "flower.log", federation, on_line)
         progress.start(SUBMIT_STAGE)  # already running since start(): only the stage
-        progress.set_up = f"{int(num_supernodes)} departments in Ray, first round"
+        where = "on the Ray cluster" if self.resources.on_cluster else "in Ray"
+        progress.set_up = f"{int(num_supernodes)} departments {where}, first round"
 
         def handle(line: str) -> None:
             progress.log_line(line)

@@ -32,7 +32,8 @@ from fedsilo.shared.schema import DataSchema
 from fedsilo.server.progress import RunProgress, print_log_tail
 from fedsilo.shared.flower_cli import FlowerError
 
-from .local_federation import LocalFederation, user_ray_cluster
+from .local_federation import LocalFederation
+from .ray_resources import SimulationResources, user_ray_cluster
 
 console = Console()
 err_console = Console(stderr=True, soft_wrap=True)
@@ -44,12 +45,14 @@ def _choice(value: str, allowed: tuple[str, ...], option: str) -> str:
     return value
 
 
-@cli_options("simulate", tail=("cpus_per_department", "resume", "verbose"))
+@cli_options("simulate", tail=("cpus_per_department", "gpus_per_department", "ray_address", "resume", "verbose"))
 def simulate(
     ctx: typer.Context,
     departments: Annotated[Optional[int], typer.Option(min=1, help="Number of simulated departments (default 10; by:COLUMN and a folder decide it themselves).")] = None,
     schema: Annotated[Optional[Path], typer.Option(help="The data schema (JSON from `fedsilo schema infer`); default: inferred from the held-out rows.")] = None,
     cpus_per_department: Annotated[int, typer.Option(min=1, help="CPU cores Ray reserves per department.")] = 1,
+    gpus_per_department: Annotated[float, typer.Option(min=0.0, help="GPUs Ray reserves per department (0.25: four share one GPU); 0 trains on CPU.")] = 0.0,
+    ray_address: Annotated[Optional[str], typer.Option(help="Run the departments on this running Ray cluster (HOST:PORT of its head, ray://HOST:PORT, or auto; default RAY_ADDRESS, else a private Ray on this machine). Its security is yours: docs/how-to/ray-cluster.md.")] = None,
     resume: Annotated[Optional[Path], typer.Option(help="Continue this run folder (or OUT, for its latest run) from its last completed round, with its own settings.")] = None,
     verbose: Annotated[bool, typer.Option("--verbose", help="Show Flower's full log.")] = False,
     **options: Any,
@@ -66,8 +69,13 @@ def simulate(
     _choice(o.device, DEVICES, "--device")
     _choice(o.task, TASKS, "--task")
     _choice(o.aggregation, AGGREGATIONS, "--aggregation")
+    try:
+        resources = _resources(cpus_per_department, gpus_per_department, ray_address, o.device)
+    except ConfigError as err:
+        err_console.print(f"[red]error:[/red] {err}")
+        raise typer.Exit(2) from None
     if resume is not None:
-        return _resume(ctx, resume, cpus_per_department, verbose)
+        return _resume(ctx, resume, resources, verbose)
     out = o.out.expanduser().resolve()
     try:
         model, base_dir = resolve_model_option(o.model)  # hf:DIR → the base's digest, and this host's folder
@@ -231,13 +239,31 @@ def simulate(
             f"the departments under secure aggregation (assuming {settings.ddp_colluders} colluding)")
     console.print(f"Run {settings.run_name} in {run_dir} ({out / LATEST} points at it)")
     _say_history(forecasts, out / "ledgers")
-    _run(settings, run_dir, departments, cpus_per_department, verbose)
+    _run(settings, run_dir, departments, resources, verbose)
 
 
-def _resume(ctx: typer.Context, run: Path, cpus_per_department: int, verbose: bool) -> None:
+def _resources(cpus: int, gpus: float, ray_address: str | None, device: str) -> SimulationResources:
+    """Where the departments run, checked against what this machine has when that is this machine."""
+    import torch
+
+    cluster = user_ray_cluster(address=ray_address)
+    if gpus > 0 and device == "cpu":
+        raise ConfigError(f"--gpus-per-department {gpus:g} reserves GPUs that --device cpu would leave idle; "
+                          "drop one of the two")
+    if gpus > 0 and cluster is None and torch.cuda.device_count() == 0:
+        raise ConfigError(f"--gpus-per-department {gpus:g}, but this machine has no GPU that PyTorch can use "
+                          f"(torch {torch.__version__}); install PyTorch's CUDA build, or run on a Ray cluster "
+                          "with GPU nodes (--ray-address)")
+    try:
+        return SimulationResources(cpus, float(gpus), cluster)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def _resume(ctx: typer.Context, run: Path, resources: SimulationResources, verbose: bool) -> None:
     """``--resume RUN_DIR``: the same run, with its own settings, from its last checkpoint."""
     try:
-        refuse_with_resume(ctx, {"cpus_per_department", "verbose"})
+        refuse_with_resume(ctx, {"cpus_per_department", "gpus_per_department", "ray_address", "verbose"})
         run_dir, checkpoint = resumable(run)
         settings = RunSettings.from_run_config({**checkpoint.settings, "resume": True})
         parts = list(simulated_federation(
@@ -257,7 +283,7 @@ def _resume(ctx: typer.Context, run: Path, cpus_per_department: int, verbose: bo
     _say_history(forecasts, Path(settings.out) / "ledgers")
     link_latest(Path(settings.out), run_dir.name)
     keep_earlier_log(run_dir)  # the killed attempt's Flower log stays, as flower.1.log
-    _run(settings, run_dir, len(parts), cpus_per_department, verbose)
+    _run(settings, run_dir, len(parts), resources, verbose)
 
 
 def _departments_of(run_dir: Path) -> int:
@@ -359,28 +385,29 @@ def _say_history(forecasts: list[Forecast], ledgers: Path) -> None:
         )
 
 
-def _run(settings: RunSettings, run_dir: Path, departments: int, cpus_per_department: int, verbose: bool) -> None:
+def _run(settings: RunSettings, run_dir: Path, departments: int, resources: SimulationResources, verbose: bool) -> None:
     """Start the Simulation Engine on ``settings``, show the run's events as it goes, print the report."""
     # On SIGTERM unwind normally, so the SuperLink and its children are stopped.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     workdir = Path(tempfile.mkdtemp(prefix=".flower-", dir=run_dir))
-    cluster = user_ray_cluster()
-    if cluster is not None:  # else a private Ray on loopback (LocalFederation)
+    if resources.on_cluster:  # else a private Ray on loopback (LocalFederation)
         err_console.print(
-            f"[yellow]note:[/yellow] RAY_ADDRESS={escape(cluster)}: the departments' tables go to that Ray cluster, "
-            "which fedsilo leaves as it is; Ray runs any code sent to it unless its authentication is on "
-            "(RAY_AUTH_MODE=token) or only trusted hosts reach it. Unset RAY_ADDRESS for a private Ray on loopback.",
+            f"[yellow]note:[/yellow] Ray cluster {escape(resources.ray_address)}: the departments' tables go to that "
+            "cluster, which fedsilo leaves as it is; Ray runs any code sent to it unless its authentication is on "
+            "(RAY_AUTH_MODE=token) or only trusted hosts reach it. Every node needs fedsilo installed and the run "
+            "folder, data and ledgers at the same paths (a shared file system). Leave --ray-address out and unset "
+            "RAY_ADDRESS for a private Ray on loopback.",
             markup=True, highlight=False,
         )
     try:
-        with LocalFederation(workdir) as federation, _progress(run_dir, verbose, federation.progress) as progress:
+        with LocalFederation(workdir, resources=resources) as federation, \
+                _progress(run_dir, verbose, federation.progress) as progress:
             # Only the department-scope settings go into the run config; the rest (the coordinator's,
             # the simulated departments' data, ledgers and policy) into the simulation's own FLWR_HOME,
             # which its ServerApp and Ray workers inherit.
             outcome = federation.run(
                 publish(settings, federation.connection.home),
                 num_supernodes=departments,
-                cpus_per_department=cpus_per_department,
                 on_line=progress.flower_line,
                 log_path=run_dir / "flower.log",
             )

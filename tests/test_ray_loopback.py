@@ -10,7 +10,6 @@ run's token.
 
 from __future__ import annotations
 
-import ipaddress
 import os
 import stat
 import subprocess
@@ -21,123 +20,44 @@ from pathlib import Path
 import pytest
 
 from fedsilo.shared.flower_cli import FlowerError, stop_group, terminate
-from fedsilo.simulations.local_federation import RAY_LOOPBACK_ENV, ray_environment, user_ray_cluster
+from fedsilo.simulations.local_federation import RAY_LOOPBACK_ENV, ray_environment
+from fedsilo.simulations.ray_resources import user_ray_cluster
+from procfs import is_loopback, listening_sockets, process_name, process_tree, proc_address, socket_inodes
 
 RAY_SERVERS = {"gcs_server", "raylet"}
-TCP_LISTEN = "0A"
-
-
-# ----------------------------------------------------------------------------- /proc
-
-
-def _stat_fields(pid: int) -> list[str]:
-    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-
-
-def process_tree(root: int) -> dict[int, str]:
-    """``root`` and all its live descendants, each with its start time (to tell a reused PID)."""
-    children: dict[int, list[int]] = {}
-    started: dict[int, str] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                fields = _stat_fields(int(entry.name))
-            except (OSError, IndexError):
-                continue
-            children.setdefault(int(fields[1]), []).append(int(entry.name))
-            started[int(entry.name)] = fields[19]
-    tree, queue = {}, [root]
-    while queue:
-        pid = queue.pop()
-        if pid in started:
-            tree[pid] = started[pid]
-        queue.extend(children.get(pid, []))
-    return tree
-
-
-def _socket_inodes(pid: int) -> set[str]:
-    inodes = set()
-    try:
-        for fd in Path(f"/proc/{pid}/fd").iterdir():
-            try:
-                target = os.readlink(fd)
-            except OSError:
-                continue
-            if target.startswith("socket:["):
-                inodes.add(target[len("socket:["):-1])
-    except OSError:  # gone meanwhile
-        pass
-    return inodes
-
-
-def _address(hex_address: str) -> tuple[str, int]:
-    """``0100007F:1F90`` (/proc/net's little-endian words) -> ('127.0.0.1', 8080)."""
-    host, port = hex_address.split(":")
-    raw = b"".join(bytes.fromhex(host[i:i + 8])[::-1] for i in range(0, len(host), 8))
-    return str(ipaddress.ip_address(raw)), int(port, 16)
-
-
-def listening_sockets() -> dict[str, tuple[str, str, int]]:
-    """Every TCP socket in LISTEN and every unconnected UDP socket: inode -> (protocol, host, port)."""
-    found = {}
-    for protocol in ("tcp", "tcp6", "udp", "udp6"):
-        try:
-            lines = Path(f"/proc/net/{protocol}").read_text().splitlines()[1:]
-        except OSError:  # no IPv6 here
-            continue
-        for line in lines:
-            fields = line.split()
-            local, remote, state, inode = fields[1], fields[2], fields[3], fields[9]
-            listening = state == TCP_LISTEN if protocol.startswith("tcp") else remote.endswith(":0000")
-            if listening:
-                found[inode] = (protocol, *_address(local))
-    return found
-
-
-def is_loopback(host: str) -> bool:
-    address = ipaddress.ip_address(host)
-    mapped = getattr(address, "ipv4_mapped", None)  # ::ffff:127.0.0.1, a dual-stack socket's
-    return (mapped or address).is_loopback
-
-
-def _name(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/comm").read_text().strip()
-    except OSError:
-        return "?"
 
 
 # ----------------------------------------------------------------------------- helpers' own checks
 
 
 def test_proc_addresses_are_read_as_the_kernel_writes_them():
-    assert _address("0100007F:1F90") == ("127.0.0.1", 8080)
-    assert _address("00000000000000000000000000000000:0050") == ("::", 80)
-    assert _address("0000000000000000FFFF00000100007F:0050") == ("::ffff:7f00:1", 80)
-    assert _address("00000000000000000000000001000000:0016") == ("::1", 22)
+    assert proc_address("0100007F:1F90") == ("127.0.0.1", 8080)
+    assert proc_address("00000000000000000000000000000000:0050") == ("::", 80)
+    assert proc_address("0000000000000000FFFF00000100007F:0050") == ("::ffff:7f00:1", 80)
+    assert proc_address("00000000000000000000000001000000:0016") == ("::1", 22)
     assert is_loopback("127.0.0.1") and is_loopback("::1") and is_loopback("::ffff:7f00:1")
     for exposed in ("0.0.0.0", "::", "192.0.2.2", "::ffff:c000:202", "fe80::1"):
         assert not is_loopback(exposed), exposed
 
 
-def test_a_users_own_cluster_is_left_alone(tmp_path):
+def test_a_users_own_cluster_is_named_by_the_option_first_then_ray_address():
     assert user_ray_cluster({"RAY_ADDRESS": "10.0.0.5:6379"}) == "10.0.0.5:6379"
     assert user_ray_cluster({"RAY_ADDRESS": "auto"}) == "auto"
-    assert ray_environment(tmp_path / "token", {"RAY_ADDRESS": "ray://head:10001"}) == {}
-    assert not (tmp_path / "token").exists()
+    assert user_ray_cluster({"RAY_ADDRESS": "10.0.0.5:6379"}, address="local") is None  # --ray-address local
+    assert user_ray_cluster({}, address=" 10.0.0.6:6379 ") == "10.0.0.6:6379"
     for private in ({}, {"RAY_ADDRESS": ""}, {"RAY_ADDRESS": " local "}):
         assert user_ray_cluster(private) is None
 
 
 def test_a_private_ray_gets_loopback_and_a_fresh_token_of_its_own(tmp_path):
-    env = ray_environment(tmp_path / "token", {"RAY_AUTH_TOKEN": "someone-elses"})
+    env = ray_environment(tmp_path / "token")
     assert {k: env[k] for k in RAY_LOOPBACK_ENV} == RAY_LOOPBACK_ENV
     assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN"] == ""  # the file, not an inherited token
     token = Path(env["RAY_AUTH_TOKEN_PATH"])
     assert token.is_absolute() and stat.S_IMODE(token.stat().st_mode) == 0o600
     assert len(token.read_text()) == 64
     first = token.read_text()
-    ray_environment(tmp_path / "token", {})
+    ray_environment(tmp_path / "token")
     assert token.read_text() != first  # a new secret at every start
 
 
@@ -146,7 +66,7 @@ def test_a_localhost_that_is_not_127_0_0_1_is_refused(tmp_path, monkeypatch):
 
     monkeypatch.setattr(socket, "getaddrinfo", lambda *a, **k: [(socket.AF_INET, 0, 0, "", ("127.0.1.1", 0))])
     with pytest.raises(FlowerError, match=r"resolves to 127\.0\.1\.1.*every network interface"):
-        ray_environment(tmp_path / "token", {})
+        ray_environment(tmp_path / "token")
 
 
 # ----------------------------------------------------------------------------- the real run
@@ -186,8 +106,8 @@ def test_every_listener_of_a_running_simulation_is_on_loopback(tmp_path):
             tree = process_tree(proc.pid)
             members.update(tree)
             for pid in tree:
-                for inode in _socket_inodes(pid) & sockets.keys():
-                    seen.setdefault((_name(pid), *sockets[inode]), round(time.monotonic() - started, 1))
+                for inode in socket_inodes(pid) & sockets.keys():
+                    seen.setdefault((process_name(pid), *sockets[inode]), round(time.monotonic() - started, 1))
             gcs = [port for (name, _, _, port) in seen if name == "gcs_server"]
             if outsider is None and gcs:
                 outsider = _outsider(gcs[0], tmp_path)

@@ -17,6 +17,7 @@ from rich.console import Console
 from fedsilo.server.events import EVENTS_FILE, DepartmentLeftOut, EventLog, Notice, RoundCompleted, RunEnded, RunStarted
 from fedsilo.server.progress import RunProgress, flower_error
 from fedsilo.shared.flower_cli import RunOutcome
+from fedsilo.simulations.ray_resources import SimulationResources
 
 RED, GREEN, RESET = "\x1b[91m", "\x1b[92m", "\x1b[0m"
 
@@ -107,7 +108,7 @@ def test_verbose_shows_flowers_whole_log_but_not_the_echo_of_an_event():
 class FakeFederation:
     """Stands in for LocalFederation: the 'simulation' writes the run's events and Flower's log as it goes."""
 
-    def __init__(self, workdir):
+    def __init__(self, workdir, resources=None):
         self.workdir = workdir
         self.progress = None
         self.connection = type("Connection", (), {"home": workdir})()
@@ -118,7 +119,7 @@ class FakeFederation:
     def __exit__(self, *exc):
         return None
 
-    def run(self, run_config, num_supernodes, cpus_per_department, on_line, log_path):
+    def run(self, run_config, num_supernodes, on_line, log_path):
         run_dir = log_path.parent
         log = EventLog(run_dir)
         log.emit(RunStarted(run="r1", run_dir=str(run_dir), task="multiclass", model="mlp", per_sample_gradients="ghost",
@@ -148,7 +149,7 @@ def test_simulate_prints_the_runs_events_as_its_progress(tmp_path, monkeypatch):
     run_dir.mkdir()
     sigterm = signal.getsignal(signal.SIGTERM)
     try:
-        simulate._run(None, run_dir, departments=3, cpus_per_department=1, verbose=False)
+        simulate._run(None, run_dir, departments=3, resources=SimulationResources(), verbose=False)
     finally:
         signal.signal(signal.SIGTERM, sigterm)
     lines = out.getvalue().splitlines()
@@ -171,7 +172,7 @@ def test_coordinator_run_prints_the_runs_events_as_its_progress(tmp_path, monkey
     monkeypatch.setattr(cli.coord, "superexec_home", lambda state: tmp_path / "home")
     fake = FakeFederation(tmp_path)
     monkeypatch.setattr(cli.coord, "submit", lambda connection, run_config, log_path, on_line:
-                        fake.run(run_config, 2, 1, on_line, log_path))
+                        fake.run(run_config, 2, on_line, log_path))
     monkeypatch.setattr(cli, "print_run_report", lambda run_dir, console: SimpleNamespace(status="completed"))
     run_dir = tmp_path / "run-1"
     run_dir.mkdir()
