@@ -24,7 +24,7 @@ from fedsilo.shared.accounting import Mechanism, plan_mechanism  # noqa: F401 (p
 # Opacus' hooks fire on inputs that need no gradient; harmless and very noisy.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 from fedsilo.shared.data import Dataset
-from fedsilo.shared.model_factory import ghost_norm_coverage, resolve_grad_sample_mode  # noqa: F401 (re-exported)
+from fedsilo.shared.model_factory import dp_problems, ghost_norm_coverage, resolve_grad_sample_mode  # noqa: F401 (re-exported)
 from fedsilo.shared.models import loss_function, resolve_device, to_tensor_dataset
 
 
@@ -86,6 +86,9 @@ def train_dp(
     from fedsilo.shared.ghost_norms import register
 
     register()  # ghost norms for Conv1d/Conv2d/LayerNorm/GroupNorm, before Opacus wraps the model
+    problems = dp_problems(model)
+    if problems:  # Opacus checks trainable layers only; a frozen BatchNorm still mixes a batch's records
+        raise ValueError("this model cannot be trained with DP-SGD: " + "; ".join(problems))
     grad_sample_mode = resolve_grad_sample_mode(grad_sample_mode, model)
     device = device or resolve_device()
     model.to(device).train()
@@ -94,6 +97,9 @@ def train_dp(
         # would be on empty batches (it cannot sample from an empty table).
         return _noise_only(model, data, mechanism, max_grad_norm, learning_rate, momentum, device,
                            planned_size, deadline, grad_sample_mode)
+    if grad_sample_mode == "bk":
+        return _train_book_keeping(model, data, mechanism, max_grad_norm, learning_rate, momentum, device,
+                                   planned_size, deadline)
     # Opacus samples each record at 1/len(loader) for len(loader) steps an epoch: a
     # loader of exactly `batches` index chunks gives the planned rate, also when
     # the plan came from a reported size other than the exact count.
@@ -157,6 +163,52 @@ def train_dp(
     private._close()  # remove Opacus' hooks and per-sample buffers: a plain module again
     _require_finite(model)
     return TrainResult(steps, len(data), float(np.mean(losses)) if losses else float("nan"), grad_sample_mode)
+
+
+def _train_book_keeping(model, data, mechanism, max_grad_norm, learning_rate, momentum, device, planned_size,
+                        deadline) -> TrainResult:
+    """DP-SGD with book-keeping clipping (:mod:`.book_keeping`): one backward a step, Opacus' mechanism.
+
+    The same mechanism as Opacus' DPOptimizer: each step a Poisson sample at
+    ``mechanism.sample_rate`` (each record independently, from a generator of
+    fresh OS entropy), every record's gradient clipped to C, N(0, σ²C²) added
+    to the sum in one draw, divided by ``planned_size · q``, then SGD.
+    """
+    from fedsilo.shared.book_keeping import BookKeeper
+
+    tensors = to_tensor_dataset(data).tensors
+    x_all, y_all = tensors[0].to(device), tensors[1].to(device)
+    criterion = loss_function(data.task)
+    criterion.reduction = "none"  # one loss per record: each is clipped alone
+    optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
+    sampling = torch.Generator(device=device).manual_seed(secrets.randbits(63))
+    noise = torch.Generator(device=device).manual_seed(secrets.randbits(63))
+    scale = 1.0 / ((planned_size if planned_size is not None else len(data)) * mechanism.sample_rate)
+    std = mechanism.noise_multiplier * max_grad_norm
+    losses = []
+    with BookKeeper(model, max_grad_norm, MAX_SAMPLE_NORM) as keeper:
+        params = keeper.params
+        sizes = [p.numel() for p in params]
+        total = sum(sizes)
+        for step in range(mechanism.steps):
+            if deadline is not None and time.monotonic() > deadline:
+                raise TrainingStopped(f"the round passed its wall-time limit after {step} of {mechanism.steps} steps")
+            chosen = (torch.rand(len(x_all), generator=sampling, device=device) < mechanism.sample_rate).nonzero().view(-1)
+            xb, yb = x_all[chosen], y_all[chosen]
+            per_example = criterion(model(xb), yb)
+            sums, _ = keeper.clipped_sum(per_example)
+            draws = torch.normal(0.0, std, (total,), generator=noise, device=device)
+            for p, summed, drawn in zip(params, sums, draws.split(sizes)):
+                p.grad = (summed + drawn.view_as(summed).to(summed.dtype)) * scale
+            optimizer.step()
+            if len(yb):
+                value = float(per_example.detach().mean())
+                if math.isfinite(value):
+                    losses.append(value)
+    for p in model.parameters():
+        p.grad = None
+    _require_finite(model)
+    return TrainResult(mechanism.steps, len(data), float(np.mean(losses)) if losses else float("nan"), "bk")
 
 
 def _sample_ok(norms: torch.Tensor) -> torch.Tensor:
@@ -278,13 +330,15 @@ def train_plain(
     device = device or resolve_device()
     model.to(device).train()
     generator = torch.Generator().manual_seed(seed)
-    loader = DataLoader(to_tensor_dataset(data), batch_size=batch_size, shuffle=True, generator=generator)
+    x_all, y_all = to_tensor_dataset(data).tensors
     optimizer = torch.optim.SGD(model.parameters(), lr=learning_rate, momentum=momentum)
     criterion = loss_function(data.task)
     steps, losses = 0, []
     for _ in range(epochs):
-        for xb, yb in loader:
-            xb, yb = xb.to(device), yb.to(device)
+        # The order a shuffling DataLoader draws (torch.randperm on the generator), taken by indexing
+        # the tensors at once rather than record by record.
+        for chosen in torch.randperm(len(x_all), generator=generator).split(batch_size):
+            xb, yb = x_all[chosen].to(device), y_all[chosen].to(device)
             optimizer.zero_grad(set_to_none=True)
             loss = criterion(model(xb), yb)
             loss.backward()

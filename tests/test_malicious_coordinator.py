@@ -106,7 +106,7 @@ def _crafted_model() -> MLP:
     return model
 
 
-@pytest.mark.parametrize("mode", ["hooks", "ghost"])
+@pytest.mark.parametrize("mode", ["hooks", "ghost", "bk"])
 def test_a_record_that_overflows_a_crafted_model_changes_nothing(mode):
     """With σ → 0 and q = 1 the release is the clipped sum: the overflowing record contributes zero."""
     mechanism = Mechanism(1e-9, 1.0, 2)

@@ -145,6 +145,33 @@ def test_ghost_clipping_gives_each_examples_exact_gradient_norm(bases, tickets):
     assert torch.allclose(ghost, torch.stack(exact), rtol=1e-5, atol=1e-7), (ghost, exact)
 
 
+def test_book_keeping_gives_the_exact_clipped_sum_of_a_lora_model(bases, tickets):
+    """auto's path for a pretrained base: one backward, the sum of each example's own clipped gradient."""
+    from fedsilo.shared.book_keeping import BookKeeper
+
+    data, _ = _encoded(bases, tickets, 12)
+    base = open_base(bases["a"])
+    model = build_model(base.spec, data.input_shape, 3, bases=(str(bases["a"]),), seed=3)
+    with torch.no_grad():  # LoRA's B starts at zero; move it so the adapters' A get gradients too
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    x, y = torch.from_numpy(data.x), torch.from_numpy(data.y)
+    params = [p for p in model.parameters() if p.requires_grad]
+    expected = [torch.zeros_like(p, dtype=torch.float64) for p in params]
+    clip = 0.05  # below most examples' norms: the factors matter
+    for i in range(len(x)):
+        grads = torch.autograd.grad(torch.nn.functional.cross_entropy(model(x[i:i + 1]), y[i:i + 1]), params)
+        factor = min(1.0, clip / (float(torch.stack([g.norm() for g in grads]).norm()) + 1e-6))
+        for e, g in zip(expected, grads):
+            e += factor * g.double()
+    with BookKeeper(model, clip, 1e30) as keeper:
+        got, norms = keeper.clipped_sum(torch.nn.functional.cross_entropy(model(x), y, reduction="none"))
+    assert (norms > clip).sum() >= len(x) // 2
+    for g, e in zip(got, expected):
+        torch.testing.assert_close(g.double(), e, rtol=1e-5, atol=1e-8)
+
+
 def test_dp_sgd_moves_the_adapters_and_head_and_leaves_the_base_as_it_was(bases, tickets):
     from fedsilo.client.trainer import train_dp
 
@@ -155,7 +182,7 @@ def test_dp_sgd_moves_the_adapters_and_head_and_leaves_the_base_as_it_was(bases,
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = train_dp(model, data, Mechanism(1.0, 0.25, 8), max_grad_norm=1.0, learning_rate=0.5,
                       device=torch.device("cpu"), planned_size=len(data))
-    assert result.steps == 8 and result.grad_sample_mode == "ghost"
+    assert result.steps == 8 and result.grad_sample_mode == "bk"
     assert all(torch.equal(p, frozen[n]) for n, p in model.named_parameters() if not p.requires_grad)
     assert all(not torch.equal(v, before[k]) for k, v in model.state_dict().items() if "lora_A" in k or "head" in k)
 

@@ -92,12 +92,12 @@ def test_the_schema_file_round_trips_and_hand_edits_are_checked(mixed, tmp_path)
         schema.encode_labels(mixed.assign(churned=["yes", "no", "maybe", "yes", "no", "no", "no", "no"]))
 
 
-def test_an_embedding_column_is_embedded_by_the_builtin_mlp_and_trains_with_ghost_clipping():
+def test_an_embedding_column_is_embedded_by_the_builtin_mlp_and_trains_with_book_keeping():
     schema = DataSchema(Label("y", "binary", ("a", "b")), (
         Column("n", "numeric"), Column("c", "categorical", categories=("x", "y", "z"), encoding="embedding")))
     model = build_model("mlp", (schema.num_features,), 2, task="binary", embeddings=schema.embeddings)
     assert isinstance(model, MLP) and len(model.embed) == 1 and model.embed[0].num_embeddings == 4
-    assert describe_grad_sample_mode("auto", model).startswith("ghost clipping")
+    assert describe_grad_sample_mode("auto", model).startswith("book-keeping")
     out = model(torch.tensor([[0.5, 2.0], [0.1, 3.0]]))
     assert out.shape == (2, 2)
 
@@ -107,8 +107,9 @@ def test_a_factory_is_checked_before_any_round():
         build_model("acme_models.tabular:batchnorm_mlp", (5,), 2, task="binary")
     assert model_changes("acme_models.tabular:batchnorm_mlp", (5,), 2, "binary") == ["2: BatchNorm1d → GroupNorm"]
     fixed = build_model("acme_models.tabular:batchnorm_mlp", (5,), 2, task="binary", fix=True)
-    # GroupNorm has a ghost norm (fedsilo.shared.ghost_norms): the fixed model still trains under ghost clipping.
-    assert describe_grad_sample_mode("auto", fixed) == "ghost clipping (every trainable layer has a ghost norm: GroupNorm, Linear)"
+    # GroupNorm has a book-keeping rule (fedsilo.shared.book_keeping): the fixed model trains under it.
+    assert describe_grad_sample_mode("auto", fixed) == (
+        "book-keeping (one backward a step; every trainable layer is covered: GroupNorm, Linear)")
     assert build_model("acme_models.tabular:residual_mlp", (5,), 1, task="regression")(torch.zeros(3, 5)).shape == (3, 1)
     with pytest.raises(ModelError, match="'nosuch.models:f' is not installed here.*No module named 'nosuch'"):
         build_model("nosuch.models:f", (5,), 2)

@@ -20,7 +20,7 @@ def test_plan_matches_opacus_poisson_convention():
     assert m.sample_rate == pytest.approx(1 / 4) and m.steps == 8
 
 
-@pytest.mark.parametrize("mode", ["ghost", "hooks"])
+@pytest.mark.parametrize("mode", ["bk", "ghost", "hooks"])
 def test_dp_training_runs_the_planned_steps_and_learns(digits, mode):
     train, test = digits
     model = build_model("mlp", train.input_shape, train.num_classes, train.kind, seed=0)
@@ -92,17 +92,17 @@ def test_cnn_trains_with_dp_in_ghost_mode():
     assert result.steps == mechanism.steps and np.isfinite(result.train_loss)
 
 
-def test_auto_mode_picks_ghost_only_where_every_layer_has_a_ghost_norm(digits):
+def test_auto_mode_picks_book_keeping_where_it_covers_every_layer_else_hooks(digits):
     from fedsilo.client.trainer import resolve_grad_sample_mode
 
     mlp = build_model("mlp", (64,), 10, seed=0)
     cnn = SmallCNN((1, 28, 28), 10)
-    assert resolve_grad_sample_mode("auto", mlp) == "ghost"
-    assert resolve_grad_sample_mode("auto", cnn) == "hooks"  # Conv2d's ghost norm is exact but slower here
+    assert resolve_grad_sample_mode("auto", mlp) == "bk"
+    assert resolve_grad_sample_mode("auto", cnn) == "hooks"  # no book-keeping rule for Conv2d; its ghost norm is slower
     assert resolve_grad_sample_mode("ew", cnn) == "ew"  # an explicit choice is kept
     train, _ = digits
     result = train_dp(mlp, train.subset(np.arange(50)), Mechanism(1.0, 0.5, 2), max_grad_norm=1.0, learning_rate=0.1)
-    assert result.grad_sample_mode == "ghost"
+    assert result.grad_sample_mode == "bk"
 
 
 def test_plain_training_clips_the_batch_gradient_when_asked(digits):

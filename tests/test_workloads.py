@@ -116,8 +116,8 @@ def test_churn_run_departments_schema_and_fix_model(churn_run, tables):
     # --fix-model says what it changed, and GroupNorm's ghost norm keeps the fixed model under ghost clipping.
     assert "--fix-model: 2: BatchNorm1d → GroupNorm" in stdout
     assert f"Model {FACTORY} (" in stdout
-    assert "per-sample gradients: ghost clipping (every trainable layer has a ghost norm: GroupNorm, Linear)" in stdout
-    assert summary["dp_path"].startswith("ghost")
+    assert "per-sample gradients: book-keeping (one backward a step; every trainable layer is covered: GroupNorm, Linear)" in stdout
+    assert summary["dp_path"].startswith("book-keeping")
     assert "4 departments × 4 rounds" in stdout and "800 held out" in stdout and "partition by:region" in stdout
 
 
