@@ -62,14 +62,56 @@ class ModelConfig:
     quick_examples: int
     in_quick: bool = True
     target: float = TARGET_RATIO  # the default DP path's time within this × non-private
+    variants: tuple[str, ...] = ()  # () = every variant
 
 
-# Targets: the speed issue's (MLP and CNN ≤ 1.5× non-private).
+# Targets: the speed issue's (MLP and CNN ≤ 1.5× non-private, a ResNet with GroupNorm ≤ 2×, DP-LoRA ≤ 1.3×).
 CONFIGS: dict[str, ModelConfig] = {
     "mlp-digits": ModelConfig("MLP 64-128-10 on digits (fedsilo default)", "digits", "auto", 0, 400, target=1.5),
     "mlp512-digits": ModelConfig("MLP 64-512-10 on digits", "digits", "mlp512", 0, 400, in_quick=False),
     "cnn-mnist5k": ModelConfig("SmallCNN on mnist5k (fedsilo default)", "mnist5k", "auto", 2000, 250, target=1.5),
+    "resnet-mnist5k": ModelConfig("ResNet-8 with GroupNorm on mnist5k", "mnist5k", "resnet", 1000, 0, in_quick=False,
+                                  target=2.0, variants=("plain", "bk", "ghost", "hooks")),
+    "lora-reviews": ModelConfig("DP-LoRA on MiniLM, 48-token reviews", "reviews", "lora", 256, 0, in_quick=False,
+                                target=1.3, variants=("plain", "bk", "ghost")),
 }
+
+
+def resnet_gn(input_shape: tuple[int, ...], num_classes: int):
+    """A ResNet-style model with GroupNorm: a stem, three residual blocks (the second halves the size), a linear head."""
+    import torch
+    from torch import nn
+
+    class Block(nn.Module):
+        def __init__(self, cin: int, cout: int, stride: int) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=False)
+            self.norm1 = nn.GroupNorm(4, cout)
+            self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=False)
+            self.norm2 = nn.GroupNorm(4, cout)
+            self.skip = (nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.GroupNorm(4, cout))
+                         if stride != 1 or cin != cout else nn.Identity())
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = torch.relu(self.norm1(self.conv1(x)))
+            return torch.relu(self.norm2(self.conv2(h)) + self.skip(x))
+
+    class ResNet(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.input_shape = tuple(input_shape)
+            self.stem = nn.Sequential(nn.Conv2d(input_shape[0], 16, 3, padding=1, bias=False), nn.GroupNorm(4, 16),
+                                      nn.ReLU())
+            self.blocks = nn.Sequential(Block(16, 16, 1), Block(16, 32, 2), Block(32, 32, 1))
+            self.head = nn.Linear(32, num_classes)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            h = self.blocks(self.stem(x.view(-1, *self.input_shape)))
+            return self.head(h.mean((2, 3)))
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        return ResNet()
 
 # Smoke size (tests): enough examples for a few batches of BATCH_SIZE, so every variant trains.
 SMOKE_EXAMPLES = 160
@@ -81,11 +123,33 @@ def department_data(dataset: str, examples: int):
 
     from fedsilo.shared.data import load_dataset, train_test_split
 
+    if dataset == "reviews":
+        return review_data(examples)
     train, _ = train_test_split(load_dataset(dataset))
     if 0 < examples < len(train):
         rows = np.random.default_rng(SEED).choice(len(train), size=examples, replace=False)
         train = train.subset(np.sort(rows))
     return train
+
+
+def review_data(examples: int):
+    """The first ``examples`` Rotten Tomatoes reviews (bench pretrained's data), tokenized for MiniLM, 48 tokens."""
+    import tempfile
+
+    import pandas as pd
+
+    from fedsilo.shared.data import simulated_federation
+
+    from .pretrained import DATA, base_folder
+
+    frame = pd.read_csv(DATA)
+    with tempfile.TemporaryDirectory() as folder:
+        train, test = Path(folder) / "train.csv", Path(folder) / "test.csv"
+        frame.iloc[:examples].to_csv(train, index=False)
+        frame.iloc[examples:examples + 64].to_csv(test, index=False)
+        federation = simulated_federation(str(train), "sentiment", (), 1, "iid", SEED, test_data=str(test),
+                                          base_model=str(base_folder()), max_length=48)
+        return federation.parts[0]
 
 
 # --------------------------------------------------------------------------- one configuration (child)
@@ -150,6 +214,15 @@ def measure_one(config: str, variant: str, examples: int, reps: int, threads: in
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(0)
                 return MLP(math.prod(data.input_shape), data.num_classes, hidden=512)
+        if spec.model == "resnet":
+            return resnet_gn(data.input_shape, data.num_classes)
+        if spec.model == "lora":
+            from fedsilo.shared.pretrained import resolve_model_option
+
+            from .pretrained import base_folder
+
+            name, folder = resolve_model_option(f"hf:{base_folder()}")
+            return build_model(name, data.input_shape, data.num_classes, data.kind, bases=(folder,))
         return build_model(spec.model, data.input_shape, data.num_classes, data.kind)
 
     def one_epoch(model: torch.nn.Module):
@@ -339,7 +412,7 @@ def run(out: Path, quick: bool, smoke: bool = False) -> BenchResult:
         (config, variant, SMOKE_EXAMPLES if smoke else spec.quick_examples if quick else spec.examples)
         for config, spec in CONFIGS.items()
         if spec.in_quick or not quick
-        for variant in VARIANTS
+        for variant in (spec.variants or VARIANTS)
     ]
     with ThreadPoolExecutor(max_workers=jobs) as pool:
         records = list(pool.map(lambda p: run_child(p[0], p[1], p[2], reps, timeout), plan))

@@ -111,7 +111,7 @@ def tables(records: list[dict[str, Any]], labels: dict[str, str], reps: int) -> 
         mem_columns.append("GPU peak allocated")
     return [
         Table(prose(TEMPLATE, "time_table", reps=reps),
-              ["model", "variant", "examples", "steps", "s/epoch", "range (s)", "ms/step", "Opacus set-up (ms)",
+              ["model", "variant", "examples", "steps", "s/epoch", "range (s)", "ms/step", "set-up (ms)",
                "× plain", "status"],
               time_rows),
         Table(prose(TEMPLATE, "memory_table"), mem_columns, mem_rows),

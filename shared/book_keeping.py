@@ -28,19 +28,22 @@ layer's batch axis is its input's first (checked each step, as Opacus assumes):
 
 Layers covered, by exact type: ``nn.Linear``, ``nn.Embedding`` (without
 ``max_norm`` or ``scale_grad_by_freq``, which mix examples or change weights),
-``nn.LayerNorm`` and ``nn.GroupNorm``.  A model with any other trainable layer
+``nn.LayerNorm``, ``nn.GroupNorm``, ``nn.Conv1d`` and ``nn.Conv2d`` (on the
+input as the kernel sees it: padded by the layer's own padding mode, unfolded
+into positions; any stride, dilation and groups).  A model with any other trainable layer
 is not eligible (:func:`book_keeping_coverage`).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 import torch.nn.functional as F
 
-LAYERS = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.GroupNorm)
+LAYERS = (nn.Linear, nn.Embedding, nn.LayerNorm, nn.GroupNorm, nn.Conv1d, nn.Conv2d)
 
 
 def _eligible(module: nn.Module) -> bool:
@@ -56,6 +59,9 @@ def book_keeping_coverage(model: nn.Module) -> tuple[list[str], list[str]]:
     trainable = [m for m in model.modules() if any(p.requires_grad for p in m.parameters(recurse=False))]
     covered = sorted({type(m).__name__ for m in trainable if _eligible(m)})
     missing = sorted({type(m).__name__ for m in trainable if not _eligible(m)})
+    owned = [id(p) for m in trainable for p in m.parameters(recurse=False) if p.requires_grad]
+    if len(set(owned)) != len(owned):
+        missing.append("tied weights")  # one parameter in two layers: its gradient is their sum
     return covered, missing
 
 
@@ -89,7 +95,7 @@ class BookKeeper:
             raise ValueError(f"max_grad_norm must be positive; got {max_grad_norm!r}")
         _, missing = book_keeping_coverage(model)
         if missing:
-            raise ValueError(f"book-keeping clipping covers Linear, Embedding, LayerNorm and GroupNorm; "
+            raise ValueError(f"book-keeping clipping covers Linear, Embedding, LayerNorm, GroupNorm, Conv1d and Conv2d; "
                              f"this model also trains {', '.join(missing)}: use --grad-sample-mode ghost or hooks")
         self.max_grad_norm = float(max_grad_norm)
         self.max_sample_norm = float(max_sample_norm)
@@ -184,6 +190,11 @@ def _positions(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(t.shape[0], -1, t.shape[-1]) if t.dim() > 1 else t.reshape(t.shape[0], 1, 1)
 
 
+def _joined(parts: list[torch.Tensor], dim: int) -> torch.Tensor:
+    """A layer's calls as positions of one product (no copy for the usual single call)."""
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim=dim)
+
+
 def _masked(t: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """``t`` with the rows of examples outside ``mask`` zeroed (``0 · inf`` would be NaN in a product)."""
     if mask is None:
@@ -200,10 +211,11 @@ class _Linear:
     """``y = x Wᵀ + b``: example i's gradients are ``G_iᵀ A_i`` and ``Σ_t g_it``."""
 
     def __init__(self, module: nn.Linear, inputs: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-        self.a = _float(torch.cat([_positions(x) for x in inputs], dim=1))
-        self.g = _float(torch.cat([_positions(g) for g in grads], dim=1))
+        self.a = _float(_joined([_positions(x) for x in inputs], dim=1))
+        self.g = _float(_joined([_positions(g) for g in grads], dim=1))
         self.bias = module.bias is not None and module.bias.requires_grad
         self.weight = module.weight.requires_grad
+        self.per_example: torch.Tensor | None = None
 
     def norm_sq(self) -> torch.Tensor:
         a, g = self.a, self.g
@@ -214,18 +226,20 @@ class _Linear:
                 total = total + a.square().sum((1, 2)) * g.square().sum((1, 2))
             elif 2 * positions * positions < d_in * d_out:  # Gram matrices are the cheaper (Bu et al. 2022)
                 total = total + (torch.bmm(a, a.transpose(1, 2)) * torch.bmm(g, g.transpose(1, 2))).sum((1, 2))
-            else:
-                total = total + torch.bmm(g.transpose(1, 2), a).square().sum((1, 2))
+            else:  # formed anyway for the norm: kept, the weighted sum is then a cheap reduction
+                self.per_example = torch.bmm(g.transpose(1, 2), a)
+                total = total + self.per_example.square().sum((1, 2))
         if self.bias:
             total = total + g.sum(1).square().sum(1)
         return total
 
     def weighted_sums(self, factor: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
-        g, a = _masked(self.g, mask), _masked(self.a, mask)
-        g = g * factor[:, None, None]
         out = {}
-        if self.weight:
-            out["weight"] = g.reshape(-1, g.shape[-1]).T @ a.reshape(-1, a.shape[-1])
+        if self.weight and self.per_example is not None:
+            out["weight"] = torch.einsum("boi,b->oi", _masked(self.per_example, mask), factor)
+        g = _masked(self.g, mask) * factor[:, None, None]
+        if self.weight and "weight" not in out:
+            out["weight"] = g.reshape(-1, g.shape[-1]).T @ _masked(self.a, mask).reshape(-1, self.a.shape[-1])
         if self.bias:
             out["bias"] = g.sum((0, 1))
         return out
@@ -235,8 +249,8 @@ class _Embedding:
     """A lookup: example i's gradient adds ``g_it`` to the row of each of its ids (none for padding_idx)."""
 
     def __init__(self, module: nn.Embedding, inputs: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
-        self.ids = torch.cat([x.reshape(x.shape[0], -1) for x in inputs], dim=1)
-        self.g = _float(torch.cat([_positions(g) for g in grads], dim=1))
+        self.ids = _joined([x.reshape(x.shape[0], -1) for x in inputs], dim=1)
+        self.g = _float(_joined([_positions(g) for g in grads], dim=1))
         if module.padding_idx is not None:
             self.g = self.g * (self.ids != module.padding_idx).unsqueeze(-1)
         self.rows = module.num_embeddings
@@ -283,7 +297,86 @@ class _Normalization:
         return out
 
 
+class _Convolution:
+    """A convolution is a linear layer over the unfolded input: per group, example i's gradient is ``G_i U_iᵀ``.
+
+    Where the mixed rule forms the per-example gradient (most layers on images), it
+    comes from the convolution's own weight-gradient kernel with the batch folded
+    into the groups (one call for all examples), not from an unfolded copy of the
+    input; where the Gram matrices are cheaper, from the unfolded input.
+    """
+
+    def __init__(self, module: nn.Conv1d | nn.Conv2d, inputs: list[torch.Tensor], grads: list[torch.Tensor]) -> None:
+        from .ghost_norms import ghost_is_cheaper
+
+        self.module = module
+        self.groups, per_group = module.groups, module.out_channels // module.groups
+        self.inputs = [_float(x) for x in inputs]
+        self.g = _joined([_float(g).reshape(g.shape[0], self.groups, per_group, -1) for g in grads], dim=-1)  # (B, G, p, T)
+        self.weight_shape = tuple(module.weight.shape)
+        self.weight = module.weight.requires_grad
+        self.bias = module.bias is not None and module.bias.requires_grad
+        d = module.in_channels // self.groups * math.prod(module.kernel_size)
+        self.gram = ghost_is_cheaper(self.g.shape[-1], d, per_group)
+        self.grads = grads
+        self.per_example: torch.Tensor | None = None
+        self.a: torch.Tensor | None = None
+
+    def _per_example_gradients(self) -> torch.Tensor:
+        """(B, G, p, d): each example's weight gradient, summed over the layer's calls."""
+        from .ghost_norms import padding_of
+
+        module, total = self.module, None
+        for x, g in zip(self.inputs, self.grads):
+            batch = x.shape[0]
+            pads = padding_of(module, x.dim() - 2)
+            if any(pads):
+                x = F.pad(x, pads, mode="constant" if module.padding_mode == "zeros" else module.padding_mode)
+            # The batch folded into the channels: B·groups groups, one weight copy per example.
+            folded_x = x.reshape(1, batch * x.shape[1], *x.shape[2:])
+            folded_g = _float(g).reshape(1, batch * g.shape[1], *g.shape[2:])
+            shape = (batch * module.out_channels, module.in_channels // self.groups, *module.kernel_size)
+            _, weight_grad, _ = torch.ops.aten.convolution_backward(
+                folded_g, folded_x, folded_x.new_empty(shape), None, list(module.stride), [0] * len(module.kernel_size),
+                list(module.dilation), False, [0] * len(module.kernel_size), batch * self.groups, [False, True, False])
+            part = weight_grad.reshape(batch, self.groups, module.out_channels // self.groups, -1)
+            total = part if total is None else total + part
+        return total
+
+    def norm_sq(self) -> torch.Tensor:
+        from .ghost_norms import unfolded
+
+        g = self.g
+        total = torch.zeros(g.shape[0], dtype=g.dtype, device=g.device)
+        if self.weight and g.shape[0]:
+            if self.gram:
+                self.a = _joined([unfolded(self.module, x) for x in self.inputs], dim=-1)  # (B, G, d, T)
+                grams = torch.einsum("bgdt,bgds->bgts", self.a, self.a) * torch.einsum("bgpt,bgps->bgts", g, g)
+                total = total + grams.sum((1, 2, 3))
+            else:  # formed anyway for the norm: kept, the weighted sum is then a cheap reduction
+                self.per_example = self._per_example_gradients()
+                total = total + self.per_example.square().sum((1, 2, 3))
+        if self.bias:
+            total = total + g.sum(-1).flatten(1).square().sum(1)
+        return total
+
+    def weighted_sums(self, factor: torch.Tensor, mask: torch.Tensor | None) -> dict[str, torch.Tensor]:
+        g = _masked(self.g, mask) * factor[:, None, None, None]
+        out = {}
+        if self.weight and self.per_example is not None:
+            out["weight"] = torch.einsum("bgpd,b->gpd", _masked(self.per_example, mask), factor).reshape(self.weight_shape)
+        elif self.weight and self.a is not None:
+            out["weight"] = torch.einsum("bgpt,bgdt->gpd", g, _masked(self.a, mask)).reshape(self.weight_shape)
+        elif self.weight:
+            out["weight"] = torch.zeros(self.weight_shape, dtype=g.dtype, device=g.device)
+        if self.bias:
+            out["bias"] = g.sum((0, 3)).reshape(-1)
+        return out
+
+
 def _layer_terms(module: nn.Module, inputs: list[torch.Tensor], grads: list[torch.Tensor]):
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        return _Convolution(module, inputs, grads)
     if isinstance(module, nn.Linear):
         return _Linear(module, inputs, grads)
     if isinstance(module, nn.Embedding):

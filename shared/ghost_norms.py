@@ -34,8 +34,6 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-CONVOLUTIONS = (nn.Conv1d, nn.Conv2d)
-
 
 def norm_sampler_types() -> tuple[type, ...]:
     """The layer types Opacus' ghost clipping has a norm sampler for, this module's included (:func:`register`)."""
@@ -61,7 +59,7 @@ def _norm_dtype(backprops: torch.Tensor) -> torch.dtype:
     return torch.promote_types(backprops.dtype, torch.float32)
 
 
-def _padding(layer: nn.Conv1d | nn.Conv2d, spatial: int) -> list[int]:
+def padding_of(layer: nn.Conv1d | nn.Conv2d, spatial: int) -> list[int]:
     """``F.pad``'s list (last dimension first) for the padding ``layer`` applies before its kernel."""
     pads = []
     for i in range(spatial):
@@ -76,10 +74,10 @@ def _padding(layer: nn.Conv1d | nn.Conv2d, spatial: int) -> list[int]:
     return [side for pair in reversed(pads) for side in pair]
 
 
-def _unfolded(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
+def unfolded(layer: nn.Conv1d | nn.Conv2d, x: torch.Tensor) -> torch.Tensor:
     """The input as the kernel sees it: ``(B, groups, d, T)``, ``d`` inputs per output position and group."""
     spatial = x.dim() - 2
-    pads = _padding(layer, spatial)
+    pads = padding_of(layer, spatial)
     if any(pads):
         x = F.pad(x, pads, mode="constant" if layer.padding_mode == "zeros" else layer.padding_mode)
     if spatial == 1:  # as a 2-D convolution of height 1
@@ -103,7 +101,7 @@ def conv_norm_sample(layer: nn.Conv1d | nn.Conv2d, activations: list[torch.Tenso
         if batch == 0:
             out[layer.weight] = torch.zeros(0, dtype=dtype, device=backprops.device)
         else:
-            a = _unfolded(layer, activations[0].to(dtype))  # (B, G, d, T)
+            a = unfolded(layer, activations[0].to(dtype))  # (B, G, d, T)
             if ghost_is_cheaper(positions, a.shape[-2], g.shape[-2]):
                 # Two Gram matrices over positions, never the (p × d) gradient.
                 grams = torch.einsum("bgdt,bgds->bgts", a, a) * torch.einsum("bgpt,bgps->bgts", g, g)

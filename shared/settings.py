@@ -259,7 +259,7 @@ CATALOGUE: tuple[Setting, ...] = (
     Setting("momentum", float, 0.5, "SGD momentum (reset every round).", "department",
             Check(lambda v: 0 <= v < 1, "momentum must be in [0, 1)"), coordinator=Cli(help=None), simulate=_C),
     Setting("grad-sample-mode", str, "auto",
-            "Per-example clipping: auto (book-keeping where every trainable layer is Linear, Embedding, LayerNorm or GroupNorm; else Opacus' ghost clipping where every layer has a ghost norm and none is a convolution; else Opacus' hooks) | bk | ghost | hooks | functorch | ew.",
+            "Per-example clipping: auto (book-keeping, one backward a step, where every trainable layer is Linear, Embedding, LayerNorm, GroupNorm, Conv1d or Conv2d; else Opacus' hooks) | bk | ghost | hooks | functorch | ew.",
             "department", Check(_one_of(GRAD_SAMPLE_MODES), f"grad-sample-mode must be one of {GRAD_SAMPLE_MODES}"),
             simulate=_C),
     Setting("device", str, "auto",

@@ -1,5 +1,7 @@
 """Book-keeping clipping: the clipped sum from one backward equals Σ_i clip_C(∇ loss_i), exactly.
 
+Convolutions are checked on the same layers as their ghost norms (``test_ghost_norms.CONVOLUTIONS``).
+
 Every case is checked against each example's own gradient from its own backward pass (the
 definition), parameter by parameter, to 1e-5 relative; and the trainer's mode ``bk`` against
 a hand-written DP-SGD step, its noise against σC.
@@ -18,6 +20,7 @@ from fedsilo.shared.book_keeping import BookKeeper, book_keeping_coverage
 from fedsilo.client.trainer import MAX_SAMPLE_NORM, train_dp
 from fedsilo.shared.accounting import Mechanism
 from fedsilo.shared.data import Dataset
+from test_ghost_norms import CONVOLUTIONS
 
 C = 1.0
 
@@ -121,6 +124,36 @@ def test_groupnorm_and_layernorm_affine_gradients(shape):
     assert_same(model, per_example_ce, x, y, clip=0.2)
 
 
+@pytest.mark.parametrize("make, shape, branch", CONVOLUTIONS)
+def test_convolutions_of_every_padding_stride_dilation_and_grouping(make, shape, branch):
+    conv = make()
+    model = nn.Sequential(conv, nn.Tanh(), nn.Flatten())
+    out = model(torch.zeros(1, *shape)).shape[1]
+    model.append(nn.Linear(out, 3))
+    x, y = torch.randn(5, *shape), torch.randint(0, 3, (5,))
+    assert_same(model, per_example_ce, x, y, clip=0.5)
+
+
+def test_the_default_cnn_and_a_convolution_called_twice():
+    from fedsilo.shared.models import SmallCNN
+
+    cnn = SmallCNN((1, 8, 8), 4)
+    assert book_keeping_coverage(cnn) == (["Conv2d", "GroupNorm", "Linear"], [])
+    x, y = torch.randn(6, 1, 8, 8), torch.randint(0, 4, (6,))
+    assert_same(cnn, per_example_ce, x, y, clip=0.5)
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv1d(3, 3, 3, padding=1)
+            self.head = nn.Linear(3 * 7, 2)
+
+        def forward(self, x):
+            return self.head(torch.relu(self.conv(torch.relu(self.conv(x)))).flatten(1))
+
+    assert_same(Twice(), per_example_ce, torch.randn(5, 3, 7), torch.randint(0, 2, (5,)), clip=0.3)
+
+
 def test_frozen_layers_and_a_bias_only_layer():
     model = nn.Sequential(nn.Linear(5, 7), nn.ReLU(), nn.Linear(7, 7), nn.ReLU(), nn.Linear(7, 1))
     model[0].requires_grad_(False)
@@ -174,10 +207,15 @@ def test_coverage_is_by_exact_type_and_options_that_mix_examples_are_not_covered
         pass
 
     assert book_keeping_coverage(Sequence()) == (["Embedding", "LayerNorm", "Linear"], [])
-    model = nn.Sequential(nn.Conv2d(1, 2, 3), MyLinear(2, 2), nn.Embedding(4, 2, scale_grad_by_freq=True))
-    assert book_keeping_coverage(model) == ([], ["Conv2d", "Embedding", "MyLinear"])
-    with pytest.raises(ValueError, match="also trains Conv2d, Embedding, MyLinear"):
+    model = nn.Sequential(nn.Conv3d(1, 2, 3), MyLinear(2, 2), nn.Embedding(4, 2, scale_grad_by_freq=True))
+    assert book_keeping_coverage(model) == ([], ["Conv3d", "Embedding", "MyLinear"])
+    with pytest.raises(ValueError, match="also trains Conv3d, Embedding, MyLinear"):
         BookKeeper(model, C, MAX_SAMPLE_NORM)
+    tied = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 3))
+    tied[1].weight = tied[0].weight
+    assert book_keeping_coverage(tied) == (["Linear"], ["tied weights"])  # auto runs hooks for it
+    with pytest.raises(ValueError, match="also trains tied weights"):
+        BookKeeper(tied, C, MAX_SAMPLE_NORM)
     keeper = BookKeeper(nn.Linear(2, 2), C, MAX_SAMPLE_NORM)
     keeper.close()
     assert not keeper._handles

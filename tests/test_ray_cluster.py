@@ -135,8 +135,12 @@ def test_departments_run_on_both_nodes_of_a_users_ray_cluster(tmp_path):
     raylets: set[int] = set()
     seen: set[tuple[str, str, str, int]] = set()
     log = tmp_path / "simulate.log"
+    # Ray's cluster utility writes the head's address where a bare ray.init() looks for a running
+    # cluster (TMPDIR/ray/ray_current_cluster): under our own folder, never the machine's /tmp/ray.
+    shared_address = Path("/tmp/ray/ray_current_cluster")
+    before = shared_address.read_bytes() if shared_address.exists() else None
     try:
-        cluster, address = _start_cluster(temp_dir, env, tmp_path / "cluster.log")
+        cluster, address = _start_cluster(temp_dir, {**env, "RAY_TMPDIR": temp_dir}, tmp_path / "cluster.log")
         command = [sys.executable, "-m", "fedsilo", "simulate", "--ray-address", address, "--departments", "4",
                    "--rounds", "1", "--dataset", "breast-cancer", "--out", str(tmp_path / "out")]
         with open(log, "w") as out:
@@ -174,6 +178,7 @@ def test_departments_run_on_both_nodes_of_a_users_ray_cluster(tmp_path):
         shutil.rmtree(temp_dir, ignore_errors=True)
 
     output = log.read_text()
+    assert (shared_address.read_bytes() if shared_address.exists() else None) == before  # no stale address left
     assert simulation.returncode == 0, output[-3000:]
     assert f"Ray cluster {address}" in output and "departments' tables go to that cluster" in output
     summary = json.loads(next((tmp_path / "out").glob("run-*/summary.json")).read_text())

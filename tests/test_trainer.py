@@ -92,13 +92,13 @@ def test_cnn_trains_with_dp_in_ghost_mode():
     assert result.steps == mechanism.steps and np.isfinite(result.train_loss)
 
 
-def test_auto_mode_picks_book_keeping_where_it_covers_every_layer_else_hooks(digits):
+def test_auto_mode_picks_book_keeping_where_it_covers_every_layer(digits):
     from fedsilo.client.trainer import resolve_grad_sample_mode
 
     mlp = build_model("mlp", (64,), 10, seed=0)
     cnn = SmallCNN((1, 28, 28), 10)
     assert resolve_grad_sample_mode("auto", mlp) == "bk"
-    assert resolve_grad_sample_mode("auto", cnn) == "hooks"  # no book-keeping rule for Conv2d; its ghost norm is slower
+    assert resolve_grad_sample_mode("auto", cnn) == "bk"  # Conv2d, GroupNorm and Linear all have a rule
     assert resolve_grad_sample_mode("ew", cnn) == "ew"  # an explicit choice is kept
     train, _ = digits
     result = train_dp(mlp, train.subset(np.arange(50)), Mechanism(1.0, 0.5, 2), max_grad_norm=1.0, learning_rate=0.1)
