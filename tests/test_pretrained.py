@@ -119,16 +119,22 @@ def _encoded(bases, tickets, rows: int = 64):
     return data.subset(np.arange(rows)), schema
 
 
+def _trained_lora(bases, data):
+    """A LoRA model whose adapters all get gradients: LoRA's B starts at zero, so it is moved."""
+    base = open_base(bases["a"])
+    model = build_model(base.spec, data.input_shape, 3, bases=(str(bases["a"]),), seed=3)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    return model
+
+
 def test_ghost_clipping_gives_each_examples_exact_gradient_norm(bases, tickets):
     from opacus.grad_sample.grad_sample_module_fast_gradient_clipping import GradSampleModuleFastGradientClipping
 
     data, _ = _encoded(bases, tickets, 16)
-    base = open_base(bases["a"])
-    model = build_model(base.spec, data.input_shape, 3, bases=(str(bases["a"]),), seed=3)
-    with torch.no_grad():  # LoRA's B starts at zero; move it so the adapters' A get gradients too
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    model = _trained_lora(bases, data)
     x, y = torch.from_numpy(data.x), torch.from_numpy(data.y)
     wrapped = GradSampleModuleFastGradientClipping(model, max_grad_norm=1e9, use_ghost_clipping=True,
                                                    loss_reduction="sum")
@@ -150,12 +156,7 @@ def test_book_keeping_gives_the_exact_clipped_sum_of_a_lora_model(bases, tickets
     from fedsilo.shared.book_keeping import BookKeeper
 
     data, _ = _encoded(bases, tickets, 12)
-    base = open_base(bases["a"])
-    model = build_model(base.spec, data.input_shape, 3, bases=(str(bases["a"]),), seed=3)
-    with torch.no_grad():  # LoRA's B starts at zero; move it so the adapters' A get gradients too
-        for name, p in model.named_parameters():
-            if "lora_B" in name:
-                p.normal_(0, 0.1)
+    model = _trained_lora(bases, data)
     x, y = torch.from_numpy(data.x), torch.from_numpy(data.y)
     params = [p for p in model.parameters() if p.requires_grad]
     expected = [torch.zeros_like(p, dtype=torch.float64) for p in params]
